@@ -1,0 +1,122 @@
+"""Fine-grained CLIP features: global embeddings plus projected local token sets.
+
+DESIGN 2.1. All functions here are differentiable (the trainer back-propagates through
+them); wrap calls in ``torch.no_grad()`` for extraction.
+
+Shapes: ``N`` items, ``P`` image patches (CLS excluded), ``L`` caption positions
+(1..EOT of the context, trimmed to the longest caption in the batch), ``d`` embed dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """Image features.
+
+    Attributes
+    ----------
+    global_ : Tensor, shape (N, d)
+        L2-normalised ``encode_image`` output.
+    local : Tensor, shape (N, P, d)
+        Patch tokens after ``ln_post``, times ``visual.proj``, L2-normalised.
+    """
+
+    global_: torch.Tensor
+    local: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TextFeatures:
+    """Caption features.
+
+    Attributes
+    ----------
+    global_ : Tensor, shape (N, d)
+        L2-normalised ``encode_text`` output.
+    local : Tensor, shape (N, L, d)
+        ``ln_final(transformer(x)) @ text_projection`` at positions 1..EOT, L2-normalised;
+        zero where ``mask`` is False.
+    mask : Tensor, shape (N, L), bool
+        True at the valid (content and EOT) positions.
+    """
+
+    global_: torch.Tensor
+    local: torch.Tensor
+    mask: torch.Tensor
+
+
+def image_features(model: torch.nn.Module, images: torch.Tensor) -> ImageFeatures:
+    """Encode a batch of preprocessed images.
+
+    Parameters
+    ----------
+    model : open_clip.CLIP
+        Model with a ViT image tower (``visual.proj`` not None).
+    images : Tensor, shape (N, 3, H, W)
+
+    Returns
+    -------
+    ImageFeatures
+    """
+    visual = model.visual  # type: ignore[attr-defined]
+    x = visual._embeds(images)
+    x = visual.transformer(x)
+    pooled, tokens = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+        tokens = tokens @ visual.proj
+    return ImageFeatures(global_=F.normalize(pooled, dim=-1), local=F.normalize(tokens, dim=-1))
+
+
+def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> TextFeatures:
+    """Encode a batch of tokenized captions.
+
+    Parameters
+    ----------
+    model : open_clip.CLIP
+        Model with open_clip's built-in causal text tower (``argmax`` EOT pooling).
+    tokens : Tensor, shape (N, context_length), int64
+
+    Returns
+    -------
+    TextFeatures
+        ``local`` and ``mask`` cover positions 1..max EOT in the batch.
+    """
+    m = model
+    cast_dtype = m.transformer.get_cast_dtype()  # type: ignore[attr-defined]
+    x = m.token_embedding(tokens).to(cast_dtype)  # type: ignore[attr-defined]
+    x = x + m.positional_embedding.to(cast_dtype)  # type: ignore[attr-defined]
+    x = m.transformer(x, attn_mask=m.attn_mask)  # type: ignore[attr-defined]
+    x = m.ln_final(x)  # type: ignore[attr-defined]
+    proj = m.text_projection  # type: ignore[attr-defined]
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    eot = tokens.argmax(dim=-1)  # (N,) EOT has the largest id in open_clip's vocab
+    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+    length = int(eot.max().item()) if tokens.shape[0] else 0
+    local = x[:, 1 : length + 1]
+    pos = torch.arange(1, length + 1, device=tokens.device)
+    mask = pos[None, :] <= eot[:, None]
+    local = F.normalize(local, dim=-1) * mask[..., None].to(local.dtype)
+    return TextFeatures(global_=F.normalize(pooled, dim=-1), local=local, mask=mask)
+
+
+def pad_text_features(feats: list[TextFeatures]) -> TextFeatures:
+    """Concatenate caption feature batches of different ``L`` (zero-padding, mask False)."""
+    length = max(f.local.shape[1] for f in feats)
+    locs, masks = [], []
+    for f in feats:
+        pad = length - f.local.shape[1]
+        locs.append(F.pad(f.local, (0, 0, 0, pad)))
+        masks.append(F.pad(f.mask, (0, pad), value=False))
+    return TextFeatures(
+        global_=torch.cat([f.global_ for f in feats]),
+        local=torch.cat(locs),
+        mask=torch.cat(masks),
+    )
