@@ -28,7 +28,7 @@ if [ ! -f "$deps/.complete" ]; then
 fi
 site_rel="lib/python$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages"
 stamp=".venv/.otcclip-deps"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ] || [ ! -x .venv/bin/otcclip ]; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ] || [ ! -x .venv/bin/otcclip ] || [ ! -x .venv/bin/ruff ]; then
   rm -rf .venv
   "$PY" -m venv --without-pip .venv
   echo "$deps/$site_rel" > ".venv/$site_rel/_otcclip_deps.pth"
@@ -41,5 +41,11 @@ from otcclip.service.cli import main
 sys.exit(main())
 SH
   chmod +x .venv/bin/otcclip
+  # ruff is a native binary (its `python -m ruff` would find this shim again): link it.
+  ln -sf "$deps/bin/ruff" .venv/bin/ruff
+  for tool in pytest mypy alembic celery uvicorn; do
+    printf '#!/bin/sh\nexec "%s/.venv/bin/python" -m %s "$@"\n' "$here" "$tool" > ".venv/bin/$tool"
+    chmod +x ".venv/bin/$tool"
+  done
   echo "$deps" > "$stamp"
 fi
