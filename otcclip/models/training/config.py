@@ -1,0 +1,118 @@
+"""Training configuration and result types (DESIGN 2.4)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFENCES: tuple[str, ...] = ("none", "roclip", "safeclip", "otcclip")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to pre-train a CLIP model and with which defence.
+
+    Attributes
+    ----------
+    model : str
+        Shipped preset or open_clip config name (built with ``pretrained=None``).
+    defense : {"none", "roclip", "safeclip", "otcclip"}
+        ``none`` is plain CLIP; the others are the defences of DESIGN 2.4.
+    epochs, batch_size, lr, weight_decay : training schedule (AdamW).
+    lr_warmup_steps : int
+        Linear learning-rate warm-up before the cosine decay.
+    seed : int
+        Seeds model init, shuffling, augmentation and every defence step.
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    warmup_epochs : int
+        Defence warm-up: epochs of plain training before the first re-match / split
+        (for ``safeclip``: unimodal warm-up epochs).
+    rematch_every : int
+        ``K``: re-match (roclip, otcclip) or re-split (safeclip) every K epochs after warm-up.
+    lam_inter, lam_intra : float
+        Weights of the fine-grained OT losses (``otcclip`` only).
+    ot_reg, ot_iters : float, int
+        Entropic OT regularisation and Sinkhorn iterations for the losses.
+    intra_subsample : float
+        Share of each batch (at least the dropped pairs) used for ``L_intra`` (cost control).
+    pool_fraction : float
+        RoCLIP caption pool size as a share of the dataset (redrawn at every re-match).
+    unimodal_temperature : float
+        Temperature of the SimCLR-style unimodal losses (safeclip).
+    safe_threshold : float
+        SafeCLIP: a pair is safe when the GMM posterior of the high-cosine component is at
+        least this.
+    sanitize : dict
+        Overrides for the engine's ``SanitizeConfig`` (otcclip re-matching).
+    max_logit_scale : float
+        Clamp of the learnable logit scale (``log`` of 100 by default).
+    cache_images_bytes : int
+        Decode all images once into a uint8 tensor when they fit in this many bytes.
+    checkpoint_every : int
+        Write ``checkpoints/epoch_NNN/`` every this many epochs (and always at the end).
+    num_threads : int or None
+        ``torch.set_num_threads`` for the run (None leaves it alone).
+    """
+
+    model: str = "otc-tiny"
+    defense: str = "none"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    lr_warmup_steps: int = 50
+    seed: int = 0
+    device: str = "auto"
+    warmup_epochs: int = 2
+    rematch_every: int = 2
+    lam_inter: float = 0.1
+    lam_intra: float = 0.1
+    ot_reg: float = 0.05
+    ot_iters: int = 50
+    intra_subsample: float = 0.25
+    pool_fraction: float = 0.2
+    unimodal_temperature: float = 0.1
+    safe_threshold: float = 0.5
+    sanitize: dict[str, Any] = field(default_factory=dict)
+    max_logit_scale: float = 4.605170185988092
+    cache_images_bytes: int = 4 << 30
+    checkpoint_every: int = 1
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.defense not in DEFENCES:
+            raise ValueError(f"defense must be one of {', '.join(DEFENCES)}, not {self.defense!r}")
+        for name in ("epochs", "batch_size", "rematch_every", "checkpoint_every", "ot_iters"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.warmup_epochs < 0 or self.lr_warmup_steps < 0:
+            raise ValueError("warmup_epochs and lr_warmup_steps must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0.0 < self.pool_fraction <= 1.0:
+            raise ValueError(f"pool_fraction must be in (0, 1], got {self.pool_fraction!r}")
+        if not 0.0 <= self.intra_subsample <= 1.0:
+            raise ValueError(f"intra_subsample must be in [0, 1], got {self.intra_subsample!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` produced.
+
+    Attributes
+    ----------
+    final_checkpoint : Path
+        ``run_dir/final`` (checkpoint format of DESIGN 3).
+    metrics_path : Path
+        ``run_dir/metrics.jsonl``, one JSON object per epoch.
+    epochs_done : int
+    """
+
+    final_checkpoint: Path
+    metrics_path: Path
+    epochs_done: int

@@ -1,0 +1,335 @@
+"""The defences sharing one training loop (DESIGN 2.4).
+
+Each defence keeps a per-pair state (which caption an image is trained with, and which
+pairs enter the CLIP loss), may update it before an epoch (re-match / re-split), and
+computes the loss of a batch.
+
+- ``none``: plain CLIP on the pairs as given.
+- ``roclip``: after warm-up, every K epochs each image is re-paired with the caption of a
+  fresh random pool (``pool_fraction`` of the data, own caption excluded) that is nearest
+  to its own caption by global text similarity (RoCLIP).
+- ``safeclip``: unimodal warm-up (SimCLR on images and on captions; the last warm-up
+  epoch adds CLIP), then every K epochs a 2-component GMM on the pair cosines splits
+  safe / risky; CLIP loss on safe pairs, unimodal losses on risky ones (SafeCLIP).
+- ``otcclip``: warm-up with the full loss on own captions, then every K epochs the
+  engine's ``sanitize_features`` on the current model's features decides keep / reassign
+  / drop; training uses the re-matched captions, dropped pairs only feed ``L_intra``.
+  Loss ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from otcclip.models.features import ImageFeatures, TextFeatures, image_features, text_features
+from otcclip.models.training.augment import augment_caption, augment_images, normalize
+from otcclip.models.training.config import TrainConfig
+from otcclip.models.training.data import ImageSource
+from otcclip.models.training.losses import clip_loss, nt_xent, ot_alignment_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """Everything a defence needs: model, data and options of the run."""
+
+    model: Any
+    tokenizer: Any
+    config: TrainConfig
+    images: ImageSource
+    captions: list[str]
+    ids: list[str]
+    tokens: torch.Tensor  # (N, context_length) int64
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    run_dir: Path
+
+    @property
+    def n(self) -> int:
+        return len(self.captions)
+
+    def batch_images(self, idx: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """Normalised (augmented when ``gen`` is given) images of rows ``idx`` on the device."""
+        pix, _ = self.images[idx]
+        x = normalize(pix.to(self.device), self.mean, self.std)
+        return augment_images(x, gen) if gen is not None else x
+
+
+class Defence:
+    """Plain CLIP (``none``); base class of the others."""
+
+    name = "none"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.match = torch.arange(ctx.n)  # caption index each image is trained with
+        self.active = torch.ones(ctx.n, dtype=torch.bool)  # pairs in the CLIP loss
+
+    # --- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"match": self.match.clone(), "active": self.active.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.match = state["match"].clone()
+        self.active = state["active"].clone()
+
+    # --- schedule --------------------------------------------------------------------
+    def is_rematch_epoch(self, epoch: int) -> bool:
+        c = self.ctx.config
+        return epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.rematch_every == 0
+
+    def before_epoch(self, epoch: int) -> dict[str, Any]:
+        """Update the per-pair state before ``epoch`` (0-based); returns counts for metrics."""
+        return {}
+
+    # --- loss ------------------------------------------------------------------------
+    def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        m = self.ctx.model
+        use = idx[self.active[idx]]
+        x = self.ctx.batch_images(use, gen)
+        img = F.normalize(m.encode_image(x), dim=-1)
+        txt = F.normalize(m.encode_text(self.ctx.tokens[self.match[use]].to(self.ctx.device)), dim=-1)
+        loss = clip_loss(img, txt, m.logit_scale.exp())
+        return loss, {"clip": float(loss.detach())}
+
+    # --- helpers ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_all(self, *, local: bool) -> tuple[ImageFeatures, TextFeatures]:
+        """Features of every image (eval view) and caption with the current model."""
+        m, ctx = self.ctx.model, self.ctx
+        was_training = m.training
+        m.eval()
+        bs = max(ctx.config.batch_size, 256)
+        ig, il, tg, tl, tm = [], [], [], [], []
+        for s in range(0, ctx.n, bs):
+            idx = torch.arange(s, min(s + bs, ctx.n))
+            x = ctx.batch_images(idx, None)
+            toks = ctx.tokens[idx].to(ctx.device)
+            if local:
+                fi = image_features(m, x)
+                ft = text_features(m, toks)
+                ig.append(fi.global_.cpu())
+                il.append(fi.local.cpu())
+                tg.append(ft.global_.cpu())
+                tl.append(ft.local.cpu())
+                tm.append(ft.mask.cpu())
+            else:
+                ig.append(F.normalize(m.encode_image(x), dim=-1).cpu())
+                tg.append(F.normalize(m.encode_text(toks), dim=-1).cpu())
+        m.train(was_training)
+        if local:
+            length = max(t.shape[1] for t in tl)
+            tl = [F.pad(t, (0, 0, 0, length - t.shape[1])) for t in tl]
+            tm = [F.pad(t, (0, length - t.shape[1]), value=False) for t in tm]
+            return (
+                ImageFeatures(torch.cat(ig), torch.cat(il)),
+                TextFeatures(torch.cat(tg), torch.cat(tl), torch.cat(tm)),
+            )
+        empty = torch.zeros(0)
+        return ImageFeatures(torch.cat(ig), empty), TextFeatures(torch.cat(tg), empty, empty)
+
+    def unimodal_loss(self, idx: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
+        """SimCLR on two augmented views of the images plus caption vs edited caption."""
+        m, ctx = self.ctx.model, self.ctx
+        if idx.numel() < 2:
+            return ctx.model.logit_scale.sum() * 0.0
+        x1 = ctx.batch_images(idx, gen)
+        x2 = ctx.batch_images(idx, gen)
+        a = F.normalize(m.encode_image(torch.cat([x1, x2])), dim=-1)
+        li = nt_xent(a[: len(idx)], a[len(idx) :], temperature=ctx.config.unimodal_temperature)
+        caps = [ctx.captions[int(i)] for i in idx]
+        aug = ctx.tokenizer([augment_caption(c, rng) for c in caps])
+        t = F.normalize(m.encode_text(torch.cat([ctx.tokens[idx], aug]).to(ctx.device)), dim=-1)
+        lt = nt_xent(t[: len(idx)], t[len(idx) :], temperature=ctx.config.unimodal_temperature)
+        return li + lt
+
+    def write_decisions(self, epoch: int, table: dict[str, Any]) -> Path:
+        """Write ``run_dir/rematch/epoch_NNN/decisions.parquet`` atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = self.ctx.run_dir / "rematch" / f"epoch_{epoch:03d}"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "decisions.parquet"
+        tmp = out / ".decisions.parquet.tmp"
+        pq.write_table(pa.table(table), tmp)
+        tmp.replace(path)
+        return path
+
+    def _base_table(self, action: list[str]) -> dict[str, Any]:
+        ctx = self.ctx
+        match = self.match.tolist()
+        return {
+            "id": ctx.ids,
+            "action": action,
+            "caption_index": match,
+            "original_caption": ctx.captions,
+            "new_caption": [ctx.captions[j] for j in match],
+        }
+
+
+class RoClip(Defence):
+    name = "roclip"
+
+    def before_epoch(self, epoch: int) -> dict[str, Any]:
+        if not self.is_rematch_epoch(epoch):
+            return {}
+        ctx = self.ctx
+        _, txt = self.encode_all(local=False)
+        g = torch.Generator().manual_seed(ctx.config.seed * 7919 + epoch)
+        k = max(2, int(math.ceil(ctx.config.pool_fraction * ctx.n)))
+        pool = torch.randperm(ctx.n, generator=g)[:k]
+        sim = txt.global_ @ txt.global_[pool].t()  # (N, k)
+        sim[pool, torch.arange(k)] = -2.0  # never the own caption
+        self.match = pool[sim.argmax(dim=1)]
+        action = ["keep" if int(j) == i else "reassign" for i, j in enumerate(self.match.tolist())]
+        tab = self._base_table(action)
+        tab["similarity"] = sim.max(dim=1).values.numpy()
+        self.write_decisions(epoch, tab)
+        return {"rematch": {"keep": action.count("keep"), "reassign": action.count("reassign"), "drop": 0}}
+
+
+class SafeClip(Defence):
+    name = "safeclip"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.safe = torch.ones(ctx.n, dtype=torch.bool)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "safe": self.safe.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.safe = state["safe"].clone()
+
+    def before_epoch(self, epoch: int) -> dict[str, Any]:
+        if not self.is_rematch_epoch(epoch):
+            return {}
+        from sklearn.mixture import GaussianMixture
+
+        img, txt = self.encode_all(local=False)
+        cos = (img.global_ * txt.global_).sum(1).numpy().astype(np.float64)
+        gmm = GaussianMixture(2, random_state=self.ctx.config.seed).fit(cos[:, None])
+        hi = int(np.argmax(gmm.means_.ravel()))
+        post = gmm.predict_proba(cos[:, None])[:, hi]
+        self.safe = torch.from_numpy(post >= self.ctx.config.safe_threshold)
+        action = ["keep" if s else "risky" for s in self.safe.tolist()]
+        tab = self._base_table(action)
+        tab["cosine"] = cos
+        tab["p_clean"] = post
+        self.write_decisions(epoch, tab)
+        n_safe = int(self.safe.sum())
+        return {"rematch": {"keep": n_safe, "risky": self.ctx.n - n_safe}}
+
+    def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.ctx.config
+        if epoch < c.warmup_epochs:
+            uni = self.unimodal_loss(idx, gen, rng)
+            terms = {"unimodal": float(uni.detach())}
+            if epoch == c.warmup_epochs - 1:
+                clip, t = super().batch_loss(idx, epoch, gen, rng)
+                return uni + clip, {**terms, **t}
+            return uni, terms
+        safe = idx[self.safe[idx]]
+        risky = idx[~self.safe[idx]]
+        m = self.ctx.model
+        x = self.ctx.batch_images(safe, gen)
+        img = F.normalize(m.encode_image(x), dim=-1)
+        txt = F.normalize(m.encode_text(self.ctx.tokens[safe].to(self.ctx.device)), dim=-1)
+        clip = clip_loss(img, txt, m.logit_scale.exp())
+        uni = self.unimodal_loss(risky, gen, rng)
+        return clip + uni, {"clip": float(clip.detach()), "unimodal": float(uni.detach())}
+
+
+class OtcClip(Defence):
+    name = "otcclip"
+
+    def before_epoch(self, epoch: int) -> dict[str, Any]:
+        if not self.is_rematch_epoch(epoch):
+            return {}
+        from otcclip.models.sanitize import SanitizeConfig, sanitize_features
+
+        img, txt = self.encode_all(local=True)
+        cfg = SanitizeConfig(**{"device": "cpu", **self.ctx.config.sanitize})
+        decisions = sanitize_features(img, txt, config=cfg)
+        action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
+        self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))
+        self.active = torch.tensor([a != "drop" for a in action], dtype=torch.bool)
+        tab = self._base_table(action)
+        tab.update(extra)
+        self.write_decisions(epoch, tab)
+        return {"rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")}}
+
+    def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
+        x = ctx.batch_images(idx, gen)
+        fi = image_features(m, x)
+        act = self.active[idx]
+        use = idx[act]
+        ft = text_features(m, ctx.tokens[self.match[use]].to(ctx.device))
+        gi = fi.global_[act.to(ctx.device)]
+        clip = clip_loss(gi, ft.global_, m.logit_scale.exp())
+        loss = clip
+        terms = {"clip": float(clip.detach())}
+        if c.lam_inter > 0 and use.numel():
+            inter = ot_alignment_loss(fi.local[act.to(ctx.device)], ft.local, y_mask=ft.mask, reg=c.ot_reg, iters=c.ot_iters)
+            loss = loss + c.lam_inter * inter
+            terms["inter"] = float(inter.detach())
+        if c.lam_intra > 0 and c.intra_subsample > 0:
+            intra = self._intra(idx, fi, act, gen, rng)
+            loss = loss + c.lam_intra * intra
+            terms["intra"] = float(intra.detach())
+        return loss, terms
+
+    def _intra(self, idx: torch.Tensor, fi: ImageFeatures, act: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
+        """OT between patch sets of two views (images) and token sets of caption edits."""
+        ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
+        n_sub = max(1, int(round(c.intra_subsample * idx.numel())))
+        order = torch.argsort(act.float() + torch.rand(idx.numel(), generator=gen))  # dropped first
+        pos = order[:n_sub]
+        view2 = image_features(m, ctx.batch_images(idx[pos], gen))
+        li = ot_alignment_loss(fi.local[pos.to(ctx.device)], view2.local, reg=c.ot_reg, iters=c.ot_iters)
+        rows = idx[pos]
+        caps = [ctx.captions[int(i)] for i in rows]
+        both = torch.cat([ctx.tokens[rows], ctx.tokenizer([augment_caption(s, rng) for s in caps])])
+        ft = text_features(m, both.to(ctx.device))
+        k = rows.numel()
+        lt = ot_alignment_loss(ft.local[:k], ft.local[k:], x_mask=ft.mask[:k], y_mask=ft.mask[k:], reg=c.ot_reg, iters=c.ot_iters)
+        return li + lt
+
+
+def _decision_arrays(decisions: Any, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Read action and new caption index per pair from the engine's ``Decisions``."""
+    table = None
+    if hasattr(decisions, "to_arrow"):
+        table = decisions.to_arrow()
+    elif hasattr(decisions, "table"):
+        table = decisions.table
+    if table is not None:
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    else:
+        cols = {k: list(v) for k, v in vars(decisions).items() if hasattr(v, "__len__") and not isinstance(v, str | dict)}
+    action = [str(a) for a in cols["action"]]
+    if len(action) != n:
+        raise RuntimeError(f"sanitize_features returned {len(action)} decisions for {n} pairs")
+    key = next((k for k in ("new_caption_index", "caption_index", "new_index", "best_index", "match") if k in cols), None)
+    if key is None:
+        raise RuntimeError(f"sanitize_features decisions lack a caption index column: {sorted(cols)}")
+    new_idx = np.array([-1 if v is None else int(v) for v in cols[key]], dtype=np.int64)
+    extra = {k: v for k, v in cols.items() if k not in ("id", "action", key) and len(v) == n and not isinstance(v[0] if v else 0, list | dict)}
+    return action, new_idx, extra
+
+
+DEFENCE_CLASSES: dict[str, type[Defence]] = {"none": Defence, "roclip": RoClip, "safeclip": SafeClip, "otcclip": OtcClip}

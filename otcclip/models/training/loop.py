@@ -1,0 +1,228 @@
+"""The training loop: data, optimiser, schedule, defences, checkpoints, resume.
+
+Writes (``run_dir``)::
+
+    config.json                      the TrainConfig of the run
+    checkpoints/epoch_NNN/           checkpoint format (DESIGN 3) + train_state.pt
+    final/                           checkpoint of the last epoch
+    metrics.jsonl                    one JSON object per epoch
+    rematch/epoch_NNN/decisions.parquet   per-pair decisions of each re-match pass
+
+All randomness after model initialisation is derived from ``(seed, epoch)``, and the
+optimiser, scheduler and defence state are saved with each epoch checkpoint, so a resumed
+run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from otcclip.models.checkpoint import save_checkpoint
+from otcclip.models.factory import create_model, resolve_device
+from otcclip.models.progress import ProgressFn, StopFn, check_stop
+from otcclip.models.training.config import TrainConfig, TrainResult
+from otcclip.models.training.data import ImageSource, read_rows
+from otcclip.models.training.defences import DEFENCE_CLASSES, Context
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "train_state.pt"
+#: Config fields that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes"})
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        prog = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest ``checkpoints/epoch_NNN`` of a run that has a complete ``train_state.pt``."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in ck.iterdir()
+        if (m := re.fullmatch(r"epoch_(\d+)", p.name)) and (p / STATE_NAME).is_file()
+    )
+    return found[-1][1] if found else None
+
+
+def _atomic_json_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    os.replace(tmp, path)
+
+
+def train(
+    manifest: Any,
+    run_dir: str | Path,
+    *,
+    config: TrainConfig,
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Pre-train a CLIP model from scratch on an image-caption manifest.
+
+    Parameters
+    ----------
+    manifest : path or Manifest
+        Rows with ``image`` and ``caption``.
+    run_dir : path
+        Output directory (see the module docstring).
+    config : TrainConfig
+    resume : bool
+        Continue from the last epoch checkpoint in ``run_dir`` (fresh start if none).
+    progress : ProgressFn, optional
+        Called as ``progress("decode", i, N)``, then ``progress("train", step, total_steps)``.
+    should_stop : StopFn, optional
+        Polled between batches; raises :class:`~otcclip.models.progress.Cancelled` (the last
+        epoch checkpoint stays, so the run can be resumed).
+    on_epoch : callable, optional
+        Receives each epoch's metrics dict after it is written.
+
+    Returns
+    -------
+    TrainResult
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    rows = read_rows(manifest, need=("image", "caption"))
+    bundle = create_model(config.model, device=device, seed=config.seed)
+    model = bundle.model
+    pp = bundle.preprocess_cfg
+    images = ImageSource(rows, bundle.image_size, cache_bytes=config.cache_images_bytes, progress=progress, should_stop=should_stop)
+    captions = rows.col("caption")
+    ctx = Context(
+        model=model,
+        tokenizer=bundle.tokenizer,
+        config=config,
+        images=images,
+        captions=captions,
+        ids=rows.ids,
+        tokens=bundle.tokenizer(captions),
+        mean=tuple(pp["mean"]),
+        std=tuple(pp["std"]),
+        device=device,
+        run_dir=run_dir,
+    )
+    defence = DEFENCE_CLASSES[config.defense](ctx)
+    usable = torch.nonzero(images.ok, as_tuple=False).flatten() if images.cached is not None else torch.arange(ctx.n)
+    n = int(usable.numel())
+    if n < 2:
+        raise ValueError(f"{rows.path}: need at least 2 readable image-caption pairs, found {n}")
+    bs = min(config.batch_size, n)
+    steps_per_epoch = n // bs
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_warmup_steps, total_steps))
+    metrics_path = run_dir / "metrics.jsonl"
+
+    start_epoch = 0
+    if resume and (ck := last_checkpoint(run_dir)) is not None:
+        state = torch.load(ck / STATE_NAME, map_location="cpu", weights_only=False)
+        diff = {k for k, v in state["config"].items() if config.to_dict().get(k) != v} - RESUMABLE_CHANGES
+        if diff:
+            raise ValueError(f"{run_dir}: cannot resume with a different config ({', '.join(sorted(diff))} changed)")
+        model.load_state_dict(safetensors.torch.load_file(str(ck / "open_clip_model.safetensors")))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        defence.load_state_dict(state["defence"])
+        start_epoch = int(state["epoch"])
+        log.info("resuming %s from epoch %d", run_dir, start_epoch)
+    old = []
+    if start_epoch and metrics_path.exists():
+        old = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        old = [x for x in old if int(x["epoch"]) <= start_epoch]
+    _atomic_json_lines(metrics_path, old)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    meta = {"defense": config.defense, "seed": config.seed, "train_manifest": str(rows.path)}
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        counts = defence.before_epoch(epoch)
+        t_rematch = time.perf_counter() - t0
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        rng = random.Random(config.seed * 1_000_003 + epoch)
+        perm = usable[torch.randperm(n, generator=gen)]
+        sums: dict[str, float] = {}
+        for step in range(steps_per_epoch):
+            check_stop(should_stop)
+            idx = perm[step * bs : (step + 1) * bs]
+            loss, terms = defence.batch_loss(idx, epoch, gen, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, config.max_logit_scale)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if progress is not None:
+                progress("train", epoch * steps_per_epoch + step + 1, total_steps)
+        done = epoch + 1
+        elapsed = time.perf_counter() - t0
+        rec: dict[str, Any] = {
+            "epoch": done,
+            **{k: v / max(1, steps_per_epoch) for k, v in sums.items()},
+            "lr": scheduler.get_last_lr()[0],
+            "logit_scale": float(model.logit_scale.detach().exp()),
+            "n_active": int(defence.active.sum()),
+            "time_s": elapsed,
+            "rematch_time_s": t_rematch,
+            **counts,
+        }
+        if done % config.checkpoint_every == 0 or done == config.epochs:
+            ck_dir = save_checkpoint(bundle, run_dir / "checkpoints" / f"epoch_{done:03d}", meta={**meta, "epoch": done})
+            st = {
+                "epoch": done,
+                "config": config.to_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "defence": defence.state_dict(),
+            }
+            tmp = ck_dir / f".{STATE_NAME}.tmp"
+            torch.save(st, tmp)
+            os.replace(tmp, ck_dir / STATE_NAME)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        log.info("epoch %d/%d %s", done, config.epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+        if on_epoch is not None:
+            on_epoch(rec)
+    final = save_checkpoint(bundle, run_dir / "final", meta={**meta, "epoch": config.epochs})
+    return TrainResult(final_checkpoint=final, metrics_path=metrics_path, epochs_done=config.epochs)

@@ -1,0 +1,129 @@
+"""Training losses (DESIGN 2.4).
+
+- :func:`clip_loss`: symmetric InfoNCE between L2-normalised image and text embeddings.
+- :func:`ot_alignment_loss`: mean entropic-OT distance between paired local sets
+  (``L_inter`` for patches vs tokens, ``L_intra`` for two views of one modality), through
+  the engine's :func:`otcclip.models.ot.ot_distance` (a local log-domain Sinkhorn is
+  used only while that module is absent).
+- :func:`nt_xent`: SimCLR-style unimodal contrastive loss between two views (SafeCLIP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE.
+
+    Parameters
+    ----------
+    image, text : Tensor, shape (B, d)
+        L2-normalised embeddings; row ``i`` of each is a positive pair.
+    logit_scale : Tensor or float
+        Multiplier of the cosine similarities (``exp`` of the learnable log-scale).
+
+    Returns
+    -------
+    Tensor, scalar
+        ``(CE(S, I) + CE(S^T, I)) / 2`` with ``S = logit_scale * image @ text.T``.
+    """
+    if image.shape[0] == 0:
+        return image.sum() * 0.0
+    logits = logit_scale * image @ text.t()
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR NT-Xent between two views.
+
+    Parameters
+    ----------
+    a, b : Tensor, shape (B, d)
+        L2-normalised embeddings of two views; ``a[i]`` and ``b[i]`` are positives, the
+        other ``2B - 2`` items are negatives.
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    n = a.shape[0]
+    if n == 0:
+        return a.sum() * 0.0
+    z = torch.cat([a, b])
+    sim = z @ z.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
+
+
+def _sinkhorn_distance(
+    x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None, y_mask: torch.Tensor | None, reg: float, iters: int
+) -> torch.Tensor:
+    """Fallback batched log-domain Sinkhorn: ``<T*, C>`` with ``C = 1 - x y^T``; plan detached."""
+    cost = 1.0 - x @ y.transpose(1, 2)  # (B, P, L)
+    b, p, length = cost.shape
+    xm = torch.ones(b, p, dtype=torch.bool, device=x.device) if x_mask is None else x_mask
+    ym = torch.ones(b, length, dtype=torch.bool, device=x.device) if y_mask is None else y_mask
+    a = xm.float() / xm.float().sum(1, keepdim=True).clamp_min(1)
+    bb = ym.float() / ym.float().sum(1, keepdim=True).clamp_min(1)
+    with torch.no_grad():
+        c = cost.detach()
+        la = torch.log(a.clamp_min(1e-30))
+        lb = torch.log(bb.clamp_min(1e-30))
+        f = torch.zeros_like(a)
+        g = torch.zeros_like(bb)
+        neg = (~xm[:, :, None]) | (~ym[:, None, :])
+        for _ in range(iters):
+            m = (g[:, None, :] - c) / reg
+            f = reg * (la - torch.logsumexp(m.masked_fill(neg, -1e9), dim=2))
+            m = (f[:, :, None] - c) / reg
+            g = reg * (lb - torch.logsumexp(m.masked_fill(neg, -1e9), dim=1))
+        plan = torch.exp((f[:, :, None] + g[:, None, :] - c) / reg).masked_fill(neg, 0.0)
+    return (plan * cost).sum(dim=(1, 2))
+
+
+def ot_distances(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
+    reg: float = 0.05,
+    iters: int = 50,
+) -> torch.Tensor:
+    """Per-pair entropic OT distance between local sets, differentiable in ``x`` and ``y``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, P, d); y : Tensor, shape (B, L, d)
+        L2-normalised local sets; masks ``(B, P)`` / ``(B, L)`` mark valid positions.
+
+    Returns
+    -------
+    Tensor, shape (B,)
+    """
+    if x.shape[0] == 0:
+        return x.sum(dim=(1, 2)) * 0.0
+    try:
+        from otcclip.models.ot import ot_distance
+    except ImportError:
+        return _sinkhorn_distance(x, y, x_mask, y_mask, reg, iters)
+    res = ot_distance(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, max_iter=iters)
+    return res.distance
+
+
+def ot_alignment_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
+    reg: float = 0.05,
+    iters: int = 50,
+) -> torch.Tensor:
+    """Mean OT distance over the batch (``L_inter`` / ``L_intra``); 0 for an empty batch."""
+    d = ot_distances(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, iters=iters)
+    return d.mean() if d.numel() else d.sum()

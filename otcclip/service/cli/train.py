@@ -1,0 +1,101 @@
+"""``otcclip train``: pre-train a CLIP model with a defence against poisoning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from otcclip.service.cli import CliError
+
+DEFENCES = ("none", "roclip", "safeclip", "otcclip")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="pre-train CLIP from scratch on a manifest (with a defence)",
+        description="Pre-train an open_clip model from scratch with defence none|roclip|safeclip|otcclip.",
+    )
+    p.add_argument("manifest", type=Path, help="training manifest (image, caption)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--model", default="otc-tiny", help="shipped preset or open_clip config name")
+    p.add_argument("--defense", "--defence", dest="defense", choices=DEFENCES, default="none")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-epochs", type=int, default=None, help="defence warm-up epochs")
+    p.add_argument("--rematch-every", type=int, default=None, help="K: re-match every K epochs")
+    p.add_argument("--lam-inter", type=float, default=None)
+    p.add_argument("--lam-intra", type=float, default=None)
+    p.add_argument("--sanitize", default=None, help="JSON object of SanitizeConfig overrides (otcclip)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from otcclip.models.training import TrainConfig, train
+
+    if not args.manifest.exists():
+        raise CliError(f"{args.manifest}: manifest not found")
+    opts: dict[str, Any] = {
+        "model": args.model,
+        "defense": args.defense,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    for name in ("warmup_epochs", "rematch_every", "lam_inter", "lam_intra"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.sanitize:
+        try:
+            opts["sanitize"] = json.loads(args.sanitize)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--sanitize: not a JSON object: {e}") from e
+    try:
+        config = TrainConfig(**opts)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    bar = _ProgressBar(disable=args.no_progress)
+    try:
+        result = train(args.manifest, args.out, config=config, resume=args.resume, progress=bar)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    finally:
+        bar.close()
+    print(json.dumps({"final_checkpoint": str(result.final_checkpoint), "metrics": str(result.metrics_path), "epochs": result.epochs_done}))
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar per stage, fed by the core's ``progress(stage, done, total)`` callback."""
+
+    def __init__(self, *, disable: bool) -> None:
+        self.disable = disable
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.disable:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=total or None, desc=stage, unit="it", leave=False)
+        assert self.bar is not None
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

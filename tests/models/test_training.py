@@ -1,0 +1,104 @@
+"""Training loop: outputs, determinism, resume == uninterrupted, cancellation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from otcclip.models.checkpoint import load_checkpoint
+from otcclip.models.progress import Cancelled
+from otcclip.models.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from otcclip.models.datasets import digits_manifest
+
+    d = tmp_path_factory.mktemp("digits")
+    full = digits_manifest(d, split="train")
+    with full.open() as f:
+        rows = list(csv.DictReader(f))[:192]
+    out = d / "small.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def _cfg(**kw: object) -> TrainConfig:
+    base = dict(model="otc-micro", epochs=3, batch_size=64, device="cpu", lr_warmup_steps=2, warmup_epochs=1, rematch_every=1)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(ckpt / "open_clip_model.safetensors"))
+
+
+def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
+    seen: list[dict] = []
+    calls: list[tuple[str, int, int]] = []
+    res = train(small_manifest, tmp_path, config=_cfg(epochs=2), on_epoch=seen.append, progress=lambda s, d, t: calls.append((s, d, t)))
+    assert res.epochs_done == 2
+    assert (tmp_path / "checkpoints" / "epoch_001" / "train_state.pt").is_file()
+    assert (tmp_path / "checkpoints" / "epoch_002" / "open_clip_config.json").is_file()
+    bundle = load_checkpoint(res.final_checkpoint)
+    assert bundle.extra["defense"] == "none"
+    lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and [x["epoch"] for x in seen] == [1, 2]
+    assert all(x["loss"] > 0 and x["time_s"] > 0 for x in lines)
+    assert calls[-1] == ("train", 6, 6)  # 192 rows // 64 * 2 epochs
+    # training actually changed the weights and the loss went down from log(64)
+    assert lines[0]["clip"] < 1.2 * torch.log(torch.tensor(64.0)).item()
+
+
+@pytest.mark.parametrize("defense", ["none", "roclip"])
+def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defense: str) -> None:
+    cfg = _cfg(defense=defense)
+    full = train(small_manifest, tmp_path / "full", config=cfg)
+
+    stop = {"now": False}
+
+    def on_epoch(rec: dict) -> None:
+        if rec["epoch"] == 2:
+            stop["now"] = True
+
+    with pytest.raises(Cancelled):
+        train(small_manifest, tmp_path / "cut", config=cfg, on_epoch=on_epoch, should_stop=lambda: stop["now"])
+    assert not (tmp_path / "cut" / "final").exists()
+    resumed = train(small_manifest, tmp_path / "cut", config=cfg, resume=True)
+    a, b = _weights(full.final_checkpoint), _weights(resumed.final_checkpoint)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(x)["loss"] for x in full.metrics_path.read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in resumed.metrics_path.read_text().splitlines()]
+    assert la == lb
+    if defense == "roclip":
+        assert (tmp_path / "cut" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
+
+
+def test_different_seed_differs(small_manifest: Path, tmp_path: Path) -> None:
+    a = train(small_manifest, tmp_path / "a", config=_cfg(epochs=1, seed=0))
+    b = train(small_manifest, tmp_path / "b", config=_cfg(epochs=1, seed=1))
+    wa, wb = _weights(a.final_checkpoint), _weights(b.final_checkpoint)
+    assert not torch.equal(wa["visual.proj"], wb["visual.proj"])
+
+
+def test_resume_rejects_changed_config(small_manifest: Path, tmp_path: Path) -> None:
+    train(small_manifest, tmp_path, config=_cfg(epochs=1))
+    with pytest.raises(ValueError, match="lr"):
+        train(small_manifest, tmp_path, config=_cfg(epochs=2, lr=1e-3), resume=True)
+
+
+def test_bad_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match="defense"):
+        TrainConfig(defense="magic")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
