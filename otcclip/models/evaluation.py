@@ -1,0 +1,235 @@
+"""Evaluation of a (possibly poisoned) CLIP model (DESIGN 2.5).
+
+- zero-shot top-1: class text embeddings = normalised mean over prompt templates of the
+  class name; prediction = most similar class;
+- linear probe: logistic regression on frozen image features, fixed stratified split of
+  the test manifest;
+- targeted ASR: share of the target images (``targets.csv`` of the attack) whose
+  zero-shot top-1 is their adversarial class;
+- backdoor ASR: share of triggered test images whose true class is not the target that
+  are predicted as the target (trigger from the attack's ``trigger-*.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from otcclip.models.attacks import Trigger, apply_trigger
+from otcclip.models.datasets import ZERO_SHOT_TEMPLATES
+from otcclip.models.factory import ClipBundle
+from otcclip.models.progress import ProgressFn, StopFn, check_stop
+from otcclip.models.training.augment import normalize
+from otcclip.models.training.data import DataError, ImageSource, load_image, read_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to measure.
+
+    Attributes
+    ----------
+    target_class : str, optional
+        Overrides the target class of ``trigger`` (backdoor ASR).
+    trigger : path or sequence of paths, optional
+        ``trigger-<attack>.json`` file(s) written by the poisoner.
+    targets : path, optional
+        ``targets.csv`` written by a targeted attack.
+    classes : tuple of str, optional
+        Class names for zero-shot (default: the sorted distinct test labels).
+    templates : tuple of str
+        Prompt templates (``{}`` = class name).
+    linear_probe : bool
+    probe_train_fraction : float
+        Share of the test manifest used to fit the probe (stratified, ``seed``).
+    probe_c : float
+        Inverse regularisation of the logistic regression.
+    batch_size : int
+    seed : int
+        Probe split and trigger placement.
+    """
+
+    target_class: str | None = None
+    trigger: Path | str | Sequence[Path | str] | None = None
+    targets: Path | str | None = None
+    classes: tuple[str, ...] | None = None
+    templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES
+    linear_probe: bool = True
+    probe_train_fraction: float = 0.5
+    probe_c: float = 1.0
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Measured numbers; :meth:`to_dict` is JSON-able."""
+
+    n_test: int
+    classes: list[str]
+    zero_shot_top1: float
+    linear_probe: float | None
+    targeted: dict[str, Any] | None = None
+    backdoor: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def class_embeddings(bundle: ClipBundle, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """Zero-shot classifier ``(C, d)``: normalised mean of normalised prompt embeddings."""
+    m = bundle.model
+    out = []
+    for c in classes:
+        toks = bundle.tokenizer([t.format(c) for t in templates]).to(bundle.device)
+        e = F.normalize(m.encode_text(toks), dim=-1).mean(0)
+        out.append(F.normalize(e, dim=-1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, pixels: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """uint8 ``(N, 3, S, S)`` -> normalised image embeddings ``(N, d)`` on the CPU."""
+    pp = bundle.preprocess_cfg
+    feats = []
+    for s in range(0, pixels.shape[0], batch_size):
+        x = normalize(pixels[s : s + batch_size].to(bundle.device), pp["mean"], pp["std"])
+        feats.append(F.normalize(bundle.model.encode_image(x), dim=-1).cpu())
+    return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+
+def zero_shot_predict(bundle: ClipBundle, pixels: torch.Tensor, classifier: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Predicted class index per image, ``(N,)``."""
+    return (encode_images(bundle, pixels, batch_size=batch_size) @ classifier.cpu().t()).argmax(1)
+
+
+def linear_probe_accuracy(feats: np.ndarray, labels: np.ndarray, *, train_fraction: float, c: float, seed: int) -> float:
+    """Logistic regression on ``feats`` with a fixed stratified split; test accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    counts = np.unique(labels, return_counts=True)[1]
+    strat = labels if counts.min() >= 2 else None
+    xtr, xte, ytr, yte = train_test_split(feats, labels, train_size=train_fraction, random_state=seed, stratify=strat)
+    clf = LogisticRegression(C=c, max_iter=2000)
+    clf.fit(xtr, ytr)
+    return float((clf.predict(xte) == yte).mean())
+
+
+def evaluate(
+    bundle: ClipBundle,
+    manifest: Any,
+    *,
+    config: EvalConfig | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> EvalResult:
+    """Zero-shot top-1, linear probe and ASRs of ``bundle`` on a labelled test manifest.
+
+    Parameters
+    ----------
+    bundle : ClipBundle
+    manifest : path or Manifest
+        Test rows with ``image`` and ``label`` (class names).
+    config : EvalConfig
+
+    Raises
+    ------
+    DataError
+        Missing ``label`` column, or a target/trigger class not among the classes.
+    """
+    config = config or EvalConfig()
+    bundle.model.eval()
+    rows = read_rows(manifest, need=("image", "label"))
+    src = ImageSource(rows, bundle.image_size, progress=progress, should_stop=should_stop)
+    assert src.cached is not None
+    ok = src.ok
+    labels_all = rows.col("label")
+    classes = list(config.classes) if config.classes else sorted(set(labels_all))
+    cidx = {c: i for i, c in enumerate(classes)}
+    keep = [i for i in range(len(rows)) if ok[i] and labels_all[i] in cidx]
+    if not keep:
+        raise DataError(f"{rows.path}: no readable test image with a label among the classes")
+    pixels = src.cached[keep]
+    y = np.array([cidx[labels_all[i]] for i in keep])
+    classifier = class_embeddings(bundle, classes, config.templates)
+    check_stop(should_stop)
+    feats = encode_images(bundle, pixels, batch_size=config.batch_size)
+    pred = (feats @ classifier.cpu().t()).argmax(1).numpy()
+    zs = float((pred == y).mean())
+    if progress is not None:
+        progress("zero_shot", 1, 1)
+    lp = None
+    if config.linear_probe:
+        check_stop(should_stop)
+        lp = linear_probe_accuracy(feats.numpy(), y, train_fraction=config.probe_train_fraction, c=config.probe_c, seed=config.seed)
+    targeted = None
+    if config.targets is not None:
+        targeted = _targeted_asr(bundle, Path(config.targets), classifier, cidx, config)
+    backdoor = []
+    trig = config.trigger
+    paths = [] if trig is None else [trig] if isinstance(trig, str | Path) else list(trig)
+    for tp in paths:
+        check_stop(should_stop)
+        backdoor.append(_backdoor_asr(bundle, Trigger.load(tp), pixels, y, classifier, cidx, config))
+    return EvalResult(len(keep), classes, zs, lp, targeted, backdoor)
+
+
+def _targeted_asr(bundle: ClipBundle, path: Path, classifier: torch.Tensor, cidx: dict[str, int], config: EvalConfig) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: targets file not found")
+    with path.open(newline="") as f:
+        trows = list(csv.DictReader(f))
+    if not trows or not {"image", "target_class"} <= set(trows[0]):
+        raise DataError(f"{path}: needs columns image, target_class and at least one row")
+    pix = []
+    for r in trows:
+        if r["target_class"] not in cidx:
+            raise DataError(f"{path}: target class {r['target_class']!r} is not among the classes")
+        with Image.open(path.parent / r["image"]) as im:
+            pix.append(torch.from_numpy(load_image(im, bundle.image_size)))
+    pred = zero_shot_predict(bundle, torch.stack(pix), classifier, batch_size=config.batch_size).tolist()
+    hits = [int(p == cidx[r["target_class"]]) for p, r in zip(pred, trows, strict=True)]
+    names = list(cidx)
+    return {
+        "asr": float(np.mean(hits)),
+        "n_targets": len(trows),
+        "per_target": [
+            {"id": r.get("id", ""), "label": r.get("label", ""), "target_class": r["target_class"], "predicted": names[p]}
+            for p, r in zip(pred, trows, strict=True)
+        ],
+    }
+
+
+def _backdoor_asr(
+    bundle: ClipBundle, trig: Trigger, pixels: torch.Tensor, y: np.ndarray, classifier: torch.Tensor, cidx: dict[str, int], config: EvalConfig
+) -> dict[str, Any]:
+    target = config.target_class or trig.target_class
+    if target not in cidx:
+        raise DataError(f"backdoor target class {target!r} is not among the classes {sorted(cidx)}")
+    t = cidx[target]
+    sel = np.nonzero(y != t)[0]
+    rng = np.random.default_rng(config.seed)
+    arr = pixels[torch.from_numpy(sel)].permute(0, 2, 3, 1).numpy()
+    trig_px = np.stack([apply_trigger(a, trig, rng) for a in arr]) if len(arr) else arr
+    pred = zero_shot_predict(bundle, torch.from_numpy(trig_px).permute(0, 3, 1, 2).contiguous(), classifier, batch_size=config.batch_size)
+    clean_pred = zero_shot_predict(bundle, pixels[torch.from_numpy(sel)], classifier, batch_size=config.batch_size)
+    return {
+        "attack": trig.attack,
+        "target_class": target,
+        "asr": float((pred == t).float().mean()) if len(sel) else 0.0,
+        "clean_rate": float((clean_pred == t).float().mean()) if len(sel) else 0.0,
+        "n": int(len(sel)),
+    }

@@ -1,0 +1,73 @@
+"""``otcclip evaluate``: zero-shot, linear probe and attack success rates of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from otcclip.service.cli import CliError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="zero-shot / linear probe / ASR of a checkpoint on a labelled test manifest",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
+    p.add_argument("--manifest", type=Path, required=True, help="test manifest with image, label")
+    p.add_argument("--target-class", default=None, help="backdoor target class (default: from the trigger file)")
+    p.add_argument(
+        "--trigger", action="append", default=None,
+        help="trigger-*.json from `otcclip poison` (repeatable), or patch|blend with --poison-dir",
+    )
+    p.add_argument("--poison-dir", type=Path, default=None, help="output directory of `otcclip poison`")
+    p.add_argument("--targets", type=Path, default=None, help="targets.csv of a targeted attack")
+    p.add_argument("--no-linear-probe", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="result JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from otcclip.models.attacks import PoisonError
+    from otcclip.models.checkpoint import CheckpointError, load_checkpoint
+    from otcclip.models.evaluation import EvalConfig, evaluate
+    from otcclip.models.training.data import DataError
+
+    triggers = []
+    for t in args.trigger or []:
+        if t in ("patch", "blend"):
+            if args.poison_dir is None:
+                raise CliError(f"--trigger {t} needs --poison-dir")
+            triggers.append(args.poison_dir / f"trigger-backdoor-{t}.json")
+        else:
+            triggers.append(Path(t))
+    for t in triggers:
+        if not t.is_file():
+            raise CliError(f"{t}: trigger file not found")
+    targets = args.targets
+    if targets is None and args.poison_dir is not None and (args.poison_dir / "targets.csv").is_file():
+        targets = args.poison_dir / "targets.csv"
+    try:
+        bundle = load_checkpoint(args.checkpoint, device="cpu" if args.device == "auto" else args.device)
+        if args.device == "auto":
+            from otcclip.models.factory import resolve_device
+
+            bundle.model.to(resolve_device("auto"))
+        cfg = EvalConfig(
+            target_class=args.target_class, trigger=triggers or None, targets=targets,
+            linear_probe=not args.no_linear_probe, seed=args.seed,
+        )
+        res = evaluate(bundle, args.manifest, config=cfg)
+    except (CheckpointError, DataError, PoisonError) as e:
+        raise CliError(str(e)) from e
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(res.to_dict(), indent=2))
+    os.replace(tmp, args.out)
+    print(json.dumps({k: v for k, v in res.to_dict().items() if k in ("zero_shot_top1", "linear_probe")}))
+    return 0

@@ -1,0 +1,63 @@
+"""``otcclip poison``: plant targeted / backdoor attacks in a manifest, with ground truth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from otcclip.service.cli import CliError
+
+ATTACKS = ("targeted", "backdoor-patch", "backdoor-blend")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "poison",
+        help="write a poisoned copy of a manifest plus poison_truth.csv",
+        description=(
+            "Plant one or more attacks (repeat --attack and --target-class in the same order "
+            "to plant several, each with its own target class)."
+        ),
+    )
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--attack", action="append", required=True, choices=ATTACKS)
+    p.add_argument("--target-class", action="append", required=True, help="adversarial class name")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--n-poison", type=int, default=None, help="poisoned pairs per attack")
+    g.add_argument("--rate", type=float, default=None, help="share of rows poisoned per attack")
+    p.add_argument("--n-targets", type=int, default=1, help="targeted: distinct target images")
+    p.add_argument("--targets-from", type=Path, default=None, help="targeted: manifest (image,label) the model is not trained on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from otcclip.models.attacks import PoisonConfig, PoisonError, poison_many
+    from otcclip.models.training.data import DataError
+
+    if len(args.attack) != len(args.target_class):
+        raise CliError("give one --target-class per --attack")
+    if not args.manifest.exists():
+        raise CliError(f"{args.manifest}: manifest not found")
+    try:
+        configs = [
+            PoisonConfig(
+                attack=a, target_class=t, n_poison=args.n_poison, rate=args.rate, seed=args.seed,
+                n_targets=args.n_targets, target_pool=args.targets_from,
+            )
+            for a, t in zip(args.attack, args.target_class, strict=True)
+        ]
+        res = poison_many(args.manifest, args.out, configs=configs)
+    except (PoisonError, DataError) as e:
+        raise CliError(str(e)) from e
+    print(json.dumps({
+        "manifest": str(res.manifest_path),
+        "truth": str(res.truth_path),
+        "triggers": sorted(str(p) for p in args.out.glob("trigger-*.json")),
+        "targets": str(res.targets_path) if res.targets_path else None,
+        "n_poisoned": res.n_poisoned,
+    }))
+    return 0
