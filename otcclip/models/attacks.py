@@ -9,7 +9,8 @@
 :func:`poison` writes, in ``out_dir``: the poisoned manifest (input format where the IO
 module is available, else CSV) whose new images lie under ``out_dir/poison/``,
 ``poison_truth.csv`` (``id, poisoned, attack, target_class`` for every row),
-``trigger-<attack>.json`` + ``.npy`` for each backdoor, and ``targets.csv`` (``id, image,
+``trigger-<attack>.json`` + ``.npy`` for each backdoor, the clean images (hard links
+or copies at their original relative paths, so the set is self-contained), and ``targets.csv`` (``id, image,
 label, target_class``) for targeted attacks, which ``evaluate`` reads. Several attacks,
 each with its own target class, can be planted in one set with :func:`poison_many`.
 """
@@ -199,7 +200,7 @@ def poison_many(manifest: Any, out_dir: str | Path, *, configs: Sequence[PoisonC
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        res = _poison_into(rows, tmp, out, configs)
+        res = _poison_into(rows, tmp, configs)
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
@@ -215,14 +216,11 @@ def poison_many(manifest: Any, out_dir: str | Path, *, configs: Sequence[PoisonC
     )
 
 
-def _poison_into(rows: ManifestRows, tmp: Path, final: Path, configs: Sequence[PoisonConfig]) -> PoisonResult:
+def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig]) -> PoisonResult:
     n = len(rows)
     cols = {k: list(v) for k, v in rows.columns.items()}
     if "id" not in cols:
         cols["id"] = [str(i) for i in range(n)]
-    # image paths relative to the final output directory
-    src_dir = rows.path.parent.resolve()
-    cols["image"] = [os.path.relpath(src_dir / p, final.resolve()) for p in cols["image"]]
     labels = cols.get("label")
     truth = {i: ("", "") for i in range(n)}  # row -> (attack, target_class)
     removed: set[int] = set()
@@ -271,6 +269,7 @@ def _poison_into(rows: ManifestRows, tmp: Path, final: Path, configs: Sequence[P
                 cols["image"][i] = rel
                 cols["caption"][i] = rng.choice(cfg.templates).format(cfg.target_class)
                 truth[i] = (cfg.attack, cfg.target_class)
+    _copy_clean_images(rows, tmp, [i for i in range(n) if i not in removed and not truth[i][0]])
     names = list(cols)
     out_rows = [{c: cols[c][i] for c in names} | {"__attack": truth[i][0], "__target": truth[i][1]} for i in range(n) if i not in removed]
     out_rows += extra_rows
@@ -309,6 +308,30 @@ def _pick_targets(
     return [(rows.open_image(i), labels[i], f"target-{_safe(rows.ids[i])}") for i in pick]
 
 
+def _copy_clean_images(rows: ManifestRows, out: Path, keep: Sequence[int]) -> None:
+    """Place the clean images under ``out`` at their original relative paths (hard links
+    where possible), so the poisoned set is self-contained."""
+    images = rows.col("image")
+    done: set[str] = set()
+    for i in keep:
+        rel = images[i]
+        if rel in done:
+            continue
+        done.add(rel)
+        target = out / rel
+        if not target.resolve().is_relative_to(out.resolve()):
+            raise PoisonError(f"{rows.path}: image path {rel!r} escapes the dataset directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = rows.path.parent / rel
+        if rows.manifest is None or src.is_file():
+            try:
+                os.link(src, target)
+            except OSError:
+                shutil.copyfile(src, target)
+        else:
+            target.write_bytes(rows.manifest.images.read_bytes(rel))
+
+
 def _safe(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
 
@@ -325,6 +348,7 @@ def _write_like(rows: ManifestRows, out: Path, names: list[str], table_rows: lis
     if rows.manifest is not None:
         try:
             import pyarrow as pa
+
             from otcclip.models.manifest import write_manifest
 
             table = pa.table({c: [r[c] for r in table_rows] for c in names})
