@@ -8,8 +8,8 @@ tar.gz archive), or for WebDataset ``"<shard>.tar#<KEY>.<ext>"``.
 
 Reading validates every row without decoding any image (existence checks only), so it is
 the service's upload validation too. Every problem raises :class:`ManifestError` naming the
-file and the row: ``row N`` is the line number for CSV/TSV/JSONL (the CSV header is line
-1) and the 1-based record number for Parquet and WebDataset. Images that exist but cannot
+file and the row: ``row N`` is the (first) line number for CSV/TSV/JSONL (the CSV header is
+line 1) and the 1-based record number for Parquet and WebDataset. Images that exist but cannot
 be decoded are *not* manifest errors: :func:`load_image_batch` reports them per row.
 
 Writing (:func:`write_manifest`) uses the input's own format and is atomic (a temporary
@@ -238,14 +238,16 @@ def _read_csv(path: Path, *, delimiter: str) -> tuple[dict[str, list[Any]], list
             lists = [cols[h] for h in header]
             rownums: list[int] = []
             width = len(header)
+            start = reader.line_num + 1
             for rec in reader:
+                line, start = start, reader.line_num + 1
                 if not rec or (len(rec) == 1 and not rec[0].strip() and width > 1):
                     continue
                 if len(rec) != width:
-                    raise ManifestError(path, reader.line_num, f"{len(rec)} fields, the header has {width}")
+                    raise ManifestError(path, line, f"{len(rec)} fields, the header has {width}")
                 for lst, v in zip(lists, rec, strict=True):
                     lst.append(v)
-                rownums.append(reader.line_num)
+                rownums.append(line)
         except csv.Error as e:
             raise ManifestError(path, reader.line_num, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from e
         except UnicodeDecodeError as e:
