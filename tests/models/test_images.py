@@ -9,6 +9,7 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def _zip(path: Path, members: dict[str, bytes], *, compression: int = zipfile.ZI
     return path
 
 
-def _tar(path: Path, members: dict[str, bytes], mode: str = "w") -> Path:
+def _tar(path: Path, members: dict[str, bytes], mode: Literal["w", "w:gz"] = "w") -> Path:
     with tarfile.open(path, mode) as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
