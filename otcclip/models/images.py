@@ -180,6 +180,7 @@ class DirImageStore(ImageStore):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image directory {self.root} does not exist")
         self._real = os.path.realpath(self.root)
+        self._parents: dict[str, str] = {}
         self.source = str(self.root)
 
     def _path(self, key: str) -> str:
@@ -189,7 +190,22 @@ class DirImageStore(ImageStore):
         return real
 
     def _has(self, key: str) -> bool:
-        return os.path.isfile(self._path(key))
+        # Fast path for validation: resolve each parent directory once (cached), then one
+        # lstat per file; a file that is itself a symlink gets the full realpath check.
+        head, _, base = key.rpartition("/")
+        parent = self._parents.get(head)
+        if parent is None:
+            parent = os.path.realpath(os.path.join(self._real, head))
+            if parent != self._real and not parent.startswith(self._real + os.sep):
+                raise UnsafePath(f"image path {key!r} resolves outside the dataset directory {self.root}")
+            self._parents[head] = parent
+        try:
+            st = os.lstat(os.path.join(parent, base))
+        except OSError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            return os.path.isfile(self._path(key))
+        return stat.S_ISREG(st.st_mode)
 
     def _read(self, key: str) -> bytes:
         with open(self._path(key), "rb") as f:

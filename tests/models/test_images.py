@@ -74,6 +74,11 @@ def test_dir_store_refuses_symlink_escape(tmp_path: Path) -> None:
     assert not store.exists("images/missing.png")
     with pytest.raises(UnsafePath, match="outside"):
         store.exists("images/link.png")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.png").write_bytes(_png((0, 0, 0)))
+    (root / "images" / "dirlink").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePath, match="outside"):
+        store.exists("images/dirlink/x.png")
     with pytest.raises(UnsafePath):
         store.open("../secret.png")
     assert store.open("images/a.png").getpixel((0, 0)) == (255, 0, 0)
