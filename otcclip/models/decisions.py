@@ -1,0 +1,345 @@
+"""Separation, detectors and per-pair decisions (DESIGN 2.3 steps 4-5).
+
+Input: the shortlist scores of every pair (:class:`MatchScores`; column 0 of the
+candidate arrays is the pair's own caption). Output: one :class:`Decisions` row per
+pair, ``keep`` / ``reassign`` / ``drop`` with a reason code and every score. Nothing
+here reads or writes files.
+
+Reason codes
+------------
+keep      ``own_best`` (own caption scores best), ``clean_score`` (another caption scores
+          higher, but not by an unusual margin, or the own score is clean-like)
+reassign  to the best shortlisted caption when that caption's score is clean-like (GMM)
+          and: ``low_own_score`` (own score not clean-like and the margin best - own has
+          robust z > ``low_margin_z``), ``better_caption`` (margin robust z >
+          ``margin_z``), ``<detector>`` (a detector flagged the pair, any positive margin)
+drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clean-like
+          alternative), ``<detector>`` when a detector flagged it and nothing better exists
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from sklearn.mixture import GaussianMixture
+
+from otcclip.models.shortlist import build_index
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("keep", "reassign", "drop")
+DETECTORS = ("image_burst", "density", "caption_burst")
+
+
+@dataclass(frozen=True)
+class MatchScores:
+    """Shortlist scores for ``N`` pairs (rows of the whole dataset, in order).
+
+    Attributes
+    ----------
+    candidates : ndarray, shape (N, K), int64
+        Caption rows; column 0 is the own caption; ``-1`` for none.
+    global_, ot, fused : ndarray, shape (N, K), float32
+        Scores per candidate (NaN where ``candidates == -1``).
+    ok : ndarray, shape (N,), bool
+        False where the image could not be read.
+    image_global : ndarray, shape (N, d)
+        Image globals (for the detectors).
+    caption_global : ndarray, shape (N, d)
+        Own-caption globals (for the detectors).
+    caption_hash : ndarray, shape (N,), int64
+        Hash of each own caption's text (caption bursts).
+    """
+
+    candidates: np.ndarray
+    global_: np.ndarray
+    ot: np.ndarray
+    fused: np.ndarray
+    ok: np.ndarray
+    image_global: np.ndarray
+    caption_global: np.ndarray
+    caption_hash: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.candidates.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence[MatchScores]) -> MatchScores:
+        """Concatenate row blocks (candidate columns padded with -1 / NaN)."""
+        if not parts:
+            raise ValueError("no score shards to concatenate")
+        width = max(p.candidates.shape[1] for p in parts)
+
+        def pad(a: np.ndarray, fill: float) -> np.ndarray:
+            extra = width - a.shape[1]
+            return np.pad(a, ((0, 0), (0, extra)), constant_values=fill) if extra else a
+
+        return MatchScores(
+            candidates=np.concatenate([pad(p.candidates, -1) for p in parts]),
+            global_=np.concatenate([pad(p.global_, np.nan) for p in parts]),
+            ot=np.concatenate([pad(p.ot, np.nan) for p in parts]),
+            fused=np.concatenate([pad(p.fused, np.nan) for p in parts]),
+            ok=np.concatenate([p.ok for p in parts]),
+            image_global=np.concatenate([p.image_global for p in parts]),
+            caption_global=np.concatenate([p.caption_global for p in parts]),
+            caption_hash=np.concatenate([p.caption_hash for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """Thresholds of the decision step (mirrored by ``SanitizeConfig``)."""
+
+    p_clean_threshold: float = 0.5
+    margin_z: float = 3.0
+    low_margin_z: float = 1.0
+    detectors: tuple[str, ...] = DETECTORS
+    knn: int = 10
+    dup_threshold: float = 0.97
+    burst_min: int = 5
+    outlier_z: float = 4.0
+    gmm_sample: int = 200_000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """One decision per pair (rows in dataset order); build with :func:`decide_pairs`.
+
+    Every array has shape (N,). ``new_caption_index`` is the caption row the pair keeps
+    (own row for keep, the chosen row for reassign, -1 for drop).
+    """
+
+    row: np.ndarray
+    action: np.ndarray
+    reason: np.ndarray
+    detectors: np.ndarray
+    caption_index: np.ndarray
+    new_caption_index: np.ndarray
+    global_score: np.ndarray
+    ot_score: np.ndarray
+    fused_score: np.ndarray
+    best_caption_index: np.ndarray
+    best_global_score: np.ndarray
+    best_ot_score: np.ndarray
+    best_fused_score: np.ndarray
+    p_clean: np.ndarray
+    gmm: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.row.shape[0])
+
+    def to_arrow(self) -> pa.Table:
+        """All per-pair columns as a pyarrow Table."""
+        cols = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        return pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()})
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{"action": {...}, "reason": {"action/reason": n}}``."""
+        acts = {a: int((self.action == a).sum()) for a in ACTIONS}
+        reasons: dict[str, int] = {}
+        for a, r in zip(self.action.tolist(), self.reason.tolist(), strict=True):
+            reasons[f"{a}/{r}"] = reasons.get(f"{a}/{r}", 0) + 1
+        return {"action": acts, "reason": dict(sorted(reasons.items()))}
+
+
+def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, float]]:
+    """Fit a 2-component GMM on own-pair scores.
+
+    Returns ``(p_clean_fn, info)`` where ``p_clean_fn(scores)`` is the posterior of the
+    higher-mean component. When one Gaussian explains the scores better (lower BIC) or
+    there are fewer than 10 scores, every score counts as clean (``p_clean = 1``).
+    """
+    x = own[np.isfinite(own)].astype(np.float64)
+    if len(x) > sample:
+        x = np.random.default_rng(seed).choice(x, size=sample, replace=False)
+    if len(x) < 10 or float(x.std()) < 1e-8:
+        return (lambda s: np.ones(len(s), dtype=np.float32)), {"bimodal": 0.0}
+    x2 = x[:, None]
+    g1 = GaussianMixture(1, random_state=seed).fit(x2)
+    g2 = GaussianMixture(2, random_state=seed, n_init=2).fit(x2)
+    hi = int(np.argmax(g2.means_[:, 0]))
+    info = {
+        "bimodal": float(g2.bic(x2) < g1.bic(x2)),
+        "mean_clean": float(g2.means_[hi, 0]),
+        "mean_noisy": float(g2.means_[1 - hi, 0]),
+        "weight_clean": float(g2.weights_[hi]),
+        "bic_1": float(g1.bic(x2)),
+        "bic_2": float(g2.bic(x2)),
+    }
+    if not info["bimodal"]:
+        return (lambda s: np.ones(len(s), dtype=np.float32)), info
+
+    def p_clean(s: np.ndarray) -> np.ndarray:
+        s = np.asarray(s, dtype=np.float64)
+        out = np.ones(len(s), dtype=np.float32)
+        fin = np.isfinite(s)
+        if fin.any():
+            post = g2.predict_proba(s[fin][:, None])[:, hi]
+            # above the clean mean is always clean (the GMM tail can flip there)
+            post = np.where(s[fin] >= info["mean_clean"], 1.0, post)
+            out[fin] = post
+        out[~fin] = 0.0
+        return out
+
+    return p_clean, info
+
+
+def _knn(vectors: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k))."""
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    kk = min(k + 1, len(v))
+    index = build_index(v, seed=seed)
+    sims, idx = index.search(v, kk)
+    self_hit = idx == np.arange(len(v))[:, None]
+    sims = np.where(self_hit, -np.inf, sims)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : kk - 1]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def _robust_z(x: np.ndarray) -> np.ndarray:
+    med = np.median(x)
+    mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
+    return (x - med) / mad
+
+
+def detect_image_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Near-duplicate images (cosine >= ``dup_threshold``) carrying >= ``burst_min``
+    distinct captions: the targeted-poisoning signature. Returns (N,) bool."""
+    n = len(m)
+    if n < st.burst_min:
+        return np.zeros(n, dtype=bool)
+    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), st.seed)
+    flag = np.zeros(n, dtype=bool)
+    for i in range(n):
+        dup = idx[i][sims[i] >= st.dup_threshold]
+        if len(dup) + 1 < st.burst_min:
+            continue
+        texts = set(m.caption_hash[dup].tolist()) | {int(m.caption_hash[i])}
+        if len(texts) >= st.burst_min:
+            flag[i] = True
+    return flag
+
+
+def detect_density(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """k-distance outliers of the joint pair embedding (image global + own caption
+    global): robust z-score of the distance to the ``knn``-th neighbour > ``outlier_z``."""
+    n = len(m)
+    if n <= st.knn + 1:
+        return np.zeros(n, dtype=bool)
+    joint = np.concatenate([m.image_global, m.caption_global], axis=1).astype(np.float32)
+    sims, _ = _knn(joint, st.knn, st.seed)
+    kdist = 1.0 - sims[:, -1]
+    return _robust_z(kdist) > st.outlier_z
+
+
+def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Pairs whose caption text appears on >= ``burst_min`` images and whose image is an
+    outlier among those images (robust z of its similarity to the group's mean image
+    below ``-outlier_z``): one caption on many dissimilar images (backdoors)."""
+    n = len(m)
+    flag = np.zeros(n, dtype=bool)
+    _, inverse, counts = np.unique(m.caption_hash, return_inverse=True, return_counts=True)
+    img = m.image_global.astype(np.float32)
+    for g in np.nonzero(counts >= st.burst_min)[0]:
+        rows = np.nonzero(inverse == g)[0]
+        centre = img[rows].mean(axis=0)
+        centre /= max(float(np.linalg.norm(centre)), 1e-12)
+        sim = img[rows] @ centre
+        flag[rows[_robust_z(sim) < -st.outlier_z]] = True
+    return flag
+
+
+DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
+    "image_burst": detect_image_burst,
+    "density": detect_density,
+    "caption_burst": detect_caption_burst,
+}
+
+
+def run_detectors(m: MatchScores, st: DecisionSettings) -> dict[str, np.ndarray]:
+    """Each enabled detector's (N,) bool flags (unreadable images never flagged)."""
+    out = {}
+    for name in st.detectors:
+        if name not in DETECTOR_FNS:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+        out[name] = DETECTOR_FNS[name](m, st) & m.ok
+    return out
+
+
+def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings()) -> Decisions:
+    """Decide keep / reassign / drop for every pair (see the module doc for the rules).
+
+    Parameters
+    ----------
+    m : MatchScores
+        Scores of all ``N`` pairs, rows in dataset order.
+    settings : DecisionSettings
+
+    Returns
+    -------
+    Decisions
+    """
+    n = len(m)
+    rows = np.arange(n)
+    fused = np.where(m.candidates >= 0, m.fused, -np.inf)
+    fused = np.where(np.isfinite(fused), fused, -np.inf)
+    best_col = np.argmax(fused, axis=1)
+    best = m.candidates[rows, best_col]
+    own_f = m.fused[:, 0]
+    best_f = m.fused[rows, best_col]
+    p_fn, info = fit_p_clean(own_f[m.ok], sample=settings.gmm_sample, seed=settings.seed)
+    p_own = p_fn(own_f)
+    p_best = p_fn(best_f)
+    flags = run_detectors(m, settings) if n else {}
+    flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
+    any_flag = np.array([bool(s) for s in flag_names], dtype=bool)
+    margin = best_f - own_f
+    zm = np.zeros(n)
+    if m.ok.any():
+        med = np.median(margin[m.ok])
+        mad = np.median(np.abs(margin[m.ok] - med)) * 1.4826 + 1e-6
+        zm = (margin - med) / mad
+    low = p_own < settings.p_clean_threshold
+    alt = (best_col != 0) & (p_best >= settings.p_clean_threshold)
+    wide = zm > settings.margin_z
+    re = alt & ((low & (zm > settings.low_margin_z)) | wide | (any_flag & (margin > 0)))
+
+    action = np.full(n, "keep", dtype=object)
+    reason = np.full(n, "own_best", dtype=object)
+    reason[best_col != 0] = "clean_score"
+    action[re] = "reassign"
+    reason[re & wide] = "better_caption"
+    reason[re & any_flag] = [s.split(",")[0] for s in flag_names[re & any_flag]]
+    reason[re & low] = "low_own_score"
+    dr = (low | any_flag) & ~alt
+    action[dr] = "drop"
+    reason[dr] = "no_plausible_caption"
+    reason[dr & any_flag] = [s.split(",")[0] for s in flag_names[dr & any_flag]]
+    action[~m.ok] = "drop"
+    reason[~m.ok] = "unreadable_image"
+    p_own = np.where(m.ok, p_own, 0.0).astype(np.float32)
+
+    new_idx = np.where(action == "keep", m.candidates[:, 0], np.where(action == "reassign", best, -1))
+    return Decisions(
+        row=rows.astype(np.int64),
+        action=action,
+        reason=reason,
+        detectors=flag_names,
+        caption_index=m.candidates[:, 0].astype(np.int64),
+        new_caption_index=new_idx.astype(np.int64),
+        global_score=m.global_[:, 0].astype(np.float32),
+        ot_score=m.ot[:, 0].astype(np.float32),
+        fused_score=own_f.astype(np.float32),
+        best_caption_index=best.astype(np.int64),
+        best_global_score=m.global_[rows, best_col].astype(np.float32),
+        best_ot_score=m.ot[rows, best_col].astype(np.float32),
+        best_fused_score=best_f.astype(np.float32),
+        p_clean=p_own,
+        gmm=info,
+    )

@@ -1,0 +1,552 @@
+"""The sanitization pass, staged so that it can be sharded across machines (DESIGN 2.3).
+
+Stages (each a pure function; the Celery workers fan out the first two)::
+
+    plan_shards(n, shard_size)                      -> [(start, stop), ...]
+    encode_shard(manifest, bundle, start, stop)     -> FeatureShard   (.save / .load, atomic)
+    match_shard(image_shard, caption_shards)        -> ScoreShard     (.save / .load, atomic)
+    decide(score_shards)                            -> Decisions
+    report.write_outputs(manifest, decisions, out)  -> OutputFiles
+
+:func:`sanitize` runs them all in one process (optionally spilling shards to a work
+directory, which also makes a re-run skip finished shards); :func:`sanitize_features`
+runs matching and decisions on in-memory features (the trainer's re-matching).
+
+Memory: an encode holds one shard; a match holds one image shard, the caption globals
+(``N x d`` float32) and one caption shard at a time (shards load memory-mapped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from otcclip.models.decisions import (
+    DETECTORS,
+    Decisions,
+    DecisionSettings,
+    MatchScores,
+    decide_pairs,
+)
+from otcclip.models.features import (
+    ImageFeatures,
+    TextFeatures,
+    image_features,
+    pad_text_features,
+    text_features,
+)
+from otcclip.models.progress import ProgressFn, StopFn, check_stop
+from otcclip.models.scoring import CaptionBlock, score_shortlist
+from otcclip.models.shortlist import build_index, shortlist
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SanitizeConfig", "FeatureShard", "ScoreShard", "SanitizeResult", "Decisions",
+    "plan_shards", "encode_shard", "match_shard", "decide", "sanitize", "sanitize_features",
+]
+
+
+@dataclass(frozen=True)
+class SanitizeConfig:
+    """Settings of the sanitization pass (DESIGN 2.3).
+
+    Attributes
+    ----------
+    k : int
+        Shortlisted captions per image (plus its own).
+    alpha : float
+        Fused score weight of the global cosine (``1 - alpha`` on ``s_OT``).
+    reg, ot_iters, marginals : float, int, str
+        Entropic OT regularisation, Sinkhorn iteration cap, ``uniform`` | ``relevance``.
+    batch_size : int
+        Images/captions per encoder forward, OT problems per solver call.
+    shard_size : int
+        Pairs per feature / score shard.
+    device : str
+        ``auto`` | ``cpu`` | ``cuda``.
+    detectors : tuple of str
+        Enabled detectors among ``image_burst``, ``density``, ``caption_burst``.
+    p_clean_threshold, margin_z, low_margin_z : float
+        Decision thresholds (see :mod:`otcclip.models.decisions`).
+    exact_threshold, nprobe : int
+        FAISS: exact index up to this many captions, IVF lists probed above.
+    knn, dup_threshold, burst_min, outlier_z : int, float, int, float
+        Detector settings.
+    fp16_locals : bool
+        Store local sets in float16 in feature shards.
+    """
+
+    k: int = 32
+    alpha: float = 0.5
+    reg: float = 0.05
+    ot_iters: int = 100
+    marginals: str = "uniform"
+    batch_size: int = 256
+    shard_size: int = 4096
+    device: str = "auto"
+    detectors: tuple[str, ...] = DETECTORS
+    p_clean_threshold: float = 0.5
+    margin_z: float = 3.0
+    low_margin_z: float = 1.0
+    exact_threshold: int = 100_000
+    nprobe: int = 16
+    knn: int = 10
+    dup_threshold: float = 0.97
+    burst_min: int = 5
+    outlier_z: float = 4.0
+    fp16_locals: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "detectors", tuple(self.detectors))
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.reg <= 0:
+            raise ValueError(f"reg must be > 0, got {self.reg}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("batch_size and shard_size must be >= 1")
+        if self.marginals not in ("uniform", "relevance"):
+            raise ValueError(f"marginals must be 'uniform' or 'relevance', got {self.marginals!r}")
+        bad = [d for d in self.detectors if d not in DETECTORS]
+        if bad:
+            raise ValueError(f"unknown detectors {bad}; known: {', '.join(DETECTORS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def decision_settings(self) -> DecisionSettings:
+        return DecisionSettings(
+            p_clean_threshold=self.p_clean_threshold, margin_z=self.margin_z, low_margin_z=self.low_margin_z,
+            detectors=self.detectors, knn=self.knn, dup_threshold=self.dup_threshold,
+            burst_min=self.burst_min, outlier_z=self.outlier_z, seed=self.seed,
+        )
+
+
+def _device(name: str) -> torch.device:
+    from otcclip.models.factory import resolve_device
+
+    return resolve_device(name)
+
+
+def caption_hash(text: str) -> int:
+    """Stable signed 64-bit hash of a caption's text."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def _atomic_save(path: Path, write: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class FeatureShard:
+    """Features of manifest rows ``[start, stop)``.
+
+    Attributes
+    ----------
+    start, stop : int
+    ok : Tensor, shape (n,), bool
+        False where the image was unreadable (its features are zeros).
+    image_global : Tensor, shape (n, d), float32
+    image_local : Tensor, shape (n, P, d), float16 or float32
+    caption_global : Tensor, shape (n, d), float32
+    caption_local : Tensor, shape (n, L, d), float16 or float32 (zero at pads)
+    caption_mask : Tensor, shape (n, L), bool
+    caption_hash : Tensor, shape (n,), int64
+    timings : dict
+        Seconds spent per stage (``decode``, ``encode``).
+    """
+
+    start: int
+    stop: int
+    ok: torch.Tensor
+    image_global: torch.Tensor
+    image_local: torch.Tensor
+    caption_global: torch.Tensor
+    caption_local: torch.Tensor
+    caption_mask: torch.Tensor
+    caption_hash: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) with ``torch.save``."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _atomic_save(Path(path), lambda tmp: torch.save(data, tmp))
+
+    @staticmethod
+    def load(path: str | Path, *, mmap: bool = True) -> FeatureShard:
+        """Load a saved shard (tensors memory-mapped unless ``mmap=False``)."""
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return FeatureShard(**data)
+
+
+@dataclass(frozen=True)
+class ScoreShard:
+    """Shortlist scores of rows ``[start, stop)`` (see :class:`MatchScores`)."""
+
+    start: int
+    stop: int
+    scores: MatchScores
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        arrays = {f.name: getattr(self.scores, f.name) for f in fields(MatchScores)}
+        meta = np.array([self.start, self.stop], dtype=np.int64)
+        tnames = np.array(list(self.timings), dtype=str)
+        tvals = np.array(list(self.timings.values()), dtype=np.float64)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, _meta=meta, _tnames=tnames, _tvals=tvals, **arrays)
+
+        return _atomic_save(Path(path), write)
+
+    @staticmethod
+    def load(path: str | Path) -> ScoreShard:
+        with np.load(path, allow_pickle=False) as z:
+            start, stop = (int(v) for v in z["_meta"])
+            scores = MatchScores(**{f.name: z[f.name] for f in fields(MatchScores)})
+            timings = {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
+        return ScoreShard(start=start, stop=stop, scores=scores, timings=timings)
+
+
+@dataclass(frozen=True)
+class SanitizeResult:
+    """Outcome of :func:`sanitize`: the decisions and seconds per stage."""
+
+    decisions: Decisions
+    timings: dict[str, float]
+    n_pairs: int
+
+
+def plan_shards(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """Split ``range(n_rows)`` into consecutive ``(start, stop)`` shards."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
+
+
+def encode_shard(
+    manifest: Any,
+    bundle: Any,
+    start: int,
+    stop: int,
+    *,
+    config: SanitizeConfig = SanitizeConfig(),
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> FeatureShard:
+    """Encode images and captions of manifest rows ``[start, stop)``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        With ``image`` and ``caption`` columns.
+    bundle : ClipBundle
+        Model, tokenizer and eval transform; moved to ``config.device``.
+
+    Returns
+    -------
+    FeatureShard
+        Unreadable images give ``ok=False`` and zero image features.
+    """
+    from otcclip.models.images import load_image_batch
+
+    if not 0 <= start <= stop <= len(manifest):
+        raise ValueError(f"shard [{start}, {stop}) outside the manifest's {len(manifest)} rows")
+    dev = _device(config.device)
+    model = bundle.model.to(dev).eval()
+    captions = manifest.captions
+    ldt = torch.float16 if config.fp16_locals else torch.float32
+    oks: list[torch.Tensor] = []
+    igs: list[torch.Tensor] = []
+    ils: list[torch.Tensor] = []
+    tfs: list[TextFeatures] = []
+    hashes: list[int] = []
+    t_decode = t_encode = 0.0
+    for s in range(start, stop, config.batch_size):
+        check_stop(should_stop)
+        e = min(s + config.batch_size, stop)
+        t0 = time.perf_counter()
+        batch = load_image_batch(manifest, range(s, e), bundle.preprocess)
+        caps = [captions[i] for i in range(s, e)]
+        tokens = bundle.tokenizer(caps)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            fi = image_features(model, batch.pixels.to(dev))
+            ft = text_features(model, tokens.to(dev))
+        ok = batch.ok.to(torch.bool)
+        okd = ok.to(dev)[:, None]
+        oks.append(ok)
+        igs.append((fi.global_ * okd).float().cpu())
+        ils.append((fi.local * okd[:, :, None]).to(ldt).cpu())
+        tfs.append(TextFeatures(ft.global_.float().cpu(), ft.local.to(ldt).cpu(), ft.mask.cpu()))
+        hashes.extend(caption_hash(c) for c in caps)
+        t_encode += time.perf_counter() - t1
+        t_decode += t1 - t0
+        for i, err in enumerate(batch.errors):
+            if err:
+                log.warning("row %d: unreadable image (%s): pair dropped", s + i, err)
+        if progress is not None:
+            progress("encode", e - start, stop - start)
+    if not oks:
+        raise ValueError(f"empty shard [{start}, {stop})")
+    tf = pad_text_features(tfs)
+    return FeatureShard(
+        start=start, stop=stop, ok=torch.cat(oks), image_global=torch.cat(igs),
+        image_local=torch.cat(ils), caption_global=tf.global_, caption_local=tf.local,
+        caption_mask=tf.mask, caption_hash=torch.tensor(hashes, dtype=torch.int64),
+        timings={"decode": t_decode, "encode": t_encode},
+    )
+
+
+ShardRef = FeatureShard | str | Path
+
+
+def _resolve(ref: ShardRef) -> FeatureShard:
+    return ref if isinstance(ref, FeatureShard) else FeatureShard.load(ref)
+
+
+@dataclass(frozen=True)
+class CaptionIndex:
+    """Caption globals of the whole dataset, their FAISS index and the shard blocks.
+
+    Build once with :func:`build_caption_index` and pass to :func:`match_shard` to reuse
+    it across image shards in one process.
+    """
+
+    index: Any
+    globals_: np.ndarray
+    blocks: tuple[CaptionBlock, ...]
+    seconds: float
+
+
+def build_caption_index(caption_shards: Sequence[ShardRef], *, config: SanitizeConfig) -> CaptionIndex:
+    """Index the caption globals of ``caption_shards`` (must cover rows 0..N contiguously)."""
+    t0 = time.perf_counter()
+    metas = []
+    for ref in caption_shards:
+        sh = _resolve(ref)
+        metas.append((sh.start, sh.stop, ref, sh.caption_global.numpy().astype(np.float32, copy=True)))
+    metas.sort(key=lambda m: m[0])
+    pos = 0
+    for s, e, _, _ in metas:
+        if s != pos:
+            raise ValueError(f"caption shards do not cover the rows contiguously: gap or overlap at row {pos} (next shard starts at {s})")
+        pos = e
+    glob = np.concatenate([m[3] for m in metas]) if metas else np.zeros((0, 0), np.float32)
+
+    def loader(ref: ShardRef) -> Any:
+        def load() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sh = _resolve(ref)
+            return sh.caption_local, sh.caption_mask, sh.caption_global
+
+        return load
+
+    blocks = tuple(CaptionBlock(s, e, loader(ref)) for s, e, ref, _ in metas)
+    index = build_index(glob, exact_threshold=config.exact_threshold, nprobe=config.nprobe, seed=config.seed)
+    return CaptionIndex(index=index, globals_=glob, blocks=blocks, seconds=time.perf_counter() - t0)
+
+
+def match_shard(
+    image_shard: ShardRef,
+    caption_shards: Sequence[ShardRef] | CaptionIndex,
+    *,
+    config: SanitizeConfig = SanitizeConfig(),
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> ScoreShard:
+    """Shortlist and score the captions of one image shard (cost ~ rows * (k + 1)).
+
+    Parameters
+    ----------
+    image_shard : FeatureShard or path
+        The images to match (rows ``[start, stop)``; their own captions are those rows).
+    caption_shards : sequence of FeatureShard or paths, or a CaptionIndex
+        All shards of the dataset (captions are candidates for every image), or an index
+        already built from them.
+
+    Returns
+    -------
+    ScoreShard
+    """
+    t0 = time.perf_counter()
+    cidx = caption_shards if isinstance(caption_shards, CaptionIndex) else build_caption_index(caption_shards, config=config)
+    img = _resolve(image_shard)
+    check_stop(should_stop)
+    own = np.arange(img.start, img.stop, dtype=np.int64)
+    sl = shortlist(cidx.index, img.image_global.numpy(), config.k, own=own, caption_globals=cidx.globals_)
+    t1 = time.perf_counter()
+    dev = _device(config.device)
+    ps = score_shortlist(
+        img.image_local, sl.indices, sl.scores, cidx.blocks, alpha=config.alpha, reg=config.reg,
+        max_iter=config.ot_iters, batch_size=config.batch_size, marginals=config.marginals,
+        image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
+    )
+    t2 = time.perf_counter()
+    scores = MatchScores(
+        candidates=sl.indices, global_=ps.global_, ot=ps.ot, fused=ps.fused,
+        ok=img.ok.numpy().astype(bool), image_global=img.image_global.numpy().astype(np.float16),
+        caption_global=img.caption_global.numpy().astype(np.float16), caption_hash=img.caption_hash.numpy(),
+    )
+    return ScoreShard(img.start, img.stop, scores, timings={"index": t1 - t0, "ot": t2 - t1})
+
+
+def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeConfig = SanitizeConfig()) -> Decisions:
+    """Decisions for every pair from the score shards of the whole dataset."""
+    shards = sorted((s if isinstance(s, ScoreShard) else ScoreShard.load(s) for s in score_shards), key=lambda s: s.start)
+    pos = 0
+    for s in shards:
+        if s.start != pos:
+            raise ValueError(f"score shards do not cover the rows contiguously: gap or overlap at row {pos}")
+        pos = s.stop
+    scores = MatchScores.concat([s.scores for s in shards])
+    return decide_pairs(scores, settings=config.decision_settings())
+
+
+def sanitize(
+    manifest: Any,
+    bundle: Any,
+    *,
+    config: SanitizeConfig = SanitizeConfig(),
+    work_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> SanitizeResult:
+    """Run every stage in this process.
+
+    Parameters
+    ----------
+    work_dir : path, optional
+        Spill feature and score shards there (``features_NNNNNN.pt``,
+        ``scores_NNNNNN.npz``); shards already there are reused. Without it, shards
+        stay in memory.
+    progress : ProgressFn, optional
+        Called with stages ``encode``, ``match``, ``decide`` (done/total in pairs).
+    """
+    n = len(manifest)
+    if n == 0:
+        raise ValueError(f"{getattr(manifest, 'path', 'manifest')}: no rows to sanitize")
+    plan = plan_shards(n, config.shard_size)
+    wd = Path(work_dir) if work_dir is not None else None
+    timings = {k: 0.0 for k in ("decode", "encode", "index", "ot", "decide")}
+    feats: list[ShardRef] = []
+    done = 0
+    for s, e in plan:
+        path = wd / f"features_{s:09d}.pt" if wd else None
+        if path is not None and path.exists():
+            feats.append(path)
+        else:
+            sh = encode_shard(manifest, bundle, s, e, config=config, should_stop=should_stop,
+                              progress=_offset(progress, "encode", s, n))
+            for k, v in sh.timings.items():
+                timings[k] += v
+            feats.append(sh.save(path) if path is not None else sh)
+        done = e
+        if progress is not None:
+            progress("encode", done, n)
+    cidx = build_caption_index(feats, config=config)
+    timings["index"] += cidx.seconds
+    scores: list[ScoreShard] = []
+    for ref, (s, e) in zip(feats, plan, strict=True):
+        path = wd / f"scores_{s:09d}.npz" if wd else None
+        if path is not None and path.exists():
+            scores.append(ScoreShard.load(path))
+        else:
+            sc = match_shard(ref, cidx, config=config, should_stop=should_stop)
+            for k, v in sc.timings.items():
+                timings[k] += v
+            if path is not None:
+                sc.save(path)
+            scores.append(sc)
+        if progress is not None:
+            progress("match", e, n)
+    t0 = time.perf_counter()
+    check_stop(should_stop)
+    decisions = decide(scores, config=config)
+    timings["decide"] = time.perf_counter() - t0
+    if progress is not None:
+        progress("decide", n, n)
+    return SanitizeResult(decisions=decisions, timings=timings, n_pairs=n)
+
+
+def _offset(progress: ProgressFn | None, stage: str, offset: int, total: int) -> ProgressFn | None:
+    """Report a shard's progress as progress over the whole dataset."""
+    if progress is None:
+        return None
+    cb = progress
+
+    def report(_stage: str, done: int, _total: int) -> None:
+        cb(stage, offset + done, total)
+
+    return report
+
+
+def _embedding_hash(glob: np.ndarray) -> np.ndarray:
+    """Per-row hash of float16-rounded embeddings (identical captions -> same hash)."""
+    g = np.ascontiguousarray(glob.astype(np.float16))
+    return np.array([caption_hash(row.tobytes().hex()) for row in g], dtype=np.int64)
+
+
+def sanitize_features(
+    images: ImageFeatures,
+    texts: TextFeatures,
+    *,
+    config: SanitizeConfig = SanitizeConfig(),
+    ok: torch.Tensor | None = None,
+) -> Decisions:
+    """Match and decide on in-memory features (pair ``i`` = image ``i`` with caption ``i``).
+
+    Parameters
+    ----------
+    images : ImageFeatures
+        ``global_ (N, d)``, ``local (N, P, d)``.
+    texts : TextFeatures
+        ``global_ (N, d)``, ``local (N, L, d)``, ``mask (N, L)``.
+    ok : Tensor, shape (N,), bool, optional
+        Readable images (default all).
+
+    Returns
+    -------
+    Decisions
+        Row ``i`` is pair ``i``; ``new_caption_index`` indexes the captions.
+    """
+    n = images.global_.shape[0]
+    if texts.global_.shape[0] != n:
+        raise ValueError(f"{n} images but {texts.global_.shape[0]} captions")
+    cg = texts.global_.detach().float().cpu()
+    shard = FeatureShard(
+        start=0, stop=n,
+        ok=torch.ones(n, dtype=torch.bool) if ok is None else ok.to(torch.bool).cpu(),
+        image_global=images.global_.detach().float().cpu(),
+        image_local=images.local.detach().cpu(),
+        caption_global=cg, caption_local=texts.local.detach().cpu(), caption_mask=texts.mask.detach().cpu(),
+        caption_hash=torch.from_numpy(_embedding_hash(cg.numpy())),
+    )
+    sc = match_shard(shard, [shard], config=config)
+    return decide([sc], config=config)

@@ -1,0 +1,125 @@
+"""Fused scores for shortlisted image-caption pairs (DESIGN 2.3 step 3).
+
+``s(i, j) = alpha * <g_i, t_j> + (1 - alpha) * s_OT(i, j)``, computed only for the
+``N * (k + 1)`` shortlisted pairs, never for all ``N^2``. Caption local sets may live in
+several blocks (feature shards, loaded one at a time), so memory stays at one image
+shard plus one caption block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from otcclip.models.ot import ot_scores_chunked
+from otcclip.models.progress import ProgressFn, StopFn, check_stop
+
+#: Loads a caption block: ``(local (n, L, d), mask (n, L) bool, global (n, d))``.
+BlockLoader = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CaptionBlock:
+    """Caption rows ``[start, stop)`` of the whole dataset and how to load their features."""
+
+    start: int
+    stop: int
+    load: BlockLoader
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Scores of shortlisted pairs; entries where the candidate index is -1 are NaN.
+
+    Attributes
+    ----------
+    global_, ot, fused : ndarray, shape (N, K), float32
+    """
+
+    global_: np.ndarray
+    ot: np.ndarray
+    fused: np.ndarray
+
+
+def fuse(global_: np.ndarray, ot: np.ndarray, alpha: float) -> np.ndarray:
+    """``alpha * global + (1 - alpha) * ot`` (elementwise, float32)."""
+    return (alpha * global_ + (1.0 - alpha) * ot).astype(np.float32)
+
+
+def score_shortlist(
+    image_local: torch.Tensor,
+    candidates: np.ndarray,
+    global_scores: np.ndarray,
+    blocks: Sequence[CaptionBlock],
+    *,
+    alpha: float = 0.5,
+    reg: float = 0.05,
+    max_iter: int = 100,
+    batch_size: int = 256,
+    marginals: str = "uniform",
+    image_global: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> PairScores:
+    """OT and fused scores for each image's shortlisted captions.
+
+    Parameters
+    ----------
+    image_local : Tensor, shape (N, P, d)
+        Image patch sets of this shard (fp16 or fp32).
+    candidates : ndarray, shape (N, K), int64
+        Global caption row per candidate, ``-1`` for none.
+    global_scores : ndarray, shape (N, K)
+        ``<g_i, t_j>`` for each candidate (from the shortlist).
+    blocks : sequence of CaptionBlock
+        Caption features covering every candidate row.
+    alpha, reg, max_iter, batch_size, marginals
+        Fusion weight and OT settings (``batch_size`` OT problems per solver call).
+    image_global : Tensor, shape (N, d), optional
+        Needed for ``marginals="relevance"``.
+    device
+        Where the OT runs.
+
+    Returns
+    -------
+    PairScores
+    """
+    n, kk = candidates.shape
+    ot = np.full((n, kk), np.nan, dtype=np.float32)
+    rows, cols = np.nonzero(candidates >= 0)
+    cand = candidates[rows, cols]
+    total, done = len(cand), 0
+    dev = torch.device(device)
+    for block in blocks:
+        sel = np.nonzero((cand >= block.start) & (cand < block.stop))[0]
+        if len(sel) == 0:
+            continue
+        cap_local, cap_mask, cap_global = block.load()
+        for s in range(0, len(sel), batch_size * 8):
+            check_stop(should_stop)
+            part = sel[s : s + batch_size * 8]
+            r = torch.from_numpy(rows[part])
+            c = torch.from_numpy(cand[part] - block.start)
+            x = image_local[r].to(dev)
+            y = cap_local[c].to(dev)
+            ym = cap_mask[c].to(dev)
+            length = int(ym.sum(dim=1).max().item())
+            y, ym = y[:, :length], ym[:, :length]
+            xg = image_global[r].to(dev) if image_global is not None else None
+            yg = cap_global[c].to(dev) if marginals == "relevance" else None
+            s_ot = ot_scores_chunked(
+                x, y, y_mask=ym, batch_size=batch_size, reg=reg, max_iter=max_iter,
+                marginals=marginals, x_global=xg, y_global=yg,
+            )
+            ot[rows[part], cols[part]] = s_ot.float().cpu().numpy()
+            done += len(part)
+            if progress is not None:
+                progress("ot", done, total)
+    if done != total:
+        raise ValueError(f"{total - done} shortlisted captions lie outside every caption block")
+    g = np.where(candidates >= 0, global_scores, np.nan).astype(np.float32)
+    return PairScores(global_=g, ot=ot, fused=fuse(g, ot, alpha))
