@@ -262,7 +262,7 @@ class OtcClip(Defence):
         from otcclip.models.sanitize import SanitizeConfig, sanitize_features
 
         img, txt = self.encode_all(local=True)
-        cfg = SanitizeConfig(**{"device": "cpu", **self.ctx.config.sanitize})
+        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": self.ctx.config.seed, **self.ctx.config.sanitize})
         decisions = sanitize_features(img, txt, config=cfg)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))
