@@ -1,0 +1,76 @@
+"""Fine-grained features: shapes, globals equal open_clip's encoders, EOT local equals global."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from otcclip.models.factory import ClipBundle
+from otcclip.models.features import image_features, pad_text_features, text_features
+
+CAPTIONS = ["a cat.", "a blurry photo of a small dog on the grass.", "two birds", "a red car"]
+
+
+def _images(b: ClipBundle, n: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, b.image_size, b.image_size, generator=g)
+
+
+def test_image_features_shapes_and_global(tiny_bundle: ClipBundle) -> None:
+    b = tiny_bundle
+    x = _images(b)
+    with torch.no_grad():
+        f = image_features(b.model, x)
+        ref = F.normalize(b.model.encode_image(x), dim=-1)
+    cfg = b.model_cfg["vision_cfg"]
+    patches = (cfg["image_size"] // cfg["patch_size"]) ** 2  # CLS token excluded
+    assert f.global_.shape == (3, b.model_cfg["embed_dim"])
+    assert f.local.shape == (3, patches, b.model_cfg["embed_dim"])
+    assert torch.allclose(f.global_, ref, atol=1e-5)
+    assert torch.allclose(f.local.norm(dim=-1), torch.ones(3, patches), atol=1e-5)
+    # patches carry per-image information: different images give different local sets
+    assert not torch.allclose(f.local[0], f.local[1])
+
+
+def test_text_features_mask_eot_and_global(tiny_bundle: ClipBundle) -> None:
+    b = tiny_bundle
+    tokens = b.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        t = text_features(b.model, tokens)
+        ref = F.normalize(b.model.encode_text(tokens), dim=-1)
+    eot = tokens.argmax(dim=-1)
+    n, length, d = t.local.shape
+    assert (n, d) == (len(CAPTIONS), b.model_cfg["embed_dim"]) and length == int(eot.max())
+    assert torch.allclose(t.global_, ref, atol=1e-5)
+    # positions 1..EOT are valid: SOT excluded, EOT included
+    assert t.mask.sum(dim=1).tolist() == eot.tolist()
+    for i in range(n):
+        k = int(eot[i])
+        assert torch.allclose(t.local[i, k - 1], t.global_[i], atol=1e-5)  # EOT token == global
+        assert torch.allclose(t.local[i, :k].norm(dim=-1), torch.ones(k), atol=1e-5)
+        assert t.local[i, k:].abs().sum() == 0 and not t.mask[i, k:].any()
+
+
+def test_pad_text_features_equals_joint_batch(tiny_bundle: ClipBundle) -> None:
+    b = tiny_bundle
+    with torch.no_grad():
+        joint = text_features(b.model, b.tokenizer(CAPTIONS))
+        parts = [text_features(b.model, b.tokenizer(CAPTIONS[:1])), text_features(b.model, b.tokenizer(CAPTIONS[1:]))]
+    assert parts[0].local.shape[1] < parts[1].local.shape[1]  # different lengths get padded
+    padded = pad_text_features(parts)
+    assert torch.equal(padded.mask, joint.mask)
+    assert torch.allclose(padded.local, joint.local, atol=1e-5)
+    assert torch.allclose(padded.global_, joint.global_, atol=1e-5)
+
+
+def test_features_are_differentiable(tiny_bundle: ClipBundle) -> None:
+    from otcclip.models.factory import create_model
+
+    b = create_model("otc-micro", seed=1)  # own copy: gradients must not touch the shared fixture
+    b.model.train()
+    fi = image_features(b.model, _images(b, 2))
+    ft = text_features(b.model, b.tokenizer(CAPTIONS[:2]))
+    loss = (fi.local.sum(dim=1) * ft.local.sum(dim=1)).sum()
+    loss.backward()
+    assert b.model.visual.conv1.weight.grad is not None and b.model.visual.conv1.weight.grad.abs().sum() > 0
+    assert b.model.token_embedding.weight.grad is not None and b.model.token_embedding.weight.grad.abs().sum() > 0
