@@ -41,6 +41,7 @@ from otcclip.models.images import (
     IMAGE_EXTENSIONS,
     ArchiveError,
     ArchiveLimits,
+    DirImageStore,
     ImageBatch,
     ImageStore,
     ShardImageStore,
@@ -504,15 +505,29 @@ def write_manifest(like: Manifest, table: pa.Table, out_path: str | Path) -> Pat
     For CSV/TSV/JSONL/Parquet the ``image`` column is written as is (paths relative to
     ``like``'s image root; read it back with ``images=`` if ``out_path`` is elsewhere). For
     WebDataset, ``out_path`` is a ``.tar`` file (one shard) or a directory (shards of
-    10,000 samples); images are copied from ``like.images`` and each row's caption, label
-    and extra columns become ``KEY.txt``, ``KEY.cls`` and ``KEY.<column>``.
+    10,000 samples); images are copied from ``like.images`` (references ``shard#member``)
+    or, for a plain relative path, from a file below ``out_path``'s directory (e.g. a
+    poisoned image written there first); each row's caption, label and extra columns
+    become ``KEY.txt``, ``KEY.cls`` and ``KEY.<column>``.
 
     Returns
     -------
     Path
         ``out_path``.
     """
-    return _write(like, table, Path(out_path), like.images.read_bytes)
+    out = Path(out_path)
+    if like.format != "webdataset":
+        return _write(like, table, out, like.images.read_bytes)
+    local: list[DirImageStore] = []
+
+    def image_bytes(ref: str) -> bytes:
+        if "#" in ref:
+            return like.images.read_bytes(ref)
+        if not local:  # a new image written beside the output (e.g. by poisoning)
+            local.append(DirImageStore(out.parent))
+        return local[0].read_bytes(ref)
+
+    return _write(like, table, out, image_bytes)
 
 
 def _write(like: Manifest, table: pa.Table, out: Path, image_bytes: Callable[[str], bytes]) -> Path:
@@ -557,8 +572,8 @@ def _write_shard(table: pa.Table, rows: range, tmp: Path, out: Path, image_bytes
             key = _wds_key(out, i + 1, cols["id"][j])
             ref = cols["image"][j]
             member = ref.partition("#")[2] if "#" in ref else ref
-            ext = _split_key(safe_relpath(member))[1].rsplit(".", 1)[-1] or "jpg"
             try:
+                ext = _split_key(safe_relpath(member))[1].rsplit(".", 1)[-1] or "jpg"
                 data = image_bytes(ref)
             except (FileNotFoundError, UnsafePath, OSError) as e:
                 raise ManifestError(out, i + 1, f"cannot copy image {ref!r}: {e}") from e

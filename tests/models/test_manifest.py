@@ -366,3 +366,18 @@ def test_manifest_validation_speed_many_rows(tmp_path: Path) -> None:
             w.writerow([f"x{i}", refs[i % 3], f"caption number {i}"])
     m = read_manifest(path)
     assert len(m) == 20_000 and m.ids[-1] == "x19999"
+
+
+def test_write_webdataset_picks_up_new_images_beside_output(tmp_path: Path) -> None:
+    m = read_manifest(_shard(tmp_path / "w.tar", _wds_samples()))
+    out = tmp_path / "poisoned"
+    (out / "poison").mkdir(parents=True)
+    (out / "poison" / "p.png").write_bytes(_png((5, 6, 7)))
+    table = m.table.set_column(1, "image", pa.array(["w.tar#s0000.png", "poison/p.png", "w.tar#s0002.png"]))
+    back = read_manifest(write_manifest(m, table, out / "w.tar"))
+    assert back.images.open(back.image_paths[1]).getpixel((0, 0)) == (5, 6, 7)
+    bad = m.table.set_column(1, "image", pa.array(["w.tar#s0000.png", "../escape.png", "w.tar#s0002.png"]))
+    with pytest.raises(ManifestError) as ei:
+        write_manifest(m, bad, out / "bad.tar")
+    assert ei.value.row == 2 and "escape" in ei.value.reason
+    assert not (out / "bad.tar").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
