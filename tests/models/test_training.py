@@ -102,3 +102,43 @@ def test_bad_config_is_rejected() -> None:
         TrainConfig(defense="magic")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.cifar
+def test_end_to_end_cli_poison_train_evaluate(cifar_zip: Path, tmp_path: Path) -> None:
+    """poison -> train (otcclip) -> evaluate through the CLI on a tiny CIFAR-10 slice."""
+    import pyarrow.parquet as pq
+
+    from otcclip.models.datasets import cifar10_manifest
+    from otcclip.service.cli import main
+
+    tr = cifar10_manifest(cifar_zip, tmp_path / "train", per_class=12, seed=0)
+    te = cifar10_manifest(cifar_zip, tmp_path / "test", split="test", per_class=4, seed=0)
+    pool = cifar10_manifest(cifar_zip, tmp_path / "pool", split="test", per_class=1, offset=4, seed=0)
+    pdir = tmp_path / "poisoned"
+    assert main([
+        "poison", str(tr), "--attack", "targeted", "--target-class", "truck", "--attack", "backdoor-patch",
+        "--target-class", "cat", "--n-poison", "8", "--targets-from", str(pool), "--out", str(pdir),
+    ]) == 0
+    truth = list(csv.DictReader((pdir / "poison_truth.csv").open()))
+    assert sum(r["poisoned"] == "1" for r in truth) == 16
+    run = tmp_path / "run"
+    assert main([
+        "train", str(pdir / "manifest.csv"), "--out", str(run), "--model", "otc-micro", "--defense", "otcclip",
+        "--epochs", "3", "--batch-size", "32", "--device", "cpu", "--warmup-epochs", "1", "--rematch-every", "1",
+        "--no-progress",
+    ]) == 0
+    dec = pq.read_table(run / "rematch" / "epoch_001" / "decisions.parquet").to_pydict()
+    assert len(dec["id"]) == len(truth) and set(dec["action"]) <= {"keep", "reassign", "drop"}
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "rematch" in metrics[1] and "inter" in metrics[0] and "intra" in metrics[0]
+    out = tmp_path / "eval.json"
+    assert main([
+        "evaluate", "--checkpoint", str(run / "final"), "--manifest", str(te), "--trigger", "patch",
+        "--poison-dir", str(pdir), "--out", str(out), "--device", "cpu",
+    ]) == 0
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["zero_shot_top1"] <= 1.0 and res["n_test"] == 40
+    assert res["targeted"]["n_targets"] == 1 and res["backdoor"][0]["target_class"] == "cat"
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--manifest", str(te), "--out", str(out)]) == 2
