@@ -46,6 +46,8 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+#: PIL decoders allowed (never EPS/PDF-like formats that call external programs).
+DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -115,7 +117,7 @@ def safe_relpath(ref: str) -> str:
 def decode_image(data: bytes, *, name: str = "image") -> Image.Image:
     """Decode ``data`` fully into an RGB image; raise :class:`UnreadableImage` on any failure."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
             im.load()
             return im.convert("RGB")
     except Image.DecompressionBombError as e:
@@ -289,7 +291,7 @@ class ZipImageStore(_Indexed):
             self._local.zf = zf
         try:
             return zf.read(self._entry(key))
-        except (zipfile.BadZipFile, zlib.error) as e:
+        except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
             raise OSError(f"{self.path}: member {key!r} is corrupt ({e})") from e
 
     def close(self) -> None:

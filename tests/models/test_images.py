@@ -91,6 +91,9 @@ def test_truncated_jpeg_is_unreadable(tmp_path: Path) -> None:
         decode_image(good[: len(good) // 2])
     with pytest.raises(UnreadableImage):
         decode_image(b"not an image at all")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(UnreadableImage):  # formats that would run external programs are refused
+        decode_image(eps)
 
 
 def test_load_images_marks_bad_rows(tmp_path: Path) -> None:
