@@ -1,0 +1,157 @@
+"""``/v1/datasets``: upload (streamed, capped, checksummed, validated), list, get, rows, delete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+
+from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, StorageDep
+from otcclip.service.api.uploads import UploadedFile, parse_upload
+from otcclip.service.core.config import Settings
+from otcclip.service.db import crud
+from otcclip.service.db.models import Dataset, new_id
+from otcclip.service.manifests import archive_limits, open_dataset
+from otcclip.service.schemas import DatasetList, DatasetOut, RowsOut
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".tar")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def _suffix(name: str, allowed: tuple[str, ...]) -> str | None:
+    low = name.lower()
+    return next((s for s in sorted(allowed, key=len, reverse=True) if low.endswith(s)), None)
+
+
+def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: UploadedFile | None) -> tuple[Any, dict[str, Any]]:
+    from otcclip.models.manifest import ManifestError, read_manifest
+
+    msuf = _suffix(manifest.filename, MANIFEST_SUFFIXES)
+    if msuf is None:
+        raise _unprocessable(f"{manifest.filename}: unknown manifest format (expected one of {', '.join(MANIFEST_SUFFIXES)})",
+                             file=manifest.filename)
+    mpath = ddir / f"manifest{msuf}"
+    os.replace(manifest.path, mpath)
+    ipath = None
+    if images is not None:
+        isuf = _suffix(images.filename, ARCHIVE_SUFFIXES)
+        if isuf is None:
+            raise _unprocessable(f"{images.filename}: images must be a .zip, .tar or .tar.gz archive", file=images.filename)
+        ipath = ddir / f"images{isuf}"
+        os.replace(images.path, ipath)
+    elif msuf != ".tar":
+        raise _unprocessable("form field 'images' is required: a zip or tar archive holding the manifest's images",
+                             file=manifest.filename)
+    names = {str(mpath): manifest.filename}
+    if ipath is not None and images is not None:
+        names[str(ipath)] = images.filename
+    try:
+        m = read_manifest(mpath, images=ipath, columns=("image",), limits=archive_limits(settings), check_images=True)
+    except ManifestError as e:
+        raise _unprocessable(
+            f"{names.get(e.file, Path(e.file).name)}{'' if e.row is None else f':row {e.row}'}: {_scrub(e.reason, names)}",
+            file=names.get(e.file, Path(e.file).name), row=e.row, reason=_scrub(e.reason, names),
+        ) from e
+    try:
+        cols = list(m.table.column_names)
+        if "caption" not in cols and "label" not in cols:
+            raise _unprocessable(f"{manifest.filename}: needs a 'caption' or 'label' column", file=manifest.filename)
+        info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath}
+    finally:
+        m.images.close()
+    return m, info
+
+
+def _scrub(text: str, names: dict[str, str]) -> str:
+    """Replace server-side paths in an engine message by the client's file names."""
+    for server, client in names.items():
+        text = text.replace(server, client)
+    return text
+
+
+def _unprocessable(message: str, **extra: Any) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": message, **extra})
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+async def upload_dataset(request: Request, response: Response, db: DbDep, owner: OwnerDep, settings: SettingsDep,
+                         storage: StorageDep) -> Any:
+    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive."""
+    dataset_id = new_id()
+    ddir = storage.dataset_dir(dataset_id)
+    ddir.mkdir(parents=True, exist_ok=True)
+    ok = False
+    try:
+        form = await parse_upload(request, ddir, file_fields=("manifest", "images"), max_bytes=settings.max_upload_bytes)
+        if "manifest" not in form.files:
+            form.cleanup()
+            raise _unprocessable("form field 'manifest' (a file) is required")
+        mf, imf = form.files["manifest"], form.files.get("images")
+        _, info = await run_in_threadpool(_validate, settings, ddir, mf, imf)
+        ds = Dataset(
+            id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:300],
+            format=info["format"], manifest_path=storage.rel(info["manifest"]),
+            images_path=storage.rel(info["images"]) if info["images"] else None, n_rows=info["n_rows"],
+            columns={"names": info["columns"]}, sha256=mf.sha256, images_sha256=imf.sha256 if imf else None,
+            size_bytes=mf.size + (imf.size if imf else 0),
+        )
+        db.add(ds)
+        db.flush()
+        ok = True
+        response.headers["Location"] = f"/v1/datasets/{dataset_id}"
+        return _out(ds)
+    finally:
+        if not ok:
+            shutil.rmtree(ddir, ignore_errors=True)
+
+
+def _out(ds: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=ds.id, name=ds.name, format=ds.format, n_rows=ds.n_rows, columns=list(ds.columns.get("names", [])),
+        sha256=ds.sha256, images_sha256=ds.images_sha256, size_bytes=ds.size_bytes, created_at=ds.created_at,
+    )
+
+
+def _get(db: Any, owner_id: str, dataset_id: str) -> Dataset:
+    ds = crud.get_dataset(db, owner_id, dataset_id)
+    if ds is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} not found")
+    return ds
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(db: DbDep, owner: OwnerDep, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> Any:
+    rows, total = crud.list_datasets(db, owner.id, offset=offset, limit=limit)
+    return DatasetList(total=total, offset=offset, limit=limit, items=[_out(r) for r in rows])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, db: DbDep, owner: OwnerDep) -> Any:
+    return _out(_get(db, owner.id, dataset_id))
+
+
+@router.get("/{dataset_id}/rows", response_model=RowsOut)
+def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: SettingsDep, storage: StorageDep,
+                 offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=1000)) -> Any:
+    ds = _get(db, owner.id, dataset_id)
+    m = open_dataset(settings, storage.root, ds)
+    try:
+        part = m.table.slice(offset, limit)
+        return RowsOut(total=len(m), offset=offset, limit=limit, columns=list(part.column_names), rows=part.to_pylist())
+    finally:
+        m.images.close()
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
+    ds = _get(db, owner.id, dataset_id)
+    db.delete(ds)
+    db.flush()
+    storage.remove(f"datasets/{dataset_id}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,126 @@
+"""``/v1/jobs``: create (202 + Location, Idempotency-Key), list, get, cancel, artifacts, metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from sqlalchemy.exc import IntegrityError
+
+from otcclip.service.api.deps import DbDep, OwnerDep
+from otcclip.service.db import crud
+from otcclip.service.db.models import Job
+from otcclip.service.schemas import (
+    ArtifactOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    MetricOut,
+    SettingsError,
+    validate_settings,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+RETRY_AFTER_S = 2
+
+
+def _accepted(response: Response, job: Job) -> JobOut:
+    response.status_code = status.HTTP_202_ACCEPTED
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JobOut.of(job)
+
+
+def _checkpoint_ok(db: Any, owner_id: str, artifact_id: str) -> None:
+    art = crud.get_artifact(db, owner_id, artifact_id)
+    if art is None or art.kind != "checkpoint":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"settings.checkpoint: {artifact_id!r} is not a checkpoint artifact of this API key")
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def create_job(body: JobCreate, request: Request, response: Response, db: DbDep, owner: OwnerDep,
+               idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
+    """Queue a job; with ``Idempotency-Key`` a retried POST returns the same job."""
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        prior = crud.job_by_idempotency(db, owner.id, idempotency_key)
+        if prior is not None:
+            if prior.request_hash != request_hash:
+                raise HTTPException(status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different request")
+            return _accepted(response, prior)
+    if crud.get_dataset(db, owner.id, body.dataset_id) is None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"dataset_id: dataset {body.dataset_id} not found")
+    try:
+        settings = validate_settings(body.kind, body.settings)
+    except SettingsError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": str(e), "errors": e.errors}) from e
+    if settings.get("checkpoint"):
+        _checkpoint_ok(db, owner.id, settings["checkpoint"])
+    job = Job(owner_id=owner.id, kind=body.kind, dataset_id=body.dataset_id, settings=settings,
+              idempotency_key=idempotency_key, request_hash=request_hash, stage="queued")
+    db.add(job)
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        prior = crud.job_by_idempotency(db, owner.id, idempotency_key or "")
+        if prior is None:
+            raise
+        return _accepted(response, prior)
+    from otcclip.workers.celery_app import ENTRY, enqueue
+
+    try:
+        enqueue(request.app.state.celery, ENTRY[job.kind], job.id)
+    except Exception as e:
+        log.exception("could not enqueue job %s", job.id)
+        crud.finish(db, job.id, "failed", error=f"broker unreachable: {e}")
+        db.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the job queue is unreachable: {e}") from e
+    return _accepted(response, job)
+
+
+def _get(db: Any, owner_id: str, job_id: str) -> Job:
+    job = crud.get_job(db, owner_id, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+@router.get("", response_model=JobList)
+def list_jobs(db: DbDep, owner: OwnerDep, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+              state: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$")) -> Any:
+    rows, total = crud.list_jobs(db, owner.id, offset=offset, limit=limit, state=state)
+    return JobList(total=total, offset=offset, limit=limit, items=[JobOut.of(j) for j in rows])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, response: Response, db: DbDep, owner: OwnerDep) -> Any:
+    job = _get(db, owner.id, job_id)
+    if job.state in ("queued", "running"):
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def cancel_job(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
+    """Cooperative cancel: queued jobs stop at once, running ones at their next check."""
+    job = _get(db, owner.id, job_id)
+    crud.request_cancel(db, job)
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+def job_artifacts(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
+    job = _get(db, owner.id, job_id)
+    return [ArtifactOut.model_validate(a) for a in crud.job_artifacts(db, job.id)]
+
+
+@router.get("/{job_id}/metrics", response_model=list[MetricOut])
+def job_metrics(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
+    job = _get(db, owner.id, job_id)
+    return [MetricOut(epoch=m.epoch, loss=m.loss, metrics=m.metrics) for m in crud.job_metrics(db, job.id)]

@@ -1,0 +1,154 @@
+"""Streaming multipart parsing: file parts go straight to storage, with a size cap.
+
+Starlette's ``request.form()`` spools whole files before the handler runs; this parser
+writes each part as it arrives and stops at the cap (413) without buffering.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fastapi import HTTPException, Request, status
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from otcclip.service.storage import HashingWriter, TooLarge
+
+MAX_FIELD_BYTES = 4096
+
+
+@dataclass
+class UploadedFile:
+    field: str
+    filename: str
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass
+class ParsedForm:
+    files: dict[str, UploadedFile] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def cleanup(self) -> None:
+        for f in self.files.values():
+            f.path.unlink(missing_ok=True)
+
+
+def client_filename(name: str) -> str:
+    """The last path component of a client-supplied file name (never used as a path)."""
+    base = PurePosixPath(name.replace("\\", "/")).name
+    return base.strip() or "upload"
+
+
+async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[str, ...], max_bytes: int) -> ParsedForm:
+    """Parse a ``multipart/form-data`` body into temporary files under ``tmp_dir``.
+
+    Raises HTTPException 413 past ``max_bytes`` (whole request), 422 for a malformed body
+    or unexpected file fields, 415 for another content type.
+    """
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "expected multipart/form-data with a boundary")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    form = ParsedForm()
+    state: dict[str, Any] = {"headers": {}, "hname": b"", "hval": b"", "writer": None, "fh": None, "buf": None}
+    errors: list[str] = []
+
+    def on_part_begin() -> None:
+        state.update(headers={}, hname=b"", hval=b"", writer=None, fh=None, buf=None, name=None, filename=None)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["hname"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["hval"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["hname"].lower()] = state["hval"]
+        state["hname"], state["hval"] = b"", b""
+
+    def on_headers_finished() -> None:
+        disp, dparams = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        name = dparams.get(b"name", b"").decode("utf-8", "replace")
+        filename = dparams.get(b"filename")
+        state["name"] = name
+        if filename is not None:
+            if name not in file_fields:
+                errors.append(f"unexpected file field {name!r} (expected {', '.join(file_fields)})")
+                return
+            if name in form.files:
+                errors.append(f"file field {name!r} given twice")
+                return
+            fd, tmp = tempfile.mkstemp(prefix=f".up-{name}-", dir=tmp_dir)
+            fh = os.fdopen(fd, "wb")
+            state["fh"] = fh
+            state["writer"] = HashingWriter(fh, max_bytes=None)
+            state["filename"] = client_filename(filename.decode("utf-8", "replace"))
+            state["tmp"] = Path(tmp)
+        else:
+            state["buf"] = bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["writer"] is not None:
+            state["writer"].write(data[start:end])
+        elif state["buf"] is not None:
+            state["buf"] += data[start:end]
+            if len(state["buf"]) > MAX_FIELD_BYTES:
+                errors.append(f"form field {state['name']!r} is longer than {MAX_FIELD_BYTES} bytes")
+                state["buf"] = None
+
+    def on_part_end() -> None:
+        w = state["writer"]
+        if w is not None:
+            state["fh"].close()
+            form.files[state["name"]] = UploadedFile(state["name"], state["filename"], state["tmp"], w.size, w.hash.hexdigest())
+        elif state["buf"] is not None and state.get("name"):
+            form.fields[state["name"]] = state["buf"].decode("utf-8", "replace")
+        state["writer"], state["fh"], state["buf"] = None, None, None
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        callbacks={  # type: ignore[arg-type]
+            "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+            "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        },
+    )
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise TooLarge(max_bytes)
+            parser.write(chunk)
+            if errors:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, errors[0])
+        parser.finalize()
+    except TooLarge as e:
+        _abort(state, form)
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(e)) from e
+    except HTTPException:
+        _abort(state, form)
+        raise
+    except Exception as e:  # malformed multipart
+        _abort(state, form)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"malformed multipart body: {e}") from e
+    if errors:
+        _abort(state, form)
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, errors[0])
+    return form
+
+
+def _abort(state: dict[str, Any], form: ParsedForm) -> None:
+    if state.get("fh") is not None:
+        state["fh"].close()
+        Path(state["tmp"]).unlink(missing_ok=True)
+    form.cleanup()

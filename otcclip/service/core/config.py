@@ -1,0 +1,105 @@
+"""Service settings (pydantic-settings, environment prefix ``OTCCLIP_``).
+
+With nothing configured the service is self-contained: SQLite and local storage under
+the data directory (``./.otcclip/`` or ``$OTCCLIP_DATA_DIR``) and an embedded Celery
+broker (kombu's ``filesystem://`` transport, which works across processes).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All service settings; every field reads ``OTCCLIP_<NAME>`` from the environment.
+
+    Attributes
+    ----------
+    data_dir : Path
+        Root of the embedded defaults (database, storage, broker folders).
+    database_url : str or None
+        SQLAlchemy URL; None -> ``sqlite:///<data_dir>/otcclip.db`` (WAL mode).
+    broker_url : str or None
+        Celery broker; None -> embedded ``filesystem://`` transport under ``data_dir``.
+    storage_dir : Path or None
+        Uploads and artifacts (a shared volume when distributed); None -> ``data_dir/storage``.
+    max_upload_bytes : int
+        Cap on one upload request (manifest + images); larger -> 413.
+    max_archive_total_bytes, max_archive_members, max_archive_member_bytes, max_archive_ratio
+        Zip-bomb guards applied when an uploaded archive is opened.
+    visibility_timeout_s : int
+        Redis visibility timeout; must exceed the longest task.
+    max_attempts : int
+        Deliveries of one task before the job is failed (worker lost each time).
+    progress_interval_s : float
+        Minimum seconds between progress writes to the job row.
+    stop_poll_interval_s : float
+        Minimum seconds between cancel checks against the job row.
+    worker_concurrency : int
+        Processes of the embedded worker.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="OTCCLIP_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".otcclip"))
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_dir: Path | None = None
+    max_upload_bytes: int = 2 << 30
+    max_archive_total_bytes: int = 16 << 30
+    max_archive_members: int = 2_000_000
+    max_archive_member_bytes: int = 64 << 20
+    max_archive_ratio: float = 100.0
+    visibility_timeout_s: int = 43_200
+    max_attempts: int = 3
+    progress_interval_s: float = 2.0
+    stop_poll_interval_s: float = 1.0
+    worker_concurrency: int = 1
+    default_page_size: int = 50
+
+    @property
+    def db_url(self) -> str:
+        """The effective database URL."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'otcclip.db').resolve()}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker is configured (the filesystem transport is used)."""
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded filesystem transport."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def storage_root(self) -> Path:
+        """Root of uploads and artifacts."""
+        return (self.storage_dir or self.data_dir / "storage").resolve()
+
+    def env(self) -> dict[str, str]:
+        """These settings as ``OTCCLIP_*`` environment variables (for child processes)."""
+        out: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            out[f"OTCCLIP_{name.upper()}"] = str(value)
+        out["OTCCLIP_DATA_DIR"] = str(self.data_dir.resolve())
+        out["OTCCLIP_DATABASE_URL"] = self.db_url
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment (cached; tests build :class:`Settings` directly)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Database: SQLAlchemy 2 tables (``models``), engine/session (``session``), queries (``crud``)."""
