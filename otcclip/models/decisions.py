@@ -100,6 +100,7 @@ class DecisionSettings:
     detectors: tuple[str, ...] = DETECTORS
     knn: int = 10
     dup_threshold: float = 0.97
+    dup_relative: float = 0.1
     burst_min: int = 5
     outlier_z: float = 4.0
     gmm_sample: int = 200_000
@@ -209,15 +210,19 @@ def _robust_z(x: np.ndarray) -> np.ndarray:
 
 
 def detect_image_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
-    """Near-duplicate images (cosine >= ``dup_threshold``) carrying >= ``burst_min``
-    distinct captions: the targeted-poisoning signature. Returns (N,) bool."""
+    """Near-duplicate images carrying >= ``burst_min`` distinct captions: the
+    targeted-poisoning signature. Near-duplicate: cosine >= ``dup_threshold`` and cosine
+    distance <= ``dup_relative`` x the median nearest-neighbour distance. Returns (N,) bool."""
     n = len(m)
     if n < st.burst_min:
         return np.zeros(n, dtype=bool)
     sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), st.seed)
+    # scale-free: a near-duplicate is also far closer than a typical nearest neighbour
+    typical = float(np.median(1.0 - sims[m.ok, 0])) if m.ok.any() else 0.0
+    thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
     flag = np.zeros(n, dtype=bool)
     for i in range(n):
-        dup = idx[i][sims[i] >= st.dup_threshold]
+        dup = idx[i][sims[i] >= thr]
         if len(dup) + 1 < st.burst_min:
             continue
         texts = set(m.caption_hash[dup].tolist()) | {int(m.caption_hash[i])}

@@ -81,7 +81,7 @@ class SanitizeConfig:
         Decision thresholds (see :mod:`otcclip.models.decisions`).
     exact_threshold, nprobe : int
         FAISS: exact index up to this many captions, IVF lists probed above.
-    knn, dup_threshold, burst_min, outlier_z : int, float, int, float
+    knn, dup_threshold, dup_relative, burst_min, outlier_z : int, float, float, int, float
         Detector settings.
     fp16_locals : bool
         Store local sets in float16 in feature shards.
@@ -103,6 +103,7 @@ class SanitizeConfig:
     nprobe: int = 16
     knn: int = 10
     dup_threshold: float = 0.97
+    dup_relative: float = 0.1
     burst_min: int = 5
     outlier_z: float = 4.0
     fp16_locals: bool = True
@@ -130,7 +131,7 @@ class SanitizeConfig:
     def decision_settings(self) -> DecisionSettings:
         return DecisionSettings(
             p_clean_threshold=self.p_clean_threshold, margin_z=self.margin_z, low_margin_z=self.low_margin_z,
-            detectors=self.detectors, knn=self.knn, dup_threshold=self.dup_threshold,
+            detectors=self.detectors, knn=self.knn, dup_threshold=self.dup_threshold, dup_relative=self.dup_relative,
             burst_min=self.burst_min, outlier_z=self.outlier_z, seed=self.seed,
         )
 

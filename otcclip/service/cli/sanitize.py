@@ -1,0 +1,109 @@
+"""``otcclip sanitize``: clean an image-caption manifest with OT caption re-assignment."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from otcclip.service.cli import CliError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "sanitize",
+        help="re-assign or drop poisoned image-caption pairs (OT matching)",
+        description=(
+            "Encode images and captions with a checkpoint, shortlist candidate captions with "
+            "FAISS, score them by global cosine + OT between patches and tokens, and write "
+            "the cleaned manifest, decisions.parquet, report.json and report.html to --out."
+        ),
+    )
+    p.add_argument("manifest", type=Path, help="csv/tsv/jsonl/parquet manifest or WebDataset .tar / dir")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (open_clip_config.json + weights)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--images", type=Path, default=None, help="image directory or .zip/.tar/.tar.gz archive (default: beside the manifest)")
+    p.add_argument("--k", type=int, default=32, help="shortlisted captions per image (default 32)")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the global cosine in the fused score (default 0.5)")
+    p.add_argument("--reg", type=float, default=0.05, help="entropic OT regularisation (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward / OT problems per solve")
+    p.add_argument("--shard-size", type=int, default=4096, help="pairs per feature shard")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--detectors", default="image_burst,density,caption_burst",
+                   help="comma-separated detectors to enable ('' for none)")
+    p.add_argument("--work-dir", type=Path, default=None, help="spill feature/score shards here (re-runs reuse them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from otcclip.models.sanitize import SanitizeConfig
+
+    dets = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
+    try:
+        return SanitizeConfig(k=args.k, alpha=args.alpha, reg=args.reg, batch_size=args.batch_size,
+                              shard_size=args.shard_size, device=args.device, detectors=dets)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not args.manifest.exists():
+        raise CliError(f"{args.manifest}: manifest not found")
+    if not (args.checkpoint / "open_clip_config.json").is_file():
+        raise CliError(f"{args.checkpoint}: not a checkpoint directory (no open_clip_config.json)")
+    if args.images is not None and not args.images.exists():
+        raise CliError(f"{args.images}: image directory or archive not found")
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"{args.out}: exists and is not a directory")
+
+    from tqdm import tqdm
+
+    from otcclip.models.checkpoint import load_checkpoint
+    from otcclip.models.factory import resolve_device
+    from otcclip.models.manifest import ManifestError, read_manifest
+    from otcclip.models.report import write_outputs
+    from otcclip.models.sanitize import sanitize
+
+    try:
+        device = resolve_device(config.device)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    try:
+        manifest = read_manifest(args.manifest, images=args.images)
+    except ManifestError as e:
+        raise CliError(str(e)) from e
+    if len(manifest) == 0:
+        raise CliError(f"{args.manifest}: no rows to sanitize")
+    try:
+        bundle = load_checkpoint(args.checkpoint, device=device)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CliError(f"{args.checkpoint}: cannot load checkpoint: {e}") from e
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if args.no_progress:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="pair", leave=True)
+        bar.n = done
+        bar.refresh()
+
+    t0 = time.perf_counter()
+    result = sanitize(manifest, bundle, config=config, work_dir=args.work_dir, progress=progress)
+    model_info = {"name": bundle.name, "checkpoint": str(args.checkpoint.resolve()),
+                  "embed_dim": bundle.model_cfg.get("embed_dim"), "device": str(device)}
+    files = write_outputs(manifest, result.decisions, args.out, config=config, model_info=model_info,
+                          timings=result.timings, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    secs = time.perf_counter() - t0
+    counts = result.decisions.counts()["action"]
+    print(f"{len(manifest)} pairs in {secs:.1f} s ({len(manifest) / max(secs, 1e-9):.1f} pairs/s): "
+          + ", ".join(f"{a} {n}" for a, n in counts.items()))
+    print(f"wrote {files.manifest}, {files.decisions.name}, {files.report_json.name}, {files.report_html.name} in {args.out}")
+    return 0
