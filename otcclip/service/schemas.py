@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Literal
 
@@ -57,6 +57,11 @@ class JobCreate(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+def _utc(t: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
 class Progress(BaseModel):
     done: int
     total: int
@@ -85,8 +90,8 @@ class JobOut(BaseModel):
             id=job.id, kind=job.kind, dataset_id=job.dataset_id, settings=job.settings, state=job.state,
             stage=job.stage, progress=Progress(done=job.progress_done, total=job.progress_total),
             attempts=job.attempts, cancel_requested=job.cancel_requested, error=job.error,
-            result=job.result, created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at, updated_at=job.updated_at,
+            result=job.result, created_at=_utc(job.created_at), started_at=_utc(job.started_at),
+            finished_at=_utc(job.finished_at), updated_at=_utc(job.updated_at),
         )
 
 

@@ -172,7 +172,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
         return max(0, size - n), size - 1
     start = int(a)
     end = int(b) if b else size - 1
-    if end < start:
+    if b and end < start:
         return None
     if start >= size:
         raise RangeNotSatisfiable(f"range starts at {start}, past the end of a {size}-byte file")

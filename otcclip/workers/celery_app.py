@@ -64,6 +64,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport.update(
             data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
             processed_folder=str(folder / "processed"), store_processed=False, control_folder=str(folder / "control"),
+            polling_interval=0.2,
         )
         conf["worker_enable_remote_control"] = False
         conf["broker_pool_limit"] = 1
