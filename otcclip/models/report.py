@@ -50,7 +50,7 @@ class OutputFiles:
     report_html: Path
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+def _atomic(path: Path, write: Callable[[str], object]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
