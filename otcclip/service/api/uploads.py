@@ -56,7 +56,7 @@ async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[st
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "expected multipart/form-data with a boundary")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes")
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"upload of {declared} bytes exceeds the size limit of {max_bytes} bytes")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     form = ParsedForm()
     state: dict[str, Any] = {"headers": {}, "hname": b"", "hval": b"", "writer": None, "fh": None, "buf": None}
