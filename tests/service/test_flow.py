@@ -1,0 +1,113 @@
+"""End to end through real HTTP with a real Celery worker: the embedded default
+(SQLite + filesystem transport) and PostgreSQL + Redis.
+
+upload -> sanitize -> poll -> download (ETag, Range); idempotent retry; train ->
+checkpoint (resumable download) -> sanitize with it; cancel; delete.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from otcclip.service.core.config import Settings
+from tests.service.conftest import SANITIZE, TRAIN, Api
+
+
+@pytest.fixture(scope="module")
+def pg_redis(pg_database: str, clean_redis: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from otcclip.service.embedded import run_service
+
+    root = tmp_path_factory.mktemp("pgredis")
+    settings = Settings(data_dir=root / "data", database_url=pg_database, broker_url=clean_redis,
+                        progress_interval_s=0.5, stop_poll_interval_s=0.2, visibility_timeout_s=3600)
+    with run_service(settings, worker_log=root / "worker.log") as svc:
+        yield svc
+
+
+@pytest.fixture(params=["embedded", pytest.param("pg_redis", marks=[pytest.mark.postgres, pytest.mark.redis])])
+def service(request: pytest.FixtureRequest) -> Any:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.slow
+def test_upload_sanitize_download(service, tiny_dataset):
+    api = Api(service.url, service.create_key("flow"))
+    r = api.upload(tiny_dataset["manifest"], tiny_dataset["images"])
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["n_rows"] == 40 and ds["format"] == "csv" and r.headers["location"] == f"/v1/datasets/{ds['id']}"
+    assert ds["sha256"] == hashlib.sha256(tiny_dataset["manifest"].read_bytes()).hexdigest()
+    rows = api.http.get(f"/v1/datasets/{ds['id']}/rows", params={"offset": 38, "limit": 5}).json()
+    assert rows["total"] == 40 and len(rows["rows"]) == 2 and set(rows["columns"]) >= {"image", "caption"}
+
+    r = api.job("sanitize", ds["id"], SANITIZE, **{"Idempotency-Key": "abc"})
+    assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}" and r.headers["retry-after"]
+    again = api.job("sanitize", ds["id"], SANITIZE, **{"Idempotency-Key": "abc"})
+    assert again.status_code == 202 and again.json()["id"] == r.json()["id"]
+    assert api.job("sanitize", ds["id"], {**SANITIZE, "k": 3}, **{"Idempotency-Key": "abc"}).status_code == 409
+    job = api.wait(r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == {"done": 40, "total": 40} and job["attempts"] == 1 and job["started_at"]
+    counts = job["result"]["counts"]["action"]
+    assert sum(counts.values()) == 40
+    listed = api.http.get("/v1/jobs", params={"limit": 1}).json()
+    assert listed["total"] >= 1 and len(listed["items"]) == 1
+
+    art = api.artifact(job["id"], "cleaned.csv")
+    full = api.http.get(f"/v1/artifacts/{art['id']}")
+    assert full.status_code == 200 and full.headers["etag"] == f'"{hashlib.sha256(full.content).hexdigest()}"'
+    cleaned = list(csv.DictReader(io.StringIO(full.text)))
+    assert len(cleaned) == counts["keep"] + counts["reassign"]
+    part = api.http.get(f"/v1/artifacts/{art['id']}", headers={"Range": "bytes=10-29"})
+    assert part.status_code == 206 and part.content == full.content[10:30]
+    assert part.headers["content-range"] == f"bytes 10-29/{len(full.content)}"
+    bad = api.http.get(f"/v1/artifacts/{art['id']}", headers={"Range": f"bytes={len(full.content)}-"})
+    assert bad.status_code == 416 and bad.headers["content-range"] == f"bytes */{len(full.content)}"
+    assert api.http.get(f"/v1/artifacts/{art['id']}", headers={"If-None-Match": full.headers["etag"]}).status_code == 304
+    names = {a["name"] for a in api.http.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert names == {"cleaned.csv", "decisions.parquet", "report.json", "report.html"}
+
+    assert api.http.delete(f"/v1/datasets/{ds['id']}").status_code == 204
+    assert api.http.get(f"/v1/datasets/{ds['id']}").status_code == 404
+
+
+@pytest.mark.slow
+def test_train_checkpoint_sanitize_and_cancel(service, tiny_dataset):
+    api = Api(service.url, service.create_key("train"))
+    ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
+    job = api.wait(api.job("train", ds, TRAIN).json()["id"], timeout=300)
+    assert job["state"] == "succeeded", job
+    metrics = api.http.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert [m["epoch"] for m in metrics] == [1] or len(metrics) == TRAIN["epochs"]
+    ckpt = api.artifact(job["id"], "checkpoint.tar")
+    assert ckpt["kind"] == "checkpoint" and job["result"]["artifacts"]["checkpoint"] == ckpt["id"]
+
+    # a resumable download: the first part, then the rest with If-Range
+    size = ckpt["size_bytes"]
+    head = api.http.get(f"/v1/artifacts/{ckpt['id']}", headers={"Range": f"bytes=0-{size // 2}"})
+    tail = api.http.get(f"/v1/artifacts/{ckpt['id']}",
+                        headers={"Range": f"bytes={size // 2 + 1}-", "If-Range": head.headers["etag"]})
+    assert head.status_code == tail.status_code == 206
+    blob = head.content + tail.content
+    assert hashlib.sha256(blob).hexdigest() == ckpt["sha256"]
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        assert {"checkpoint/open_clip_config.json", "checkpoint/open_clip_model.safetensors"} <= set(tar.getnames())
+
+    san = api.wait(api.job("sanitize", ds, {**SANITIZE, "checkpoint": ckpt["id"]}).json()["id"])
+    assert san["state"] == "succeeded", san
+    assert san["settings"]["checkpoint"] == ckpt["id"]
+
+    long = api.job("train", ds, {**TRAIN, "epochs": 200}).json()
+    api.wait(long["id"], states=("running", "succeeded", "failed", "cancelled"), timeout=120)
+    r = api.http.post(f"/v1/jobs/{long['id']}/cancel")
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    done = api.wait(long["id"], timeout=120)
+    assert done["state"] == "cancelled", done
+    assert api.http.post(f"/v1/jobs/{long['id']}/cancel").json()["state"] == "cancelled"
