@@ -11,8 +11,8 @@ keep      ``own_best`` (own caption scores best), ``clean_score`` (another capti
           higher, but not by an unusual margin, or the own score is clean-like)
 reassign  to the best shortlisted caption when that caption's score is clean-like (GMM)
           and: ``low_own_score`` (own score not clean-like and the margin best - own has
-          robust z > ``low_margin_z``), ``better_caption`` (margin robust z >
-          ``margin_z``), ``<detector>`` (a detector flagged the pair, any positive margin)
+          margin > ``low_margin_z`` robust std of the own scores), ``better_caption``
+          (margin > ``margin_z`` of them), ``<detector>`` (a detector flagged the pair, any positive margin)
 drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clean-like
           alternative), ``<detector>`` when a detector flagged it and nothing better exists
 """
@@ -305,11 +305,12 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
     any_flag = np.array([bool(s) for s in flag_names], dtype=bool)
     margin = best_f - own_f
+    # margins in units of the spread of own-pair scores (robust: MAD)
     zm = np.zeros(n)
     if m.ok.any():
-        med = np.median(margin[m.ok])
-        mad = np.median(np.abs(margin[m.ok] - med)) * 1.4826 + 1e-6
-        zm = (margin - med) / mad
+        o = own_f[m.ok & np.isfinite(own_f)]
+        scale = float(np.median(np.abs(o - np.median(o)))) * 1.4826 + 1e-6 if len(o) else 1.0
+        zm = margin / scale
     low = p_own < settings.p_clean_threshold
     alt = (best_col != 0) & (p_best >= settings.p_clean_threshold)
     wide = zm > settings.margin_z

@@ -100,7 +100,7 @@ class SanitizeConfig:
     margin_z: float = 3.0
     low_margin_z: float = 1.0
     exact_threshold: int = 100_000
-    nprobe: int = 16
+    nprobe: int = 32
     knn: int = 10
     dup_threshold: float = 0.97
     dup_relative: float = 0.1

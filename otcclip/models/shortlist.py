@@ -2,7 +2,7 @@
 
 Caption globals are L2-normalised, so inner product is cosine similarity. Below
 ``exact_threshold`` captions the index is exact (``IndexFlatIP``); above it an IVF index
-(``IndexIVFFlat``, inner product, ``nlist ~ 4 sqrt(N)``, ``nprobe`` lists searched) is
+(``IndexIVFFlat``, inner product, ``nlist ~ sqrt(N)``, ``nprobe`` lists searched) is
 trained on a sample. When faiss was built with GPU support and a GPU is visible the
 index is moved there.
 """
@@ -50,7 +50,7 @@ def build_index(
     *,
     exact_threshold: int = 100_000,
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int = 32,
     use_gpu: bool | None = None,
     seed: int = 0,
 ) -> faiss.Index:
@@ -63,7 +63,7 @@ def build_index(
     exact_threshold : int
         Up to this many captions the index is exact (``IndexFlatIP``); above, IVF.
     nlist, nprobe : int
-        IVF lists (default ``4 * sqrt(M)``) and lists searched per query.
+        IVF lists (default ``sqrt(M)``) and lists searched per query.
     use_gpu : bool or None
         None: on the GPU when :func:`gpu_available`.
 
@@ -79,7 +79,7 @@ def build_index(
     if m <= exact_threshold:
         index = faiss.IndexFlatIP(d)
     else:
-        nl = nlist or max(16, int(4 * math.sqrt(m)))
+        nl = nlist or max(16, int(math.sqrt(m)))
         quant = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
