@@ -1,0 +1,89 @@
+"""Outputs of a pass (cleaned manifest, decisions.parquet, report.json/html) and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from otcclip.models.checkpoint import save_checkpoint
+from otcclip.models.manifest import read_manifest
+from otcclip.models.report import write_outputs
+from otcclip.models.sanitize import SanitizeConfig, sanitize
+from otcclip.service.cli import main
+from tests.models.test_sanitize import make_manifest
+
+CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot_iters=30)
+
+
+def test_write_outputs(tmp_path: Path, tiny_bundle) -> None:
+    man = read_manifest(make_manifest(tmp_path))
+    res = sanitize(man, tiny_bundle, config=CFG)
+    d = res.decisions
+    # force one re-assignment so the caption replacement is exercised
+    d.action[0], d.new_caption_index[0] = "reassign", 1
+    files = write_outputs(man, d, tmp_path / "out", config=CFG, model_info={"name": "otc-micro"}, timings=res.timings)
+
+    cleaned = read_manifest(files.manifest, images=tmp_path)
+    assert files.manifest.name == "cleaned.csv"
+    keep = d.action != "drop"
+    assert len(cleaned) == int(keep.sum())
+    assert "source" in cleaned.table.column_names  # extra columns kept
+    assert cleaned.ids == [i for i, k in zip(man.ids, keep, strict=True) if k]
+    assert cleaned.captions[0] == man.captions[1]
+
+    tab = pq.read_table(files.decisions)
+    assert tab.num_rows == len(man)
+    for col in ("id", "action", "reason", "original_caption", "new_caption", "global_score", "ot_score",
+                "fused_score", "p_clean"):
+        assert col in tab.column_names
+    rows = tab.to_pylist()
+    assert rows[5]["action"] == "drop" and rows[5]["reason"] == "unreadable_image" and rows[5]["new_caption"] is None
+    assert rows[0]["new_caption"] == man.captions[1] and rows[0]["original_caption"] == man.captions[0]
+
+    rep = json.loads(files.report_json.read_text())
+    assert sum(rep["counts"]["action"].values()) == len(man)
+    assert rep["input"]["sha256"] == man.sha256
+    assert rep["settings"]["k"] == 4 and rep["model"]["name"] == "otc-micro"
+    assert {"torch", "POT", "numpy"} <= set(rep["versions"])
+    assert {"encode", "ot", "decide", "write"} <= set(rep["timings_s"])
+    page = files.report_html.read_text()
+    assert "<svg" in page and "data:image/jpeg;base64," in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_write_outputs_refuses_mismatched_decisions(tmp_path: Path, tiny_bundle) -> None:
+    man = read_manifest(make_manifest(tmp_path))
+    small = read_manifest(make_manifest(tmp_path / "small", n=6))
+    d = sanitize(small, tiny_bundle, config=CFG).decisions
+    with pytest.raises(ValueError, match="decisions for a manifest"):
+        write_outputs(man, d, tmp_path / "out", config=CFG, model_info={})
+    assert not (tmp_path / "out" / "decisions.parquet").exists()
+
+
+def test_cli_sanitize_end_to_end_and_bad_input(tmp_path: Path, tiny_bundle, capsys) -> None:
+    man = make_manifest(tmp_path / "data")
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(tiny_bundle, ckpt, meta={})
+    out = tmp_path / "out"
+    rc = main(["sanitize", str(man), "--checkpoint", str(ckpt), "--out", str(out), "--k", "4", "--batch-size", "8",
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    assert {"cleaned.csv", "decisions.parquet", "report.json", "report.html"} <= {p.name for p in out.iterdir()}
+    assert "pairs/s" in capsys.readouterr().out
+
+    def err(*argv: str) -> str:
+        assert main(["sanitize", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "manifest not found" in err(str(tmp_path / "nope.csv"), "--checkpoint", str(ckpt), "--out", str(out))
+    assert "not a checkpoint directory" in err(str(man), "--checkpoint", str(tmp_path), "--out", str(out))
+    assert "alpha" in err(str(man), "--checkpoint", str(ckpt), "--out", str(out), "--alpha", "3")
+    bad = tmp_path / "data" / "bad.csv"
+    bad.write_text("id,image\n1,img/000.jpg\n")
+    assert "caption" in err(str(bad), "--checkpoint", str(ckpt), "--out", str(out))
+    assert np.isfinite(pq.read_table(out / "decisions.parquet").column("p_clean").to_numpy()).all()

@@ -1,0 +1,127 @@
+"""The staged sanitization API on a tiny random model and a tiny on-disk manifest."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from otcclip.models.features import image_features, text_features
+from otcclip.models.manifest import read_manifest
+from otcclip.models.progress import Cancelled
+from otcclip.models.sanitize import (
+    FeatureShard,
+    SanitizeConfig,
+    ScoreShard,
+    decide,
+    encode_shard,
+    match_shard,
+    plan_shards,
+    sanitize,
+    sanitize_features,
+)
+
+CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot_iters=30)
+
+
+def make_manifest(root: Path, n: int = 24, *, broken: int = 5) -> Path:
+    """``n`` random 16 px images with captions of 3 classes; row ``broken`` is not a JPEG."""
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    names = ["cat", "dog", "ship"]
+    rows = []
+    for i in range(n):
+        path = root / "img" / f"{i:03d}.jpg"
+        if i == broken:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+        rows.append({"id": f"p{i}", "image": f"img/{i:03d}.jpg", "caption": f"a photo of a {names[i % 3]} number {i % 4}",
+                     "source": f"s{i}"})
+    out = root / "manifest.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def test_plan_shards() -> None:
+    assert plan_shards(25, 10) == [(0, 10), (10, 20), (20, 25)]
+    assert plan_shards(0, 10) == []
+    with pytest.raises(ValueError):
+        plan_shards(5, 0)
+
+
+def test_staged_equals_one_process_and_shards_round_trip(tmp_path: Path, tiny_bundle) -> None:
+    man = read_manifest(make_manifest(tmp_path))
+    shards = []
+    for s, e in plan_shards(len(man), CFG.shard_size):
+        sh = encode_shard(man, tiny_bundle, s, e, config=CFG)
+        path = sh.save(tmp_path / "work" / f"f{s}.pt")
+        shards.append(path)
+    loaded = FeatureShard.load(shards[0])
+    assert loaded.image_local.dtype == torch.float16 and loaded.caption_mask.dtype == torch.bool
+    assert not bool(loaded.ok[5]) and bool(loaded.ok[:5].all())
+    assert loaded.image_local[5].abs().sum() == 0
+    scores = []
+    for p in reversed(shards):  # any order
+        sc = match_shard(p, shards, config=CFG)
+        scores.append(ScoreShard.load(sc.save(tmp_path / "work" / f"s{sc.start}.npz")))
+    assert scores[0].scores.candidates.shape[1] == CFG.k + 1
+    assert (scores[-1].scores.candidates[:, 0] == np.arange(0, 10)).all()
+    staged = decide(scores, config=CFG)
+    whole = sanitize(man, tiny_bundle, config=CFG).decisions
+    assert len(staged) == len(man)
+    np.testing.assert_array_equal(staged.action, whole.action)
+    np.testing.assert_allclose(staged.fused_score, whole.fused_score, atol=1e-3)
+    assert staged.action[5] == "drop" and staged.reason[5] == "unreadable_image"
+    fin = np.isfinite(staged.fused_score)
+    expect = CFG.alpha * staged.global_score + (1 - CFG.alpha) * staged.ot_score
+    np.testing.assert_allclose(staged.fused_score[fin], expect[fin], atol=1e-5)
+    with pytest.raises(ValueError, match="contiguously"):
+        decide(scores[:1], config=CFG)
+
+
+def test_work_dir_reuse_progress_and_cancel(tmp_path: Path, tiny_bundle) -> None:
+    man = read_manifest(make_manifest(tmp_path))
+    calls: list[tuple[str, int, int]] = []
+    first = sanitize(man, tiny_bundle, config=CFG, work_dir=tmp_path / "w", progress=lambda *a: calls.append(a))
+    assert {c[0] for c in calls} >= {"encode", "match", "decide"}
+    assert calls[-1] == ("decide", len(man), len(man))
+    files = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert len([f for f in files if f.startswith("features_")]) == 3
+    assert not any(f.startswith(".") for f in files)
+    again = sanitize(man, tiny_bundle, config=CFG, work_dir=tmp_path / "w")
+    assert again.timings["encode"] == 0.0  # every shard was reused
+    np.testing.assert_array_equal(again.decisions.action, first.decisions.action)
+    with pytest.raises(Cancelled):
+        sanitize(man, tiny_bundle, config=CFG, should_stop=lambda: True)
+
+
+def test_sanitize_features_in_memory(tiny_bundle) -> None:
+    torch.manual_seed(0)
+    model = tiny_bundle.model.eval()
+    with torch.no_grad():
+        fi = image_features(model, torch.randn(12, 3, 16, 16))
+        ft = text_features(model, tiny_bundle.tokenizer([f"caption {i}" for i in range(12)]))
+    d = sanitize_features(fi, ft, config=SanitizeConfig(k=3, device="cpu", ot_iters=20))
+    tab = d.to_arrow()
+    assert tab.num_rows == 12
+    new = np.array(tab.column("new_caption_index").to_pylist())
+    act = np.array(tab.column("action").to_pylist())
+    assert ((new >= 0) == (act != "drop")).all() and (new < 12).all()
+    with pytest.raises(ValueError, match="captions"):
+        sanitize_features(fi, type(ft)(ft.global_[:5], ft.local[:5], ft.mask[:5]))
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        SanitizeConfig(alpha=2)
+    with pytest.raises(ValueError, match="unknown detectors"):
+        SanitizeConfig(detectors=("magic",))
+    assert SanitizeConfig(detectors=["density"]).to_dict()["detectors"] == ["density"]  # type: ignore[arg-type]
