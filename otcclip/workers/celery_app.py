@@ -68,6 +68,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         )
         conf["worker_enable_remote_control"] = False
         conf["broker_pool_limit"] = 1
+    transport.update(settings.broker_transport_extra)
     conf["broker_transport_options"] = transport
     conf["result_backend_transport_options"] = dict(transport)
     return conf

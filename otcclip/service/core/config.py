@@ -7,8 +7,10 @@ broker (kombu's ``filesystem://`` transport, which works across processes).
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
         Minimum seconds between cancel checks against the job row.
     worker_concurrency : int
         Processes of the embedded worker.
+    broker_transport_extra : dict
+        More kombu transport options (e.g. ``{"unacked_restore_interval": 10}`` for Redis),
+        JSON in ``OTCCLIP_BROKER_TRANSPORT_EXTRA``.
     """
 
     model_config = SettingsConfigDict(env_prefix="OTCCLIP_", extra="ignore")
@@ -60,6 +65,7 @@ class Settings(BaseSettings):
     stop_poll_interval_s: float = 1.0
     worker_concurrency: int = 1
     default_page_size: int = 50
+    broker_transport_extra: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def db_url(self) -> str:
@@ -93,7 +99,7 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            out[f"OTCCLIP_{name.upper()}"] = str(value)
+            out[f"OTCCLIP_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
         out["OTCCLIP_DATA_DIR"] = str(self.data_dir.resolve())
         out["OTCCLIP_DATABASE_URL"] = self.db_url
         return out
