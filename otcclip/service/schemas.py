@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -57,6 +57,10 @@ class JobCreate(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+@overload
+def _utc(t: datetime) -> datetime: ...
+@overload
+def _utc(t: None) -> None: ...
 def _utc(t: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; every stored time is UTC."""
     return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t

@@ -27,7 +27,7 @@ def artifact_meta(artifact_id: str, db: DbDep, owner: OwnerDep) -> Any:
     return ArtifactOut.model_validate(_artifact(db, owner.id, artifact_id))
 
 
-@router.api_route("/{artifact_id}", methods=["GET", "HEAD"])
+@router.get("/{artifact_id}", operation_id="download_artifact")
 def download(artifact_id: str, request: Request, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
     """The artifact's bytes; ``Range: bytes=a-b`` answers 206 (416 when out of range)."""
     art = _artifact(db, owner.id, artifact_id)
@@ -59,3 +59,6 @@ def download(artifact_id: str, request: Request, db: DbDep, owner: OwnerDep, sto
     if request.method == "HEAD" or length == 0:
         return Response(status_code=code, headers=headers, media_type=art.media_type)
     return StreamingResponse(iter_file(path, start, end), status_code=code, headers=headers, media_type=art.media_type)
+
+
+router.add_api_route("/{artifact_id}", download, methods=["HEAD"], operation_id="head_artifact")
