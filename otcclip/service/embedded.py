@@ -51,7 +51,7 @@ def start_worker(settings: Settings, *, queues: Sequence[str] = ("gpu", "cpu", "
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
+def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
     """Stop a child started by :func:`start_worker` (its whole process group)."""
     if proc.poll() is not None:
         return

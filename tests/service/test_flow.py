@@ -104,6 +104,11 @@ def test_train_checkpoint_sanitize_and_cancel(service, tiny_dataset):
     assert san["state"] == "succeeded", san
     assert san["settings"]["checkpoint"] == ckpt["id"]
 
+    ev = api.wait(api.job("evaluate", ds, {"checkpoint": ckpt["id"], "device": "cpu", "linear_probe": False}).json()["id"])
+    assert ev["state"] == "succeeded", ev
+    assert 0.0 <= ev["result"]["zero_shot_top1"] <= 1.0 and ev["result"]["n_test"] == 40
+    assert api.artifact(ev["id"], "eval.json")["kind"] == "evaluation"
+
     long = api.job("train", ds, {**TRAIN, "epochs": 200}).json()
     api.wait(long["id"], states=("running", "succeeded", "failed", "cancelled"), timeout=120)
     r = api.http.post(f"/v1/jobs/{long['id']}/cancel")
