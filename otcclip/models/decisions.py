@@ -99,6 +99,7 @@ class DecisionSettings:
     low_margin_z: float = 1.0
     detectors: tuple[str, ...] = DETECTORS
     knn: int = 10
+    exact_threshold: int = 20_000
     dup_threshold: float = 0.97
     dup_relative: float = 0.1
     burst_min: int = 5
@@ -190,12 +191,12 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
     return p_clean, info
 
 
-def _knn(vectors: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _knn(vectors: np.ndarray, k: int, seed: int, exact_threshold: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k))."""
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     kk = min(k + 1, len(v))
-    index = build_index(v, seed=seed)
+    index = build_index(v, seed=seed, exact_threshold=exact_threshold)
     sims, idx = index.search(v, kk)
     self_hit = idx == np.arange(len(v))[:, None]
     sims = np.where(self_hit, -np.inf, sims)
@@ -216,7 +217,7 @@ def detect_image_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     n = len(m)
     if n < st.burst_min:
         return np.zeros(n, dtype=bool)
-    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), st.seed)
+    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), st.seed, st.exact_threshold)
     # scale-free: a near-duplicate is also far closer than a typical nearest neighbour
     typical = float(np.median(1.0 - sims[m.ok, 0])) if m.ok.any() else 0.0
     thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
@@ -238,7 +239,7 @@ def detect_density(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
     joint = np.concatenate([m.image_global, m.caption_global], axis=1).astype(np.float32)
-    sims, _ = _knn(joint, st.knn, st.seed)
+    sims, _ = _knn(joint, st.knn, st.seed, st.exact_threshold)
     kdist = 1.0 - sims[:, -1]
     return _robust_z(kdist) > st.outlier_z
 

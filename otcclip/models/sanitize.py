@@ -99,7 +99,7 @@ class SanitizeConfig:
     p_clean_threshold: float = 0.5
     margin_z: float = 3.0
     low_margin_z: float = 1.0
-    exact_threshold: int = 100_000
+    exact_threshold: int = 20_000
     nprobe: int = 32
     knn: int = 10
     dup_threshold: float = 0.97
@@ -131,7 +131,7 @@ class SanitizeConfig:
     def decision_settings(self) -> DecisionSettings:
         return DecisionSettings(
             p_clean_threshold=self.p_clean_threshold, margin_z=self.margin_z, low_margin_z=self.low_margin_z,
-            detectors=self.detectors, knn=self.knn, dup_threshold=self.dup_threshold, dup_relative=self.dup_relative,
+            detectors=self.detectors, knn=self.knn, exact_threshold=self.exact_threshold, dup_threshold=self.dup_threshold, dup_relative=self.dup_relative,
             burst_min=self.burst_min, outlier_z=self.outlier_z, seed=self.seed,
         )
 

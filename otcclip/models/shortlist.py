@@ -48,7 +48,7 @@ def gpu_available() -> bool:
 def build_index(
     caption_globals: np.ndarray,
     *,
-    exact_threshold: int = 100_000,
+    exact_threshold: int = 20_000,
     nlist: int | None = None,
     nprobe: int = 32,
     use_gpu: bool | None = None,
