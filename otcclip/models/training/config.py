@@ -44,6 +44,11 @@ class TrainConfig:
     safe_threshold : float
         SafeCLIP: a pair is safe when the GMM posterior of the high-cosine component is at
         least this.
+    drop_reasons : tuple of str
+        otcclip: pairs the engine flags with one of these reason codes are dropped even when
+        it proposes a reassignment (a burst of one image under many captions is the
+        targeted-poisoning signature; any caption it is re-matched to comes from the same
+        poisoned neighbourhood).
     sanitize : dict
         Overrides for the engine's ``SanitizeConfig`` (otcclip re-matching).
     max_logit_scale : float
@@ -71,10 +76,11 @@ class TrainConfig:
     lam_intra: float = 0.1
     ot_reg: float = 0.05
     ot_iters: int = 50
-    intra_subsample: float = 0.25
+    intra_subsample: float = 0.125
     pool_fraction: float = 0.2
     unimodal_temperature: float = 0.1
     safe_threshold: float = 0.5
+    drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst")
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092
     cache_images_bytes: int = 4 << 30
