@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from otcclip.models.attacks import PoisonConfig, PoisonError, Trigger, apply_trigger, poison, poison_many
+from otcclip.models.attacks import (
+    PoisonConfig,
+    PoisonError,
+    Trigger,
+    apply_trigger,
+    poison,
+    poison_many,
+)
 
 
 @pytest.fixture(scope="module")

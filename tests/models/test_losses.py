@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from otcclip.models.training.losses import _sinkhorn_distance, clip_loss, nt_xent, ot_alignment_loss, ot_distances
+from otcclip.models.training.losses import (
+    _sinkhorn_distance,
+    clip_loss,
+    nt_xent,
+    ot_alignment_loss,
+    ot_distances,
+)
 
 
 def test_clip_loss_matched_and_mismatched() -> None:
