@@ -133,7 +133,7 @@ def run_one(name: str, manifest: Path, paths: dict[str, Path], work: Path, cfg: 
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = f"{'defence':<14}{'attack':<16}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}"
+    head = f"{'defence':<26}{'attack':<16}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
         ev, det = r["eval"], r["detection"]
@@ -144,7 +144,7 @@ def table(results: list[dict[str, Any]]) -> str:
             p = det.get("precision") if det and attack != "clean" else None
             rc = det.get(f"recall_{attack}") if det else None
             lines.append(
-                f"{r['name']:<14}{attack:<16}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
+                f"{r['name']:<26}{attack:<16}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
                 f"{'' if a is None or attack == 'clean' else f'{a*100:.1f}':>8}"
                 f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}"
             )
@@ -158,7 +158,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--defences", default=",".join(("clean",) + DEFENCES), help="subset to run, comma separated")
+    ap.add_argument(
+        "--defences", default=",".join(("clean",) + DEFENCES),
+        help="runs, comma separated; 'clean' = none on clean data; 'NAME:field=value' overrides TrainConfig fields",
+    )
     ap.add_argument("--per-class", type=int, default=None, help="override the training images per class")
     ap.add_argument("--epochs", type=int, default=None)
     args = ap.parse_args()
@@ -180,8 +183,10 @@ def main() -> int:
     for name in args.defences.split(","):
         if name == "clean":
             results.append(run_one("none (clean)", paths["train"], paths, work, base))
-        else:
-            results.append(run_one(name, paths["poisoned"], paths, work, replace(base, defense=name)))
+        else:  # "otcclip" or a variant such as "otcclip:warmup_epochs=1"
+            defense, *opts = name.split(":")
+            over = {k: type(getattr(base, k))(v) for k, v in (o.split("=") for o in opts)}
+            results.append(run_one(name, paths["poisoned"], paths, work, replace(base, defense=defense, **over)))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "
           f"({size.per_class * 10} train pairs, {size.test_per_class * 10} test, {size.model}, {size.epochs} epochs, seed {args.seed}), "

@@ -44,6 +44,10 @@ class TrainConfig:
     safe_threshold : float
         SafeCLIP: a pair is safe when the GMM posterior of the high-cosine component is at
         least this.
+    reassign : {"match", "drop"}
+        otcclip: train a pair the engine reassigns on its new caption (``match``, DESIGN
+        2.4) or only through ``L_intra`` (``drop``: safer while the model is too weak for
+        its re-matches to be right).
     drop_reasons : tuple of str
         otcclip: pairs the engine flags with one of these reason codes are dropped even when
         it proposes a reassignment (a burst of one image under many captions is the
@@ -80,6 +84,7 @@ class TrainConfig:
     pool_fraction: float = 0.2
     unimodal_temperature: float = 0.1
     safe_threshold: float = 0.5
+    reassign: str = "match"
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst")
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092
@@ -97,6 +102,8 @@ class TrainConfig:
             raise ValueError("warmup_epochs and lr_warmup_steps must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.reassign not in ("match", "drop"):
+            raise ValueError(f"reassign must be 'match' or 'drop', not {self.reassign!r}")
         if not 0.0 < self.pool_fraction <= 1.0:
             raise ValueError(f"pool_fraction must be in (0, 1], got {self.pool_fraction!r}")
         if not 0.0 <= self.intra_subsample <= 1.0:

@@ -265,10 +265,10 @@ class OtcClip(Defence):
         cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": self.ctx.config.seed, **self.ctx.config.sanitize})
         decisions = sanitize_features(img, txt, config=cfg)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
-        reasons = extra.get("reason")
-        if reasons is not None and self.ctx.config.drop_reasons:
+        reasons = extra.get("reason", [""] * self.ctx.n)
+        if self.ctx.config.drop_reasons or self.ctx.config.reassign == "drop":
             for i, r in enumerate(reasons):
-                if action[i] == "reassign" and str(r) in self.ctx.config.drop_reasons:
+                if action[i] == "reassign" and (self.ctx.config.reassign == "drop" or str(r) in self.ctx.config.drop_reasons):
                     action[i] = "drop"
                     new_idx[i] = -1
         self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))

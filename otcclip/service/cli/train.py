@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--rematch-every", type=int, default=None, help="K: re-match every K epochs")
     p.add_argument("--lam-inter", type=float, default=None)
     p.add_argument("--lam-intra", type=float, default=None)
+    p.add_argument("--reassign", choices=("match", "drop"), default=None, help="otcclip: train reassigned pairs on their new caption, or drop them")
     p.add_argument("--sanitize", default=None, help="JSON object of SanitizeConfig overrides (otcclip)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "seed": args.seed,
     }
-    for name in ("warmup_epochs", "rematch_every", "lam_inter", "lam_intra"):
+    for name in ("warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.sanitize:
