@@ -102,6 +102,8 @@ def test_bad_config_is_rejected() -> None:
         TrainConfig(defense="magic")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="reassign"):
+        TrainConfig(reassign="maybe")
 
 
 @pytest.mark.slow
