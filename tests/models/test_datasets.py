@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from otcclip.models.datasets import CIFAR10_CLASSES, DIGIT_CLASSES, cifar10_manifest, digits_manifest
+from otcclip.models.datasets import (
+    CIFAR10_CLASSES,
+    DIGIT_CLASSES,
+    cifar10_manifest,
+    digits_manifest,
+)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
