@@ -175,7 +175,7 @@ def digits_manifest(
     rows: list[dict[str, str]] = []
     for i in chosen:
         pixels = (digits.images[i] / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
-        img = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BILINEAR)
+        img = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.Resampling.BILINEAR)
         rel = f"images/{int(i):04d}.png"
         img.convert("RGB").save(out / rel)
         label = DIGIT_CLASSES[int(digits.target[i])]

@@ -10,6 +10,7 @@ Shapes: ``N`` items, ``P`` image patches (CLS excluded), ``L`` caption positions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +65,7 @@ def image_features(model: torch.nn.Module, images: torch.Tensor) -> ImageFeature
     -------
     ImageFeatures
     """
-    visual = model.visual  # type: ignore[attr-defined]
+    visual: Any = model.visual  # open_clip VisionTransformer internals
     x = visual._embeds(images)
     x = visual.transformer(x)
     pooled, tokens = visual._pool(x)
@@ -88,13 +89,13 @@ def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> TextFeatures:
     TextFeatures
         ``local`` and ``mask`` cover positions 1..max EOT in the batch.
     """
-    m = model
-    cast_dtype = m.transformer.get_cast_dtype()  # type: ignore[attr-defined]
-    x = m.token_embedding(tokens).to(cast_dtype)  # type: ignore[attr-defined]
-    x = x + m.positional_embedding.to(cast_dtype)  # type: ignore[attr-defined]
-    x = m.transformer(x, attn_mask=m.attn_mask)  # type: ignore[attr-defined]
-    x = m.ln_final(x)  # type: ignore[attr-defined]
-    proj = m.text_projection  # type: ignore[attr-defined]
+    m: Any = model  # open_clip CLIP text-tower internals
+    cast_dtype = m.transformer.get_cast_dtype()
+    x = m.token_embedding(tokens).to(cast_dtype)
+    x = x + m.positional_embedding.to(cast_dtype)
+    x = m.transformer(x, attn_mask=m.attn_mask)
+    x = m.ln_final(x)
+    proj = m.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
     eot = tokens.argmax(dim=-1)  # (N,) EOT has the largest id in open_clip's vocab
