@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _run(args: argparse.Namespace) -> int:
     import logging
 
-    for noisy in ("httpx", "otcclip", "uvicorn", "celery"):
+    for noisy in ("httpx", "otcclip", "uvicorn", "celery", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="otcclip-demo-"))
     work.mkdir(parents=True, exist_ok=True)
