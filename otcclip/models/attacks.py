@@ -9,7 +9,7 @@
 :func:`poison` writes, in ``out_dir``: the poisoned manifest (input format where the IO
 module is available, else CSV) whose new images lie under ``out_dir/poison/``,
 ``poison_truth.csv`` (``id, poisoned, attack, target_class`` for every row),
-``trigger-<attack>.json`` + ``.npy`` for each backdoor, the clean images (hard links
+``trigger-<attack>.json`` (self-contained: the noise is inline) for each backdoor, the clean images (hard links
 or copies at their original relative paths, so the set is self-contained), and ``targets.csv`` (``id, image,
 label, target_class``) for targeted attacks, which ``evaluate`` reads. Several attacks,
 each with its own target class, can be planted in one set with :func:`poison_many`.
@@ -122,20 +122,27 @@ class Trigger:
     alpha: float = 0.2
 
     def save(self, json_path: Path) -> Path:
-        npy = json_path.with_suffix(".npy")
-        np.save(npy, self.noise)
-        meta = {k: v for k, v in asdict(self).items() if k != "noise"}
-        json_path.write_text(json.dumps({**meta, "noise": npy.name}, indent=2))
+        """Write the trigger as one self-contained JSON file (the noise inline as uint8 lists),
+        so it can travel as a job setting or be copied anywhere."""
+        json_path.write_text(json.dumps(self.to_dict()))
         return json_path
+
+    def to_dict(self) -> dict[str, Any]:
+        meta = {k: v for k, v in asdict(self).items() if k != "noise"}
+        return {**meta, "noise": self.noise.astype(np.uint8).tolist()}
 
     @classmethod
     def load(cls, json_path: str | Path) -> Trigger:
         p = Path(json_path)
         try:
             meta = json.loads(p.read_text())
-            noise = np.load(p.parent / meta.pop("noise"))
+            raw = meta.pop("noise")
+            # Inline noise (current format) or the name of a .npy beside the file (older runs).
+            noise = np.asarray(raw, dtype=np.uint8) if isinstance(raw, list) else np.load(p.parent / raw)
+            if noise.ndim != 3 or noise.shape[2] != 3:
+                raise ValueError(f"noise must have shape (h, w, 3), got {noise.shape}")
             return cls(noise=noise.astype(np.uint8), **meta)
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
             raise PoisonError(f"{p}: not a trigger file: {e}") from e
 
 

@@ -147,3 +147,19 @@ def test_apply_trigger_patch_location_varies() -> None:
     spots = {tuple(np.argwhere(apply_trigger(img, trig, rng)[..., 0] > 0).min(0)) for _ in range(20)}
     assert len(spots) > 3
     assert (apply_trigger(img, trig, rng) > 0).all(-1).sum() == 16
+
+
+def test_trigger_file_is_self_contained(clean: Path, tmp_path: Path) -> None:
+    """The trigger JSON alone (e.g. sent as an evaluate job setting) reproduces the trigger."""
+    res = poison(clean, tmp_path / "s", config=PoisonConfig("backdoor-patch", "two", rate=0.05))
+    assert res.trigger_path is not None
+    original = Trigger.load(res.trigger_path)
+    moved = tmp_path / "elsewhere" / "t.json"
+    moved.parent.mkdir()
+    moved.write_text(res.trigger_path.read_text())
+    copy = Trigger.load(moved)
+    assert np.array_equal(copy.noise, original.noise) and copy.kind == "patch" and copy.target_class == "two"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"attack": "backdoor-patch", "target_class": "two", "kind": "patch", "noise": [1, 2]}')
+    with pytest.raises(PoisonError, match="not a trigger file"):
+        Trigger.load(bad)

@@ -104,9 +104,21 @@ def test_train_checkpoint_sanitize_and_cancel(service, tiny_dataset):
     assert san["state"] == "succeeded", san
     assert san["settings"]["checkpoint"] == ckpt["id"]
 
-    ev = api.wait(api.job("evaluate", ds, {"checkpoint": ckpt["id"], "device": "cpu", "linear_probe": False}).json()["id"])
+    # the trigger file of `otcclip poison` travels as a setting (its noise is inline)
+    import numpy as np
+
+    from otcclip.models.attacks import Trigger
+
+    with open(tiny_dataset["manifest"], newline="") as f:
+        target = next(csv.DictReader(f))["label"]
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    trigger = Trigger("backdoor-patch", target, "patch", noise, patch_frac=0.25).to_dict()
+    ev = api.wait(api.job("evaluate", ds, {"checkpoint": ckpt["id"], "device": "cpu", "linear_probe": False,
+                                           "trigger": trigger}).json()["id"])
     assert ev["state"] == "succeeded", ev
     assert 0.0 <= ev["result"]["zero_shot_top1"] <= 1.0 and ev["result"]["n_test"] == 40
+    (bd,) = ev["result"]["backdoor"]
+    assert bd["target_class"] == target and 0.0 <= bd["asr"] <= 1.0
     assert api.artifact(ev["id"], "eval.json")["kind"] == "evaluation"
 
     long = api.job("train", ds, {**TRAIN, "epochs": 200}).json()
