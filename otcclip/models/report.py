@@ -18,11 +18,8 @@ import base64
 import html
 import io
 import json
-import os
 import platform
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from otcclip.models.atomic import atomic_write
 from otcclip.models.decisions import ACTIONS, Decisions
 from otcclip.models.progress import ProgressFn
 
@@ -48,18 +46,6 @@ class OutputFiles:
     decisions: Path
     report_json: Path
     report_html: Path
-
-
-def _atomic(path: Path, write: Callable[[str], object]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def library_versions() -> dict[str, str]:
@@ -285,7 +271,7 @@ def write_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtab = decisions_table(manifest, decisions)
-    dec_path = _atomic(out / "decisions.parquet", lambda t: pq.write_table(dtab, t))
+    dec_path = atomic_write(out / "decisions.parquet", lambda t: pq.write_table(dtab, t))
     if progress is not None:
         progress("write", 1, 4)
     man_path = write_manifest(manifest, cleaned_table(manifest, decisions), out / cleaned_name(manifest))
@@ -294,13 +280,13 @@ def write_outputs(
     tim = dict(timings or {})
     report = build_report(manifest, decisions, config=config, model_info=model_info, timings=tim)
     page = render_html(manifest, decisions, report, examples=examples, seed=int(getattr(config, "seed", 0)))
-    html_path = _atomic(out / "report.html", lambda t: Path(t).write_text(page, encoding="utf-8"))
+    html_path = atomic_write(out / "report.html", lambda t: Path(t).write_text(page, encoding="utf-8"))
     if progress is not None:
         progress("write", 3, 4)
     tim["write"] = time.perf_counter() - t0
     report["timings_s"] = tim
     text = json.dumps(report, indent=2, default=str)
-    json_path = _atomic(out / "report.json", lambda t: Path(t).write_text(text, encoding="utf-8"))
+    json_path = atomic_write(out / "report.json", lambda t: Path(t).write_text(text, encoding="utf-8"))
     if progress is not None:
         progress("write", 4, 4)
     return OutputFiles(manifest=man_path, decisions=dec_path, report_json=json_path, report_html=html_path)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from otcclip.models.atomic import atomic_write
 from otcclip.models.decisions import (
     DETECTORS,
     Decisions,
@@ -147,20 +146,6 @@ def caption_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
-def _atomic_save(path: Path, write: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 @dataclass(frozen=True)
 class FeatureShard:
     """Features of manifest rows ``[start, stop)``.
@@ -197,7 +182,7 @@ class FeatureShard:
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename) with ``torch.save``."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return _atomic_save(Path(path), lambda tmp: torch.save(data, tmp))
+        return atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
 
     @staticmethod
     def load(path: str | Path, *, mmap: bool = True) -> FeatureShard:
@@ -225,7 +210,7 @@ class ScoreShard:
             with open(tmp, "wb") as f:
                 np.savez(f, _meta=meta, _tnames=tnames, _tvals=tvals, **arrays)
 
-        return _atomic_save(Path(path), write)
+        return atomic_write(Path(path), write)
 
     @staticmethod
     def load(path: str | Path) -> ScoreShard:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.ot import ot_distance
+
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE.
@@ -59,32 +61,6 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, *, temperature: float = 0.1) -> to
     return F.cross_entropy(sim, targets)
 
 
-def _sinkhorn_distance(
-    x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None, y_mask: torch.Tensor | None, reg: float, iters: int
-) -> torch.Tensor:
-    """Fallback batched log-domain Sinkhorn: ``<T*, C>`` with ``C = 1 - x y^T``; plan detached."""
-    cost = 1.0 - x @ y.transpose(1, 2)  # (B, P, L)
-    b, p, length = cost.shape
-    xm = torch.ones(b, p, dtype=torch.bool, device=x.device) if x_mask is None else x_mask
-    ym = torch.ones(b, length, dtype=torch.bool, device=x.device) if y_mask is None else y_mask
-    a = xm.float() / xm.float().sum(1, keepdim=True).clamp_min(1)
-    bb = ym.float() / ym.float().sum(1, keepdim=True).clamp_min(1)
-    with torch.no_grad():
-        c = cost.detach()
-        la = torch.log(a.clamp_min(1e-30))
-        lb = torch.log(bb.clamp_min(1e-30))
-        f = torch.zeros_like(a)
-        g = torch.zeros_like(bb)
-        neg = (~xm[:, :, None]) | (~ym[:, None, :])
-        for _ in range(iters):
-            m = (g[:, None, :] - c) / reg
-            f = reg * (la - torch.logsumexp(m.masked_fill(neg, -1e9), dim=2))
-            m = (f[:, :, None] - c) / reg
-            g = reg * (lb - torch.logsumexp(m.masked_fill(neg, -1e9), dim=1))
-        plan = torch.exp((f[:, :, None] + g[:, None, :] - c) / reg).masked_fill(neg, 0.0)
-    return (plan * cost).sum(dim=(1, 2))
-
-
 def ot_distances(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -107,10 +83,6 @@ def ot_distances(
     """
     if x.shape[0] == 0:
         return x.sum(dim=(1, 2)) * 0.0
-    try:
-        from otcclip.models.ot import ot_distance
-    except ImportError:
-        return _sinkhorn_distance(x, y, x_mask, y_mask, reg, iters)
     res = ot_distance(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, max_iter=iters)
     return res.distance
 
