@@ -19,7 +19,6 @@ import io
 import json
 import shutil
 import tarfile
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -33,7 +32,8 @@ BACKDOOR_CLASS = "zero"
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="poison digits, sanitize and train through the running API, print before/after")
-    p.add_argument("--work-dir", type=Path, default=None, help="keep everything here (default: a temp dir, removed)")
+    p.add_argument("--work-dir", type=Path, default=Path(".otcclip/demo"),
+                   help="where data, service state and downloads go; emptied first (default .otcclip/demo)")
     p.add_argument("--model", default="otc-micro", help="model preset (default otc-micro, 16 px)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -45,13 +45,13 @@ def _run(args: argparse.Namespace) -> int:
 
     for noisy in ("httpx", "otcclip", "uvicorn", "celery", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="otcclip-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        run_demo(work, model=args.model, epochs=args.epochs, seed=args.seed)
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
+    work = args.work_dir.resolve()
+    if work.exists():
+        if not (work / "digits-train").exists() and any(work.iterdir()):
+            raise CliError(f"{work} exists and is not a previous demo directory; pick another --work-dir")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    run_demo(work, model=args.model, epochs=args.epochs, seed=args.seed)
     return 0
 
 
