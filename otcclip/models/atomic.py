@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,4 +24,21 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def replace_dir(staged: str | Path, path: str | Path) -> Path:
+    """Move the fully written directory ``staged`` to ``path``, replacing any old one.
+
+    ``staged`` must be on the same filesystem (create it beside ``path``). Readers see the
+    old directory or the new one, never a half-written mix; the old one is removed after.
+    """
+    staged, path = Path(staged), Path(path)
+    if path.exists():
+        graveyard = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.replace(path, graveyard / "old")
+        os.replace(staged, path)
+        shutil.rmtree(graveyard, ignore_errors=True)
+    else:
+        os.replace(staged, path)
     return path

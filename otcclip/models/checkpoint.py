@@ -12,7 +12,6 @@ Writes are atomic: the directory appears complete or not at all.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from otcclip.models.atomic import replace_dir
 from otcclip.models.factory import ClipBundle, _bundle, create_model, resolve_device
 
 CONFIG_NAME = "open_clip_config.json"
@@ -55,13 +55,7 @@ def save_checkpoint(bundle: ClipBundle, path: str | Path, *, meta: dict[str, Any
             "otcclip": {"model_name": bundle.name, **(meta or {})},
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.rename(path, old / "x")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ from varied templates so that caption token sets differ between pairs of one cla
 from __future__ import annotations
 
 import csv
-import os
 import random
 import zipfile
 from collections.abc import Sequence
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from otcclip.models.atomic import atomic_write
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -64,13 +65,13 @@ def make_caption(label: str, rng: random.Random, *, templates: Sequence[str] = C
 
 
 def _write_manifest(rows: list[dict[str, str]], path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["id", "image", "caption", "label"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "image", "caption", "label"])
+            w.writeheader()
+            w.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def cifar10_manifest(

@@ -36,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from otcclip.models.atomic import atomic_write, replace_dir
 from otcclip.models.images import (
     DEFAULT_LIMITS,
     IMAGE_EXTENSIONS,
@@ -462,16 +463,7 @@ def _read_webdataset(
 
 
 def _atomic_file(out: Path, write: Callable[[Path], None]) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda tmp: write(Path(tmp)))
 
 
 def _cell(v: Any) -> str:
@@ -598,13 +590,7 @@ def _write_webdataset(table: pa.Table, out: Path, image_bytes: Callable[[str], b
         for s, start in enumerate(range(0, max(n, 1), shard_size)):
             shard = tmpdir / f"shard-{s:06d}.tar"
             _write_shard(table, range(start, min(n, start + shard_size)), shard, out, image_bytes)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmpdir, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmpdir, out)
+        replace_dir(tmpdir, out)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise

@@ -18,17 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 
+from otcclip.models.atomic import atomic_write
 from otcclip.models.checkpoint import save_checkpoint
 from otcclip.models.factory import create_model, resolve_device
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
@@ -77,9 +78,8 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _atomic_json_lines(path: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def train(
@@ -216,9 +216,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "defence": defence.state_dict(),
             }
-            tmp = ck_dir / f".{STATE_NAME}.tmp"
-            torch.save(st, tmp)
-            os.replace(tmp, ck_dir / STATE_NAME)
+            atomic_write(ck_dir / STATE_NAME, partial(torch.save, st))
         with metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         log.info("epoch %d/%d %s", done, config.epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
