@@ -128,11 +128,9 @@ class SanitizeConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     def decision_settings(self) -> DecisionSettings:
-        return DecisionSettings(
-            p_clean_threshold=self.p_clean_threshold, margin_z=self.margin_z, low_margin_z=self.low_margin_z,
-            detectors=self.detectors, knn=self.knn, exact_threshold=self.exact_threshold, dup_threshold=self.dup_threshold, dup_relative=self.dup_relative,
-            burst_min=self.burst_min, outlier_z=self.outlier_z, seed=self.seed,
-        )
+        """The decision thresholds this config mirrors (fields of the same name)."""
+        shared = {f.name for f in fields(DecisionSettings)} & {f.name for f in fields(self)}
+        return DecisionSettings(**{name: getattr(self, name) for name in shared})
 
 
 def _device(name: str) -> torch.device:
