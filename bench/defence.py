@@ -151,6 +151,25 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _overrides(base: TrainConfig, opts: list[str]) -> dict[str, Any]:
+    """``field=value`` -> TrainConfig fields; ``sanitize.field=value`` -> the engine's settings."""
+    from otcclip.models.sanitize import SanitizeConfig
+
+    over: dict[str, Any] = {}
+    san: dict[str, Any] = dict(base.sanitize)
+    for key, value in (o.split("=", 1) for o in opts):
+        if key.startswith("sanitize."):
+            field = key.split(".", 1)[1]
+            kind = type(getattr(SanitizeConfig(), field))
+            san[field] = tuple(v for v in value.split("+") if v) if kind is tuple else kind(value)
+        else:
+            kind = type(getattr(base, key))
+            over[key] = tuple(v for v in value.split("+") if v) if kind is tuple else kind(value)
+    if san:
+        over["sanitize"] = san
+    return over
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU size")
@@ -160,7 +179,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--defences", default=",".join(("clean",) + DEFENCES),
-        help="runs, comma separated; 'clean' = none on clean data; 'NAME:field=value' overrides TrainConfig fields",
+        help="runs, comma separated; 'clean' = none on clean data; 'NAME:field=value' overrides TrainConfig fields, 'NAME:sanitize.field=value' the engine's (tuples joined by '+')",
     )
     ap.add_argument("--per-class", type=int, default=None, help="override the training images per class")
     ap.add_argument("--epochs", type=int, default=None)
@@ -185,7 +204,7 @@ def main() -> int:
             results.append(run_one("none (clean)", paths["train"], paths, work, base))
         else:  # "otcclip" or a variant such as "otcclip:warmup_epochs=1"
             defense, *opts = name.split(":")
-            over = {k: type(getattr(base, k))(v) for k, v in (o.split("=") for o in opts)}
+            over = _overrides(base, opts)
             results.append(run_one(name, paths["poisoned"], paths, work, replace(base, defense=defense, **over)))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "

@@ -14,7 +14,9 @@ reassign  to the best shortlisted caption when that caption's score is clean-lik
           margin > ``low_margin_z`` robust std of the own scores), ``better_caption``
           (margin > ``margin_z`` of them), ``<detector>`` (a detector flagged the pair, any positive margin)
 drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clean-like
-          alternative), ``<detector>`` when a detector flagged it and nothing better exists
+          alternative), ``<detector>`` when a detector flagged it and nothing better exists,
+          and always ``trigger_sensitivity``: the pair's score rests on a trigger, so the
+          captions the image scores best with are the trigger's as well
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from otcclip.models.shortlist import build_index
 log = logging.getLogger(__name__)
 
 ACTIONS = ("keep", "reassign", "drop")
-DETECTORS = ("image_burst", "density", "caption_burst")
+DETECTORS = ("image_burst", "density", "caption_burst", "trigger_sensitivity")
+#: Detectors whose flagged pairs are dropped even when a clean-like alternative exists.
+DROP_DETECTORS = ("trigger_sensitivity",)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class MatchScores:
         Own-caption globals (for the detectors).
     caption_hash : ndarray, shape (N,), int64
         Hash of each own caption's text (caption bursts).
+    purified_own : ndarray, shape (N,), float32, optional
+        Own-caption global score of the low-passed image (trigger sensitivity); None when
+        the features were extracted without the purified view.
     """
 
     candidates: np.ndarray
@@ -63,6 +70,7 @@ class MatchScores:
     image_global: np.ndarray
     caption_global: np.ndarray
     caption_hash: np.ndarray
+    purified_own: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.candidates.shape[0])
@@ -87,6 +95,10 @@ class MatchScores:
             image_global=np.concatenate([p.image_global for p in parts]),
             caption_global=np.concatenate([p.caption_global for p in parts]),
             caption_hash=np.concatenate([p.caption_hash for p in parts]),
+            purified_own=(
+                np.concatenate([p.purified_own for p in parts])
+                if all(p.purified_own is not None for p in parts) else None
+            ),
         )
 
 
@@ -104,6 +116,7 @@ class DecisionSettings:
     dup_relative: float = 0.1
     burst_min: int = 5
     outlier_z: float = 4.0
+    sensitivity_z: float = 3.0
     gmm_sample: int = 200_000
     seed: int = 0
 
@@ -261,10 +274,32 @@ def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     return flag
 
 
+def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Pairs whose own-caption score collapses when the image is low-passed: the score
+    rests on high-frequency content (a noise trigger), not on what the image shows.
+    Robust z of ``score(image) - score(low-passed image)`` over readable pairs >
+    ``sensitivity_z``. Needs ``m.purified_own``; without it nothing is flagged."""
+    n = len(m)
+    flag = np.zeros(n, dtype=bool)
+    if m.purified_own is None:
+        log.warning("trigger_sensitivity: features lack the low-passed view; detector skipped")
+        return flag
+    drop = m.global_[:, 0].astype(np.float64) - m.purified_own.astype(np.float64)
+    good = m.ok & np.isfinite(drop)
+    if good.sum() < 10:
+        return flag
+    d = drop[good]
+    med = float(np.median(d))
+    mad = float(np.median(np.abs(d - med))) * 1.4826 + 1e-6
+    flag[good] = (d - med) / mad > st.sensitivity_z
+    return flag
+
+
 DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
     "image_burst": detect_image_burst,
     "density": detect_density,
     "caption_burst": detect_caption_burst,
+    "trigger_sensitivity": detect_trigger_sensitivity,
 }
 
 
@@ -328,6 +363,11 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     action[dr] = "drop"
     reason[dr] = "no_plausible_caption"
     reason[dr & any_flag] = [s.split(",")[0] for s in flag_names[dr & any_flag]]
+    for name in DROP_DETECTORS:
+        if name in flags:
+            hit = flags[name]
+            action[hit] = "drop"
+            reason[hit] = name
     action[~m.ok] = "drop"
     reason[~m.ok] = "unreadable_image"
     p_own = np.where(m.ok, p_own, 0.0).astype(np.float32)

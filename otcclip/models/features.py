@@ -75,6 +75,38 @@ def image_features(model: torch.nn.Module, images: torch.Tensor) -> ImageFeature
     return ImageFeatures(global_=F.normalize(pooled, dim=-1), local=F.normalize(tokens, dim=-1))
 
 
+def low_pass(images: torch.Tensor) -> torch.Tensor:
+    """Binomial 5x5 low-pass filter per channel (reflect padding).
+
+    Natural image content lives mostly at low spatial frequencies; high-frequency noise
+    triggers (a blended noise pattern, a noise patch) do not survive it. Linear with unit
+    gain, so it may be applied to normalised images.
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W), float
+
+    Returns
+    -------
+    Tensor, shape (N, C, H, W)
+    """
+    if min(images.shape[-2:]) <= 2:  # reflect padding needs more than the pad width
+        return images
+    c = images.shape[1]
+    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=images.dtype, device=images.device) / 16.0
+    kernel = (k1[:, None] * k1[None, :]).expand(c, 1, 5, 5)
+    return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=c)
+
+
+def purified_image_global(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised ``encode_image`` of the low-passed images, shape (N, d).
+
+    The trigger-sensitivity detector compares a pair's own-caption score on this view
+    with the score on the image itself (:mod:`otcclip.models.decisions`).
+    """
+    return F.normalize(model.encode_image(low_pass(images)), dim=-1)  # type: ignore[operator]
+
+
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> TextFeatures:
     """Encode a batch of tokenized captions.
 

@@ -42,6 +42,7 @@ from otcclip.models.features import (
     TextFeatures,
     image_features,
     pad_text_features,
+    purified_image_global,
     text_features,
 )
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
@@ -75,12 +76,13 @@ class SanitizeConfig:
     device : str
         ``auto`` | ``cpu`` | ``cuda``.
     detectors : tuple of str
-        Enabled detectors among ``image_burst``, ``density``, ``caption_burst``.
+        Enabled detectors among ``image_burst``, ``density``, ``caption_burst``,
+        ``trigger_sensitivity`` (the last adds one low-passed image forward per image).
     p_clean_threshold, margin_z, low_margin_z : float
         Decision thresholds (see :mod:`otcclip.models.decisions`).
     exact_threshold, nprobe : int
         FAISS: exact index up to this many captions, IVF lists probed above.
-    knn, dup_threshold, dup_relative, burst_min, outlier_z : int, float, float, int, float
+    knn, dup_threshold, dup_relative, burst_min, outlier_z, sensitivity_z
         Detector settings.
     fp16_locals : bool
         Store local sets in float16 in feature shards.
@@ -105,6 +107,7 @@ class SanitizeConfig:
     dup_relative: float = 0.1
     burst_min: int = 5
     outlier_z: float = 4.0
+    sensitivity_z: float = 3.0
     fp16_locals: bool = True
     seed: int = 0
 
@@ -159,6 +162,8 @@ class FeatureShard:
     caption_local : Tensor, shape (n, L, d), float16 or float32 (zero at pads)
     caption_mask : Tensor, shape (n, L), bool
     caption_hash : Tensor, shape (n,), int64
+    image_purified : Tensor, shape (n, d), float32, optional
+        Globals of the low-passed images (only with the ``trigger_sensitivity`` detector).
     timings : dict
         Seconds spent per stage (``decode``, ``encode``).
     """
@@ -172,6 +177,7 @@ class FeatureShard:
     caption_local: torch.Tensor
     caption_mask: torch.Tensor
     caption_hash: torch.Tensor
+    image_purified: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -199,7 +205,7 @@ class ScoreShard:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        arrays = {f.name: getattr(self.scores, f.name) for f in fields(MatchScores)}
+        arrays = {f.name: v for f in fields(MatchScores) if (v := getattr(self.scores, f.name)) is not None}
         meta = np.array([self.start, self.stop], dtype=np.int64)
         tnames = np.array(list(self.timings), dtype=str)
         tvals = np.array(list(self.timings.values()), dtype=np.float64)
@@ -214,7 +220,7 @@ class ScoreShard:
     def load(path: str | Path) -> ScoreShard:
         with np.load(path, allow_pickle=False) as z:
             start, stop = (int(v) for v in z["_meta"])
-            scores = MatchScores(**{f.name: z[f.name] for f in fields(MatchScores)})
+            scores = MatchScores(**{f.name: z[f.name] for f in fields(MatchScores) if f.name in z.files})
             timings = {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
         return ScoreShard(start=start, stop=stop, scores=scores, timings=timings)
 
@@ -270,6 +276,8 @@ def encode_shard(
     oks: list[torch.Tensor] = []
     igs: list[torch.Tensor] = []
     ils: list[torch.Tensor] = []
+    ips: list[torch.Tensor] = []
+    purify = "trigger_sensitivity" in config.detectors
     tfs: list[TextFeatures] = []
     hashes: list[int] = []
     t_decode = t_encode = 0.0
@@ -284,6 +292,8 @@ def encode_shard(
         with torch.no_grad():
             fi = image_features(model, batch.pixels.to(dev))
             ft = text_features(model, tokens.to(dev))
+            if purify:
+                ips.append((purified_image_global(model, batch.pixels.to(dev)) * batch.ok.to(dev)[:, None]).float().cpu())
         ok = batch.ok.to(torch.bool)
         okd = ok.to(dev)[:, None]
         oks.append(ok)
@@ -305,6 +315,7 @@ def encode_shard(
         start=start, stop=stop, ok=torch.cat(oks), image_global=torch.cat(igs),
         image_local=torch.cat(ils), caption_global=tf.global_, caption_local=tf.local,
         caption_mask=tf.mask, caption_hash=torch.tensor(hashes, dtype=torch.int64),
+        image_purified=torch.cat(ips) if purify else None,
         timings={"decode": t_decode, "encode": t_encode},
     )
 
@@ -397,6 +408,10 @@ def match_shard(
         candidates=sl.indices, global_=ps.global_, ot=ps.ot, fused=ps.fused,
         ok=img.ok.numpy().astype(bool), image_global=img.image_global.numpy().astype(np.float16),
         caption_global=img.caption_global.numpy().astype(np.float16), caption_hash=img.caption_hash.numpy(),
+        purified_own=(
+            None if img.image_purified is None
+            else (img.image_purified.float() * img.caption_global.float()).sum(1).numpy().astype(np.float32)
+        ),
     )
     return ScoreShard(img.start, img.stop, scores, timings={"index": t1 - t0, "ot": t2 - t1})
 
@@ -503,6 +518,7 @@ def sanitize_features(
     *,
     config: SanitizeConfig = SanitizeConfig(),
     ok: torch.Tensor | None = None,
+    purified: torch.Tensor | None = None,
 ) -> Decisions:
     """Match and decide on in-memory features (pair ``i`` = image ``i`` with caption ``i``).
 
@@ -514,6 +530,9 @@ def sanitize_features(
         ``global_ (N, d)``, ``local (N, L, d)``, ``mask (N, L)``.
     ok : Tensor, shape (N,), bool, optional
         Readable images (default all).
+    purified : Tensor, shape (N, d), optional
+        Globals of the low-passed images (:func:`~otcclip.models.features.purified_image_global`),
+        for the ``trigger_sensitivity`` detector.
 
     Returns
     -------
@@ -531,6 +550,7 @@ def sanitize_features(
         image_local=images.local.detach().cpu(),
         caption_global=cg, caption_local=texts.local.detach().cpu(), caption_mask=texts.mask.detach().cpu(),
         caption_hash=torch.from_numpy(_embedding_hash(cg.numpy())),
+        image_purified=None if purified is None else purified.detach().float().cpu(),
     )
     sc = match_shard(shard, [shard], config=config)
     return decide([sc], config=config)

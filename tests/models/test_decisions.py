@@ -11,6 +11,7 @@ from otcclip.models.decisions import (
     decide_pairs,
     detect_caption_burst,
     detect_image_burst,
+    detect_trigger_sensitivity,
     fit_p_clean,
 )
 
@@ -115,3 +116,29 @@ def test_unknown_detector_is_refused() -> None:
     m, _, _ = _scores(n=50)
     with pytest.raises(ValueError, match="unknown detector"):
         decide_pairs(m, settings=DecisionSettings(detectors=("nope",)))
+
+
+def test_trigger_sensitivity_drops_pairs_whose_score_collapses_when_low_passed() -> None:
+    m, bad, _ = _scores(seed=3, poison=0.0)
+    rng = np.random.default_rng(3)
+    n = len(m)
+    # clean pairs lose a little of their own score on the low-passed view; triggered ones
+    # (their score rests on the trigger) lose most of it, yet look clean on the image itself
+    purified = m.global_[:, 0] - rng.normal(0.02, 0.01, n)
+    trig = np.zeros(n, dtype=bool)
+    trig[rng.choice(n, 20, replace=False)] = True
+    purified[trig] = m.global_[trig, 0] - 0.3
+    m2 = MatchScores(
+        m.candidates, m.global_, m.ot, m.fused, m.ok, m.image_global, m.caption_global, m.caption_hash,
+        purified_own=purified.astype(np.float32),
+    )
+    st = DecisionSettings(detectors=("trigger_sensitivity",))
+    flags = detect_trigger_sensitivity(m2, st)
+    assert flags[trig].all() and flags[~trig].mean() < 0.02
+    d = decide_pairs(m2, settings=st)
+    # dropped although a clean-like alternative caption exists (it would be the trigger's)
+    assert (d.action[trig] == "drop").all() and set(d.reason[trig]) == {"trigger_sensitivity"}
+    assert (d.new_caption_index[trig] == -1).all()
+    assert (d.action[~trig] == "keep").mean() > 0.95
+    # without the purified view the detector flags nothing (and says so in the log)
+    assert not detect_trigger_sensitivity(m, st).any()

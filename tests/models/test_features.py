@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from otcclip.models.factory import ClipBundle
-from otcclip.models.features import image_features, pad_text_features, text_features
+from otcclip.models.features import (
+    image_features,
+    low_pass,
+    pad_text_features,
+    purified_image_global,
+    text_features,
+)
 
 CAPTIONS = ["a cat.", "a blurry photo of a small dog on the grass.", "two birds", "a red car"]
 
@@ -74,3 +80,23 @@ def test_features_are_differentiable(tiny_bundle: ClipBundle) -> None:
     loss.backward()
     assert b.model.visual.conv1.weight.grad is not None and b.model.visual.conv1.weight.grad.abs().sum() > 0
     assert b.model.token_embedding.weight.grad is not None and b.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_low_pass_keeps_smooth_content_and_removes_pixel_noise() -> None:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    smooth = torch.stack([xx, yy, xx * yy])[None]  # (1, 3, 32, 32)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(low_pass(torch.full((2, 3, 8, 8), 0.7)), torch.full((2, 3, 8, 8), 0.7), atol=1e-6)
+    # interior of a linear ramp is unchanged (unit gain, symmetric kernel)
+    assert torch.allclose(low_pass(smooth)[..., 2:-2, 2:-2], smooth[..., 2:-2, 2:-2], atol=1e-5)
+    assert low_pass(noise).std() < 0.4 * noise.std()
+    assert low_pass(noise).shape == noise.shape
+
+
+def test_purified_global_is_the_encoder_on_the_low_passed_view(tiny_bundle: ClipBundle) -> None:
+    b = tiny_bundle
+    x = _images(b)
+    with torch.no_grad():
+        got = purified_image_global(b.model, x)
+        ref = F.normalize(b.model.encode_image(low_pass(x)), dim=-1)
+    assert got.shape == (3, b.model_cfg["embed_dim"]) and torch.allclose(got, ref, atol=1e-6)

@@ -85,7 +85,7 @@ class TrainConfig:
     unimodal_temperature: float = 0.1
     safe_threshold: float = 0.5
     reassign: str = "match"
-    drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst")
+    drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092
     cache_images_bytes: int = 4 << 30

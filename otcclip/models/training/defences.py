@@ -30,7 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from otcclip.models.features import ImageFeatures, TextFeatures, image_features, text_features
+from otcclip.models.features import (
+    ImageFeatures,
+    TextFeatures,
+    image_features,
+    purified_image_global,
+    text_features,
+)
 from otcclip.models.training.augment import augment_caption, augment_images, normalize
 from otcclip.models.training.config import TrainConfig
 from otcclip.models.training.data import ImageSource
@@ -138,6 +144,20 @@ class Defence:
             )
         empty = torch.zeros(0)
         return ImageFeatures(torch.cat(ig), empty), TextFeatures(torch.cat(tg), empty, empty)
+
+    @torch.no_grad()
+    def encode_purified(self) -> torch.Tensor:
+        """Globals of every low-passed image (eval view), shape (N, d)."""
+        m, ctx = self.ctx.model, self.ctx
+        was_training = m.training
+        m.eval()
+        bs = max(ctx.config.batch_size, 256)
+        out = [
+            purified_image_global(m, ctx.batch_images(torch.arange(s, min(s + bs, ctx.n)), None)).cpu()
+            for s in range(0, ctx.n, bs)
+        ]
+        m.train(was_training)
+        return torch.cat(out)
 
     def unimodal_loss(self, idx: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
         """SimCLR on two augmented views of the images plus caption vs edited caption."""
@@ -263,7 +283,8 @@ class OtcClip(Defence):
 
         img, txt = self.encode_all(local=True)
         cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": self.ctx.config.seed, **self.ctx.config.sanitize})
-        decisions = sanitize_features(img, txt, config=cfg)
+        purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
+        decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = extra.get("reason", [""] * self.ctx.n)
         if self.ctx.config.drop_reasons or self.ctx.config.reassign == "drop":

@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward / OT problems per solve")
     p.add_argument("--shard-size", type=int, default=4096, help="pairs per feature shard")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--detectors", default="image_burst,density,caption_burst",
+    p.add_argument("--detectors", default="image_burst,density,caption_burst,trigger_sensitivity",
                    help="comma-separated detectors to enable ('' for none)")
     p.add_argument("--work-dir", type=Path, default=None, help="spill feature/score shards here (re-runs reuse them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
