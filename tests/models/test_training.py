@@ -58,7 +58,7 @@ def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
     assert lines[0]["clip"] < 1.2 * torch.log(torch.tensor(64.0)).item()
 
 
-@pytest.mark.parametrize("defense", ["none", "roclip"])
+@pytest.mark.parametrize("defense", ["none", "roclip", "otcclip"])
 def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defense: str) -> None:
     cfg = _cfg(defense=defense)
     full = train(small_manifest, tmp_path / "full", config=cfg)
@@ -82,6 +82,26 @@ def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defen
     assert la == lb
     if defense == "roclip":
         assert (tmp_path / "cut" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
+
+
+def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_path: Path) -> None:
+    """A pair dropped for a sticky reason stays dropped at every later re-match."""
+    import pyarrow.parquet as pq
+
+    cfg = _cfg(
+        defense="otcclip", epochs=4, reassign="drop", drop_reasons=(),
+        sticky_reasons=("low_own_score", "better_caption", "no_plausible_caption", "density"),
+        sanitize={"detectors": ("density",), "k": 8},
+    )
+    train(small_manifest, tmp_path, config=cfg)
+    passes = [pq.read_table(tmp_path / "rematch" / f"epoch_{e:03d}" / "decisions.parquet").to_pydict() for e in (1, 2, 3)]
+    dropped = [{i for i, a in zip(p["id"], p["action"], strict=True) if a == "drop"} for p in passes]
+    assert dropped[0], "the first pass should drop something on this set"
+    assert dropped[0] <= dropped[1] <= dropped[2]
+    # what a later pass would have kept is marked, not silently re-admitted
+    for p, prev in zip(passes[1:], dropped[:-1], strict=True):
+        reason = dict(zip(p["id"], p["reason"], strict=True))
+        assert all(reason[i] in cfg.sticky_reasons + ("quarantined",) for i in prev)
 
 
 def test_different_seed_differs(small_manifest: Path, tmp_path: Path) -> None:

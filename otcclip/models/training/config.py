@@ -53,6 +53,9 @@ class TrainConfig:
         it proposes a reassignment (a burst of one image under many captions is the
         targeted-poisoning signature; any caption it is re-matched to comes from the same
         poisoned neighbourhood).
+    sticky_reasons : tuple of str
+        otcclip: a pair dropped with one of these reason codes stays dropped at every later
+        re-match (reason ``quarantined``).
     sanitize : dict
         Overrides for the engine's ``SanitizeConfig`` (otcclip re-matching).
     max_logit_scale : float
@@ -86,6 +89,7 @@ class TrainConfig:
     safe_threshold: float = 0.5
     reassign: str = "match"
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
+    sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092
     cache_images_bytes: int = 4 << 30

@@ -276,6 +276,20 @@ class SafeClip(Defence):
 class OtcClip(Defence):
     name = "otcclip"
 
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        # pairs once dropped for a reason in config.sticky_reasons stay out of L_CLIP: a
+        # trigger the model unlearns after the drop would otherwise look clean again at
+        # the next pass and be learned anew
+        self.quarantine = torch.zeros(ctx.n, dtype=torch.bool)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "quarantine": self.quarantine.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.quarantine = state.get("quarantine", torch.zeros(self.ctx.n, dtype=torch.bool)).clone()
+
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
             return {}
@@ -292,6 +306,17 @@ class OtcClip(Defence):
                 if action[i] == "reassign" and (self.ctx.config.reassign == "drop" or str(r) in self.ctx.config.drop_reasons):
                     action[i] = "drop"
                     new_idx[i] = -1
+        sticky = self.ctx.config.sticky_reasons
+        for i, r in enumerate(reasons):
+            if action[i] == "drop" and str(r) in sticky:
+                self.quarantine[i] = True
+        for i in torch.nonzero(self.quarantine).flatten().tolist():
+            if action[i] != "drop":
+                action[i] = "drop"
+                new_idx[i] = -1
+                reasons[i] = "quarantined"
+        if "reason" in extra:
+            extra["reason"] = list(reasons)
         self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))
         self.active = torch.tensor([a != "drop" for a in action], dtype=torch.bool)
         tab = self._base_table(action)
