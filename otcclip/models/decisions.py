@@ -15,8 +15,9 @@ reassign  to the best shortlisted caption when that caption's score is clean-lik
           (margin > ``margin_z`` of them), ``<detector>`` (a detector flagged the pair, any positive margin)
 drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clean-like
           alternative), ``<detector>`` when a detector flagged it and nothing better exists,
-          and always ``trigger_sensitivity``: the pair's score rests on a trigger, so the
-          captions the image scores best with are the trigger's as well
+          and always ``trigger_sensitivity``: the pair's score rests on a trigger (it
+          collapses on a purified view of the image), so the captions the image scores
+          best with are the trigger's as well
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class MatchScores:
         Own-caption globals (for the detectors).
     caption_hash : ndarray, shape (N,), int64
         Hash of each own caption's text (caption bursts).
-    purified_own : ndarray, shape (N,), float32, optional
-        Own-caption global score of the low-passed image (trigger sensitivity); None when
-        the features were extracted without the purified view.
+    purified_own : ndarray, shape (N, V), float32, optional
+        Own-caption global score of each purified view of the image (trigger
+        sensitivity; ``features.PURIFIERS``); None when the features were extracted
+        without them.
     """
 
     candidates: np.ndarray
@@ -275,23 +277,25 @@ def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
 
 
 def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
-    """Pairs whose own-caption score collapses when the image is low-passed: the score
-    rests on high-frequency content (a noise trigger), not on what the image shows.
-    Robust z of ``score(image) - score(low-passed image)`` over readable pairs >
-    ``sensitivity_z``. Needs ``m.purified_own``; without it nothing is flagged."""
+    """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
+    its most high-frequency window filled): the score rests on a noise trigger, not on
+    what the image shows. Per view, robust z of ``score(image) - score(view)`` over
+    readable pairs; flagged when any view's z > ``sensitivity_z``. Needs
+    ``m.purified_own``; without it nothing is flagged."""
     n = len(m)
     flag = np.zeros(n, dtype=bool)
     if m.purified_own is None:
-        log.warning("trigger_sensitivity: features lack the low-passed view; detector skipped")
+        log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
         return flag
-    drop = m.global_[:, 0].astype(np.float64) - m.purified_own.astype(np.float64)
-    good = m.ok & np.isfinite(drop)
+    views = m.purified_own.reshape(n, -1).astype(np.float64)
+    drop = m.global_[:, :1].astype(np.float64) - views  # (N, V)
+    good = m.ok & np.isfinite(drop).all(axis=1)
     if good.sum() < 10:
         return flag
     d = drop[good]
-    med = float(np.median(d))
-    mad = float(np.median(np.abs(d - med))) * 1.4826 + 1e-6
-    flag[good] = (d - med) / mad > st.sensitivity_z
+    med = np.median(d, axis=0)
+    mad = np.median(np.abs(d - med), axis=0) * 1.4826 + 1e-6
+    flag[good] = ((d - med) / mad > st.sensitivity_z).any(axis=1)
     return flag
 
 

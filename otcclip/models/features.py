@@ -98,13 +98,58 @@ def low_pass(images: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(images, (2, 2, 2, 2), mode="reflect"), kernel, groups=c)
 
 
-def purified_image_global(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised ``encode_image`` of the low-passed images, shape (N, d).
+def fill_local(images: torch.Tensor, *, frac: float = 0.25) -> torch.Tensor:
+    """Replace each image's most high-frequency square window by the image's mean colour.
 
-    The trigger-sensitivity detector compares a pair's own-caption score on this view
-    with the score on the image itself (:mod:`otcclip.models.decisions`).
+    A local noise trigger (a patch) is the most high-frequency window of an image it is
+    pasted on; natural textures rarely are by the same margin. The window side is
+    ``frac`` of the shorter image side.
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W), float
+
+    Returns
+    -------
+    Tensor, shape (N, C, H, W)
     """
-    return F.normalize(model.encode_image(low_pass(images)), dim=-1)  # type: ignore[operator]
+    n, _, h, w = images.shape
+    side = max(1, min(h, w, round(frac * min(h, w))))
+    energy = (images - low_pass(images)).abs().mean(dim=1, keepdim=True)  # (N, 1, H, W)
+    window = F.avg_pool2d(energy, side, stride=1)  # (N, 1, H-side+1, W-side+1)
+    width = window.shape[-1]
+    pos = window.flatten(1).argmax(dim=1)
+    y0, x0 = (pos // width)[:, None], (pos % width)[:, None]
+    ys = torch.arange(h, device=images.device)[None, :]
+    xs = torch.arange(w, device=images.device)[None, :]
+    inside = ((ys >= y0) & (ys < y0 + side))[:, :, None] & ((xs >= x0) & (xs < x0 + side))[:, None, :]
+    mean = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    return torch.where(inside[:, None], mean, images)
+
+
+#: The purified views of the trigger-sensitivity detector, in the order of
+#: :func:`purified_image_global`'s second axis.
+PURIFIERS = ("low_pass", "fill_local")
+
+
+def purified_image_global(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised ``encode_image`` of each purified view (:data:`PURIFIERS`).
+
+    The trigger-sensitivity detector compares a pair's own-caption score on these views
+    with the score on the image itself (:mod:`otcclip.models.decisions`).
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W)
+
+    Returns
+    -------
+    Tensor, shape (N, V, d)
+        ``V = len(PURIFIERS)``.
+    """
+    views = [low_pass(images), fill_local(images)]
+    z = model.encode_image(torch.cat(views))  # type: ignore[operator]
+    return F.normalize(z, dim=-1).view(len(views), images.shape[0], -1).transpose(0, 1)
 
 
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> TextFeatures:

@@ -77,7 +77,7 @@ class SanitizeConfig:
         ``auto`` | ``cpu`` | ``cuda``.
     detectors : tuple of str
         Enabled detectors among ``image_burst``, ``density``, ``caption_burst``,
-        ``trigger_sensitivity`` (the last adds one low-passed image forward per image).
+        ``trigger_sensitivity`` (the last adds two image forwards per image: its purified views).
     p_clean_threshold, margin_z, low_margin_z : float
         Decision thresholds (see :mod:`otcclip.models.decisions`).
     exact_threshold, nprobe : int
@@ -162,8 +162,9 @@ class FeatureShard:
     caption_local : Tensor, shape (n, L, d), float16 or float32 (zero at pads)
     caption_mask : Tensor, shape (n, L), bool
     caption_hash : Tensor, shape (n,), int64
-    image_purified : Tensor, shape (n, d), float32, optional
-        Globals of the low-passed images (only with the ``trigger_sensitivity`` detector).
+    image_purified : Tensor, shape (n, V, d), float32, optional
+        Globals of the purified views of each image (``features.PURIFIERS``; only with
+        the ``trigger_sensitivity`` detector).
     timings : dict
         Seconds spent per stage (``decode``, ``encode``).
     """
@@ -293,7 +294,7 @@ def encode_shard(
             fi = image_features(model, batch.pixels.to(dev))
             ft = text_features(model, tokens.to(dev))
             if purify:
-                ips.append((purified_image_global(model, batch.pixels.to(dev)) * batch.ok.to(dev)[:, None]).float().cpu())
+                ips.append((purified_image_global(model, batch.pixels.to(dev)) * batch.ok.to(dev)[:, None, None]).float().cpu())
         ok = batch.ok.to(torch.bool)
         okd = ok.to(dev)[:, None]
         oks.append(ok)
@@ -410,7 +411,7 @@ def match_shard(
         caption_global=img.caption_global.numpy().astype(np.float16), caption_hash=img.caption_hash.numpy(),
         purified_own=(
             None if img.image_purified is None
-            else (img.image_purified.float() * img.caption_global.float()).sum(1).numpy().astype(np.float32)
+            else torch.einsum("nvd,nd->nv", img.image_purified.float(), img.caption_global.float()).numpy().astype(np.float32)
         ),
     )
     return ScoreShard(img.start, img.stop, scores, timings={"index": t1 - t0, "ot": t2 - t1})
@@ -530,8 +531,8 @@ def sanitize_features(
         ``global_ (N, d)``, ``local (N, L, d)``, ``mask (N, L)``.
     ok : Tensor, shape (N,), bool, optional
         Readable images (default all).
-    purified : Tensor, shape (N, d), optional
-        Globals of the low-passed images (:func:`~otcclip.models.features.purified_image_global`),
+    purified : Tensor, shape (N, V, d), optional
+        Globals of the purified views (:func:`~otcclip.models.features.purified_image_global`),
         for the ``trigger_sensitivity`` detector.
 
     Returns

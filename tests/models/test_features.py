@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from otcclip.models.factory import ClipBundle
 from otcclip.models.features import (
+    PURIFIERS,
+    fill_local,
     image_features,
     low_pass,
     pad_text_features,
@@ -93,10 +95,25 @@ def test_low_pass_keeps_smooth_content_and_removes_pixel_noise() -> None:
     assert low_pass(noise).shape == noise.shape
 
 
-def test_purified_global_is_the_encoder_on_the_low_passed_view(tiny_bundle: ClipBundle) -> None:
+def test_fill_local_replaces_the_noise_patch_and_nothing_else() -> None:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    img = torch.stack([xx, yy, xx * yy])[None].repeat(2, 1, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    img[0, :, 20:28, 3:11] = torch.rand(3, 8, 8, generator=g) * 4 - 2  # a noise patch
+    img[1, :, 0:8, 22:30] = torch.rand(3, 8, 8, generator=g) * 4 - 2
+    out = fill_local(img, frac=0.25)
+    changed = (out != img).any(dim=1)  # (2, 32, 32)
+    assert changed[0, 20:28, 3:11].all() and changed[0].sum() == 64
+    assert changed[1, 0:8, 22:30].all() and changed[1].sum() == 64
+    assert torch.allclose(out[0, :, 24, 5], img[0].mean(dim=(1, 2)))
+
+
+def test_purified_global_is_the_encoder_on_each_view(tiny_bundle: ClipBundle) -> None:
     b = tiny_bundle
     x = _images(b)
     with torch.no_grad():
         got = purified_image_global(b.model, x)
-        ref = F.normalize(b.model.encode_image(low_pass(x)), dim=-1)
-    assert got.shape == (3, b.model_cfg["embed_dim"]) and torch.allclose(got, ref, atol=1e-6)
+        ref = [F.normalize(b.model.encode_image(v), dim=-1) for v in (low_pass(x), fill_local(x))]
+    assert got.shape == (3, len(PURIFIERS), b.model_cfg["embed_dim"])
+    for v, r in enumerate(ref):
+        assert torch.allclose(got[:, v], r, atol=1e-5)

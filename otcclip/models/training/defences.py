@@ -147,7 +147,7 @@ class Defence:
 
     @torch.no_grad()
     def encode_purified(self) -> torch.Tensor:
-        """Globals of every low-passed image (eval view), shape (N, d)."""
+        """Globals of every image's purified views (eval view), shape (N, V, d)."""
         m, ctx = self.ctx.model, self.ctx
         was_training = m.training
         m.eval()
