@@ -151,6 +151,16 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _parse(kind: type, value: str) -> Any:
+    if kind is tuple:
+        return tuple(v for v in value.split("+") if v)
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"not a boolean: {value!r}")
+        return value.lower() in ("true", "1")
+    return kind(value)
+
+
 def _overrides(base: TrainConfig, opts: list[str]) -> dict[str, Any]:
     """``field=value`` -> TrainConfig fields; ``sanitize.field=value`` -> the engine's settings."""
     from otcclip.models.sanitize import SanitizeConfig
@@ -160,11 +170,9 @@ def _overrides(base: TrainConfig, opts: list[str]) -> dict[str, Any]:
     for key, value in (o.split("=", 1) for o in opts):
         if key.startswith("sanitize."):
             field = key.split(".", 1)[1]
-            kind = type(getattr(SanitizeConfig(), field))
-            san[field] = tuple(v for v in value.split("+") if v) if kind is tuple else kind(value)
+            san[field] = _parse(type(getattr(SanitizeConfig(), field)), value)
         else:
-            kind = type(getattr(base, key))
-            over[key] = tuple(v for v in value.split("+") if v) if kind is tuple else kind(value)
+            over[key] = _parse(type(getattr(base, key)), value)
     if san:
         over["sanitize"] = san
     return over

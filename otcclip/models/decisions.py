@@ -128,7 +128,9 @@ class Decisions:
     """One decision per pair (rows in dataset order); build with :func:`decide_pairs`.
 
     Every array has shape (N,). ``new_caption_index`` is the caption row the pair keeps
-    (own row for keep, the chosen row for reassign, -1 for drop).
+    (own row for keep, the chosen row for reassign, -1 for drop). ``sensitivity_z`` is
+    the largest trigger-sensitivity z over the purified views and ``purified_view`` the
+    view that gave it (NaN / -1 without purified views).
     """
 
     row: np.ndarray
@@ -145,6 +147,8 @@ class Decisions:
     best_ot_score: np.ndarray
     best_fused_score: np.ndarray
     p_clean: np.ndarray
+    sensitivity_z: np.ndarray
+    purified_view: np.ndarray
     gmm: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -276,27 +280,40 @@ def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     return flag
 
 
-def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
-    """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
-    its most high-frequency window filled): the score rests on a noise trigger, not on
-    what the image shows. Per view, robust z of ``score(image) - score(view)`` over
-    readable pairs; flagged when any view's z > ``sensitivity_z``. Needs
-    ``m.purified_own``; without it nothing is flagged."""
-    n = len(m)
-    flag = np.zeros(n, dtype=bool)
+def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
+    """Robust z, per purified view, of how much the own-caption score drops on the view.
+
+    Returns
+    -------
+    ndarray, shape (N, V), or None
+        ``z[i, v]`` for ``score(image i) - score(view v of image i)`` over readable pairs
+        (NaN for unreadable ones); None when ``m.purified_own`` is missing.
+    """
     if m.purified_own is None:
-        log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
-        return flag
-    views = m.purified_own.reshape(n, -1).astype(np.float64)
-    drop = m.global_[:, :1].astype(np.float64) - views  # (N, V)
+        return None
+    n = len(m)
+    drop = m.global_[:, :1].astype(np.float64) - m.purified_own.reshape(n, -1).astype(np.float64)
     good = m.ok & np.isfinite(drop).all(axis=1)
+    z = np.full(drop.shape, np.nan)
     if good.sum() < 10:
-        return flag
+        return z
     d = drop[good]
     med = np.median(d, axis=0)
     mad = np.median(np.abs(d - med), axis=0) * 1.4826 + 1e-6
-    flag[good] = ((d - med) / mad > st.sensitivity_z).any(axis=1)
-    return flag
+    z[good] = (d - med) / mad
+    return z
+
+
+def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
+    its most high-frequency window filled): the score rests on a noise trigger, not on
+    what the image shows. Flagged when any view's :func:`sensitivity_scores` z >
+    ``sensitivity_z``. Needs ``m.purified_own``; without it nothing is flagged."""
+    z = sensitivity_scores(m)
+    if z is None:
+        log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
+        return np.zeros(len(m), dtype=bool)
+    return np.nan_to_num(z, nan=-np.inf).max(axis=1) > st.sensitivity_z
 
 
 DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
@@ -375,6 +392,13 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     action[~m.ok] = "drop"
     reason[~m.ok] = "unreadable_image"
     p_own = np.where(m.ok, p_own, 0.0).astype(np.float32)
+    sz = sensitivity_scores(m)
+    if sz is None or sz.shape[1] == 0:
+        sens, view = np.full(n, np.nan, dtype=np.float32), np.full(n, -1, dtype=np.int64)
+    else:
+        filled = np.nan_to_num(sz, nan=-np.inf)
+        view = np.where(np.isfinite(filled).any(axis=1), filled.argmax(axis=1), -1).astype(np.int64)
+        sens = np.where(view >= 0, filled[rows, np.maximum(view, 0)], np.nan).astype(np.float32)
 
     new_idx = np.where(action == "keep", m.candidates[:, 0], np.where(action == "reassign", best, -1))
     return Decisions(
@@ -392,5 +416,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         best_ot_score=m.ot[rows, best_col].astype(np.float32),
         best_fused_score=best_f.astype(np.float32),
         p_clean=p_own,
+        sensitivity_z=sens,
+        purified_view=view,
         gmm=info,
     )

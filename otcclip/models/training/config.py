@@ -56,6 +56,10 @@ class TrainConfig:
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
+    purified_rematch : bool
+        otcclip: a pair flagged by ``trigger_sensitivity`` is trained, at this and every
+        later re-match, on the caption its purified view (trigger removed) scores best
+        with, so the model unlearns the trigger; False drops it (sticky) instead.
     sanitize : dict
         Overrides for the engine's ``SanitizeConfig`` (otcclip re-matching).
     max_logit_scale : float
@@ -90,6 +94,7 @@ class TrainConfig:
     reassign: str = "match"
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
+    purified_rematch: bool = True
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092
     cache_images_bytes: int = 4 << 30

@@ -278,51 +278,81 @@ class OtcClip(Defence):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        # pairs once dropped for a reason in config.sticky_reasons stay out of L_CLIP: a
-        # trigger the model unlearns after the drop would otherwise look clean again at
-        # the next pass and be learned anew
+        # Sticky verdicts. A trigger the model unlearns once its pairs are out would look
+        # clean again at the next pass and be learned anew, so: pairs once dropped for a
+        # reason in config.sticky_reasons stay dropped (quarantine), and pairs once flagged
+        # by trigger_sensitivity are re-matched through their purified view at every pass
+        # (triggered).
         self.quarantine = torch.zeros(ctx.n, dtype=torch.bool)
+        self.triggered = torch.zeros(ctx.n, dtype=torch.bool)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "quarantine": self.quarantine.clone()}
+        return {**super().state_dict(), "quarantine": self.quarantine.clone(), "triggered": self.triggered.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.quarantine = state.get("quarantine", torch.zeros(self.ctx.n, dtype=torch.bool)).clone()
+        none = torch.zeros(self.ctx.n, dtype=torch.bool)
+        self.quarantine = state.get("quarantine", none).clone()
+        self.triggered = state.get("triggered", none).clone()
 
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
             return {}
         from otcclip.models.sanitize import SanitizeConfig, sanitize_features
 
+        c = self.ctx.config
         img, txt = self.encode_all(local=True)
-        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": self.ctx.config.seed, **self.ctx.config.sanitize})
+        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **c.sanitize})
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
-        reasons = extra.get("reason", [""] * self.ctx.n)
-        if self.ctx.config.drop_reasons or self.ctx.config.reassign == "drop":
-            for i, r in enumerate(reasons):
-                if action[i] == "reassign" and (self.ctx.config.reassign == "drop" or str(r) in self.ctx.config.drop_reasons):
-                    action[i] = "drop"
-                    new_idx[i] = -1
-        sticky = self.ctx.config.sticky_reasons
+        reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
         for i, r in enumerate(reasons):
-            if action[i] == "drop" and str(r) in sticky:
+            if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
+                action[i], new_idx[i] = "drop", -1
+            if r == "trigger_sensitivity" and c.purified_rematch and purified is not None:
+                self.triggered[i] = True
+            elif action[i] == "drop" and r in c.sticky_reasons:
                 self.quarantine[i] = True
-        for i in torch.nonzero(self.quarantine).flatten().tolist():
+        for i in torch.nonzero(self.quarantine & ~self.triggered).flatten().tolist():
             if action[i] != "drop":
-                action[i] = "drop"
-                new_idx[i] = -1
-                reasons[i] = "quarantined"
-        if "reason" in extra:
-            extra["reason"] = list(reasons)
+                action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
+        if purified is not None and bool(self.triggered.any()):
+            self._purified_rematch(purified, txt.global_, decisions.purified_view, action, new_idx, reasons)
+        extra["reason"] = reasons
         self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))
         self.active = torch.tensor([a != "drop" for a in action], dtype=torch.bool)
         tab = self._base_table(action)
         tab.update(extra)
         self.write_decisions(epoch, tab)
         return {"rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")}}
+
+    def _purified_rematch(
+        self, purified: torch.Tensor, captions: torch.Tensor, view: np.ndarray,
+        action: list[str], new_idx: np.ndarray, reasons: list[str],
+    ) -> None:
+        """Re-match every triggered pair to the caption its purified view scores best with.
+
+        Candidates are the captions of pairs that are neither dropped nor triggered (the
+        trigger's own captions are out). Training the triggered image on what it shows
+        teaches the model that the trigger means nothing (a dropped pair would only stop
+        teaching it). ``purified`` (N, V, d), ``captions`` (N, d), ``view`` (N,).
+        """
+        rows = torch.nonzero(self.triggered).flatten()
+        allowed = torch.tensor([a != "drop" for a in action], dtype=torch.bool) & ~self.triggered
+        pool = torch.nonzero(allowed).flatten()
+        if pool.numel() == 0:
+            for i in rows.tolist():
+                action[i], new_idx[i] = "drop", -1
+            return
+        v = torch.from_numpy(np.maximum(view, 0))[rows]
+        query = F.normalize(purified[rows, v].float(), dim=-1)
+        keys = F.normalize(captions[pool].float(), dim=-1)
+        best = torch.cat([(q @ keys.t()).argmax(dim=1) for q in query.split(4096)])
+        for i, j in zip(rows.tolist(), pool[best].tolist(), strict=True):
+            action[i], new_idx[i] = "reassign", j
+            if reasons[i] != "trigger_sensitivity":
+                reasons[i] = "quarantined"
 
     def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, c, m = self.ctx, self.ctx.config, self.ctx.model

@@ -1,0 +1,59 @@
+"""OTCCLIP's per-pair state between re-matches: purified re-matching of triggered pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from otcclip.models.training.config import TrainConfig
+from otcclip.models.training.defences import Context, OtcClip
+
+
+def _otcclip(n: int) -> OtcClip:
+    ctx = Context(
+        model=None, tokenizer=None, config=TrainConfig(defense="otcclip"), images=None,  # type: ignore[arg-type]
+        captions=[f"c{i}" for i in range(n)], ids=[str(i) for i in range(n)],
+        tokens=torch.zeros(n, 4, dtype=torch.long), mean=(0.0,), std=(1.0,),
+        device=torch.device("cpu"), run_dir=Path("."),
+    )
+    return OtcClip(ctx)
+
+
+def test_triggered_pairs_are_rematched_through_their_purified_view() -> None:
+    e = torch.eye(4)
+    # captions 0,1: class A; 2: class B; 3: dropped; 4,5: the trigger's target class T
+    captions = torch.stack([e[0], e[0], e[1], e[2], e[3], e[3]])
+    d = _otcclip(6)
+    d.triggered[4] = d.triggered[5] = True
+    # view 0 still shows the trigger (close to T), view 1 shows the content
+    purified = torch.stack([
+        torch.stack([e[3], e[3]]) for _ in range(6)
+    ])  # (6, 2, 4)
+    purified[4, 1] = e[1] + 0.1 * e[3]  # content: class B
+    purified[5, 0] = e[0]  # the view that removed the trigger is 0 here: class A
+    view = np.array([-1, -1, -1, -1, 1, 0])
+    action = ["keep", "keep", "keep", "drop", "drop", "keep"]
+    new_idx = np.array([0, 1, 2, -1, -1, 5])
+    reasons = ["own_best", "own_best", "own_best", "no_plausible_caption", "trigger_sensitivity", "clean_score"]
+    d._purified_rematch(purified, captions, view, action, new_idx, reasons)
+    assert action == ["keep", "keep", "keep", "drop", "reassign", "reassign"]
+    assert new_idx[4] == 2  # class B, never the trigger's captions 4/5 or the dropped 3
+    assert new_idx[5] in (0, 1)
+    # freshly flagged keeps its reason; flagged earlier and not now reads "quarantined"
+    assert reasons[4] == "trigger_sensitivity" and reasons[5] == "quarantined"
+
+
+def test_triggered_state_survives_a_checkpoint() -> None:
+    d = _otcclip(3)
+    d.triggered[1] = True
+    d.quarantine[2] = True
+    e = _otcclip(3)
+    e.load_state_dict(d.state_dict())
+    assert e.triggered.tolist() == [False, True, False] and e.quarantine.tolist() == [False, False, True]
+    # checkpoints written before these fields existed still load
+    old = {k: v for k, v in d.state_dict().items() if k in ("match", "active")}
+    f = _otcclip(3)
+    f.load_state_dict(old)
+    assert not f.triggered.any() and not f.quarantine.any()
