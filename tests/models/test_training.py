@@ -89,7 +89,7 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
     import pyarrow.parquet as pq
 
     cfg = _cfg(
-        defense="otcclip", epochs=4, reassign="drop", drop_reasons=(),
+        defense="otcclip", epochs=4, reassign="drop", drop_reasons=(), score_rematch=True,
         sticky_reasons=("low_own_score", "better_caption", "no_plausible_caption", "density"),
         sanitize={"detectors": ("density",), "k": 8},
     )

@@ -7,6 +7,12 @@ from pathlib import Path
 from typing import Any
 
 DEFENCES: tuple[str, ...] = ("none", "roclip", "safeclip", "otcclip")
+#: Reason codes of the engine's score-based decisions (``TrainConfig.score_rematch``).
+SCORE_REASONS: tuple[str, ...] = ("low_own_score", "better_caption", "no_plausible_caption")
+#: The engine's settings in otcclip's re-matching passes, before ``TrainConfig.sanitize``:
+#: only the detectors that act on evidence a model still in training gives (the density
+#: and caption-burst detectors flagged mostly clean pairs there; README, defence bench).
+TRAINER_SANITIZE: dict[str, Any] = {"detectors": ("image_burst", "trigger_sensitivity")}
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,15 @@ class TrainConfig:
         otcclip: a pair flagged by ``trigger_sensitivity`` is trained, at this and every
         later re-match, on the caption its purified view (trigger removed) scores best
         with, so the model unlearns the trigger; False drops it (sticky) instead.
+    score_rematch : bool
+        otcclip: also apply the engine's score-based decisions (reasons ``low_own_score``,
+        ``better_caption``, ``no_plausible_caption``) during training. Off by default: on
+        a model still being trained they are mostly wrong and cost accuracy (README,
+        defence benchmark); the detectors' decisions always apply, and a sanitize job with
+        the trained checkpoint applies all of them.
     sanitize : dict
-        Overrides for the engine's ``SanitizeConfig`` (otcclip re-matching).
+        Overrides of the engine's ``SanitizeConfig`` for the re-matching passes, on top
+        of :data:`TRAINER_SANITIZE`.
     max_logit_scale : float
         Clamp of the learnable logit scale (``log`` of 100 by default).
     cache_images_bytes : int
@@ -95,6 +108,7 @@ class TrainConfig:
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
+    score_rematch: bool = False
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092
     cache_images_bytes: int = 4 << 30

@@ -14,7 +14,11 @@ computes the loss of a batch.
 - ``otcclip``: warm-up with the full loss on own captions, then every K epochs the
   engine's ``sanitize_features`` on the current model's features decides keep / reassign
   / drop; training uses the re-matched captions, dropped pairs only feed ``L_intra``.
-  Loss ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra``.
+  Loss ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra``. Verdicts are sticky:
+  image bursts (targeted poisoning) stay dropped, and pairs the trigger-sensitivity
+  detector flagged are re-matched at every pass to the caption their purified view (the
+  trigger filtered out) scores best with. The engine's score-based decisions apply only
+  with ``score_rematch`` (see :class:`TrainConfig`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from otcclip.models.features import (
     text_features,
 )
 from otcclip.models.training.augment import augment_caption, augment_images, normalize
-from otcclip.models.training.config import TrainConfig
+from otcclip.models.training.config import SCORE_REASONS, TRAINER_SANITIZE, TrainConfig
 from otcclip.models.training.data import ImageSource
 from otcclip.models.training.losses import clip_loss, nt_xent, ot_alignment_loss
 
@@ -302,12 +306,15 @@ class OtcClip(Defence):
 
         c = self.ctx.config
         img, txt = self.encode_all(local=True)
-        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **c.sanitize})
+        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **TRAINER_SANITIZE, **c.sanitize})
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
         for i, r in enumerate(reasons):
+            if not c.score_rematch and r in SCORE_REASONS and action[i] != "keep":
+                action[i], new_idx[i], reasons[i] = "keep", i, "score_ignored"
+                continue
             if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
                 action[i], new_idx[i] = "drop", -1
             if r == "trigger_sensitivity" and c.purified_rematch and purified is not None:
