@@ -57,3 +57,17 @@ def test_triggered_state_survives_a_checkpoint() -> None:
     f = _otcclip(3)
     f.load_state_dict(old)
     assert not f.triggered.any() and not f.quarantine.any()
+
+
+def test_a_flagged_pair_whose_purified_view_still_fits_its_caption_keeps_it() -> None:
+    e = torch.eye(3)
+    captions = torch.stack([e[0], e[0], e[1], e[2], e[0]])  # pair 4 (flagged) is captioned class A
+    d = _otcclip(5)
+    d.triggered[4] = True
+    purified = torch.stack([torch.stack([e[2], e[2]]) for _ in range(5)])
+    purified[4, 0] = e[0]  # with the trigger filtered out the image still shows class A
+    action = ["keep"] * 4 + ["drop"]
+    new_idx = np.array([0, 1, 2, 3, -1])
+    reasons = ["own_best"] * 4 + ["trigger_sensitivity"]
+    d._purified_rematch(purified, captions, np.array([-1, -1, -1, -1, 0]), action, new_idx, reasons)
+    assert action[4] == "keep" and new_idx[4] == 4 and reasons[4] == "purified_supports_own"

@@ -66,6 +66,9 @@ class TrainConfig:
         otcclip: a pair flagged by ``trigger_sensitivity`` is trained, at this and every
         later re-match, on the caption its purified view (trigger removed) scores best
         with, so the model unlearns the trigger; False drops it (sticky) instead.
+    purified_keep_top : float
+        otcclip: a flagged pair keeps its own caption when that caption ranks in this top
+        share of the candidates for the purified view (the content supports it).
     score_rematch : bool
         otcclip: also apply the engine's score-based decisions (reasons ``low_own_score``,
         ``better_caption``, ``no_plausible_caption``) during training. Off by default: on
@@ -108,6 +111,7 @@ class TrainConfig:
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
+    purified_keep_top: float = 0.05
     score_rematch: bool = False
     sanitize: dict[str, Any] = field(default_factory=dict)
     max_logit_scale: float = 4.605170185988092

@@ -311,17 +311,24 @@ class OtcClip(Defence):
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
+        flags = [str(f).split(",") for f in extra.get("detectors", [""] * self.ctx.n)]
         for i, r in enumerate(reasons):
             if not c.score_rematch and r in SCORE_REASONS and action[i] != "keep":
                 action[i], new_idx[i], reasons[i] = "keep", i, "score_ignored"
                 continue
+            # a pair several detectors flag takes the verdict of the one listed first in
+            # drop_reasons (an image burst stays dropped even if a trigger is seen too)
+            first = next((d for d in c.drop_reasons if d in flags[i]), None)
+            if first is not None and action[i] != "keep":
+                r = reasons[i] = first
             if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
                 action[i], new_idx[i] = "drop", -1
             if r == "trigger_sensitivity" and c.purified_rematch and purified is not None:
                 self.triggered[i] = True
             elif action[i] == "drop" and r in c.sticky_reasons:
                 self.quarantine[i] = True
-        for i in torch.nonzero(self.quarantine & ~self.triggered).flatten().tolist():
+        self.triggered &= ~self.quarantine
+        for i in torch.nonzero(self.quarantine).flatten().tolist():
             if action[i] != "drop":
                 action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
         if purified is not None and bool(self.triggered.any()):
@@ -343,7 +350,10 @@ class OtcClip(Defence):
         Candidates are the captions of pairs that are neither dropped nor triggered (the
         trigger's own captions are out). Training the triggered image on what it shows
         teaches the model that the trigger means nothing (a dropped pair would only stop
-        teaching it). ``purified`` (N, V, d), ``captions`` (N, d), ``view`` (N,).
+        teaching it). A pair whose own caption still ranks in the top
+        ``config.purified_keep_top`` of the candidates for the purified view keeps it
+        (reason ``purified_supports_own``): the image shows what its caption says.
+        ``purified`` (N, V, d), ``captions`` (N, d), ``view`` (N,).
         """
         rows = torch.nonzero(self.triggered).flatten()
         allowed = torch.tensor([a != "drop" for a in action], dtype=torch.bool) & ~self.triggered
@@ -355,8 +365,17 @@ class OtcClip(Defence):
         v = torch.from_numpy(np.maximum(view, 0))[rows]
         query = F.normalize(purified[rows, v].float(), dim=-1)
         keys = F.normalize(captions[pool].float(), dim=-1)
-        best = torch.cat([(q @ keys.t()).argmax(dim=1) for q in query.split(4096)])
-        for i, j in zip(rows.tolist(), pool[best].tolist(), strict=True):
+        own = (query * F.normalize(captions[rows].float(), dim=-1)).sum(dim=1)
+        best, above = [], []
+        for q, o in zip(query.split(4096), own.split(4096), strict=True):
+            sim = q @ keys.t()
+            best.append(sim.argmax(dim=1))
+            above.append((sim > o[:, None]).float().mean(dim=1))
+        top = self.ctx.config.purified_keep_top
+        for i, j, a in zip(rows.tolist(), pool[torch.cat(best)].tolist(), torch.cat(above).tolist(), strict=True):
+            if a < top:
+                action[i], new_idx[i], reasons[i] = "keep", i, "purified_supports_own"
+                continue
             action[i], new_idx[i] = "reassign", j
             if reasons[i] != "trigger_sensitivity":
                 reasons[i] = "quarantined"
