@@ -118,7 +118,7 @@ class DecisionSettings:
     dup_relative: float = 0.1
     burst_min: int = 5
     outlier_z: float = 4.0
-    sensitivity_z: float = 3.0
+    sensitivity_z: float = 4.0
     gmm_sample: int = 200_000
     seed: int = 0
 

@@ -107,7 +107,7 @@ class SanitizeConfig:
     dup_relative: float = 0.1
     burst_min: int = 5
     outlier_z: float = 4.0
-    sensitivity_z: float = 3.0
+    sensitivity_z: float = 4.0
     fp16_locals: bool = True
     seed: int = 0
 

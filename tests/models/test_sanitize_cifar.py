@@ -52,9 +52,17 @@ def test_swapped_captions_are_reassigned_to_their_true_class(tmp_path: Path, cif
     sw = [i for i, x in enumerate(ids) if x in swapped_ids]
     cl = [i for i, x in enumerate(ids) if x not in swapped_ids]
     fixed = [i for i in sw if d.action[i] == "reassign" and labels[i] in caps[int(d.new_caption_index[i])]]
+    moved = [i for i in sw if d.action[i] == "reassign"]
+    removed = [i for i in sw if d.action[i] == "drop"]
     kept = [i for i in cl if d.action[i] == "keep"]
     fixed_rate, kept_rate = len(fixed) / len(sw), len(kept) / len(cl)
-    print(f"swapped pairs re-assigned to a caption of their true class: {fixed_rate:.2f} ({len(sw)} pairs); "
-          f"untouched pairs kept: {kept_rate:.2f} ({len(cl)} pairs); actions {d.counts()['action']}")
-    assert fixed_rate > 0.5
+    right_rate = len(fixed) / max(1, len(moved))
+    print(f"swapped pairs re-assigned to a caption of their true class: {fixed_rate:.2f} ({len(sw)} pairs), "
+          f"dropped {len(removed) / len(sw):.2f}; re-assignments of swapped pairs that are right: {right_rate:.2f}; "
+          f"untouched pairs kept: {kept_rate:.2f} ({len(cl)} pairs); actions {d.counts()['action']}, "
+          f"reasons {d.counts()['reason']}")
+    # the wrong caption is gone (fixed, or the pair dropped) for most swapped pairs, and a
+    # re-assignment is mostly to the true class (chance: 1 in 4 other classes)
+    assert (len(fixed) + len(removed)) / len(sw) > 0.55
+    assert right_rate > 0.6
     assert kept_rate > 0.8

@@ -11,8 +11,10 @@ DEFENCES: tuple[str, ...] = ("none", "roclip", "safeclip", "otcclip")
 SCORE_REASONS: tuple[str, ...] = ("low_own_score", "better_caption", "no_plausible_caption")
 #: The engine's settings in otcclip's re-matching passes, before ``TrainConfig.sanitize``:
 #: only the detectors that act on evidence a model still in training gives (the density
-#: and caption-burst detectors flagged mostly clean pairs there; README, defence bench).
-TRAINER_SANITIZE: dict[str, Any] = {"detectors": ("image_burst", "trigger_sensitivity")}
+#: and caption-burst detectors flagged mostly clean pairs there; README, defence bench),
+#: and a lower trigger-sensitivity threshold than a sanitize job's (4): here a flagged
+#: pair is re-matched through its purified view, not dropped, so a false alarm costs less.
+TRAINER_SANITIZE: dict[str, Any] = {"detectors": ("image_burst", "trigger_sensitivity"), "sensitivity_z": 3.0}
 
 
 @dataclass(frozen=True)
