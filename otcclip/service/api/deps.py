@@ -35,7 +35,10 @@ def get_db(request: Request) -> Iterator[Session]:
         db.close()
 
 
-DbDep = Annotated[Session, Depends(get_db)]
+# scope="function": commit before the response is sent. With the default ("request")
+# FastAPI runs the code after ``yield`` once the response is out, so a client could be
+# told 201/204 and read the old state (or a failed commit would go unreported).
+DbDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
