@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lam-intra", type=float, default=None)
     p.add_argument("--reassign", choices=("match", "drop"), default=None, help="otcclip: train reassigned pairs on their new caption, or drop them")
     p.add_argument("--sanitize", default=None, help="JSON object of SanitizeConfig overrides (otcclip)")
+    p.add_argument("--score-rematch", action="store_true", default=None,
+                   help="otcclip: also apply the engine's score-based re-assignments while training")
+    p.add_argument("--no-purified-rematch", dest="purified_rematch", action="store_false", default=None,
+                   help="otcclip: drop pairs the trigger-sensitivity detector flags instead of re-matching them")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "seed": args.seed,
     }
-    for name in ("warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign"):
+    for name in ("warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.sanitize:
