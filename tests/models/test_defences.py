@@ -1,4 +1,4 @@
-"""OTCCLIP's per-pair state between re-matches: purified re-matching of triggered pairs."""
+"""OTCCLIP's trainer policy on the engine's decisions and its per-pair state between passes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from otcclip.models.training.config import TrainConfig
 from otcclip.models.training.defences import Context, OtcClip
 
 
-def _otcclip(n: int) -> OtcClip:
+def _otcclip(n: int, **config: object) -> OtcClip:
     ctx = Context(
-        model=None, tokenizer=None, config=TrainConfig(defense="otcclip"), images=None,  # type: ignore[arg-type]
+        model=None, tokenizer=None, config=TrainConfig(defense="otcclip", **config), images=None,  # type: ignore[arg-type]
         captions=[f"c{i}" for i in range(n)], ids=[str(i) for i in range(n)],
         tokens=torch.zeros(n, 4, dtype=torch.long), mean=(0.0,), std=(1.0,),
         device=torch.device("cpu"), run_dir=Path("."),
@@ -71,3 +71,43 @@ def test_a_flagged_pair_whose_purified_view_still_fits_its_caption_keeps_it() ->
     reasons = ["own_best"] * 4 + ["trigger_sensitivity"]
     d._purified_rematch(purified, captions, np.array([-1, -1, -1, -1, 0]), action, new_idx, reasons)
     assert action[4] == "keep" and new_idx[4] == 4 and reasons[4] == "purified_supports_own"
+
+
+def _verdicts(d: OtcClip, rows: list[tuple[str, int, str, str]], purified: bool = True) -> tuple[list[str], list[int], list[str]]:
+    action = [r[0] for r in rows]
+    new_idx = np.array([r[1] for r in rows])
+    reasons = [r[2] for r in rows]
+    d._apply_verdicts(action, new_idx, reasons, [r[3].split(",") for r in rows], purified_views=purified)
+    return action, new_idx.tolist(), reasons
+
+
+def test_detector_verdicts_win_and_score_decisions_are_ignored_by_default() -> None:
+    rows = [
+        ("keep", 0, "own_best", ""),
+        ("reassign", 5, "low_own_score", ""),  # score-based: ignored while training
+        ("reassign", 6, "low_own_score", "image_burst"),  # a burst is dropped whatever the score says
+        ("keep", 3, "clean_score", "image_burst"),  # even when the engine would keep it
+        ("drop", -1, "trigger_sensitivity", "trigger_sensitivity"),
+        ("drop", -1, "trigger_sensitivity", "image_burst,trigger_sensitivity"),  # the burst wins
+    ]
+    d = _otcclip(6)
+    action, new_idx, reasons = _verdicts(d, rows)
+    assert action == ["keep", "keep", "drop", "drop", "drop", "drop"]
+    assert new_idx[:4] == [0, 1, -1, -1]
+    assert reasons == ["own_best", "score_ignored", "image_burst", "image_burst", "trigger_sensitivity", "image_burst"]
+    assert d.quarantine.tolist() == [False, False, True, True, False, True]
+    assert d.triggered.tolist() == [False, False, False, False, True, False]
+    # the next pass: quarantined pairs stay out although the engine now keeps them
+    action, _, reasons = _verdicts(d, [("keep", i, "clean_score", "") for i in range(6)])
+    assert action == ["keep", "keep", "drop", "drop", "keep", "drop"] and reasons[2] == "quarantined"
+    assert d.triggered[4]  # still re-matched through its purified view (by _purified_rematch)
+
+
+def test_score_rematch_applies_the_engine_decisions() -> None:
+    d = _otcclip(2, score_rematch=True)
+    action, new_idx, reasons = _verdicts(d, [("reassign", 1, "low_own_score", ""), ("keep", 1, "own_best", "")])
+    assert action == ["reassign", "keep"] and new_idx == [1, 1] and reasons[0] == "low_own_score"
+    # without purified views a trigger flag is a sticky drop
+    e = _otcclip(1)
+    action, _, _ = _verdicts(e, [("drop", -1, "trigger_sensitivity", "trigger_sensitivity")], purified=False)
+    assert action == ["drop"] and e.quarantine[0] and not e.triggered[0]

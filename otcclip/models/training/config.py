@@ -57,10 +57,11 @@ class TrainConfig:
         2.4) or only through ``L_intra`` (``drop``: safer while the model is too weak for
         its re-matches to be right).
     drop_reasons : tuple of str
-        otcclip: pairs the engine flags with one of these reason codes are dropped even when
-        it proposes a reassignment (a burst of one image under many captions is the
+        otcclip: pairs one of these detectors flags are dropped whatever the engine
+        proposes on scores (a burst of one image under many captions is the
         targeted-poisoning signature; any caption it is re-matched to comes from the same
-        poisoned neighbourhood).
+        poisoned neighbourhood); ``trigger_sensitivity`` ones are then re-matched through
+        their purified view (``purified_rematch``).
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).

@@ -312,25 +312,7 @@ class OtcClip(Defence):
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
         flags = [str(f).split(",") for f in extra.get("detectors", [""] * self.ctx.n)]
-        for i, r in enumerate(reasons):
-            if not c.score_rematch and r in SCORE_REASONS and action[i] != "keep":
-                action[i], new_idx[i], reasons[i] = "keep", i, "score_ignored"
-                continue
-            # a pair several detectors flag takes the verdict of the one listed first in
-            # drop_reasons (an image burst stays dropped even if a trigger is seen too)
-            first = next((d for d in c.drop_reasons if d in flags[i]), None)
-            if first is not None and action[i] != "keep":
-                r = reasons[i] = first
-            if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
-                action[i], new_idx[i] = "drop", -1
-            if r == "trigger_sensitivity" and c.purified_rematch and purified is not None:
-                self.triggered[i] = True
-            elif action[i] == "drop" and r in c.sticky_reasons:
-                self.quarantine[i] = True
-        self.triggered &= ~self.quarantine
-        for i in torch.nonzero(self.quarantine).flatten().tolist():
-            if action[i] != "drop":
-                action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
+        self._apply_verdicts(action, new_idx, reasons, flags, purified_views=purified is not None)
         if purified is not None and bool(self.triggered.any()):
             self._purified_rematch(purified, txt.global_, decisions.purified_view, action, new_idx, reasons)
         extra["reason"] = reasons
@@ -340,6 +322,33 @@ class OtcClip(Defence):
         tab.update(extra)
         self.write_decisions(epoch, tab)
         return {"rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")}}
+
+    def _apply_verdicts(
+        self, action: list[str], new_idx: np.ndarray, reasons: list[str], flags: list[list[str]], *, purified_views: bool,
+    ) -> None:
+        """The trainer's policy on the engine's decisions (in place; see :class:`TrainConfig`)."""
+        c = self.ctx.config
+        for i, r in enumerate(reasons):
+            # a detector in drop_reasons decides, whatever the engine proposed on scores;
+            # several: the one listed first (an image burst stays dropped even if a
+            # trigger is seen too)
+            first = next((d for d in c.drop_reasons if d in flags[i]), None)
+            if first is not None:
+                r = reasons[i] = first
+                action[i], new_idx[i] = "drop", -1
+            elif not c.score_rematch and r in SCORE_REASONS and action[i] != "keep":
+                action[i], new_idx[i], reasons[i] = "keep", i, "score_ignored"
+                continue
+            if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
+                action[i], new_idx[i] = "drop", -1
+            if r == "trigger_sensitivity" and c.purified_rematch and purified_views:
+                self.triggered[i] = True
+            elif action[i] == "drop" and r in c.sticky_reasons:
+                self.quarantine[i] = True
+        self.triggered &= ~self.quarantine
+        for i in torch.nonzero(self.quarantine).flatten().tolist():
+            if action[i] != "drop":
+                action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
 
     def _purified_rematch(
         self, purified: torch.Tensor, captions: torch.Tensor, view: np.ndarray,
