@@ -12,6 +12,7 @@ from otcclip.models.training.losses import (
     nt_xent,
     ot_alignment_loss,
     ot_distances,
+    unlikelihood_loss,
 )
 
 
@@ -69,3 +70,18 @@ def test_ot_loss_has_gradient_towards_alignment() -> None:
     loss = ot_alignment_loss(x, y, y_mask=torch.tensor([[True, False]]), reg=0.05, iters=100)
     loss.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+def test_unlikelihood_known_value_and_direction() -> None:
+    e = torch.eye(3)
+    # the image sits on its poisoned caption: p = e^1 / (e^1 + e^0 + e^0)
+    img = e[:1].clone().requires_grad_(True)
+    loss = unlikelihood_loss(img, e[:1], e[1:], 1.0)
+    p = math.e / (math.e + 2)
+    assert loss.item() == pytest.approx(-math.log(1 - p), rel=1e-5)
+    loss.backward()
+    assert img.grad is not None and img.grad[0, 0] > 0  # descent moves it off the poisoned caption
+    # already far from the poisoned caption: almost no loss
+    far = unlikelihood_loss(e[1:2], e[:1], e[1:], 20.0)
+    assert far.item() < 1e-6
+    assert unlikelihood_loss(torch.zeros(0, 3), torch.zeros(0, 3), e, 1.0).item() == 0.0

@@ -62,6 +62,10 @@ class TrainConfig:
         targeted-poisoning signature; any caption it is re-matched to comes from the same
         poisoned neighbourhood); ``trigger_sensitivity`` ones are then re-matched through
         their purified view (``purified_rematch``).
+    lam_unlearn : float
+        otcclip: weight of the unlikelihood term that pushes quarantined images (image
+        bursts: targeted poisoning) away from the captions they were poisoned with (what
+        the warm-up epochs taught is unlearnt, not just no longer taught); 0 turns it off.
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
@@ -112,6 +116,7 @@ class TrainConfig:
     safe_threshold: float = 0.5
     reassign: str = "match"
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
+    lam_unlearn: float = 1.0
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
     purified_keep_top: float = 0.05

@@ -44,7 +44,7 @@ from otcclip.models.features import (
 from otcclip.models.training.augment import augment_caption, augment_images, normalize
 from otcclip.models.training.config import SCORE_REASONS, TRAINER_SANITIZE, TrainConfig
 from otcclip.models.training.data import ImageSource
-from otcclip.models.training.losses import clip_loss, nt_xent, ot_alignment_loss
+from otcclip.models.training.losses import clip_loss, nt_xent, ot_alignment_loss, unlikelihood_loss
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +408,13 @@ class OtcClip(Defence):
             intra = self._intra(idx, fi, act, gen, rng)
             loss = loss + c.lam_intra * intra
             terms["intra"] = float(intra.detach())
+        bad = self.quarantine[idx]
+        if c.lam_unlearn > 0 and bool(bad.any()) and use.numel():
+            # dropping a quarantined pair stops teaching its poison; this unlearns it
+            own = text_features(m, ctx.tokens[idx[bad]].to(ctx.device)).global_
+            un = unlikelihood_loss(fi.global_[bad.to(ctx.device)], own, ft.global_, m.logit_scale.exp())
+            loss = loss + c.lam_unlearn * un
+            terms["unlearn"] = float(un.detach())
         return loss, terms
 
     def _intra(self, idx: torch.Tensor, fi: ImageFeatures, act: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:

@@ -6,6 +6,7 @@
   the engine's :func:`otcclip.models.ot.ot_distance` (a local log-domain Sinkhorn is
   used only while that module is absent).
 - :func:`nt_xent`: SimCLR-style unimodal contrastive loss between two views (SafeCLIP).
+- :func:`unlikelihood_loss`: pushes images away from captions they were poisoned with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from otcclip.models.ot import ot_distance
+
+
+def unlikelihood_loss(image: torch.Tensor, poisoned: torch.Tensor, others: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Mean ``-log(1 - p)``, ``p`` the softmax probability of each image's poisoned caption
+    among it and the ``others`` (the batch's captions).
+
+    Parameters
+    ----------
+    image, poisoned : Tensor, shape (Q, d)
+        L2-normalised; row ``i`` of ``poisoned`` is the caption image ``i`` was poisoned with.
+    others : Tensor, shape (B, d)
+        L2-normalised captions to compare against.
+    logit_scale : Tensor or float
+
+    Returns
+    -------
+    Tensor, scalar (0 when ``Q == 0``)
+    """
+    if image.shape[0] == 0:
+        return image.sum() * 0.0
+    own = logit_scale * (image * poisoned).sum(dim=1, keepdim=True)  # (Q, 1)
+    logits = torch.cat([own, logit_scale * image @ others.t()], dim=1)  # (Q, 1 + B)
+    log_p = logits.log_softmax(dim=1)[:, 0]
+    return -torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6)).mean()
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
