@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.atomic import atomic_write
 from otcclip.models.features import (
     ImageFeatures,
     TextFeatures,
@@ -183,13 +184,8 @@ class Defence:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        out = self.ctx.run_dir / "rematch" / f"epoch_{epoch:03d}"
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "decisions.parquet"
-        tmp = out / ".decisions.parquet.tmp"
-        pq.write_table(pa.table(table), tmp)
-        tmp.replace(path)
-        return path
+        path = self.ctx.run_dir / "rematch" / f"epoch_{epoch:03d}" / "decisions.parquet"
+        return atomic_write(path, lambda tmp: pq.write_table(pa.table(table), tmp))
 
     def _base_table(self, action: list[str]) -> dict[str, Any]:
         ctx = self.ctx
