@@ -119,6 +119,9 @@ class DecisionSettings:
     burst_min: int = 5
     outlier_z: float = 4.0
     sensitivity_z: float = 4.0
+    sensitivity_knn: int = 0
+    sensitivity_enrichment_z: float = 3.0
+    sensitivity_region_z: float = 2.0
     gmm_sample: int = 200_000
     seed: int = 0
 
@@ -130,7 +133,9 @@ class Decisions:
     Every array has shape (N,). ``new_caption_index`` is the caption row the pair keeps
     (own row for keep, the chosen row for reassign, -1 for drop). ``sensitivity_z`` is
     the largest trigger-sensitivity z over the purified views and ``purified_view`` the
-    view that gave it (NaN / -1 without purified views).
+    view that gave it (NaN / -1 without purified views); ``sensitivity_enrichment`` the
+    largest z over the views of the share of sensitive pairs among the pair's nearest
+    captions (:func:`sensitivity_enrichment`; NaN when that test is off).
     """
 
     row: np.ndarray
@@ -149,6 +154,7 @@ class Decisions:
     p_clean: np.ndarray
     sensitivity_z: np.ndarray
     purified_view: np.ndarray
+    sensitivity_enrichment: np.ndarray
     gmm: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -304,16 +310,61 @@ def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
     return z
 
 
+def sensitivity_enrichment(m: MatchScores, sensitive: np.ndarray, st: DecisionSettings) -> np.ndarray:
+    """How much sensitive pairs crowd each pair's caption neighbourhood, per purified view.
+
+    A backdoor teaches one trigger one target, so the pairs it poisoned share what their
+    captions mean; false alarms of :func:`detect_trigger_sensitivity` (a weak model, a
+    textured image) are spread over all captions.
+
+    Parameters
+    ----------
+    m : MatchScores
+        Uses ``caption_global`` (N, d).
+    sensitive : ndarray, shape (N, V), bool
+        Pairs whose sensitivity z on view ``v`` is above ``st.sensitivity_z``.
+    st : DecisionSettings
+        ``sensitivity_knn`` neighbours (cosine of the own-caption globals, self excluded).
+
+    Returns
+    -------
+    ndarray, shape (N, V), float64
+        Binomial z of the sensitive share among the neighbours against the share over
+        all readable pairs (0 for a view where nothing or everything is sensitive).
+    """
+    n = len(m)
+    sensitive = sensitive.reshape(n, -1) & m.ok[:, None]
+    out = np.zeros(sensitive.shape)
+    k = min(st.sensitivity_knn, n - 1)
+    p = sensitive[m.ok].mean(axis=0) if m.ok.any() else np.zeros(sensitive.shape[1])
+    live = (p > 0.0) & (p < 1.0)
+    if k < 1 or not live.any():
+        return out
+    _, idx = _knn(m.caption_global, k, st.seed, st.exact_threshold)
+    for v in np.nonzero(live)[0]:
+        share = sensitive[idx, v].mean(axis=1)
+        out[:, v] = (share - p[v]) / np.sqrt(p[v] * (1.0 - p[v]) / k)
+    return out
+
+
 def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
     its most high-frequency window filled): the score rests on a noise trigger, not on
-    what the image shows. Flagged when any view's :func:`sensitivity_scores` z >
-    ``sensitivity_z``. Needs ``m.purified_own``; without it nothing is flagged."""
+    what the image shows. Flagged when a view's :func:`sensitivity_scores` z >
+    ``sensitivity_z``. With ``sensitivity_knn`` > 0 a pair is flagged only inside a caption
+    neighbourhood crowded with such pairs (:func:`sensitivity_enrichment` >
+    ``sensitivity_enrichment_z`` for that view), and there already when its z >
+    ``sensitivity_region_z``: the captions a backdoor poisoned are known, the rest of the
+    data is left alone. Needs ``m.purified_own``; without it nothing is flagged."""
     z = sensitivity_scores(m)
     if z is None:
         log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
         return np.zeros(len(m), dtype=bool)
-    return np.nan_to_num(z, nan=-np.inf).max(axis=1) > st.sensitivity_z
+    z = np.nan_to_num(z, nan=-np.inf)
+    if st.sensitivity_knn <= 0:
+        return np.asarray(z.max(axis=1) > st.sensitivity_z)
+    region = sensitivity_enrichment(m, z > st.sensitivity_z, st) > st.sensitivity_enrichment_z
+    return np.asarray((region & (z > min(st.sensitivity_region_z, st.sensitivity_z))).any(axis=1))
 
 
 DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
@@ -399,6 +450,10 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         filled = np.nan_to_num(sz, nan=-np.inf)
         view = np.where(np.isfinite(filled).any(axis=1), filled.argmax(axis=1), -1).astype(np.int64)
         sens = np.where(view >= 0, filled[rows, np.maximum(view, 0)], np.nan).astype(np.float32)
+    enrich = np.full(n, np.nan, dtype=np.float32)
+    if sz is not None and sz.shape[1] and settings.sensitivity_knn > 0 and n > 1:
+        crowd = sensitivity_enrichment(m, np.nan_to_num(sz, nan=-np.inf) > settings.sensitivity_z, settings)
+        enrich = crowd.max(axis=1).astype(np.float32)
 
     new_idx = np.where(action == "keep", m.candidates[:, 0], np.where(action == "reassign", best, -1))
     return Decisions(
@@ -418,5 +473,6 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         p_clean=p_own,
         sensitivity_z=sens,
         purified_view=view,
+        sensitivity_enrichment=enrich,
         gmm=info,
     )

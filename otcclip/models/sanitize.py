@@ -84,6 +84,11 @@ class SanitizeConfig:
         FAISS: exact index up to this many captions, IVF lists probed above.
     knn, dup_threshold, dup_relative, burst_min, outlier_z, sensitivity_z
         Detector settings.
+    sensitivity_knn, sensitivity_enrichment_z, sensitivity_region_z : int, float, float
+        With ``sensitivity_knn`` > 0, ``trigger_sensitivity`` flags only pairs whose
+        ``sensitivity_knn`` nearest captions hold more sensitive pairs than chance
+        (binomial z > ``sensitivity_enrichment_z``; a backdoor's pairs share a target),
+        and there pairs with a sensitivity z > ``sensitivity_region_z``.
     fp16_locals : bool
         Store local sets in float16 in feature shards.
     """
@@ -108,6 +113,9 @@ class SanitizeConfig:
     burst_min: int = 5
     outlier_z: float = 4.0
     sensitivity_z: float = 4.0
+    sensitivity_knn: int = 0
+    sensitivity_enrichment_z: float = 3.0
+    sensitivity_region_z: float = 2.0
     fp16_locals: bool = True
     seed: int = 0
 

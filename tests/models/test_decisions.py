@@ -142,3 +142,36 @@ def test_trigger_sensitivity_drops_pairs_whose_score_collapses_when_low_passed()
     assert (d.action[~trig] == "keep").mean() > 0.95
     # without the purified view the detector flags nothing (and says so in the log)
     assert not detect_trigger_sensitivity(m, st).any()
+
+
+def test_sensitivity_enrichment_keeps_the_trigger_and_drops_scattered_false_alarms() -> None:
+    m, _, _ = _scores(n=600, seed=5, poison=0.0)
+    rng = np.random.default_rng(5)
+    n = len(m)
+    # captions of 10 classes: a backdoor's pairs all carry class-3 captions; false alarms
+    # (equally sensitive) are spread over every class
+    centres = rng.standard_normal((10, 16))
+    cap_cls = rng.integers(0, 10, n)
+    caps = centres[cap_cls] + 0.3 * rng.standard_normal((n, 16))
+    purified = m.global_[:, 0] - rng.normal(0.02, 0.01, n)
+    trig = np.zeros(n, dtype=bool)
+    trig[rng.choice(np.nonzero(cap_cls == 3)[0], 30, replace=False)] = True
+    alarm = np.zeros(n, dtype=bool)
+    alarm[rng.choice(np.nonzero(~trig)[0], 30, replace=False)] = True
+    purified[trig | alarm] = m.global_[trig | alarm, 0] - 0.3
+    m2 = MatchScores(
+        m.candidates, m.global_, m.ot, m.fused, m.ok, m.image_global, caps.astype(np.float32), m.caption_hash,
+        purified_own=purified.astype(np.float32),
+    )
+    plain = detect_trigger_sensitivity(m2, DecisionSettings(detectors=("trigger_sensitivity",)))
+    assert plain[trig].all() and plain[alarm].all()
+    st = DecisionSettings(detectors=("trigger_sensitivity",), sensitivity_knn=40)
+    flags = detect_trigger_sensitivity(m2, st)
+    assert flags[trig].mean() > 0.9
+    assert flags[alarm & (cap_cls != 3)].sum() == 0
+    d = decide_pairs(m2, settings=st)
+    assert np.isfinite(d.sensitivity_enrichment).all()
+    assert d.sensitivity_enrichment[trig].min() > st.sensitivity_enrichment_z
+    assert (d.action[alarm & (cap_cls != 3)] == "keep").all()
+    # off by default: the column is NaN
+    assert np.isnan(decide_pairs(m2, settings=DecisionSettings(detectors=("trigger_sensitivity",))).sensitivity_enrichment).all()
