@@ -132,6 +132,30 @@ def fill_local(images: torch.Tensor, *, frac: float = 0.25) -> torch.Tensor:
 PURIFIERS = ("low_pass", "fill_local")
 
 
+def trigger_residual(images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """What each image loses in its purified view: the trigger, when it carries one.
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W), float
+        Normalised images.
+    views : Tensor, shape (N,), int64
+        Index into :data:`PURIFIERS` per image.
+
+    Returns
+    -------
+    Tensor, shape (N, C, H, W)
+        ``image - purified view`` (the high-frequency part for ``low_pass``; the filled
+        window, less the image's mean colour, for ``fill_local``).
+    """
+    out = torch.zeros_like(images)
+    for v, fn in enumerate((low_pass, fill_local)):
+        rows = views == v
+        if bool(rows.any()):
+            out[rows] = images[rows] - fn(images[rows])
+    return out
+
+
 def purified_image_global(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """L2-normalised ``encode_image`` of each purified view (:data:`PURIFIERS`).
 

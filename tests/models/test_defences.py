@@ -48,15 +48,17 @@ def test_triggered_pairs_are_rematched_through_their_purified_view() -> None:
 def test_triggered_state_survives_a_checkpoint() -> None:
     d = _otcclip(3)
     d.triggered[1] = True
+    d.trigger_view[1] = 1
     d.quarantine[2] = True
     e = _otcclip(3)
     e.load_state_dict(d.state_dict())
     assert e.triggered.tolist() == [False, True, False] and e.quarantine.tolist() == [False, False, True]
+    assert e.trigger_view.tolist() == [-1, 1, -1]
     # checkpoints written before these fields existed still load
     old = {k: v for k, v in d.state_dict().items() if k in ("match", "active")}
     f = _otcclip(3)
     f.load_state_dict(old)
-    assert not f.triggered.any() and not f.quarantine.any()
+    assert not f.triggered.any() and not f.quarantine.any() and (f.trigger_view == -1).all()
 
 
 def test_a_flagged_pair_whose_purified_view_still_fits_its_caption_keeps_it() -> None:
@@ -111,3 +113,50 @@ def test_score_rematch_applies_the_engine_decisions() -> None:
     e = _otcclip(1)
     action, _, _ = _verdicts(e, [("drop", -1, "trigger_sensitivity", "trigger_sensitivity")], purified=False)
     assert action == ["drop"] and e.quarantine[0] and not e.triggered[0]
+
+
+def test_unlearning_covers_quarantine_and_optionally_rematched_triggered_pairs() -> None:
+    for on in (False, True):
+        d = _otcclip(5, unlearn_triggered=on)
+        d.quarantine[0] = True
+        d.triggered[1] = d.triggered[2] = True
+        d.match = torch.tensor([0, 3, 2, 3, 4])  # 1 re-matched through its view, 2 kept its own
+        got = d.unlearn_rows(torch.tensor([4, 2, 1, 0])).tolist()
+        assert got == [False, False, on, True]
+
+
+class _Pixels:
+    """Images of a run as the trainer's ImageSource serves them: ``source[idx] -> (pixels, ok)``."""
+
+    def __init__(self, pix: torch.Tensor) -> None:
+        self.pix = pix
+
+    def __getitem__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pix[idx], torch.ones(len(idx), dtype=torch.bool)
+
+
+def test_inoculation_stamps_the_triggers_residual_on_clean_pairs_only() -> None:
+    from otcclip.models.features import trigger_residual
+
+    g = torch.Generator().manual_seed(0)
+    pix = torch.rand(6, 3, 16, 16, generator=g)
+    d = _otcclip(6, inoculate=0.5)
+    d.ctx.images, d.ctx.mean, d.ctx.std = _Pixels(pix), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # type: ignore[assignment]
+    idx = torch.arange(5)
+    x = d.ctx.batch_images(idx, None)
+    assert torch.equal(d.inoculate(idx, x, g), x)  # nothing triggered yet
+    d.triggered[4] = d.triggered[5] = True
+    d.trigger_view[4], d.trigger_view[5] = 0, 1
+    d.match[4], d.match[5] = 0, 1  # both re-matched through their view: donors
+    d.quarantine[3] = True
+    out = d.inoculate(idx, x, torch.Generator().manual_seed(1))
+    changed = [i for i in range(5) if not torch.equal(out[i], x[i])]
+    assert len(changed) == 2 and set(changed) <= {0, 1, 2}  # half the clean rows; never 3 or 4
+    donors = d.ctx.batch_images(torch.tensor([4, 5]), None)
+    res = trigger_residual(donors, torch.tensor([0, 1]))
+    for i in changed:
+        assert any(torch.allclose(out[i] - x[i], r, atol=1e-6) for r in res)
+    d0 = _otcclip(6, inoculate=0.0)
+    d0.ctx.images, d0.ctx.mean, d0.ctx.std = d.ctx.images, d.ctx.mean, d.ctx.std
+    d0.triggered, d0.trigger_view, d0.match = d.triggered, d.trigger_view, d.match
+    assert torch.equal(d0.inoculate(idx, x, g), x)

@@ -14,6 +14,7 @@ from otcclip.models.features import (
     pad_text_features,
     purified_image_global,
     text_features,
+    trigger_residual,
 )
 
 CAPTIONS = ["a cat.", "a blurry photo of a small dog on the grass.", "two birds", "a red car"]
@@ -117,3 +118,22 @@ def test_purified_global_is_the_encoder_on_each_view(tiny_bundle: ClipBundle) ->
     assert got.shape == (3, len(PURIFIERS), b.model_cfg["embed_dim"])
     for v, r in enumerate(ref):
         assert torch.allclose(got[:, v], r, atol=1e-5)
+
+
+def test_trigger_residual_is_what_the_purified_view_removes() -> None:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    smooth = torch.stack([xx, yy, xx * yy])[None]
+    g = torch.Generator().manual_seed(2)
+    noise = 0.3 * torch.randn(1, 3, 32, 32, generator=g)
+    patched = smooth.clone()
+    patched[0, :, 4:12, 16:24] = torch.rand(3, 8, 8, generator=g) * 4 - 2
+    x = torch.cat([smooth + noise, patched, smooth])
+    r = trigger_residual(x, torch.tensor([0, 1, -1]))
+    # low-pass view: the residual is mostly the blended noise
+    assert F.cosine_similarity(r[0, :, 2:-2, 2:-2].flatten(), noise[0, :, 2:-2, 2:-2].flatten(), dim=0) > 0.8
+    # fill view: the residual lives in the patch window only
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[4:12, 16:24] = True
+    assert (r[1][:, ~inside] == 0).all() and (r[1][:, inside] != 0).any()
+    # no view (-1): nothing
+    assert (r[2] == 0).all()

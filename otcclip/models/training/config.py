@@ -15,6 +15,11 @@ SCORE_REASONS: tuple[str, ...] = ("low_own_score", "better_caption", "no_plausib
 #: and a lower trigger-sensitivity threshold than a sanitize job's (4): here a flagged
 #: pair is re-matched through its purified view, not dropped, so a false alarm costs less.
 TRAINER_SANITIZE: dict[str, Any] = {"detectors": ("image_burst", "trigger_sensitivity"), "sensitivity_z": 3.0}
+#: Shortlist size of the trainer's passes while their score-based proposals are not acted
+#: on (``score_rematch`` off): the detectors do not use the OT scores, and the decisions
+#: files still name the best of these candidates. The OT scoring of a 32-caption
+#: shortlist was a third of a pass's time.
+TRAINER_LEAN_K = 8
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,13 @@ class TrainConfig:
         otcclip: weight of the unlikelihood term that pushes quarantined images (image
         bursts: targeted poisoning) away from the captions they were poisoned with (what
         the warm-up epochs taught is unlearnt, not just no longer taught); 0 turns it off.
+    inoculate : float
+        otcclip: share of each batch's clean pairs that get the trigger residual of a
+        triggered image stamped on and keep their own caption (``OtcClip.inoculate``);
+        0 turns it off.
+    unlearn_triggered : bool
+        otcclip: the unlikelihood term also pushes pairs re-matched through their
+        purified view (``purified_rematch``) away from the caption they came with.
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
@@ -117,6 +129,8 @@ class TrainConfig:
     reassign: str = "match"
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     lam_unlearn: float = 1.0
+    unlearn_triggered: bool = False
+    inoculate: float = 0.0
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
     purified_keep_top: float = 0.05
@@ -141,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"reassign must be 'match' or 'drop', not {self.reassign!r}")
         if not 0.0 < self.pool_fraction <= 1.0:
             raise ValueError(f"pool_fraction must be in (0, 1], got {self.pool_fraction!r}")
+        if not 0.0 <= self.inoculate <= 1.0:
+            raise ValueError(f"inoculate must be in [0, 1], got {self.inoculate!r}")
         if not 0.0 <= self.intra_subsample <= 1.0:
             raise ValueError(f"intra_subsample must be in [0, 1], got {self.intra_subsample!r}")
 

@@ -41,9 +41,15 @@ from otcclip.models.features import (
     image_features,
     purified_image_global,
     text_features,
+    trigger_residual,
 )
 from otcclip.models.training.augment import augment_caption, augment_images, normalize
-from otcclip.models.training.config import SCORE_REASONS, TRAINER_SANITIZE, TrainConfig
+from otcclip.models.training.config import (
+    SCORE_REASONS,
+    TRAINER_LEAN_K,
+    TRAINER_SANITIZE,
+    TrainConfig,
+)
 from otcclip.models.training.data import ImageSource
 from otcclip.models.training.losses import clip_loss, nt_xent, ot_alignment_loss, unlikelihood_loss
 
@@ -285,15 +291,21 @@ class OtcClip(Defence):
         # (triggered).
         self.quarantine = torch.zeros(ctx.n, dtype=torch.bool)
         self.triggered = torch.zeros(ctx.n, dtype=torch.bool)
+        # the purified view (features.PURIFIERS) that flagged each triggered pair, -1 none
+        self.trigger_view = torch.full((ctx.n,), -1, dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "quarantine": self.quarantine.clone(), "triggered": self.triggered.clone()}
+        return {
+            **super().state_dict(), "quarantine": self.quarantine.clone(), "triggered": self.triggered.clone(),
+            "trigger_view": self.trigger_view.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         none = torch.zeros(self.ctx.n, dtype=torch.bool)
         self.quarantine = state.get("quarantine", none).clone()
         self.triggered = state.get("triggered", none).clone()
+        self.trigger_view = state.get("trigger_view", torch.full((self.ctx.n,), -1, dtype=torch.long)).clone()
 
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
@@ -302,13 +314,16 @@ class OtcClip(Defence):
 
         c = self.ctx.config
         img, txt = self.encode_all(local=True)
-        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **TRAINER_SANITIZE, **c.sanitize})
+        lean = {} if c.score_rematch else {"k": TRAINER_LEAN_K}
+        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **TRAINER_SANITIZE, **lean, **c.sanitize})
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
         flags = [str(f).split(",") for f in extra.get("detectors", [""] * self.ctx.n)]
         self._apply_verdicts(action, new_idx, reasons, flags, purified_views=purified is not None)
+        for i in (i for i, f in enumerate(flags) if "trigger_sensitivity" in f):
+            self.trigger_view[i] = int(decisions.purified_view[i])
         if purified is not None and bool(self.triggered.any()):
             self._purified_rematch(purified, txt.global_, decisions.purified_view, action, new_idx, reasons)
         extra["reason"] = reasons
@@ -387,7 +402,7 @@ class OtcClip(Defence):
 
     def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
-        x = ctx.batch_images(idx, gen)
+        x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
         fi = image_features(m, x)
         act = self.active[idx]
         use = idx[act]
@@ -404,14 +419,63 @@ class OtcClip(Defence):
             intra = self._intra(idx, fi, act, gen, rng)
             loss = loss + c.lam_intra * intra
             terms["intra"] = float(intra.detach())
-        bad = self.quarantine[idx]
+        bad = self.unlearn_rows(idx)
         if c.lam_unlearn > 0 and bool(bad.any()) and use.numel():
-            # dropping a quarantined pair stops teaching its poison; this unlearns it
+            # dropping a quarantined pair (re-matching a triggered one) stops teaching its
+            # poison; this unlearns it
             own = text_features(m, ctx.tokens[idx[bad]].to(ctx.device)).global_
             un = unlikelihood_loss(fi.global_[bad.to(ctx.device)], own, ft.global_, m.logit_scale.exp())
             loss = loss + c.lam_unlearn * un
             terms["unlearn"] = float(un.detach())
         return loss, terms
+
+    def inoculate(self, idx: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Stamp what triggered images lose in their purified view onto clean ones.
+
+        A share ``config.inoculate`` of the batch's clean pairs (active, neither triggered
+        nor quarantined) gets the :func:`~otcclip.models.features.trigger_residual` of a
+        random triggered image re-matched through its view, and keeps its own caption: the
+        model learns that the trigger does not change what an image shows, on every
+        class (the unlearning step of Neural Cleanse, with the trigger taken from the
+        flagged images instead of reverse-engineered). Poisoned pairs the detector
+        missed then teach a trigger the rest of the data contradicts.
+
+        Parameters
+        ----------
+        idx : Tensor, shape (B,)
+        x : Tensor, shape (B, C, H, W)
+            The batch's normalised (augmented) images.
+
+        Returns
+        -------
+        Tensor, shape (B, C, H, W)
+        """
+        share = self.ctx.config.inoculate
+        donors = torch.nonzero(self.triggered & (self.trigger_view >= 0) & (self.match != torch.arange(self.ctx.n))).flatten()
+        if share <= 0 or donors.numel() == 0:
+            return x
+        hosts = torch.nonzero(self.active[idx] & ~self.triggered[idx] & ~self.quarantine[idx]).flatten()
+        k = int(round(share * hosts.numel()))
+        if k == 0:
+            return x
+        hosts = hosts[torch.randperm(hosts.numel(), generator=gen)[:k]]
+        pick = donors[torch.randint(donors.numel(), (k,), generator=gen)]
+        with torch.no_grad():
+            res = trigger_residual(self.ctx.batch_images(pick, None), self.trigger_view[pick].to(x.device))
+        x = x.clone()
+        x[hosts.to(x.device)] += res
+        return x
+
+    def unlearn_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: rows of batch ``idx`` the unlikelihood term pushes off their own caption.
+
+        Quarantined pairs, and with ``unlearn_triggered`` triggered pairs trained on
+        another caption (not those whose purified view supports their own).
+        """
+        bad = self.quarantine[idx]
+        if self.ctx.config.unlearn_triggered:
+            bad = bad | (self.triggered[idx] & (self.match[idx] != idx))
+        return bad
 
     def _intra(self, idx: torch.Tensor, fi: ImageFeatures, act: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
         """OT between patch sets of two views (images) and token sets of caption edits."""
