@@ -12,9 +12,17 @@ SCORE_REASONS: tuple[str, ...] = ("low_own_score", "better_caption", "no_plausib
 #: The engine's settings in otcclip's re-matching passes, before ``TrainConfig.sanitize``:
 #: only the detectors that act on evidence a model still in training gives (the density
 #: and caption-burst detectors flagged mostly clean pairs there; README, defence bench),
-#: and a lower trigger-sensitivity threshold than a sanitize job's (4): here a flagged
-#: pair is re-matched through its purified view, not dropped, so a false alarm costs less.
-TRAINER_SANITIZE: dict[str, Any] = {"detectors": ("image_burst", "trigger_sensitivity"), "sensitivity_z": 3.0}
+#: a lower trigger-sensitivity threshold than a sanitize job's (4): here a flagged pair is
+#: re-matched through its purified view, not dropped, so a false alarm costs less; and only
+#: inside caption neighbourhoods crowded with trigger-sensitive pairs (100 nearest
+#: captions): a model still in training flags ~10 % of clean pairs, spread over all
+#: captions, while a backdoor's pairs share their target (README, defence bench).
+TRAINER_SANITIZE: dict[str, Any] = {
+    "detectors": ("image_burst", "trigger_sensitivity"),
+    "sensitivity_z": 3.0,
+    "sensitivity_knn": 100,
+    "sensitivity_region_z": 3.0,
+}
 #: Shortlist size of the trainer's passes while their score-based proposals are not acted
 #: on (``score_rematch`` off): the detectors do not use the OT scores, and the decisions
 #: files still name the best of these candidates. The OT scoring of a 32-caption
@@ -130,7 +138,7 @@ class TrainConfig:
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     lam_unlearn: float = 1.0
     unlearn_triggered: bool = False
-    inoculate: float = 0.0
+    inoculate: float = 0.25
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
     purified_keep_top: float = 0.05

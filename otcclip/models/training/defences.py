@@ -434,7 +434,8 @@ class OtcClip(Defence):
 
         A share ``config.inoculate`` of the batch's clean pairs (active, neither triggered
         nor quarantined) gets the :func:`~otcclip.models.features.trigger_residual` of a
-        random triggered image re-matched through its view, and keeps its own caption: the
+        random image the trigger-sensitivity detector flagged (re-matched through its
+        view, or dropped), and keeps its own caption: the
         model learns that the trigger does not change what an image shows, on every
         class (the unlearning step of Neural Cleanse, with the trigger taken from the
         flagged images instead of reverse-engineered). Poisoned pairs the detector
@@ -451,7 +452,8 @@ class OtcClip(Defence):
         Tensor, shape (B, C, H, W)
         """
         share = self.ctx.config.inoculate
-        donors = torch.nonzero(self.triggered & (self.trigger_view >= 0) & (self.match != torch.arange(self.ctx.n))).flatten()
+        moved = self.quarantine | (self.triggered & (self.match != torch.arange(self.ctx.n)))
+        donors = torch.nonzero(moved & (self.trigger_view >= 0)).flatten()
         if share <= 0 or donors.numel() == 0:
             return x
         hosts = torch.nonzero(self.active[idx] & ~self.triggered[idx] & ~self.quarantine[idx]).flatten()

@@ -37,6 +37,10 @@ def register(subparsers: Any) -> None:
                    help="otcclip: also apply the engine's score-based re-assignments while training")
     p.add_argument("--no-purified-rematch", dest="purified_rematch", action="store_false", default=None,
                    help="otcclip: drop pairs the trigger-sensitivity detector flags instead of re-matching them")
+    p.add_argument("--inoculate", type=float, default=None,
+                   help="otcclip: share of clean pairs per batch stamped with a flagged image's trigger residual (0 = off)")
+    p.add_argument("--unlearn-triggered", action="store_true", default=None,
+                   help="otcclip: the unlikelihood term also covers pairs re-matched through their purified view")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -56,7 +60,10 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "seed": args.seed,
     }
-    for name in ("warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch"):
+    for name in (
+        "warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch",
+        "inoculate", "unlearn_triggered",
+    ):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     if args.sanitize:
