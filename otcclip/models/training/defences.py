@@ -15,10 +15,12 @@ computes the loss of a batch.
   engine's ``sanitize_features`` on the current model's features decides keep / reassign
   / drop; training uses the re-matched captions, dropped pairs only feed ``L_intra``.
   Loss ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra``. Verdicts are sticky:
-  image bursts (targeted poisoning) stay dropped, and pairs the trigger-sensitivity
-  detector flagged are re-matched at every pass to the caption their purified view (the
-  trigger filtered out) scores best with. The engine's score-based decisions apply only
-  with ``score_rematch`` (see :class:`TrainConfig`).
+  image bursts (targeted poisoning) stay dropped and are unlearnt (unlikelihood term),
+  and pairs the trigger-sensitivity detector flagged are re-matched at every pass to the
+  caption their purified view (the trigger filtered out) scores best with; what that
+  view removed is stamped on clean images of each batch, which keep their captions
+  (inoculation). The engine's score-based decisions apply only with ``score_rematch``
+  (see :class:`TrainConfig`).
 """
 
 from __future__ import annotations
