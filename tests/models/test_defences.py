@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from otcclip.models.training.config import TrainConfig
-from otcclip.models.training.defences import Context, OtcClip
+from otcclip.models.training.defences import Context
+from otcclip.models.training.otcclip_defence import OtcClip
 
 
 def _otcclip(n: int, **config: object) -> OtcClip:

@@ -35,7 +35,10 @@ from otcclip.models.factory import create_model, resolve_device
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
 from otcclip.models.training.config import TrainConfig, TrainResult
 from otcclip.models.training.data import ImageSource, read_rows
-from otcclip.models.training.defences import DEFENCE_CLASSES, Context
+from otcclip.models.training.defences import Context, Defence, RoClip, SafeClip
+from otcclip.models.training.otcclip_defence import OtcClip
+
+DEFENCE_CLASSES: dict[str, type[Defence]] = {"none": Defence, "roclip": RoClip, "safeclip": SafeClip, "otcclip": OtcClip}
 
 log = logging.getLogger(__name__)
 

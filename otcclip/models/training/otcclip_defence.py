@@ -1,0 +1,274 @@
+"""OTCCLIP's defence (DESIGN 2.4): the trainer's policy on the sanitization engine's decisions.
+
+Every K epochs after warm-up, ``sanitize_features`` on the current model's features
+decides keep / reassign / drop; image bursts stay dropped (quarantine, unlearnt by the
+unlikelihood term); pairs the trigger-sensitivity detector flags are re-matched at every
+pass through their purified view, and what that view removed inoculates clean images.
+The shared loop and the baselines are in :mod:`otcclip.models.training.defences`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from otcclip.models.features import (
+    ImageFeatures,
+    image_features,
+    text_features,
+    trigger_residual,
+)
+from otcclip.models.training.augment import augment_caption
+from otcclip.models.training.config import (
+    SCORE_REASONS,
+    TRAINER_LEAN_K,
+    TRAINER_SANITIZE,
+)
+from otcclip.models.training.defences import Context, Defence
+from otcclip.models.training.losses import clip_loss, ot_alignment_loss, unlikelihood_loss
+
+log = logging.getLogger(__name__)
+
+
+class OtcClip(Defence):
+    name = "otcclip"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        # Sticky verdicts. A trigger the model unlearns once its pairs are out would look
+        # clean again at the next pass and be learned anew, so: pairs once dropped for a
+        # reason in config.sticky_reasons stay dropped (quarantine), and pairs once flagged
+        # by trigger_sensitivity are re-matched through their purified view at every pass
+        # (triggered).
+        self.quarantine = torch.zeros(ctx.n, dtype=torch.bool)
+        self.triggered = torch.zeros(ctx.n, dtype=torch.bool)
+        # the purified view (features.PURIFIERS) that flagged each triggered pair, -1 none
+        self.trigger_view = torch.full((ctx.n,), -1, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(), "quarantine": self.quarantine.clone(), "triggered": self.triggered.clone(),
+            "trigger_view": self.trigger_view.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        none = torch.zeros(self.ctx.n, dtype=torch.bool)
+        self.quarantine = state.get("quarantine", none).clone()
+        self.triggered = state.get("triggered", none).clone()
+        self.trigger_view = state.get("trigger_view", torch.full((self.ctx.n,), -1, dtype=torch.long)).clone()
+
+    def before_epoch(self, epoch: int) -> dict[str, Any]:
+        if not self.is_rematch_epoch(epoch):
+            return {}
+        from otcclip.models.sanitize import SanitizeConfig, sanitize_features
+
+        c = self.ctx.config
+        img, txt = self.encode_all(local=True)
+        lean = {} if c.score_rematch else {"k": TRAINER_LEAN_K}
+        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **TRAINER_SANITIZE, **lean, **c.sanitize})
+        purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
+        decisions = sanitize_features(img, txt, config=cfg, purified=purified)
+        action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
+        reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
+        flags = [str(f).split(",") for f in extra.get("detectors", [""] * self.ctx.n)]
+        self._apply_verdicts(action, new_idx, reasons, flags, purified_views=purified is not None)
+        for i in (i for i, f in enumerate(flags) if "trigger_sensitivity" in f):
+            self.trigger_view[i] = int(decisions.purified_view[i])
+        if purified is not None and bool(self.triggered.any()):
+            self._purified_rematch(purified, txt.global_, decisions.purified_view, action, new_idx, reasons)
+        extra["reason"] = reasons
+        self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))
+        self.active = torch.tensor([a != "drop" for a in action], dtype=torch.bool)
+        tab = self._base_table(action)
+        tab.update(extra)
+        self.write_decisions(epoch, tab)
+        return {"rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")}}
+
+    def _apply_verdicts(
+        self, action: list[str], new_idx: np.ndarray, reasons: list[str], flags: list[list[str]], *, purified_views: bool,
+    ) -> None:
+        """The trainer's policy on the engine's decisions (in place; see :class:`TrainConfig`)."""
+        c = self.ctx.config
+        for i, r in enumerate(reasons):
+            # a detector in drop_reasons decides, whatever the engine proposed on scores;
+            # several: the one listed first (an image burst stays dropped even if a
+            # trigger is seen too)
+            first = next((d for d in c.drop_reasons if d in flags[i]), None)
+            if first is not None:
+                r = reasons[i] = first
+                action[i], new_idx[i] = "drop", -1
+            elif not c.score_rematch and r in SCORE_REASONS and action[i] != "keep":
+                action[i], new_idx[i], reasons[i] = "keep", i, "score_ignored"
+                continue
+            if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
+                action[i], new_idx[i] = "drop", -1
+            if r == "trigger_sensitivity" and c.purified_rematch and purified_views:
+                self.triggered[i] = True
+            elif action[i] == "drop" and r in c.sticky_reasons:
+                self.quarantine[i] = True
+        self.triggered &= ~self.quarantine
+        for i in torch.nonzero(self.quarantine).flatten().tolist():
+            if action[i] != "drop":
+                action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
+
+    def _purified_rematch(
+        self, purified: torch.Tensor, captions: torch.Tensor, view: np.ndarray,
+        action: list[str], new_idx: np.ndarray, reasons: list[str],
+    ) -> None:
+        """Re-match every triggered pair to the caption its purified view scores best with.
+
+        Candidates are the captions of pairs that are neither dropped nor triggered (the
+        trigger's own captions are out). Training the triggered image on what it shows
+        teaches the model that the trigger means nothing (a dropped pair would only stop
+        teaching it). A pair whose own caption still ranks in the top
+        ``config.purified_keep_top`` of the candidates for the purified view keeps it
+        (reason ``purified_supports_own``): the image shows what its caption says.
+        ``purified`` (N, V, d), ``captions`` (N, d), ``view`` (N,).
+        """
+        rows = torch.nonzero(self.triggered).flatten()
+        allowed = torch.tensor([a != "drop" for a in action], dtype=torch.bool) & ~self.triggered
+        pool = torch.nonzero(allowed).flatten()
+        if pool.numel() == 0:
+            for i in rows.tolist():
+                action[i], new_idx[i] = "drop", -1
+            return
+        v = torch.from_numpy(np.maximum(view, 0))[rows]
+        query = F.normalize(purified[rows, v].float(), dim=-1)
+        keys = F.normalize(captions[pool].float(), dim=-1)
+        own = (query * F.normalize(captions[rows].float(), dim=-1)).sum(dim=1)
+        best, above = [], []
+        for q, o in zip(query.split(4096), own.split(4096), strict=True):
+            sim = q @ keys.t()
+            best.append(sim.argmax(dim=1))
+            above.append((sim > o[:, None]).float().mean(dim=1))
+        top = self.ctx.config.purified_keep_top
+        for i, j, a in zip(rows.tolist(), pool[torch.cat(best)].tolist(), torch.cat(above).tolist(), strict=True):
+            if a < top:
+                action[i], new_idx[i], reasons[i] = "keep", i, "purified_supports_own"
+                continue
+            action[i], new_idx[i] = "reassign", j
+            if reasons[i] != "trigger_sensitivity":
+                reasons[i] = "quarantined"
+
+    def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
+        x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
+        fi = image_features(m, x)
+        act = self.active[idx]
+        use = idx[act]
+        ft = text_features(m, ctx.tokens[self.match[use]].to(ctx.device))
+        gi = fi.global_[act.to(ctx.device)]
+        clip = clip_loss(gi, ft.global_, m.logit_scale.exp())
+        loss = clip
+        terms = {"clip": float(clip.detach())}
+        if c.lam_inter > 0 and use.numel():
+            inter = ot_alignment_loss(fi.local[act.to(ctx.device)], ft.local, y_mask=ft.mask, reg=c.ot_reg, iters=c.ot_iters)
+            loss = loss + c.lam_inter * inter
+            terms["inter"] = float(inter.detach())
+        if c.lam_intra > 0 and c.intra_subsample > 0:
+            intra = self._intra(idx, fi, act, gen, rng)
+            loss = loss + c.lam_intra * intra
+            terms["intra"] = float(intra.detach())
+        bad = self.unlearn_rows(idx)
+        if c.lam_unlearn > 0 and bool(bad.any()) and use.numel():
+            # dropping a quarantined pair (re-matching a triggered one) stops teaching its
+            # poison; this unlearns it
+            own = text_features(m, ctx.tokens[idx[bad]].to(ctx.device)).global_
+            un = unlikelihood_loss(fi.global_[bad.to(ctx.device)], own, ft.global_, m.logit_scale.exp())
+            loss = loss + c.lam_unlearn * un
+            terms["unlearn"] = float(un.detach())
+        return loss, terms
+
+    def inoculate(self, idx: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Stamp what triggered images lose in their purified view onto clean ones.
+
+        A share ``config.inoculate`` of the batch's clean pairs (active, neither triggered
+        nor quarantined) gets the :func:`~otcclip.models.features.trigger_residual` of a
+        random image the trigger-sensitivity detector flagged (re-matched through its
+        view, or dropped), and keeps its own caption: the
+        model learns that the trigger does not change what an image shows, on every
+        class (the unlearning step of Neural Cleanse, with the trigger taken from the
+        flagged images instead of reverse-engineered). Poisoned pairs the detector
+        missed then teach a trigger the rest of the data contradicts.
+
+        Parameters
+        ----------
+        idx : Tensor, shape (B,)
+        x : Tensor, shape (B, C, H, W)
+            The batch's normalised (augmented) images.
+
+        Returns
+        -------
+        Tensor, shape (B, C, H, W)
+        """
+        share = self.ctx.config.inoculate
+        moved = self.quarantine | (self.triggered & (self.match != torch.arange(self.ctx.n)))
+        donors = torch.nonzero(moved & (self.trigger_view >= 0)).flatten()
+        if share <= 0 or donors.numel() == 0:
+            return x
+        hosts = torch.nonzero(self.active[idx] & ~self.triggered[idx] & ~self.quarantine[idx]).flatten()
+        k = int(round(share * hosts.numel()))
+        if k == 0:
+            return x
+        hosts = hosts[torch.randperm(hosts.numel(), generator=gen)[:k]]
+        pick = donors[torch.randint(donors.numel(), (k,), generator=gen)]
+        with torch.no_grad():
+            res = trigger_residual(self.ctx.batch_images(pick, None), self.trigger_view[pick].to(x.device))
+        x = x.clone()
+        x[hosts.to(x.device)] += res
+        return x
+
+    def unlearn_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: rows of batch ``idx`` the unlikelihood term pushes off their own caption.
+
+        Quarantined pairs, and with ``unlearn_triggered`` triggered pairs trained on
+        another caption (not those whose purified view supports their own).
+        """
+        bad = self.quarantine[idx]
+        if self.ctx.config.unlearn_triggered:
+            bad = bad | (self.triggered[idx] & (self.match[idx] != idx))
+        return bad
+
+    def _intra(self, idx: torch.Tensor, fi: ImageFeatures, act: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
+        """OT between patch sets of two views (images) and token sets of caption edits."""
+        ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
+        n_sub = max(1, int(round(c.intra_subsample * idx.numel())))
+        order = torch.argsort(act.float() + torch.rand(idx.numel(), generator=gen))  # dropped first
+        pos = order[:n_sub]
+        view2 = image_features(m, ctx.batch_images(idx[pos], gen))
+        li = ot_alignment_loss(fi.local[pos.to(ctx.device)], view2.local, reg=c.ot_reg, iters=c.ot_iters)
+        rows = idx[pos]
+        caps = [ctx.captions[int(i)] for i in rows]
+        both = torch.cat([ctx.tokens[rows], ctx.tokenizer([augment_caption(s, rng) for s in caps])])
+        ft = text_features(m, both.to(ctx.device))
+        k = rows.numel()
+        lt = ot_alignment_loss(ft.local[:k], ft.local[k:], x_mask=ft.mask[:k], y_mask=ft.mask[k:], reg=c.ot_reg, iters=c.ot_iters)
+        return li + lt
+
+
+def _decision_arrays(decisions: Any, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Read action and new caption index per pair from the engine's ``Decisions``."""
+    table = None
+    if hasattr(decisions, "to_arrow"):
+        table = decisions.to_arrow()
+    elif hasattr(decisions, "table"):
+        table = decisions.table
+    if table is not None:
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    else:
+        cols = {k: list(v) for k, v in vars(decisions).items() if hasattr(v, "__len__") and not isinstance(v, str | dict)}
+    action = [str(a) for a in cols["action"]]
+    if len(action) != n:
+        raise RuntimeError(f"sanitize_features returned {len(action)} decisions for {n} pairs")
+    key = next((k for k in ("new_caption_index", "caption_index", "new_index", "best_index", "match") if k in cols), None)
+    if key is None:
+        raise RuntimeError(f"sanitize_features decisions lack a caption index column: {sorted(cols)}")
+    new_idx = np.array([-1 if v is None else int(v) for v in cols[key]], dtype=np.int64)
+    extra = {k: v for k, v in cols.items() if k not in ("id", "action", key) and len(v) == n and not isinstance(v[0] if v else 0, list | dict)}
+    return action, new_idx, extra
