@@ -347,6 +347,31 @@ def sensitivity_enrichment(m: MatchScores, sensitive: np.ndarray, st: DecisionSe
     return out
 
 
+def trigger_evidence(m: MatchScores, st: DecisionSettings) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The trigger-sensitivity detector's evidence, computed once per decision pass.
+
+    Returns
+    -------
+    (z, crowd) or None
+        ``z`` (N, V): :func:`sensitivity_scores` with NaN as ``-inf``; ``crowd`` (N, V):
+        :func:`sensitivity_enrichment` of ``z > sensitivity_z`` when ``sensitivity_knn`` >
+        0, else None. None when ``m.purified_own`` is missing.
+    """
+    raw = sensitivity_scores(m)
+    if raw is None:
+        return None
+    z = np.nan_to_num(raw, nan=-np.inf)
+    crowd = sensitivity_enrichment(m, z > st.sensitivity_z, st) if st.sensitivity_knn > 0 and len(m) > 1 else None
+    return z, crowd
+
+
+def _trigger_flags(z: np.ndarray, crowd: np.ndarray | None, st: DecisionSettings) -> np.ndarray:
+    if crowd is None:
+        return np.asarray(z.max(axis=1) > st.sensitivity_z)
+    region = crowd > st.sensitivity_enrichment_z
+    return np.asarray((region & (z > min(st.sensitivity_region_z, st.sensitivity_z))).any(axis=1))
+
+
 def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
     its most high-frequency window filled): the score rests on a noise trigger, not on
@@ -356,15 +381,11 @@ def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarr
     ``sensitivity_enrichment_z`` for that view), and there already when its z >
     ``sensitivity_region_z``: the captions a backdoor poisoned are known, the rest of the
     data is left alone. Needs ``m.purified_own``; without it nothing is flagged."""
-    z = sensitivity_scores(m)
-    if z is None:
+    ev = trigger_evidence(m, st)
+    if ev is None:
         log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
         return np.zeros(len(m), dtype=bool)
-    z = np.nan_to_num(z, nan=-np.inf)
-    if st.sensitivity_knn <= 0:
-        return np.asarray(z.max(axis=1) > st.sensitivity_z)
-    region = sensitivity_enrichment(m, z > st.sensitivity_z, st) > st.sensitivity_enrichment_z
-    return np.asarray((region & (z > min(st.sensitivity_region_z, st.sensitivity_z))).any(axis=1))
+    return _trigger_flags(*ev, st)
 
 
 DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
@@ -375,13 +396,17 @@ DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] =
 }
 
 
-def run_detectors(m: MatchScores, st: DecisionSettings) -> dict[str, np.ndarray]:
-    """Each enabled detector's (N,) bool flags (unreadable images never flagged)."""
+def run_detectors(
+    m: MatchScores, st: DecisionSettings, *, known: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Each enabled detector's (N,) bool flags (unreadable images never flagged); flags
+    already in ``known`` are taken as they are."""
     out = {}
     for name in st.detectors:
         if name not in DETECTOR_FNS:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
-        out[name] = DETECTOR_FNS[name](m, st) & m.ok
+        flag = known[name] if known and name in known else DETECTOR_FNS[name](m, st)
+        out[name] = flag & m.ok
     return out
 
 
@@ -409,7 +434,9 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     p_fn, info = fit_p_clean(own_f[m.ok], sample=settings.gmm_sample, seed=settings.seed)
     p_own = p_fn(own_f)
     p_best = p_fn(best_f)
-    flags = run_detectors(m, settings) if n else {}
+    ev = trigger_evidence(m, settings) if n else None
+    known = {"trigger_sensitivity": _trigger_flags(*ev, settings)} if ev is not None and ev[0].shape[1] else None
+    flags = run_detectors(m, settings, known=known) if n else {}
     flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
     any_flag = np.array([bool(s) for s in flag_names], dtype=bool)
     margin = best_f - own_f
@@ -443,17 +470,15 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     action[~m.ok] = "drop"
     reason[~m.ok] = "unreadable_image"
     p_own = np.where(m.ok, p_own, 0.0).astype(np.float32)
-    sz = sensitivity_scores(m)
-    if sz is None or sz.shape[1] == 0:
+    enrich = np.full(n, np.nan, dtype=np.float32)
+    if ev is None or ev[0].shape[1] == 0:
         sens, view = np.full(n, np.nan, dtype=np.float32), np.full(n, -1, dtype=np.int64)
     else:
-        filled = np.nan_to_num(sz, nan=-np.inf)
+        filled, crowd = ev
         view = np.where(np.isfinite(filled).any(axis=1), filled.argmax(axis=1), -1).astype(np.int64)
         sens = np.where(view >= 0, filled[rows, np.maximum(view, 0)], np.nan).astype(np.float32)
-    enrich = np.full(n, np.nan, dtype=np.float32)
-    if sz is not None and sz.shape[1] and settings.sensitivity_knn > 0 and n > 1:
-        crowd = sensitivity_enrichment(m, np.nan_to_num(sz, nan=-np.inf) > settings.sensitivity_z, settings)
-        enrich = crowd.max(axis=1).astype(np.float32)
+        if crowd is not None:
+            enrich = crowd.max(axis=1).astype(np.float32)
 
     new_idx = np.where(action == "keep", m.candidates[:, 0], np.where(action == "reassign", best, -1))
     return Decisions(
