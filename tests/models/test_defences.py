@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -161,3 +162,70 @@ def test_inoculation_stamps_the_triggers_residual_on_clean_pairs_only() -> None:
     d0.ctx.images, d0.ctx.mean, d0.ctx.std = d.ctx.images, d.ctx.mean, d.ctx.std
     d0.triggered, d0.trigger_view, d0.match = d.triggered, d.trigger_view, d.match
     assert torch.equal(d0.inoculate(idx, x, g), x)
+
+
+def _patched_pixels(n: int, n_poison: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """uint8 images (n, 3, 32, 32), smooth content; one 8x8 noise patch pasted at random
+    positions on ``n_poison`` of them (returned mask)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear", align_corners=False)
+    x = x + 0.2 * torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear", align_corners=False)
+    pix = (x / 1.2 * 255).round().clamp(0, 255).to(torch.uint8)
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(n, dtype=bool)
+    truth[rng.choice(n, n_poison, replace=False)] = True
+    patch = torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8)
+    for i in np.flatnonzero(truth):
+        y, z = rng.integers(0, 25, size=2)
+        pix[i, :, y : y + 8, z : z + 8] = patch
+    return pix, truth
+
+
+def _with_patched_images(n: int, **config: object) -> tuple[OtcClip, np.ndarray, SimpleNamespace]:
+    pix, truth = _patched_pixels(n, 20, seed=0)
+    d = _otcclip(n, **config)
+    d.ctx.images, d.ctx.mean, d.ctx.std = _Pixels(pix), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # type: ignore[assignment]
+    z = np.zeros(n)
+    z[np.flatnonzero(truth)[:3]] = 3.0  # the detector saw 3 of the 20 ...
+    z[np.flatnonzero(~truth)[:40]] = 2.5  # ... among 40 false alarms
+    return d, truth, SimpleNamespace(sensitivity_z=z, purified_view=np.ones(n, dtype=np.int64))
+
+
+def test_template_search_drops_every_image_that_carries_the_flagged_images_trigger() -> None:
+    n = 200
+    d, truth, decisions = _with_patched_images(n, purified_rematch=False)
+    action, new_idx = ["keep"] * n, np.arange(n)
+    reasons, flags = ["own_best"] * n, [[""] for _ in range(n)]
+    best = d._template_search(decisions, 2, action, new_idx, reasons, flags)
+    assert d.quarantine.numpy().tolist() == truth.tolist()
+    assert all((action[i], reasons[i], new_idx[i]) == ("drop", "trigger_template", -1) for i in np.flatnonzero(truth))
+    assert all(action[i] == "keep" and flags[i] == [""] for i in np.flatnonzero(~truth))
+    assert all("trigger_template" in flags[i] for i in np.flatnonzero(truth))
+    assert d.templates[0] is None and d.templates[1] is not None and d.templates[1].support == 20
+    assert best[truth].min() > 12 > best[~truth].max()
+    # re-matching instead: the images are triggered through the patch view, to be
+    # re-matched by _purified_rematch
+    e, truth, decisions = _with_patched_images(n)
+    e._template_search(decisions, 2, ["keep"] * n, np.arange(n), ["own_best"] * n, [[""] for _ in range(n)])
+    assert e.triggered.numpy().tolist() == truth.tolist() and not e.quarantine.any()
+    assert (e.trigger_view[torch.from_numpy(truth)] == 1).all()
+
+
+def test_inoculation_stamps_a_found_template_and_it_survives_a_checkpoint() -> None:
+    n = 200
+    d, truth, decisions = _with_patched_images(n, inoculate=0.5, purified_rematch=False)
+    d._template_search(decisions, 2, ["keep"] * n, np.arange(n), ["own_best"] * n, [[""] for _ in range(n)])
+    t = d.templates[1]
+    assert t is not None
+    e = _otcclip(n)
+    e.load_state_dict(d.state_dict())
+    assert e.templates[1] is not None and torch.equal(e.templates[1].pattern, t.pattern) and e.templates[0] is None
+    idx = torch.arange(40)
+    x = d.ctx.batch_images(idx, None)
+    out = d.inoculate(idx, x, torch.Generator().manual_seed(0))
+    clean = [i for i in range(40) if not truth[i]]
+    changed = [i for i in range(40) if not torch.equal(out[i], x[i])]
+    assert len(changed) == round(0.5 * len(clean)) and set(changed) <= set(clean)
+    for i in changed:  # the template pasted over one 8x8 window
+        win = torch.nn.functional.unfold(out[i : i + 1], 8)[0]  # (3*64, L)
+        assert torch.isclose(win, t.pattern.reshape(-1, 1), atol=1e-5).all(dim=0).any()

@@ -86,6 +86,12 @@ class TrainConfig:
     unlearn_triggered : bool
         otcclip: the unlikelihood term also pushes pairs re-matched through their
         purified view (``purified_rematch``) away from the caption they came with.
+    template_search : bool
+        otcclip: at each pass look for the one trigger pattern the trigger-sensitivity
+        detector's flags share (:mod:`otcclip.models.triggers`) and flag every image that
+        carries it (reason ``trigger_template``); inoculation then stamps the template.
+    template_seed_z : float
+        otcclip: trigger-sensitivity z above which a pair seeds the template search.
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
@@ -139,6 +145,8 @@ class TrainConfig:
     lam_unlearn: float = 1.0
     unlearn_triggered: bool = False
     inoculate: float = 0.25
+    template_search: bool = True
+    template_seed_z: float = 2.0
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
     purified_keep_top: float = 0.05

@@ -31,6 +31,7 @@ from otcclip.models.training.config import (
 )
 from otcclip.models.training.defences import Context, Defence
 from otcclip.models.training.losses import clip_loss, ot_alignment_loss, unlikelihood_loss
+from otcclip.models.triggers import TEMPLATE_KINDS, TriggerTemplate, search_template, stamp
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,21 @@ class OtcClip(Defence):
         self.triggered = torch.zeros(ctx.n, dtype=torch.bool)
         # the purified view (features.PURIFIERS) that flagged each triggered pair, -1 none
         self.trigger_view = torch.full((ctx.n,), -1, dtype=torch.long)
+        # the shared trigger found behind each purified view's flags (triggers.py), or None
+        self.templates: list[TriggerTemplate | None] = [None] * len(TEMPLATE_KINDS)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **super().state_dict(), "quarantine": self.quarantine.clone(), "triggered": self.triggered.clone(),
+            **super().state_dict(),
+            "quarantine": self.quarantine.clone(),
+            "triggered": self.triggered.clone(),
             "trigger_view": self.trigger_view.clone(),
+            "templates": [
+                None
+                if t is None
+                else {"kind": t.kind, "pattern": t.pattern.clone(), "support": t.support}
+                for t in self.templates
+            ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -61,7 +72,16 @@ class OtcClip(Defence):
         none = torch.zeros(self.ctx.n, dtype=torch.bool)
         self.quarantine = state.get("quarantine", none).clone()
         self.triggered = state.get("triggered", none).clone()
-        self.trigger_view = state.get("trigger_view", torch.full((self.ctx.n,), -1, dtype=torch.long)).clone()
+        self.trigger_view = state.get(
+            "trigger_view", torch.full((self.ctx.n,), -1, dtype=torch.long)
+        ).clone()
+        saved = state.get("templates", [None] * len(TEMPLATE_KINDS))
+        self.templates = [
+            None
+            if t is None
+            else TriggerTemplate(t["kind"], t["pattern"].clone(), int(t["support"]))
+            for t in saved
+        ]
 
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
@@ -71,7 +91,15 @@ class OtcClip(Defence):
         c = self.ctx.config
         img, txt = self.encode_all(local=True)
         lean = {} if c.score_rematch else {"k": TRAINER_LEAN_K}
-        cfg = SanitizeConfig(**{"device": self.ctx.device.type, "seed": c.seed, **TRAINER_SANITIZE, **lean, **c.sanitize})
+        cfg = SanitizeConfig(
+            **{
+                "device": self.ctx.device.type,
+                "seed": c.seed,
+                **TRAINER_SANITIZE,
+                **lean,
+                **c.sanitize,
+            }
+        )
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
@@ -80,10 +108,19 @@ class OtcClip(Defence):
         self._apply_verdicts(action, new_idx, reasons, flags, purified_views=purified is not None)
         for i in (i for i, f in enumerate(flags) if "trigger_sensitivity" in f):
             self.trigger_view[i] = int(decisions.purified_view[i])
+        if purified is not None and c.template_search:
+            extra["template_z"] = self._template_search(
+                decisions, epoch, action, new_idx, reasons, flags
+            ).tolist()
         if purified is not None and bool(self.triggered.any()):
-            self._purified_rematch(purified, txt.global_, decisions.purified_view, action, new_idx, reasons)
+            self._purified_rematch(
+                purified, txt.global_, decisions.purified_view, action, new_idx, reasons
+            )
         extra["reason"] = reasons
-        self.match = torch.where(torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n))
+        extra["detectors"] = [",".join(x for x in f if x) for f in flags]
+        self.match = torch.where(
+            torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n)
+        )
         self.active = torch.tensor([a != "drop" for a in action], dtype=torch.bool)
         tab = self._base_table(action)
         tab.update(extra)
@@ -91,7 +128,13 @@ class OtcClip(Defence):
         return {"rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")}}
 
     def _apply_verdicts(
-        self, action: list[str], new_idx: np.ndarray, reasons: list[str], flags: list[list[str]], *, purified_views: bool,
+        self,
+        action: list[str],
+        new_idx: np.ndarray,
+        reasons: list[str],
+        flags: list[list[str]],
+        *,
+        purified_views: bool,
     ) -> None:
         """The trainer's policy on the engine's decisions (in place; see :class:`TrainConfig`)."""
         c = self.ctx.config
@@ -117,9 +160,68 @@ class OtcClip(Defence):
             if action[i] != "drop":
                 action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
 
+    def _template_search(
+        self,
+        decisions: Any,
+        epoch: int,
+        action: list[str],
+        new_idx: np.ndarray,
+        reasons: list[str],
+        flags: list[list[str]],
+    ) -> np.ndarray:
+        """Look for the trigger behind each purified view's flags; flag every image carrying it.
+
+        Seeds per view: pairs whose trigger-sensitivity z on that view exceeds
+        ``config.template_seed_z`` (no neighbourhood test: false alarms share no pattern)
+        and pairs already triggered through it. Images matching the template
+        (:func:`~otcclip.models.triggers.search_template`) are handled as the
+        trigger-sensitivity detector's flags (reason ``trigger_template``): re-matched
+        through their purified view, or dropped when ``purified_rematch`` is off.
+        Returns the (N,) largest template z over the views (0 where none was found).
+        """
+        c, n = self.ctx.config, self.ctx.n
+        z = np.nan_to_num(np.asarray(decisions.sensitivity_z, dtype=np.float64), nan=-np.inf)
+        view = np.asarray(decisions.purified_view)
+        gen = torch.Generator().manual_seed(c.seed * 7919 + epoch)
+        best = np.zeros(n)
+        for v, kind in enumerate(TEMPLATE_KINDS):
+            seeds = ((z > c.template_seed_z) & (view == v)) | (self.trigger_view.numpy() == v)
+            found = search_template(
+                lambda idx: self.ctx.batch_images(idx, None), n, seeds, kind=kind, generator=gen
+            )
+            best = np.maximum(best, found.z)
+            if found.template is None:
+                continue
+            self.templates[v] = found.template
+            log.info(
+                "epoch %d: %s trigger template matches %d images",
+                epoch,
+                kind,
+                found.template.support,
+            )
+            for i in np.flatnonzero(found.flagged).tolist():
+                if self.quarantine[i]:
+                    continue
+                if "trigger_template" not in flags[i]:
+                    flags[i].append("trigger_template")
+                if not self.triggered[i]:
+                    reasons[i] = "trigger_template"
+                    self.trigger_view[i] = v
+                if c.purified_rematch:
+                    self.triggered[i] = True
+                else:
+                    self.quarantine[i] = True
+                    action[i], new_idx[i], reasons[i] = "drop", -1, "trigger_template"
+        return best
+
     def _purified_rematch(
-        self, purified: torch.Tensor, captions: torch.Tensor, view: np.ndarray,
-        action: list[str], new_idx: np.ndarray, reasons: list[str],
+        self,
+        purified: torch.Tensor,
+        captions: torch.Tensor,
+        view: np.ndarray,
+        action: list[str],
+        new_idx: np.ndarray,
+        reasons: list[str],
     ) -> None:
         """Re-match every triggered pair to the caption its purified view scores best with.
 
@@ -148,7 +250,9 @@ class OtcClip(Defence):
             best.append(sim.argmax(dim=1))
             above.append((sim > o[:, None]).float().mean(dim=1))
         top = self.ctx.config.purified_keep_top
-        for i, j, a in zip(rows.tolist(), pool[torch.cat(best)].tolist(), torch.cat(above).tolist(), strict=True):
+        for i, j, a in zip(
+            rows.tolist(), pool[torch.cat(best)].tolist(), torch.cat(above).tolist(), strict=True
+        ):
             if a < top:
                 action[i], new_idx[i], reasons[i] = "keep", i, "purified_supports_own"
                 continue
@@ -156,7 +260,9 @@ class OtcClip(Defence):
             if reasons[i] != "trigger_sensitivity":
                 reasons[i] = "quarantined"
 
-    def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+    def batch_loss(
+        self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
         x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
         fi = image_features(m, x)
@@ -168,7 +274,13 @@ class OtcClip(Defence):
         loss = clip
         terms = {"clip": float(clip.detach())}
         if c.lam_inter > 0 and use.numel():
-            inter = ot_alignment_loss(fi.local[act.to(ctx.device)], ft.local, y_mask=ft.mask, reg=c.ot_reg, iters=c.ot_iters)
+            inter = ot_alignment_loss(
+                fi.local[act.to(ctx.device)],
+                ft.local,
+                y_mask=ft.mask,
+                reg=c.ot_reg,
+                iters=c.ot_iters,
+            )
             loss = loss + c.lam_inter * inter
             terms["inter"] = float(inter.detach())
         if c.lam_intra > 0 and c.intra_subsample > 0:
@@ -180,7 +292,9 @@ class OtcClip(Defence):
             # dropping a quarantined pair (re-matching a triggered one) stops teaching its
             # poison; this unlearns it
             own = text_features(m, ctx.tokens[idx[bad]].to(ctx.device)).global_
-            un = unlikelihood_loss(fi.global_[bad.to(ctx.device)], own, ft.global_, m.logit_scale.exp())
+            un = unlikelihood_loss(
+                fi.global_[bad.to(ctx.device)], own, ft.global_, m.logit_scale.exp()
+            )
             loss = loss + c.lam_unlearn * un
             terms["unlearn"] = float(un.detach())
         return loss, terms
@@ -210,16 +324,30 @@ class OtcClip(Defence):
         share = self.ctx.config.inoculate
         moved = self.quarantine | (self.triggered & (self.match != torch.arange(self.ctx.n)))
         donors = torch.nonzero(moved & (self.trigger_view >= 0)).flatten()
-        if share <= 0 or donors.numel() == 0:
+        templates = [t for t in self.templates if t is not None]
+        if share <= 0 or (donors.numel() == 0 and not templates):
             return x
-        hosts = torch.nonzero(self.active[idx] & ~self.triggered[idx] & ~self.quarantine[idx]).flatten()
+        hosts = torch.nonzero(
+            self.active[idx] & ~self.triggered[idx] & ~self.quarantine[idx]
+        ).flatten()
         k = int(round(share * hosts.numel()))
         if k == 0:
             return x
         hosts = hosts[torch.randperm(hosts.numel(), generator=gen)[:k]]
+        if templates:
+            # the shared trigger itself, without any one donor image's own detail
+            x = x.clone()
+            pick = torch.randint(len(templates), (k,), generator=gen)
+            for j, t in enumerate(templates):
+                h = hosts[pick == j].to(x.device)
+                if h.numel():
+                    x[h] = stamp(x[h], t, generator=gen)
+            return x
         pick = donors[torch.randint(donors.numel(), (k,), generator=gen)]
         with torch.no_grad():
-            res = trigger_residual(self.ctx.batch_images(pick, None), self.trigger_view[pick].to(x.device))
+            res = trigger_residual(
+                self.ctx.batch_images(pick, None), self.trigger_view[pick].to(x.device)
+            )
         x = x.clone()
         x[hosts.to(x.device)] += res
         return x
@@ -235,20 +363,36 @@ class OtcClip(Defence):
             bad = bad | (self.triggered[idx] & (self.match[idx] != idx))
         return bad
 
-    def _intra(self, idx: torch.Tensor, fi: ImageFeatures, act: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
+    def _intra(
+        self,
+        idx: torch.Tensor,
+        fi: ImageFeatures,
+        act: torch.Tensor,
+        gen: torch.Generator,
+        rng: random.Random,
+    ) -> torch.Tensor:
         """OT between patch sets of two views (images) and token sets of caption edits."""
         ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
         n_sub = max(1, int(round(c.intra_subsample * idx.numel())))
         order = torch.argsort(act.float() + torch.rand(idx.numel(), generator=gen))  # dropped first
         pos = order[:n_sub]
         view2 = image_features(m, ctx.batch_images(idx[pos], gen))
-        li = ot_alignment_loss(fi.local[pos.to(ctx.device)], view2.local, reg=c.ot_reg, iters=c.ot_iters)
+        li = ot_alignment_loss(
+            fi.local[pos.to(ctx.device)], view2.local, reg=c.ot_reg, iters=c.ot_iters
+        )
         rows = idx[pos]
         caps = [ctx.captions[int(i)] for i in rows]
         both = torch.cat([ctx.tokens[rows], ctx.tokenizer([augment_caption(s, rng) for s in caps])])
         ft = text_features(m, both.to(ctx.device))
         k = rows.numel()
-        lt = ot_alignment_loss(ft.local[:k], ft.local[k:], x_mask=ft.mask[:k], y_mask=ft.mask[k:], reg=c.ot_reg, iters=c.ot_iters)
+        lt = ot_alignment_loss(
+            ft.local[:k],
+            ft.local[k:],
+            x_mask=ft.mask[:k],
+            y_mask=ft.mask[k:],
+            reg=c.ot_reg,
+            iters=c.ot_iters,
+        )
         return li + lt
 
 
@@ -262,13 +406,32 @@ def _decision_arrays(decisions: Any, n: int) -> tuple[list[str], np.ndarray, dic
     if table is not None:
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
     else:
-        cols = {k: list(v) for k, v in vars(decisions).items() if hasattr(v, "__len__") and not isinstance(v, str | dict)}
+        cols = {
+            k: list(v)
+            for k, v in vars(decisions).items()
+            if hasattr(v, "__len__") and not isinstance(v, str | dict)
+        }
     action = [str(a) for a in cols["action"]]
     if len(action) != n:
         raise RuntimeError(f"sanitize_features returned {len(action)} decisions for {n} pairs")
-    key = next((k for k in ("new_caption_index", "caption_index", "new_index", "best_index", "match") if k in cols), None)
+    key = next(
+        (
+            k
+            for k in ("new_caption_index", "caption_index", "new_index", "best_index", "match")
+            if k in cols
+        ),
+        None,
+    )
     if key is None:
-        raise RuntimeError(f"sanitize_features decisions lack a caption index column: {sorted(cols)}")
+        raise RuntimeError(
+            f"sanitize_features decisions lack a caption index column: {sorted(cols)}"
+        )
     new_idx = np.array([-1 if v is None else int(v) for v in cols[key]], dtype=np.int64)
-    extra = {k: v for k, v in cols.items() if k not in ("id", "action", key) and len(v) == n and not isinstance(v[0] if v else 0, list | dict)}
+    extra = {
+        k: v
+        for k, v in cols.items()
+        if k not in ("id", "action", key)
+        and len(v) == n
+        and not isinstance(v[0] if v else 0, list | dict)
+    }
     return action, new_idx, extra

@@ -1,0 +1,339 @@
+"""Trigger templates: the one pattern shared by the images a trigger detector flags.
+
+A backdoor works because every poisoned image carries the *same* trigger. The
+trigger-sensitivity detector (:mod:`otcclip.models.decisions`) only sees, pair by pair,
+that a model's score rests on what a purifier removes; a model still in training sees
+it on part of the poisoned images and on some clean ones. This module turns those
+flags into seeds: what the purifier removes from the seed images is averaged (image
+content averages out, a shared trigger adds up), and every image in the dataset is
+matched against that template by normalised cross-correlation in pixel space. Images
+that carry the trigger stand tens of robust standard deviations above the rest; seeds
+that share no pattern give a template nothing matches, so nothing is flagged.
+
+Two template kinds, one per purified view (:data:`otcclip.models.features.PURIFIERS`):
+
+- ``additive`` (view ``low_pass``): a pattern over the whole image (blended noise). The
+  template is the mean high-frequency residual ``x - low_pass(x)`` of the seeds; an
+  image's match is the correlation of its residual with the template.
+- ``patch`` (view ``fill_local``): a small pattern at any position (a noise patch). The
+  template is the mean of the seeds' most high-frequency windows; an image's match is
+  the best correlation of any of its windows with the template.
+
+Estimates are cross-fitted (a seed is scored against the template of the other half of
+the seeds, so a seed never matches itself) and refined: images above ``z_refine`` become
+the next round's seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from otcclip.models.features import PURIFIERS, low_pass
+
+#: Template kind per purified view, in the order of ``PURIFIERS``.
+TEMPLATE_KINDS: tuple[str, ...] = ("additive", "patch")
+assert len(TEMPLATE_KINDS) == len(PURIFIERS)
+
+ImageGetter = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """How templates are searched.
+
+    Attributes
+    ----------
+    z_flag : float
+        An image carries the trigger when its match is this many robust standard
+        deviations (median / 1.4826 MAD over all images) above the median.
+    z_refine : float
+        Images above this become the seeds of the next refinement round.
+    min_support : int
+        Fewer images than this above ``z_flag`` (or as seeds) means no shared pattern.
+    rounds : int
+        Estimate-and-match rounds (the first from the detector's seeds).
+    copy_ncc : float
+        When the seeds' mean matches nothing, the rounds restart from the seeds that are
+        near-copies of one another (correlation of their residuals or windows above this).
+    patch_frac : float
+        Side of a ``patch`` template as a share of the shorter image side (as
+        :func:`~otcclip.models.features.fill_local`).
+    chunk : int
+        Images matched per step (memory bound).
+    """
+
+    z_flag: float = 12.0
+    z_refine: float = 3.0
+    min_support: int = 10
+    rounds: int = 3
+    copy_ncc: float = 0.9
+    patch_frac: float = 0.25
+    chunk: int = 1024
+
+
+@dataclass(frozen=True)
+class TriggerTemplate:
+    """A shared trigger pattern, in the normalised image space it was estimated in.
+
+    Attributes
+    ----------
+    kind : {"additive", "patch"}
+    pattern : Tensor
+        ``additive``: shape (C, H, W), added to an image; ``patch``: shape (C, s, s),
+        pasted over a window.
+    support : int
+        Images it was estimated from (the flagged ones).
+    """
+
+    kind: str
+    pattern: torch.Tensor
+    support: int
+
+
+@dataclass(frozen=True)
+class TemplateSearch:
+    """Outcome of :func:`search_template` over N images.
+
+    Attributes
+    ----------
+    kind : str
+    z : ndarray, shape (N,)
+        Robust z of each image's match with the final template (zeros when no seeds).
+    flagged : ndarray of bool, shape (N,)
+        ``z > z_flag``, or all False when fewer than ``min_support`` pass.
+    template : TriggerTemplate or None
+        None when no shared pattern was found.
+    rounds : int
+        Rounds run.
+    """
+
+    kind: str
+    z: np.ndarray
+    flagged: np.ndarray
+    template: TriggerTemplate | None
+    rounds: int
+
+
+def _side(h: int, w: int, frac: float) -> int:
+    return max(1, min(h, w, round(frac * min(h, w))))
+
+
+def _seed_features(x: torch.Tensor, kind: str, side: int) -> torch.Tensor:
+    """(n, D) what the purifier removes: the residual, or the most high-frequency window."""
+    res = x - low_pass(x)
+    if kind == "additive":
+        return res.flatten(1)
+    n = x.shape[0]
+    energy = res.abs().mean(dim=1, keepdim=True)
+    win = F.avg_pool2d(energy, side, stride=1)
+    pos = win.flatten(1).argmax(dim=1)
+    windows = F.unfold(x, side)  # (n, C*side*side, L)
+    return windows[torch.arange(n), :, pos]
+
+
+def _centred_unit(v: torch.Tensor) -> torch.Tensor:
+    v = v - v.mean(dim=-1, keepdim=True)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def _match(x: torch.Tensor, kind: str, templates: torch.Tensor, side: int) -> torch.Tensor:
+    """(n,) normalised cross-correlation of each image with its row of ``templates`` (n, D)."""
+    t = _centred_unit(templates)
+    if kind == "additive":
+        return (_centred_unit((x - low_pass(x)).flatten(1)) * t).sum(dim=1)
+    # per window: <w, t> / ||w - mean(w)|| (t is zero-mean), by convolution
+    n, c = x.shape[:2]
+    dot = F.conv2d(
+        x.reshape(1, n * c, *x.shape[-2:]), t.reshape(n * c, 1, side, side), groups=n * c
+    )
+    dot = dot.reshape(n, c, *dot.shape[-2:]).sum(dim=1)  # (n, H-s+1, W-s+1)
+    d = c * side * side
+    s1 = F.avg_pool2d(x, side, stride=1).sum(dim=1) * side * side
+    s2 = F.avg_pool2d(x * x, side, stride=1).sum(dim=1) * side * side
+    # a flat window (pixel std < 0.05 normalised units) correlates with nothing
+    norm = (s2 - s1 * s1 / d).clamp_min(0.0025 * d).sqrt()
+    return (dot / norm).flatten(1).amax(dim=1)
+
+
+def _robust_z(s: np.ndarray) -> np.ndarray:
+    med = float(np.median(s))
+    mad = 1.4826 * float(np.median(np.abs(s - med)))
+    return np.asarray((s - med) / max(mad, 1e-8))
+
+
+def _mean_features(
+    images: ImageGetter, rows: np.ndarray, kind: str, side: int, chunk: int
+) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for s in range(0, len(rows), chunk):
+        f = _seed_features(images(torch.from_numpy(rows[s : s + chunk])).float(), kind, side).sum(
+            dim=0
+        )
+        total = f if total is None else total + f
+    assert total is not None
+    return total / len(rows)
+
+
+def search_template(
+    images: ImageGetter,
+    n: int,
+    seeds: np.ndarray,
+    *,
+    kind: str,
+    config: TemplateConfig | None = None,
+    generator: torch.Generator | None = None,
+) -> TemplateSearch:
+    """Find the trigger the seed images share, and every image that carries it.
+
+    Parameters
+    ----------
+    images : callable
+        ``images(idx)`` -> Tensor of shape (len(idx), C, H, W): the normalised images of
+        rows ``idx`` (int64), un-augmented.
+    n : int
+        Number of images.
+    seeds : ndarray of bool, shape (N,)
+        Images a detector flagged for this view (false alarms allowed).
+    kind : {"additive", "patch"}
+    config : TemplateConfig, optional
+    generator : torch.Generator, optional
+        Splits the seeds for cross-fitting.
+
+    Returns
+    -------
+    TemplateSearch
+    """
+    cfg = config or TemplateConfig()
+    if kind not in TEMPLATE_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TEMPLATE_KINDS)}, not {kind!r}")
+    if seeds.shape != (n,):
+        raise ValueError(f"seeds must have shape ({n},), got {seeds.shape}")
+    none = TemplateSearch(kind, np.zeros(n), np.zeros(n, dtype=bool), None, 0)
+    rows = np.flatnonzero(seeds)
+    if len(rows) < max(2, cfg.min_support) or n < 2:
+        return none
+    probe = images(torch.arange(1))
+    side = _side(probe.shape[-2], probe.shape[-1], cfg.patch_frac)
+    found = _refine(images, n, rows, kind, side, cfg, generator)
+    if not found.flagged.any():
+        core = _tightest_core(images, rows, kind, side, cfg)
+        if core is not None:
+            # a handful of trigger images among many false alarms: start from the seeds
+            # whose windows / residuals are near-copies of each other
+            found = _refine(images, n, core, kind, side, cfg, generator)
+    return found
+
+
+def _tightest_core(
+    images: ImageGetter, rows: np.ndarray, kind: str, side: int, cfg: TemplateConfig
+) -> np.ndarray | None:
+    """The seeds most alike to the seed with the closest near-copies (None if no near-copies).
+
+    A shared trigger makes its images' residuals (or windows) near-copies of each other
+    (correlation above ``copy_ncc``), which two natural images rarely are.
+    """
+    if len(rows) < 3:
+        return None
+    feats = torch.cat(
+        [
+            _centred_unit(
+                _seed_features(
+                    images(torch.from_numpy(rows[s : s + cfg.chunk])).float(), kind, side
+                )
+            )
+            for s in range(0, len(rows), cfg.chunk)
+        ]
+    )
+    gram = (feats @ feats.t()).cpu().numpy()
+    np.fill_diagonal(gram, -np.inf)
+    close = gram > cfg.copy_ncc
+    best = int(close.sum(axis=1).argmax())
+    if int(close[best].sum()) < 2:
+        return None
+    return np.sort(np.concatenate([[rows[best]], rows[close[best]]]))
+
+
+def _refine(
+    images: ImageGetter,
+    n: int,
+    rows: np.ndarray,
+    kind: str,
+    side: int,
+    cfg: TemplateConfig,
+    generator: torch.Generator | None,
+) -> TemplateSearch:
+    """Estimate-and-match rounds from seed rows ``rows``."""
+    probe = images(torch.arange(1))
+    z = np.zeros(n)
+    rounds = 0
+    for _ in range(cfg.rounds):
+        rounds += 1
+        perm = torch.randperm(len(rows), generator=generator).numpy()
+        half_a, half_b = (
+            np.sort(rows[perm[: len(rows) // 2]]),
+            np.sort(rows[perm[len(rows) // 2 :]]),
+        )
+        t_all = _mean_features(images, rows, kind, side, cfg.chunk)
+        t_a = _mean_features(images, half_a, kind, side, cfg.chunk)
+        t_b = _mean_features(images, half_b, kind, side, cfg.chunk)
+        # each seed is scored with the other half's template, everything else with all seeds'
+        which = np.zeros(n, dtype=np.int64)
+        which[half_a], which[half_b] = 2, 1
+        bank = torch.stack([t_all, t_a, t_b])
+        scores = np.empty(n)
+        for s in range(0, n, cfg.chunk):
+            idx = torch.arange(s, min(s + cfg.chunk, n))
+            x = images(idx).float()
+            scores[s : s + len(idx)] = (
+                _match(x, kind, bank[torch.from_numpy(which[s : s + len(idx)])], side).cpu().numpy()
+            )
+        z = _robust_z(scores)
+        nxt = np.flatnonzero(z > cfg.z_refine)
+        if len(nxt) < cfg.min_support or np.array_equal(nxt, rows):
+            break
+        rows = nxt
+    flagged = z > cfg.z_flag
+    if int(flagged.sum()) < cfg.min_support:
+        return TemplateSearch(kind, z, np.zeros(n, dtype=bool), None, rounds)
+    pattern = _mean_features(images, np.flatnonzero(flagged), kind, side, cfg.chunk)
+    shape = probe.shape[1:] if kind == "additive" else (probe.shape[1], side, side)
+    template = TriggerTemplate(kind, pattern.reshape(shape).cpu(), int(flagged.sum()))
+    return TemplateSearch(kind, z, flagged, template, rounds)
+
+
+def stamp(
+    images: torch.Tensor, template: TriggerTemplate, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Apply a template to images as the attack would: add it, or paste it somewhere.
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W)
+        Normalised images (the space the template was estimated in).
+    template : TriggerTemplate
+    generator : torch.Generator, optional
+        Draws the patch positions.
+
+    Returns
+    -------
+    Tensor, shape (N, C, H, W)
+        A new tensor.
+    """
+    pattern = template.pattern.to(images.device, images.dtype)
+    if template.kind == "additive":
+        return images + pattern
+    n, _, h, w = images.shape
+    side = pattern.shape[-1]
+    if side > min(h, w):
+        raise ValueError(f"patch of side {side} does not fit images of {h}x{w}")
+    out = images.clone()
+    ys = torch.randint(h - side + 1, (n,), generator=generator).tolist()
+    xs = torch.randint(w - side + 1, (n,), generator=generator).tolist()
+    for i, (y, x) in enumerate(zip(ys, xs, strict=True)):
+        out[i, :, y : y + side, x : x + side] = pattern
+    return out

@@ -1,0 +1,108 @@
+"""Trigger templates: the pattern shared by flagged images, found from noisy seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from otcclip.models.triggers import TemplateConfig, TriggerTemplate, search_template, stamp
+
+N, S = 400, 32
+
+
+def _natural(n: int, seed: int) -> torch.Tensor:
+    """Smooth random images with some edges, shape (n, 3, S, S), roughly unit scale."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, 4, 4, generator=g)
+    x = F.interpolate(coarse, size=(S, S), mode="bicubic", align_corners=False)
+    mid = F.interpolate(torch.randn(n, 3, 8, 8, generator=g), size=(S, S), mode="bilinear", align_corners=False)
+    return x + 0.5 * mid + 0.05 * torch.randn(n, 3, S, S, generator=g)
+
+
+def _seeds(truth: np.ndarray, n_true: int, n_false: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    s = np.zeros(len(truth), dtype=bool)
+    s[rng.choice(np.flatnonzero(truth), n_true, replace=False)] = True
+    s[rng.choice(np.flatnonzero(~truth), n_false, replace=False)] = True
+    return s
+
+
+def _blended(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    x = _natural(N, seed)
+    truth = np.zeros(N, dtype=bool)
+    truth[np.random.default_rng(seed).choice(N, 30, replace=False)] = True
+    noise = torch.rand(3, S, S, generator=torch.Generator().manual_seed(99)) * 4 - 2
+    x[torch.from_numpy(truth)] = 0.7 * x[torch.from_numpy(truth)] + 0.3 * noise
+    return x, truth, noise
+
+
+def _patched(seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    x = _natural(N, seed)
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(N, dtype=bool)
+    truth[rng.choice(N, 30, replace=False)] = True
+    patch = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(98)) * 4 - 2
+    for i in np.flatnonzero(truth):
+        y, z = rng.integers(0, S - 8 + 1, size=2)
+        x[i, :, y : y + 8, z : z + 8] = patch
+    return x, truth, patch
+
+
+def test_a_blended_trigger_is_found_from_seeds_that_are_mostly_false_alarms() -> None:
+    x, truth, _ = _blended()
+    seeds = _seeds(truth, 8, 60, seed=1)  # 12 % of the seeds carry the trigger
+    found = search_template(lambda i: x[i], N, seeds, kind="additive", generator=torch.Generator().manual_seed(0))
+    assert found.flagged.tolist() == truth.tolist()
+    assert found.template is not None and found.template.support == 30
+    assert found.template.pattern.shape == (3, S, S)
+    assert found.z[truth].min() > 12 > found.z[~truth].max()
+
+
+def test_a_patch_at_random_positions_is_found_from_a_handful_of_seeds() -> None:
+    x, truth, patch = _patched()
+    seeds = _seeds(truth, 3, 80, seed=2)  # the seeds' mean matches nothing; their near-copies do
+    found = search_template(lambda i: x[i], N, seeds, kind="patch", generator=torch.Generator().manual_seed(0))
+    assert found.flagged.tolist() == truth.tolist()
+    assert found.template is not None and found.template.pattern.shape == (3, 8, 8)
+    assert torch.allclose(found.template.pattern, patch, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["additive", "patch"])
+def test_seeds_that_share_no_pattern_flag_nothing(kind: str) -> None:
+    x = _natural(N, 3)
+    for s in range(3):
+        seeds = np.zeros(N, dtype=bool)
+        seeds[np.random.default_rng(s).choice(N, 60, replace=False)] = True
+        found = search_template(lambda i: x[i], N, seeds, kind=kind, generator=torch.Generator().manual_seed(s))
+        assert not found.flagged.any() and found.template is None
+
+
+def test_too_few_seeds_or_a_wrong_shape_or_kind() -> None:
+    x, truth, _ = _blended()
+    few = _seeds(truth, 3, 2, seed=0)
+    assert search_template(lambda i: x[i], N, few, kind="additive").template is None
+    with pytest.raises(ValueError, match="seeds must have shape"):
+        search_template(lambda i: x[i], N, truth[:-1], kind="additive")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        search_template(lambda i: x[i], N, truth, kind="stripes")
+    # a stricter threshold than the trigger's match flags nothing rather than a few
+    found = search_template(lambda i: x[i], N, _seeds(truth, 8, 60, seed=1), kind="additive", config=TemplateConfig(z_flag=1e6))
+    assert not found.flagged.any() and found.template is None
+
+
+def test_stamp_adds_or_pastes_the_template() -> None:
+    x = _natural(5, 4)
+    pattern = torch.randn(3, S, S)
+    out = stamp(x, TriggerTemplate("additive", pattern, 10))
+    assert torch.allclose(out - x, pattern.expand_as(x), atol=1e-5) and not torch.equal(out, x)
+    patch = torch.randn(3, 8, 8)
+    out = stamp(x, TriggerTemplate("patch", patch, 10), generator=torch.Generator().manual_seed(0))
+    changed = (out != x).any(dim=1)  # (5, S, S)
+    for i in range(5):
+        ys, xs = torch.nonzero(changed[i], as_tuple=True)
+        y0, x0 = int(ys.min()), int(xs.min())
+        assert changed[i].sum() == 64 and torch.equal(out[i, :, y0 : y0 + 8, x0 : x0 + 8], patch)
+    with pytest.raises(ValueError, match="does not fit"):
+        stamp(x[:, :, :4, :4], TriggerTemplate("patch", patch, 10))
