@@ -56,6 +56,12 @@ class TrainConfig:
         Weights of the fine-grained OT losses (``otcclip`` only).
     ot_reg, ot_iters : float, int
         Entropic OT regularisation and Sinkhorn iterations for the losses.
+    ot_negatives : int
+        In-batch negatives of the contrastive form of ``L_inter`` and ``L_intra`` (each
+        pair's OT distance against its distances to this many other rows of the batch);
+        0 uses the plain mean OT distance.
+    ot_temperature : float
+        Temperature of that contrastive form (OT distances lie in [0, 2]).
     intra_subsample : float
         Share of each batch (at least the dropped pairs) used for ``L_intra`` (cost control).
     pool_fraction : float
@@ -136,6 +142,8 @@ class TrainConfig:
     lam_intra: float = 0.1
     ot_reg: float = 0.05
     ot_iters: int = 50
+    ot_negatives: int = 0
+    ot_temperature: float = 0.1
     intra_subsample: float = 0.125
     pool_fraction: float = 0.2
     unimodal_temperature: float = 0.1
@@ -173,6 +181,8 @@ class TrainConfig:
             raise ValueError(f"pool_fraction must be in (0, 1], got {self.pool_fraction!r}")
         if not 0.0 <= self.inoculate <= 1.0:
             raise ValueError(f"inoculate must be in [0, 1], got {self.inoculate!r}")
+        if self.ot_negatives < 0 or self.ot_temperature <= 0:
+            raise ValueError("ot_negatives must be >= 0 and ot_temperature > 0")
         if not 0.0 <= self.intra_subsample <= 1.0:
             raise ValueError(f"intra_subsample must be in [0, 1], got {self.intra_subsample!r}")
 

@@ -5,6 +5,9 @@
   (``L_inter`` for patches vs tokens, ``L_intra`` for two views of one modality), through
   the engine's :func:`otcclip.models.ot.ot_distance` (a local log-domain Sinkhorn is
   used only while that module is absent).
+- :func:`ot_contrastive_loss`: the contrastive form of ``L_inter`` / ``L_intra`` (DESIGN
+  2.4's option): each set's OT distance to its partner against its distances to a few
+  other rows of the batch, so the local features cannot satisfy it by collapsing.
 - :func:`nt_xent`: SimCLR-style unimodal contrastive loss between two views (SafeCLIP).
 - :func:`unlikelihood_loss`: pushes images away from captions they were poisoned with.
 """
@@ -124,3 +127,46 @@ def ot_alignment_loss(
     """Mean OT distance over the batch (``L_inter`` / ``L_intra``); 0 for an empty batch."""
     d = ot_distances(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, iters=iters)
     return d.mean() if d.numel() else d.sum()
+
+
+def ot_contrastive_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    x_mask: torch.Tensor | None = None,
+    y_mask: torch.Tensor | None = None,
+    negatives: int = 3,
+    temperature: float = 0.1,
+    reg: float = 0.05,
+    iters: int = 50,
+) -> torch.Tensor:
+    """InfoNCE over negative OT distances: ``x[i]``'s partner ``y[i]`` against ``y[i - s]``.
+
+    A mean distance (:func:`ot_alignment_loss`) is also lowered by making every local
+    feature alike; here the partner must be closer than the batch's other rows
+    (``s = 1..negatives``, rolled), which collapse does not achieve.
+
+    Parameters
+    ----------
+    x : Tensor, shape (B, P, d); y : Tensor, shape (B, L, d)
+        L2-normalised local sets; masks ``(B, P)`` / ``(B, L)`` mark valid positions.
+    negatives : int
+        Negatives per row (at most ``B - 1``); 0 gives :func:`ot_alignment_loss`.
+    temperature : float
+        Divides the negative distances (distances are ``1 - cos`` averaged by the plan).
+
+    Returns
+    -------
+    Tensor, scalar
+        ``mean_i CE(softmax(-[d(x_i, y_i), d(x_i, y_{i-1}), ...] / temperature), 0)``.
+    """
+    b = x.shape[0]
+    k = min(negatives, b - 1)
+    if k <= 0:
+        return ot_alignment_loss(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, iters=iters)
+    xs = x.repeat(k + 1, 1, 1)
+    ys = torch.cat([y.roll(s, dims=0) for s in range(k + 1)])
+    xm = None if x_mask is None else x_mask.repeat(k + 1, 1)
+    ym = None if y_mask is None else torch.cat([y_mask.roll(s, dims=0) for s in range(k + 1)])
+    d = ot_distances(xs, ys, x_mask=xm, y_mask=ym, reg=reg, iters=iters).view(k + 1, b).t()  # (B, 1 + k)
+    return F.cross_entropy(-d / temperature, torch.zeros(b, dtype=torch.long, device=x.device))

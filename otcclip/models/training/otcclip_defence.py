@@ -30,7 +30,7 @@ from otcclip.models.training.config import (
     TRAINER_SANITIZE,
 )
 from otcclip.models.training.defences import Context, Defence
-from otcclip.models.training.losses import clip_loss, ot_alignment_loss, unlikelihood_loss
+from otcclip.models.training.losses import clip_loss, ot_contrastive_loss, unlikelihood_loss
 from otcclip.models.triggers import TEMPLATE_KINDS, TriggerTemplate, search_template, stamp
 
 log = logging.getLogger(__name__)
@@ -274,13 +274,7 @@ class OtcClip(Defence):
         loss = clip
         terms = {"clip": float(clip.detach())}
         if c.lam_inter > 0 and use.numel():
-            inter = ot_alignment_loss(
-                fi.local[act.to(ctx.device)],
-                ft.local,
-                y_mask=ft.mask,
-                reg=c.ot_reg,
-                iters=c.ot_iters,
-            )
+            inter = self._ot_loss(fi.local[act.to(ctx.device)], ft.local, y_mask=ft.mask)
             loss = loss + c.lam_inter * inter
             terms["inter"] = float(inter.detach())
         if c.lam_intra > 0 and c.intra_subsample > 0:
@@ -377,23 +371,25 @@ class OtcClip(Defence):
         order = torch.argsort(act.float() + torch.rand(idx.numel(), generator=gen))  # dropped first
         pos = order[:n_sub]
         view2 = image_features(m, ctx.batch_images(idx[pos], gen))
-        li = ot_alignment_loss(
-            fi.local[pos.to(ctx.device)], view2.local, reg=c.ot_reg, iters=c.ot_iters
-        )
+        li = self._ot_loss(fi.local[pos.to(ctx.device)], view2.local)
         rows = idx[pos]
         caps = [ctx.captions[int(i)] for i in rows]
         both = torch.cat([ctx.tokens[rows], ctx.tokenizer([augment_caption(s, rng) for s in caps])])
         ft = text_features(m, both.to(ctx.device))
         k = rows.numel()
-        lt = ot_alignment_loss(
-            ft.local[:k],
-            ft.local[k:],
-            x_mask=ft.mask[:k],
-            y_mask=ft.mask[k:],
-            reg=c.ot_reg,
-            iters=c.ot_iters,
-        )
+        lt = self._ot_loss(ft.local[:k], ft.local[k:], x_mask=ft.mask[:k], y_mask=ft.mask[k:])
         return li + lt
+
+    def _ot_loss(
+        self, x: torch.Tensor, y: torch.Tensor, *, x_mask: torch.Tensor | None = None, y_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``L_inter`` / ``L_intra`` between paired local sets: the mean OT distance, or its
+        contrastive form with ``config.ot_negatives`` in-batch negatives."""
+        c = self.ctx.config
+        return ot_contrastive_loss(
+            x, y, x_mask=x_mask, y_mask=y_mask, negatives=c.ot_negatives, temperature=c.ot_temperature,
+            reg=c.ot_reg, iters=c.ot_iters,
+        )
 
 
 def _decision_arrays(decisions: Any, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
