@@ -229,6 +229,32 @@ def search_template(
     return found
 
 
+def search_templates(
+    images: ImageGetter,
+    n: int,
+    seeds: np.ndarray,
+    *,
+    kind: str,
+    config: TemplateConfig | None = None,
+    generator: torch.Generator | None = None,
+    max_templates: int = 3,
+) -> list[TemplateSearch]:
+    """:func:`search_template` repeated on the seeds the found templates do not explain.
+
+    Two backdoors with the same kind of trigger give two templates. Returns the searches
+    that found one (at most ``max_templates``), in the order found.
+    """
+    out: list[TemplateSearch] = []
+    left = seeds.copy()
+    for _ in range(max_templates):
+        found = search_template(images, n, left, kind=kind, config=config, generator=generator)
+        if found.template is None:
+            break
+        out.append(found)
+        left &= ~found.flagged
+    return out
+
+
 def _tightest_core(
     images: ImageGetter, rows: np.ndarray, kind: str, side: int, cfg: TemplateConfig
 ) -> np.ndarray | None:

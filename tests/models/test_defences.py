@@ -191,35 +191,61 @@ def _with_patched_images(n: int, **config: object) -> tuple[OtcClip, np.ndarray,
     return d, truth, SimpleNamespace(sensitivity_z=z, purified_view=np.ones(n, dtype=np.int64))
 
 
+def _template_pass(d: OtcClip, decisions: SimpleNamespace) -> tuple[list[str], np.ndarray, list[str], list[list[str]], np.ndarray]:
+    """The template steps of one pass, on the sensitivity detector's verdicts: pairs with
+    z > 2 flagged and dropped by it."""
+    n = d.ctx.n
+    hit = decisions.sensitivity_z > 2
+    action = ["drop" if h else "keep" for h in hit]
+    new_idx = np.where(hit, -1, np.arange(n))
+    reasons = ["trigger_sensitivity" if h else "own_best" for h in hit]
+    flags = [["trigger_sensitivity"] if h else [""] for h in hit]
+    found, best = d._find_templates(decisions, 2)
+    d._release_explained(found, decisions.purified_view, action, new_idx, reasons, flags)
+    d._apply_templates(found, action, new_idx, reasons, flags)
+    return action, new_idx, reasons, flags, best
+
+
 def test_template_search_drops_every_image_that_carries_the_flagged_images_trigger() -> None:
     n = 200
     d, truth, decisions = _with_patched_images(n, purified_rematch=False)
-    action, new_idx = ["keep"] * n, np.arange(n)
-    reasons, flags = ["own_best"] * n, [[""] for _ in range(n)]
-    best = d._template_search(decisions, 2, action, new_idx, reasons, flags)
+    action, new_idx, reasons, flags, best = _template_pass(d, decisions)
     assert d.quarantine.numpy().tolist() == truth.tolist()
     assert all((action[i], reasons[i], new_idx[i]) == ("drop", "trigger_template", -1) for i in np.flatnonzero(truth))
-    assert all(action[i] == "keep" and flags[i] == [""] for i in np.flatnonzero(~truth))
     assert all("trigger_template" in flags[i] for i in np.flatnonzero(truth))
-    assert d.templates[0] is None and d.templates[1] is not None and d.templates[1].support == 20
+    # the 40 false alarms on the same view do not carry the trigger: released
+    false_alarm = (decisions.sensitivity_z > 2) & ~truth
+    assert all((action[i], reasons[i], new_idx[i]) == ("keep", "trigger_explained", i) for i in np.flatnonzero(false_alarm))
+    assert all(action[i] == "keep" and "trigger_sensitivity" not in flags[i] for i in np.flatnonzero(~truth))
+    assert [t.kind for t in d.templates] == ["patch"] and d.templates[0].support == 20
     assert best[truth].min() > 12 > best[~truth].max()
     # re-matching instead: the images are triggered through the patch view, to be
     # re-matched by _purified_rematch
     e, truth, decisions = _with_patched_images(n)
-    e._template_search(decisions, 2, ["keep"] * n, np.arange(n), ["own_best"] * n, [[""] for _ in range(n)])
+    _template_pass(e, decisions)
     assert e.triggered.numpy().tolist() == truth.tolist() and not e.quarantine.any()
     assert (e.trigger_view[torch.from_numpy(truth)] == 1).all()
+
+
+def test_without_a_template_the_sensitivity_flags_stand() -> None:
+    n = 200
+    d, truth, decisions = _with_patched_images(n, purified_rematch=False)
+    decisions.sensitivity_z[truth] = 0.0  # only the false alarms: no shared pattern
+    action, _, reasons, flags, best = _template_pass(d, decisions)
+    assert d.templates == [] and not d.quarantine.any() and (best < 12).all()
+    hit = decisions.sensitivity_z > 2
+    assert all(action[i] == "drop" and reasons[i] == "trigger_sensitivity" for i in np.flatnonzero(hit))
 
 
 def test_inoculation_stamps_a_found_template_and_it_survives_a_checkpoint() -> None:
     n = 200
     d, truth, decisions = _with_patched_images(n, inoculate=0.5, purified_rematch=False)
-    d._template_search(decisions, 2, ["keep"] * n, np.arange(n), ["own_best"] * n, [[""] for _ in range(n)])
-    t = d.templates[1]
-    assert t is not None
+    _template_pass(d, decisions)
+    assert len(d.templates) == 1
+    t = d.templates[0]
     e = _otcclip(n)
     e.load_state_dict(d.state_dict())
-    assert e.templates[1] is not None and torch.equal(e.templates[1].pattern, t.pattern) and e.templates[0] is None
+    assert len(e.templates) == 1 and torch.equal(e.templates[0].pattern, t.pattern) and e.templates[0].kind == "patch"
     idx = torch.arange(40)
     x = d.ctx.batch_images(idx, None)
     out = d.inoculate(idx, x, torch.Generator().manual_seed(0))

@@ -106,3 +106,18 @@ def test_stamp_adds_or_pastes_the_template() -> None:
         assert changed[i].sum() == 64 and torch.equal(out[i, :, y0 : y0 + 8, x0 : x0 + 8], patch)
     with pytest.raises(ValueError, match="does not fit"):
         stamp(x[:, :, :4, :4], TriggerTemplate("patch", patch, 10))
+
+
+def test_two_triggers_of_one_kind_are_both_found() -> None:
+    from otcclip.models.triggers import search_templates
+
+    x, truth, _ = _blended()
+    other = np.zeros(N, dtype=bool)
+    other[np.random.default_rng(7).choice(np.flatnonzero(~truth), 30, replace=False)] = True
+    noise2 = torch.rand(3, S, S, generator=torch.Generator().manual_seed(5)) * 4 - 2
+    x[torch.from_numpy(other)] = 0.7 * x[torch.from_numpy(other)] + 0.3 * noise2
+    seeds = _seeds(truth, 10, 40, seed=1) | _seeds(other, 10, 0, seed=2)
+    found = search_templates(lambda i: x[i], N, seeds, kind="additive", generator=torch.Generator().manual_seed(0))
+    # one template for both (their mean matches each), or one each
+    assert 1 <= len(found) <= 2
+    assert np.logical_or.reduce([f.flagged for f in found]).tolist() == (truth | other).tolist()

@@ -31,7 +31,13 @@ from otcclip.models.training.config import (
 )
 from otcclip.models.training.defences import Context, Defence
 from otcclip.models.training.losses import clip_loss, ot_contrastive_loss, unlikelihood_loss
-from otcclip.models.triggers import TEMPLATE_KINDS, TriggerTemplate, search_template, stamp
+from otcclip.models.triggers import (
+    TEMPLATE_KINDS,
+    TemplateSearch,
+    TriggerTemplate,
+    search_templates,
+    stamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +56,8 @@ class OtcClip(Defence):
         self.triggered = torch.zeros(ctx.n, dtype=torch.bool)
         # the purified view (features.PURIFIERS) that flagged each triggered pair, -1 none
         self.trigger_view = torch.full((ctx.n,), -1, dtype=torch.long)
-        # the shared trigger found behind each purified view's flags (triggers.py), or None
-        self.templates: list[TriggerTemplate | None] = [None] * len(TEMPLATE_KINDS)
+        # the shared triggers found behind the purified views' flags (triggers.py)
+        self.templates: list[TriggerTemplate] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -60,9 +66,7 @@ class OtcClip(Defence):
             "triggered": self.triggered.clone(),
             "trigger_view": self.trigger_view.clone(),
             "templates": [
-                None
-                if t is None
-                else {"kind": t.kind, "pattern": t.pattern.clone(), "support": t.support}
+                {"kind": t.kind, "pattern": t.pattern.clone(), "support": t.support}
                 for t in self.templates
             ],
         }
@@ -75,12 +79,10 @@ class OtcClip(Defence):
         self.trigger_view = state.get(
             "trigger_view", torch.full((self.ctx.n,), -1, dtype=torch.long)
         ).clone()
-        saved = state.get("templates", [None] * len(TEMPLATE_KINDS))
         self.templates = [
-            None
-            if t is None
-            else TriggerTemplate(t["kind"], t["pattern"].clone(), int(t["support"]))
-            for t in saved
+            TriggerTemplate(t["kind"], t["pattern"].clone(), int(t["support"]))
+            for t in state.get("templates", [])
+            if t is not None
         ]
 
     def before_epoch(self, epoch: int) -> dict[str, Any]:
@@ -105,13 +107,15 @@ class OtcClip(Defence):
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
         flags = [str(f).split(",") for f in extra.get("detectors", [""] * self.ctx.n)]
+        found: list[tuple[int, TemplateSearch]] = []
+        if purified is not None and c.template_search:
+            found, template_z = self._find_templates(decisions, epoch)
+            extra["template_z"] = template_z.tolist()
+            self._release_explained(found, decisions.purified_view, action, new_idx, reasons, flags)
         self._apply_verdicts(action, new_idx, reasons, flags, purified_views=purified is not None)
         for i in (i for i, f in enumerate(flags) if "trigger_sensitivity" in f):
             self.trigger_view[i] = int(decisions.purified_view[i])
-        if purified is not None and c.template_search:
-            extra["template_z"] = self._template_search(
-                decisions, epoch, action, new_idx, reasons, flags
-            ).tolist()
+        self._apply_templates(found, action, new_idx, reasons, flags)
         if purified is not None and bool(self.triggered.any()):
             self._purified_rematch(
                 purified, txt.global_, decisions.purified_view, action, new_idx, reasons
@@ -160,46 +164,80 @@ class OtcClip(Defence):
             if action[i] != "drop":
                 action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
 
-    def _template_search(
-        self,
-        decisions: Any,
-        epoch: int,
-        action: list[str],
-        new_idx: np.ndarray,
-        reasons: list[str],
-        flags: list[list[str]],
-    ) -> np.ndarray:
-        """Look for the trigger behind each purified view's flags; flag every image carrying it.
+    def _find_templates(
+        self, decisions: Any, epoch: int
+    ) -> tuple[list[tuple[int, TemplateSearch]], np.ndarray]:
+        """Look for the triggers behind each purified view's flags (:mod:`~otcclip.models.triggers`).
 
         Seeds per view: pairs whose trigger-sensitivity z on that view exceeds
         ``config.template_seed_z`` (no neighbourhood test: false alarms share no pattern)
-        and pairs already triggered through it. Images matching the template
-        (:func:`~otcclip.models.triggers.search_template`) are handled as the
-        trigger-sensitivity detector's flags (reason ``trigger_template``): re-matched
-        through their purified view, or dropped when ``purified_rematch`` is off.
-        Returns the (N,) largest template z over the views (0 where none was found).
+        and pairs already flagged through it. Returns ``(view, search)`` for every
+        template found, and the (N,) largest template z over the searches (0 where none).
         """
         c, n = self.ctx.config, self.ctx.n
         z = np.nan_to_num(np.asarray(decisions.sensitivity_z, dtype=np.float64), nan=-np.inf)
         view = np.asarray(decisions.purified_view)
         gen = torch.Generator().manual_seed(c.seed * 7919 + epoch)
+        found: list[tuple[int, TemplateSearch]] = []
         best = np.zeros(n)
         for v, kind in enumerate(TEMPLATE_KINDS):
             seeds = ((z > c.template_seed_z) & (view == v)) | (self.trigger_view.numpy() == v)
-            found = search_template(
+            for res in search_templates(
                 lambda idx: self.ctx.batch_images(idx, None), n, seeds, kind=kind, generator=gen
-            )
-            best = np.maximum(best, found.z)
-            if found.template is None:
-                continue
-            self.templates[v] = found.template
-            log.info(
-                "epoch %d: %s trigger template matches %d images",
-                epoch,
-                kind,
-                found.template.support,
-            )
-            for i in np.flatnonzero(found.flagged).tolist():
+            ):
+                assert res.template is not None
+                log.info(
+                    "epoch %d: %s trigger template matches %d images",
+                    epoch,
+                    kind,
+                    res.template.support,
+                )
+                found.append((v, res))
+                best = np.maximum(best, res.z)
+        if found:
+            kept = [
+                t for t in self.templates if t.kind not in {TEMPLATE_KINDS[v] for v, _ in found}
+            ]
+            self.templates = kept + [r.template for _, r in found if r.template is not None]
+        return found, best
+
+    def _release_explained(
+        self,
+        found: list[tuple[int, TemplateSearch]],
+        view: np.ndarray,
+        action: list[str],
+        new_idx: np.ndarray,
+        reasons: list[str],
+        flags: list[list[str]],
+    ) -> None:
+        """A pass's trigger-sensitivity flag on a view whose trigger was found, on an image
+        that does not carry it, is a false alarm (reason ``trigger_explained``, kept): the
+        flagged images crowded that caption neighbourhood because of the trigger's images.
+        """
+        views = {v for v, _ in found}
+        carries = np.zeros(len(action), dtype=bool)
+        for _, r in found:
+            carries |= r.flagged
+        for i, f in enumerate(flags):
+            if "trigger_sensitivity" in f and int(view[i]) in views and not carries[i]:
+                f.remove("trigger_sensitivity")
+                if reasons[i] == "trigger_sensitivity":
+                    action[i], new_idx[i], reasons[i] = "keep", i, "trigger_explained"
+
+    def _apply_templates(
+        self,
+        found: list[tuple[int, TemplateSearch]],
+        action: list[str],
+        new_idx: np.ndarray,
+        reasons: list[str],
+        flags: list[list[str]],
+    ) -> None:
+        """Images carrying a found trigger are handled as the trigger-sensitivity detector's
+        flags (reason ``trigger_template``): re-matched through their purified view, or
+        dropped for good when ``purified_rematch`` is off."""
+        c = self.ctx.config
+        for v, res in found:
+            for i in np.flatnonzero(res.flagged).tolist():
                 if self.quarantine[i]:
                     continue
                 if "trigger_template" not in flags[i]:
@@ -212,7 +250,6 @@ class OtcClip(Defence):
                 else:
                     self.quarantine[i] = True
                     action[i], new_idx[i], reasons[i] = "drop", -1, "trigger_template"
-        return best
 
     def _purified_rematch(
         self,
@@ -318,7 +355,7 @@ class OtcClip(Defence):
         share = self.ctx.config.inoculate
         moved = self.quarantine | (self.triggered & (self.match != torch.arange(self.ctx.n)))
         donors = torch.nonzero(moved & (self.trigger_view >= 0)).flatten()
-        templates = [t for t in self.templates if t is not None]
+        templates = self.templates
         if share <= 0 or (donors.numel() == 0 and not templates):
             return x
         hosts = torch.nonzero(
@@ -381,14 +418,25 @@ class OtcClip(Defence):
         return li + lt
 
     def _ot_loss(
-        self, x: torch.Tensor, y: torch.Tensor, *, x_mask: torch.Tensor | None = None, y_mask: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        x_mask: torch.Tensor | None = None,
+        y_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``L_inter`` / ``L_intra`` between paired local sets: the mean OT distance, or its
         contrastive form with ``config.ot_negatives`` in-batch negatives."""
         c = self.ctx.config
         return ot_contrastive_loss(
-            x, y, x_mask=x_mask, y_mask=y_mask, negatives=c.ot_negatives, temperature=c.ot_temperature,
-            reg=c.ot_reg, iters=c.ot_iters,
+            x,
+            y,
+            x_mask=x_mask,
+            y_mask=y_mask,
+            negatives=c.ot_negatives,
+            temperature=c.ot_temperature,
+            reg=c.ot_reg,
+            iters=c.ot_iters,
         )
 
 
