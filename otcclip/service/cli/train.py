@@ -35,8 +35,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sanitize", default=None, help="JSON object of SanitizeConfig overrides (otcclip)")
     p.add_argument("--score-rematch", action="store_true", default=None,
                    help="otcclip: also apply the engine's score-based re-assignments while training")
-    p.add_argument("--no-purified-rematch", dest="purified_rematch", action="store_false", default=None,
-                   help="otcclip: drop pairs the trigger-sensitivity detector flags instead of re-matching them")
+    p.add_argument("--purified-rematch", dest="purified_rematch", action=argparse.BooleanOptionalAction, default=None,
+                   help="otcclip: re-match pairs flagged as triggered through their purified view, or drop them (--no-...)")
+    p.add_argument("--no-template-search", dest="template_search", action="store_false", default=None,
+                   help="otcclip: do not look for the trigger pattern the flagged images share")
+    p.add_argument("--ot-negatives", type=int, default=None,
+                   help="otcclip: in-batch negatives of the contrastive L_inter / L_intra (0 = mean OT distance)")
     p.add_argument("--inoculate", type=float, default=None,
                    help="otcclip: share of clean pairs per batch stamped with a flagged image's trigger residual (0 = off)")
     p.add_argument("--unlearn-triggered", action="store_true", default=None,
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in (
         "warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch",
-        "inoculate", "unlearn_triggered",
+        "inoculate", "unlearn_triggered", "template_search", "ot_negatives",
     ):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
