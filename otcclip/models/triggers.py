@@ -60,6 +60,8 @@ class TemplateConfig:
     copy_ncc : float
         When the seeds' mean matches nothing, the rounds restart from the seeds that are
         near-copies of one another (correlation of their residuals or windows above this).
+    max_cores : int
+        Groups of near-copies tried, closest first, until one gives a template.
     patch_frac : float
         Side of a ``patch`` template as a share of the shorter image side (as
         :func:`~otcclip.models.features.fill_local`).
@@ -72,6 +74,7 @@ class TemplateConfig:
     min_support: int = 10
     rounds: int = 3
     copy_ncc: float = 0.9
+    max_cores: int = 8
     patch_frac: float = 0.25
     chunk: int = 1024
 
@@ -220,12 +223,12 @@ def search_template(
     probe = images(torch.arange(1))
     side = _side(probe.shape[-2], probe.shape[-1], cfg.patch_frac)
     found = _refine(images, n, rows, kind, side, cfg, generator)
-    if not found.flagged.any():
-        core = _tightest_core(images, rows, kind, side, cfg)
-        if core is not None:
-            # a handful of trigger images among many false alarms: start from the seeds
-            # whose windows / residuals are near-copies of each other
-            found = _refine(images, n, core, kind, side, cfg, generator)
+    # a handful of trigger images among many false alarms: start from seeds whose
+    # windows / residuals are near-copies of each other (the closest groups first)
+    for core in [] if found.flagged.any() else _near_copy_cores(images, rows, kind, side, cfg):
+        found = _refine(images, n, core, kind, side, cfg, generator)
+        if found.flagged.any():
+            break
     return found
 
 
@@ -255,33 +258,43 @@ def search_templates(
     return out
 
 
-def _tightest_core(
+def _near_copy_cores(
     images: ImageGetter, rows: np.ndarray, kind: str, side: int, cfg: TemplateConfig
-) -> np.ndarray | None:
-    """The seeds most alike to the seed with the closest near-copies (None if no near-copies).
+) -> list[np.ndarray]:
+    """Groups of seeds that are near-copies of one seed, closest groups first (at most
+    ``cfg.max_cores``; each seed in one group at most).
 
     A shared trigger makes its images' residuals (or windows) near-copies of each other
-    (correlation above ``copy_ncc``), which two natural images rarely are.
+    (correlation above ``copy_ncc``), which two natural images rarely are; copies of one
+    whole image (a targeted attack repeats its target) do not count.
     """
-    if len(rows) < 3:
-        return None
-    feats = torch.cat(
-        [
-            _centred_unit(
-                _seed_features(
-                    images(torch.from_numpy(rows[s : s + cfg.chunk])).float(), kind, side
-                )
-            )
-            for s in range(0, len(rows), cfg.chunk)
-        ]
-    )
-    gram = (feats @ feats.t()).cpu().numpy()
-    np.fill_diagonal(gram, -np.inf)
+    if len(rows) < 2:
+        return []
+    feats, whole = [], []
+    for s in range(0, len(rows), cfg.chunk):
+        x = images(torch.from_numpy(rows[s : s + cfg.chunk])).float()
+        feats.append(_centred_unit(_seed_features(x, kind, side)))
+        whole.append(_centred_unit(x.flatten(1)))
+    f, w = torch.cat(feats), torch.cat(whole)
+    gram = (f @ f.t()).cpu().numpy()
+    gram[(w @ w.t()).cpu().numpy() > cfg.copy_ncc] = -np.inf  # includes the diagonal
     close = gram > cfg.copy_ncc
-    best = int(close.sum(axis=1).argmax())
-    if int(close[best].sum()) < 2:
-        return None
-    return np.sort(np.concatenate([[rows[best]], rows[close[best]]]))
+    count = close.sum(axis=1)
+    strength = np.where(close, gram, 0.0).sum(axis=1)
+    used = np.zeros(len(rows), dtype=bool)
+    cores: list[np.ndarray] = []
+    for i in np.lexsort((-strength, -count)).tolist():
+        if count[i] < 1 or len(cores) >= cfg.max_cores:
+            break
+        if used[i]:
+            continue
+        members = np.flatnonzero(close[i] & ~used)
+        if len(members) == 0:
+            continue
+        group = np.concatenate([[i], members])
+        used[group] = True
+        cores.append(np.sort(rows[group]))
+    return cores
 
 
 def _refine(

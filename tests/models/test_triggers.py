@@ -121,3 +121,20 @@ def test_two_triggers_of_one_kind_are_both_found() -> None:
     # one template for both (their mean matches each), or one each
     assert 1 <= len(found) <= 2
     assert np.logical_or.reduce([f.flagged for f in found]).tolist() == (truth | other).tolist()
+
+
+def test_copies_of_one_whole_image_are_not_taken_for_a_shared_trigger() -> None:
+    x, truth, _ = _patched()
+    # a targeted attack repeats one image: 12 copies among the seeds, besides 2 patch images
+    copies = np.flatnonzero(~truth)[:12]
+    x[torch.from_numpy(copies)] = x[int(copies[0])].clone()
+    seeds = _seeds(truth, 2, 0, seed=4)
+    seeds[copies] = True
+    seeds[np.flatnonzero(~truth)[12:92]] = True
+    found = search_template(lambda i: x[i], N, seeds, kind="patch", generator=torch.Generator().manual_seed(0))
+    assert found.flagged.tolist() == truth.tolist()
+    # the copies' windows are near-copies too, but never form a group to start from
+    from otcclip.models.triggers import _near_copy_cores
+
+    cores = _near_copy_cores(lambda i: x[i], np.flatnonzero(seeds), "patch", 8, TemplateConfig())
+    assert cores and all(not set(c.tolist()) & set(copies.tolist()) for c in cores)

@@ -98,6 +98,10 @@ class TrainConfig:
         carries it (reason ``trigger_template``); inoculation then stamps the template.
     template_seed_z : float
         otcclip: trigger-sensitivity z above which a pair seeds the template search.
+    template_pool : float
+        otcclip: share of the pairs, the most trigger-sensitive on a view, that seed that
+        view's template search as well (a model early in training is sensitive to only a
+        few of a trigger's images; a few near-copies among the seeds are enough).
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
@@ -155,6 +159,7 @@ class TrainConfig:
     inoculate: float = 0.25
     template_search: bool = True
     template_seed_z: float = 2.0
+    template_pool: float = 0.15
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = True
     purified_keep_top: float = 0.05
@@ -181,6 +186,8 @@ class TrainConfig:
             raise ValueError(f"pool_fraction must be in (0, 1], got {self.pool_fraction!r}")
         if not 0.0 <= self.inoculate <= 1.0:
             raise ValueError(f"inoculate must be in [0, 1], got {self.inoculate!r}")
+        if not 0.0 <= self.template_pool <= 1.0:
+            raise ValueError(f"template_pool must be in [0, 1], got {self.template_pool!r}")
         if self.ot_negatives < 0 or self.ot_temperature <= 0:
             raise ValueError("ot_negatives must be >= 0 and ot_temperature > 0")
         if not 0.0 <= self.intra_subsample <= 1.0:

@@ -169,9 +169,10 @@ class OtcClip(Defence):
     ) -> tuple[list[tuple[int, TemplateSearch]], np.ndarray]:
         """Look for the triggers behind each purified view's flags (:mod:`~otcclip.models.triggers`).
 
-        Seeds per view: pairs whose trigger-sensitivity z on that view exceeds
-        ``config.template_seed_z`` (no neighbourhood test: false alarms share no pattern)
-        and pairs already flagged through it. Returns ``(view, search)`` for every
+        Seeds per view: the ``config.template_pool`` share of pairs most trigger-sensitive
+        on that view, pairs whose z there exceeds ``config.template_seed_z`` (no
+        neighbourhood test: false alarms share no pattern), and pairs already flagged
+        through it; image bursts (quarantined, never trigger-flagged) are left out. Returns ``(view, search)`` for every
         template found, and the (N,) largest template z over the searches (0 where none).
         """
         c, n = self.ctx.config, self.ctx.n
@@ -181,7 +182,11 @@ class OtcClip(Defence):
         found: list[tuple[int, TemplateSearch]] = []
         best = np.zeros(n)
         for v, kind in enumerate(TEMPLATE_KINDS):
-            seeds = ((z > c.template_seed_z) & (view == v)) | (self.trigger_view.numpy() == v)
+            on_view = np.where(view == v, z, -np.inf)
+            top = np.argsort(-on_view, kind="stable")[: int(round(c.template_pool * n))]
+            seeds = (on_view > c.template_seed_z) | (self.trigger_view.numpy() == v)
+            seeds[top[np.isfinite(on_view[top])]] = True
+            seeds &= ~(self.quarantine.numpy() & (self.trigger_view.numpy() < 0))  # image bursts
             for res in search_templates(
                 lambda idx: self.ctx.batch_images(idx, None), n, seeds, kind=kind, generator=gen
             ):
