@@ -58,7 +58,7 @@ class Size:
     lr: float = 1e-3
 
 
-QUICK = Size(per_class=300, test_per_class=60, epochs=10, n_targets=4, targeted_per_target=25, backdoor_rate=0.08, model="otc-tiny", batch_size=128, blend_alpha=0.3)
+QUICK = Size(per_class=300, test_per_class=200, epochs=10, n_targets=4, targeted_per_target=25, backdoor_rate=0.08, model="otc-tiny", batch_size=128, blend_alpha=0.3)
 FULL = Size(per_class=5000, test_per_class=1000, epochs=30, n_targets=16, targeted_per_target=100, backdoor_rate=0.01, model="otc-small", batch_size=256)
 ATTACKS = (("targeted", "truck"), ("backdoor-patch", "airplane"), ("backdoor-blend", "frog"))
 

@@ -94,7 +94,7 @@ def test_detector_verdicts_win_and_score_decisions_are_ignored_by_default() -> N
         ("drop", -1, "trigger_sensitivity", "trigger_sensitivity"),
         ("drop", -1, "trigger_sensitivity", "image_burst,trigger_sensitivity"),  # the burst wins
     ]
-    d = _otcclip(6)
+    d = _otcclip(6, purified_rematch=True)
     action, new_idx, reasons = _verdicts(d, rows)
     assert action == ["keep", "keep", "drop", "drop", "drop", "drop"]
     assert new_idx[:4] == [0, 1, -1, -1]
@@ -105,6 +105,12 @@ def test_detector_verdicts_win_and_score_decisions_are_ignored_by_default() -> N
     action, _, reasons = _verdicts(d, [("keep", i, "clean_score", "") for i in range(6)])
     assert action == ["keep", "keep", "drop", "drop", "keep", "drop"] and reasons[2] == "quarantined"
     assert d.triggered[4]  # still re-matched through its purified view (by _purified_rematch)
+    # by default a trigger flag is a drop for good, like an image burst
+    e = _otcclip(6)
+    action, _, reasons = _verdicts(e, rows)
+    assert e.quarantine.tolist() == [False, False, True, True, True, True] and not e.triggered.any()
+    action, _, reasons = _verdicts(e, [("keep", i, "clean_score", "") for i in range(6)])
+    assert action == ["keep", "keep", "drop", "drop", "drop", "drop"] and reasons[4] == "quarantined"
 
 
 def test_score_rematch_applies_the_engine_decisions() -> None:
@@ -221,7 +227,7 @@ def test_template_search_drops_every_image_that_carries_the_flagged_images_trigg
     assert best[truth].min() > 12 > best[~truth].max()
     # re-matching instead: the images are triggered through the patch view, to be
     # re-matched by _purified_rematch
-    e, truth, decisions = _with_patched_images(n)
+    e, truth, decisions = _with_patched_images(n, purified_rematch=True)
     _template_pass(e, decisions)
     assert e.triggered.numpy().tolist() == truth.tolist() and not e.quarantine.any()
     assert (e.trigger_view[torch.from_numpy(truth)] == 1).all()

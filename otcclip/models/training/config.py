@@ -12,11 +12,11 @@ SCORE_REASONS: tuple[str, ...] = ("low_own_score", "better_caption", "no_plausib
 #: The engine's settings in otcclip's re-matching passes, before ``TrainConfig.sanitize``:
 #: only the detectors that act on evidence a model still in training gives (the density
 #: and caption-burst detectors flagged mostly clean pairs there; README, defence bench),
-#: a lower trigger-sensitivity threshold than a sanitize job's (4): here a flagged pair is
-#: re-matched through its purified view, not dropped, so a false alarm costs less; and only
-#: inside caption neighbourhoods crowded with trigger-sensitive pairs (100 nearest
-#: captions): a model still in training flags ~10 % of clean pairs, spread over all
-#: captions, while a backdoor's pairs share their target (README, defence bench).
+#: a lower trigger-sensitivity threshold than a sanitize job's (4), and only inside
+#: caption neighbourhoods crowded with trigger-sensitive pairs (100 nearest captions): a
+#: model still in training flags ~10 % of clean pairs, spread over all captions, while a
+#: backdoor's pairs share their target. Flags on a view whose trigger template was found,
+#: on images that do not carry it, are released (``OtcClip``).
 TRAINER_SANITIZE: dict[str, Any] = {
     "detectors": ("image_burst", "trigger_sensitivity"),
     "sensitivity_z": 3.0,
@@ -53,7 +53,9 @@ class TrainConfig:
     rematch_every : int
         ``K``: re-match (roclip, otcclip) or re-split (safeclip) every K epochs after warm-up.
     lam_inter, lam_intra : float
-        Weights of the fine-grained OT losses (``otcclip`` only).
+        Weights of the fine-grained OT losses (``otcclip`` only). At 0.1 they cost the
+        small benchmark model about 4 points of zero-shot accuracy; at 0.02 nothing
+        measurable (README, defence benchmark).
     ot_reg, ot_iters : float, int
         Entropic OT regularisation and Sinkhorn iterations for the losses.
     ot_negatives : int
@@ -86,9 +88,11 @@ class TrainConfig:
         bursts: targeted poisoning) away from the captions they were poisoned with (what
         the warm-up epochs taught is unlearnt, not just no longer taught); 0 turns it off.
     inoculate : float
-        otcclip: share of each batch's clean pairs that get the trigger residual of a
-        triggered image stamped on and keep their own caption (``OtcClip.inoculate``);
-        0 turns it off.
+        otcclip: share of each batch's clean pairs that get a found trigger template (or
+        the trigger residual of a flagged image) stamped on and keep their own caption
+        (``OtcClip.inoculate``); 0 (the default) turns it off. A safety net for triggers
+        that are detected only in part: with the templates every image of these attacks
+        is found and it cost accuracy (README, defence benchmark).
     unlearn_triggered : bool
         otcclip: the unlikelihood term also pushes pairs re-matched through their
         purified view (``purified_rematch``) away from the caption they came with.
@@ -108,7 +112,9 @@ class TrainConfig:
     purified_rematch : bool
         otcclip: a pair flagged by ``trigger_sensitivity`` is trained, at this and every
         later re-match, on the caption its purified view (trigger removed) scores best
-        with, so the model unlearns the trigger; False drops it (sticky) instead.
+        with, so the model unlearns the trigger; False (the default) drops it for good
+        instead: a re-match by a model still in training is mostly label noise, and with
+        the trigger templates a dropped trigger's images are all found.
     purified_keep_top : float
         otcclip: a flagged pair keeps its own caption when that caption ranks in this top
         share of the candidates for the purified view (the content supports it).
@@ -142,8 +148,8 @@ class TrainConfig:
     device: str = "auto"
     warmup_epochs: int = 2
     rematch_every: int = 2
-    lam_inter: float = 0.1
-    lam_intra: float = 0.1
+    lam_inter: float = 0.02
+    lam_intra: float = 0.02
     ot_reg: float = 0.05
     ot_iters: int = 50
     ot_negatives: int = 0
@@ -156,12 +162,12 @@ class TrainConfig:
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
     lam_unlearn: float = 1.0
     unlearn_triggered: bool = False
-    inoculate: float = 0.25
+    inoculate: float = 0.0
     template_search: bool = True
     template_seed_z: float = 2.0
     template_pool: float = 0.15
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
-    purified_rematch: bool = True
+    purified_rematch: bool = False
     purified_keep_top: float = 0.05
     score_rematch: bool = False
     sanitize: dict[str, Any] = field(default_factory=dict)
