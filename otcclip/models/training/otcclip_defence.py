@@ -172,8 +172,9 @@ class OtcClip(Defence):
         Seeds per view: the ``config.template_pool`` share of pairs most trigger-sensitive
         on that view, pairs whose z there exceeds ``config.template_seed_z`` (no
         neighbourhood test: false alarms share no pattern), and pairs already flagged
-        through it; image bursts (quarantined, never trigger-flagged) are left out. Returns ``(view, search)`` for every
-        template found, and the (N,) largest template z over the searches (0 where none).
+        through it; image bursts (quarantined, never trigger-flagged) are left out.
+        Returns ``(view, search)`` for every template found, and the (N,) largest
+        template z over the searches (0 where none).
         """
         c, n = self.ctx.config, self.ctx.n
         z = np.nan_to_num(np.asarray(decisions.sensitivity_z, dtype=np.float64), nan=-np.inf)
@@ -336,16 +337,16 @@ class OtcClip(Defence):
         return loss, terms
 
     def inoculate(self, idx: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Stamp what triggered images lose in their purified view onto clean ones.
+        """Stamp the trigger onto clean images, which keep their captions.
 
         A share ``config.inoculate`` of the batch's clean pairs (active, neither triggered
-        nor quarantined) gets the :func:`~otcclip.models.features.trigger_residual` of a
-        random image the trigger-sensitivity detector flagged (re-matched through its
-        view, or dropped), and keeps its own caption: the
-        model learns that the trigger does not change what an image shows, on every
-        class (the unlearning step of Neural Cleanse, with the trigger taken from the
-        flagged images instead of reverse-engineered). Poisoned pairs the detector
-        missed then teach a trigger the rest of the data contradicts.
+        nor quarantined) gets a found trigger template (:func:`~otcclip.models.triggers.stamp`)
+        or, while none was found, the :func:`~otcclip.models.features.trigger_residual` of
+        a random image the trigger-sensitivity detector flagged (re-matched through its
+        view, or dropped): the model learns that the trigger does not change what an
+        image shows, on every class (the unlearning step of Neural Cleanse, with the
+        trigger taken from the flagged images instead of reverse-engineered). Poisoned
+        pairs the detector missed then teach a trigger the rest of the data contradicts.
 
         Parameters
         ----------
