@@ -131,12 +131,17 @@ def _seed_features(x: torch.Tensor, kind: str, side: int) -> torch.Tensor:
     res = x - low_pass(x)
     if kind == "additive":
         return res.flatten(1)
-    n = x.shape[0]
+    n, c = x.shape[:2]
     energy = res.abs().mean(dim=1, keepdim=True)
-    win = F.avg_pool2d(energy, side, stride=1)
+    win = F.avg_pool2d(energy, side, stride=1)  # (n, 1, H-s+1, W-s+1)
     pos = win.flatten(1).argmax(dim=1)
-    windows = F.unfold(x, side)  # (n, C*side*side, L)
-    return windows[torch.arange(n), :, pos]
+    y0, x0 = pos // win.shape[-1], pos % win.shape[-1]
+    step = torch.arange(side, device=x.device)
+    rows = (y0[:, None] + step)[:, None, :, None]  # (n, 1, s, 1)
+    cols = (x0[:, None] + step)[:, None, None, :]  # (n, 1, 1, s)
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    out = x[torch.arange(n, device=x.device)[:, None, None, None], chans, rows, cols]  # (n, C, s, s)
+    return out.flatten(1)  # the order of F.unfold's columns: channel, row, column
 
 
 def _centred_unit(v: torch.Tensor) -> torch.Tensor:
