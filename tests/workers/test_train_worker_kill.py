@@ -13,7 +13,8 @@ import pytest
 from otcclip.service.core.config import Settings
 from tests.service.conftest import TRAIN, Api
 
-SETTINGS = {**TRAIN, "epochs": 24, "checkpoint_every": 2}
+EPOCHS = 24
+SETTINGS = {**TRAIN, "epochs": EPOCHS, "checkpoint_every": 2}
 
 
 def _weights(api: Api, job_id: str) -> bytes:
@@ -57,7 +58,7 @@ def test_killed_train_worker_resumes_from_checkpoint(pg_database, clean_redis, t
             assert j["result"]["resumed"] is True and j["result"]["epochs"] == SETTINGS["epochs"]
             assert j["attempts"] == 2
             metrics = [m["epoch"] for m in api.http.get(f"/v1/jobs/{job_id}/metrics").json()]
-            assert sorted(set(metrics)) == list(range(1, SETTINGS["epochs"] + 1))
+            assert sorted(set(metrics)) == list(range(1, EPOCHS + 1))
 
             ref = api.wait(api.job("train", ds, SETTINGS).json()["id"], timeout=300)
             assert ref["state"] == "succeeded" and ref["result"]["resumed"] is False
