@@ -53,9 +53,10 @@ class TrainConfig:
     rematch_every : int
         ``K``: re-match (roclip, otcclip) or re-split (safeclip) every K epochs after warm-up.
     lam_inter, lam_intra : float
-        Weights of the fine-grained OT losses (``otcclip`` only). At 0.1 they cost the
-        small benchmark model about 4 points of zero-shot accuracy; at 0.02 nothing
-        measurable (README, defence benchmark).
+        Weights of the fine-grained OT losses (``otcclip`` only). In the mean-distance
+        form, 0.1 cost the small benchmark model about 4 points of zero-shot accuracy,
+        0.02 about one; at 0.02 they also helped erase a backdoor learned in the warm-up
+        epochs (README, defence benchmark, three seeds).
     ot_reg, ot_iters : float, int
         Entropic OT regularisation and Sinkhorn iterations for the losses.
     ot_negatives : int
@@ -99,7 +100,7 @@ class TrainConfig:
     template_search : bool
         otcclip: at each pass look for the one trigger pattern the trigger-sensitivity
         detector's flags share (:mod:`otcclip.models.triggers`) and flag every image that
-        carries it (reason ``trigger_template``); inoculation then stamps the template.
+        carries it (reason ``trigger_template``); inoculation, when on, stamps it.
     template_seed_z : float
         otcclip: trigger-sensitivity z above which a pair seeds the template search.
     template_pool : float
