@@ -2,9 +2,12 @@
 
 Every K epochs after warm-up, ``sanitize_features`` on the current model's features
 decides keep / reassign / drop; image bursts stay dropped (quarantine, unlearnt by the
-unlikelihood term); pairs the trigger-sensitivity detector flags are re-matched at every
-pass through their purified view, and what that view removed inoculates clean images.
-The shared loop and the baselines are in :mod:`otcclip.models.training.defences`.
+unlikelihood term); the images the trigger-sensitivity detector ranks highest seed a
+trigger-template search (:mod:`otcclip.models.triggers`), every image carrying a found
+trigger is dropped for good (or, with ``purified_rematch``, re-matched through its
+purified view), and the detector's other flags on that view are released. Optionally a
+found trigger inoculates clean images. The shared loop and the baselines are in
+:mod:`otcclip.models.training.defences`.
 """
 
 from __future__ import annotations
