@@ -229,7 +229,8 @@ def _knn(vectors: np.ndarray, k: int, seed: int, exact_threshold: int = 20_000) 
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
-def _robust_z(x: np.ndarray) -> np.ndarray:
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move."""
     med = np.median(x)
     mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
     return (x - med) / mad
@@ -266,7 +267,7 @@ def detect_density(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     joint = np.concatenate([m.image_global, m.caption_global], axis=1).astype(np.float32)
     sims, _ = _knn(joint, st.knn, st.seed, st.exact_threshold)
     kdist = 1.0 - sims[:, -1]
-    return _robust_z(kdist) > st.outlier_z
+    return robust_z(kdist) > st.outlier_z
 
 
 def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
@@ -282,7 +283,7 @@ def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
         centre = img[rows].mean(axis=0)
         centre /= max(float(np.linalg.norm(centre)), 1e-12)
         sim = img[rows] @ centre
-        flag[rows[_robust_z(sim) < -st.outlier_z]] = True
+        flag[rows[robust_z(sim) < -st.outlier_z]] = True
     return flag
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.decisions import robust_z
 from otcclip.models.features import PURIFIERS, low_pass
 
 #: Template kind per purified view, in the order of ``PURIFIERS``.
@@ -168,12 +169,6 @@ def _match(x: torch.Tensor, kind: str, templates: torch.Tensor, side: int) -> to
     return (dot / norm).flatten(1).amax(dim=1)
 
 
-def _robust_z(s: np.ndarray) -> np.ndarray:
-    med = float(np.median(s))
-    mad = 1.4826 * float(np.median(np.abs(s - med)))
-    return np.asarray((s - med) / max(mad, 1e-8))
-
-
 def _mean_features(
     images: ImageGetter, rows: np.ndarray, kind: str, side: int, chunk: int
 ) -> torch.Tensor:
@@ -225,13 +220,13 @@ def search_template(
     rows = np.flatnonzero(seeds)
     if len(rows) < max(2, cfg.min_support) or n < 2:
         return none
-    probe = images(torch.arange(1))
-    side = _side(probe.shape[-2], probe.shape[-1], cfg.patch_frac)
-    found = _refine(images, n, rows, kind, side, cfg, generator)
+    shape = tuple(images(torch.arange(1)).shape[1:])
+    side = _side(shape[-2], shape[-1], cfg.patch_frac)
+    found = _refine(images, n, rows, kind, side, shape, cfg, generator)
     # a handful of trigger images among many false alarms: start from seeds whose
     # windows / residuals are near-copies of each other (the closest groups first)
     for core in [] if found.flagged.any() else _near_copy_cores(images, rows, kind, side, cfg):
-        found = _refine(images, n, core, kind, side, cfg, generator)
+        found = _refine(images, n, core, kind, side, shape, cfg, generator)
         if found.flagged.any():
             break
     return found
@@ -308,11 +303,11 @@ def _refine(
     rows: np.ndarray,
     kind: str,
     side: int,
+    shape: tuple[int, ...],
     cfg: TemplateConfig,
     generator: torch.Generator | None,
 ) -> TemplateSearch:
-    """Estimate-and-match rounds from seed rows ``rows``."""
-    probe = images(torch.arange(1))
+    """Estimate-and-match rounds from seed rows ``rows`` (images of shape ``(C, H, W)``)."""
     z = np.zeros(n)
     rounds = 0
     for _ in range(cfg.rounds):
@@ -322,9 +317,9 @@ def _refine(
             np.sort(rows[perm[: len(rows) // 2]]),
             np.sort(rows[perm[len(rows) // 2 :]]),
         )
-        t_all = _mean_features(images, rows, kind, side, cfg.chunk)
         t_a = _mean_features(images, half_a, kind, side, cfg.chunk)
         t_b = _mean_features(images, half_b, kind, side, cfg.chunk)
+        t_all = (len(half_a) * t_a + len(half_b) * t_b) / len(rows)
         # each seed is scored with the other half's template, everything else with all seeds'
         which = np.zeros(n, dtype=np.int64)
         which[half_a], which[half_b] = 2, 1
@@ -336,7 +331,7 @@ def _refine(
             scores[s : s + len(idx)] = (
                 _match(x, kind, bank[torch.from_numpy(which[s : s + len(idx)])], side).cpu().numpy()
             )
-        z = _robust_z(scores)
+        z = robust_z(scores)
         nxt = np.flatnonzero(z > cfg.z_refine)
         if len(nxt) < cfg.min_support or np.array_equal(nxt, rows):
             break
@@ -345,8 +340,8 @@ def _refine(
     if int(flagged.sum()) < cfg.min_support:
         return TemplateSearch(kind, z, np.zeros(n, dtype=bool), None, rounds)
     pattern = _mean_features(images, np.flatnonzero(flagged), kind, side, cfg.chunk)
-    shape = probe.shape[1:] if kind == "additive" else (probe.shape[1], side, side)
-    template = TriggerTemplate(kind, pattern.reshape(shape).cpu(), int(flagged.sum()))
+    pshape = shape if kind == "additive" else (shape[0], side, side)
+    template = TriggerTemplate(kind, pattern.reshape(pshape).cpu(), int(flagged.sum()))
     return TemplateSearch(kind, z, flagged, template, rounds)
 
 
