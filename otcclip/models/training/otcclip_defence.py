@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.decisions import Decisions
 from otcclip.models.features import (
     ImageFeatures,
     image_features,
@@ -449,42 +450,15 @@ class OtcClip(Defence):
         )
 
 
-def _decision_arrays(decisions: Any, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Read action and new caption index per pair from the engine's ``Decisions``."""
-    table = None
-    if hasattr(decisions, "to_arrow"):
-        table = decisions.to_arrow()
-    elif hasattr(decisions, "table"):
-        table = decisions.table
-    if table is not None:
-        cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    else:
-        cols = {
-            k: list(v)
-            for k, v in vars(decisions).items()
-            if hasattr(v, "__len__") and not isinstance(v, str | dict)
-        }
-    action = [str(a) for a in cols["action"]]
-    if len(action) != n:
-        raise RuntimeError(f"sanitize_features returned {len(action)} decisions for {n} pairs")
-    key = next(
-        (
-            k
-            for k in ("new_caption_index", "caption_index", "new_index", "best_index", "match")
-            if k in cols
-        ),
-        None,
-    )
-    if key is None:
-        raise RuntimeError(
-            f"sanitize_features decisions lack a caption index column: {sorted(cols)}"
-        )
-    new_idx = np.array([-1 if v is None else int(v) for v in cols[key]], dtype=np.int64)
-    extra = {
-        k: v
-        for k, v in cols.items()
-        if k not in ("id", "action", key)
-        and len(v) == n
-        and not isinstance(v[0] if v else 0, list | dict)
-    }
+def _decision_arrays(decisions: Decisions, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """The engine's decisions as the trainer edits them: actions, new caption rows (-1:
+    drop) and every other per-pair column (written to the pass's decisions file)."""
+    if len(decisions) != n:
+        raise RuntimeError(f"sanitize_features returned {len(decisions)} decisions for {n} pairs")
+    table = decisions.to_arrow()
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    action = [str(a) for a in cols.pop("action")]
+    new_idx = np.array([-1 if v is None else int(v) for v in cols.pop("new_caption_index")], dtype=np.int64)
+    cols.pop("id", None)
+    extra = {k: v for k, v in cols.items() if not isinstance(v[0] if v else 0, list | dict)}
     return action, new_idx, extra
