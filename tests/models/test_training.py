@@ -58,15 +58,19 @@ def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
     assert lines[0]["clip"] < 1.2 * torch.log(torch.tensor(64.0)).item()
 
 
-@pytest.mark.parametrize("defense", ["none", "roclip", "otcclip"])
-def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defense: str) -> None:
+@pytest.mark.parametrize(
+    ("defense", "cut"),
+    # otcclip restarts after its first pass (epoch 1): cut at the restart and after it
+    [("none", 2), ("roclip", 2), ("otcclip", 1), ("otcclip", 3)],
+)
+def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defense: str, cut: int) -> None:
     cfg = _cfg(defense=defense)
     full = train(small_manifest, tmp_path / "full", config=cfg)
 
     stop = {"now": False}
 
     def on_epoch(rec: dict) -> None:
-        if rec["epoch"] == 2:
+        if rec["epoch"] == cut:
             stop["now"] = True
 
     with pytest.raises(Cancelled):
@@ -82,6 +86,30 @@ def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defen
     assert la == lb
     if defense == "roclip":
         assert (tmp_path / "cut" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
+
+
+def test_otcclip_restarts_from_the_initial_weights_after_its_first_pass(small_manifest: Path, tmp_path: Path) -> None:
+    """The detection epochs are plain CLIP and come on top of ``epochs``; after the first
+    pass the model, optimiser and schedule start again."""
+    init = tmp_path / "init"
+    train(small_manifest, init, config=_cfg(epochs=1, lr=1e-12, lr_warmup_steps=0))  # ~ the seed's initial weights
+    res = train(small_manifest, tmp_path / "r", config=_cfg(defense="otcclip", epochs=2, checkpoint_every=1))
+    assert res.epochs_done == 3
+    lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    assert "inter" not in lines[0] and "inter" in lines[1]  # detection epoch: plain CLIP
+    assert lines[1].get("restart") is True and "rematch" in lines[1] and "restart" not in lines[2]
+    assert lines[1]["lr"] == pytest.approx(lines[0]["lr"])  # the schedule started again
+    # the first restarted epoch starts from the initial weights: it ends no closer to the
+    # detection epoch's weights than one epoch from the initial weights would
+    w0, w1, w2 = (_weights(tmp_path / "r" / "checkpoints" / f"epoch_{e:03d}") for e in (1, 2, 3))
+    wi = _weights(init / "final")
+    k = "visual.proj"
+    assert torch.dist(w1[k], wi[k]) == pytest.approx(torch.dist(w0[k], wi[k]), rel=0.5)
+    assert torch.dist(w1[k], w0[k]) > 0.5 * torch.dist(w0[k], wi[k])
+    kept = train(small_manifest, tmp_path / "k", config=_cfg(defense="otcclip", epochs=2, restart=False))
+    assert kept.epochs_done == 2 and not any("restart" in json.loads(x) for x in kept.metrics_path.read_text().splitlines())
+    assert w2.keys() == wi.keys()
 
 
 def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_path: Path) -> None:
@@ -153,10 +181,12 @@ def test_end_to_end_cli_poison_train_evaluate(cifar_zip: Path, tmp_path: Path) -
     ]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["ot_negatives"] == 2 and cfg["purified_rematch"] is False and cfg["template_search"] is True
+    assert cfg["restart"] is True
     dec = pq.read_table(run / "rematch" / "epoch_001" / "decisions.parquet").to_pydict()
     assert len(dec["id"]) == len(truth) and set(dec["action"]) <= {"keep", "reassign", "drop"}
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert "rematch" in metrics[1] and "inter" in metrics[0] and "intra" in metrics[0]
+    assert len(metrics) == 4 and metrics[1]["restart"] is True  # 1 detection epoch + 3
+    assert "rematch" in metrics[1] and "inter" in metrics[1] and "intra" in metrics[1]
     out = tmp_path / "eval.json"
     assert main([
         "evaluate", "--checkpoint", str(run / "final"), "--manifest", str(te), "--trigger", "patch",

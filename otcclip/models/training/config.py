@@ -107,6 +107,13 @@ class TrainConfig:
         otcclip: share of the pairs, the most trigger-sensitive on a view, that seed that
         view's template search as well (a model early in training is sensitive to only a
         few of a trigger's images; a few near-copies among the seeds are enough).
+    restart : bool
+        otcclip: the first ``warmup_epochs`` epochs (plain CLIP) only serve the first pass;
+        after it the model, optimiser and schedule start again from their initial state
+        and ``epochs`` epochs are trained on what the pass kept, so what the warm-up
+        learnt from the poison is discarded instead of unlearnt (the run is
+        ``warmup_epochs`` epochs longer; checkpoints are numbered through). False trains
+        on from the warm-up model (``epochs`` in all).
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
@@ -167,6 +174,7 @@ class TrainConfig:
     template_search: bool = True
     template_seed_z: float = 2.0
     template_pool: float = 0.15
+    restart: bool = True
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = False
     purified_keep_top: float = 0.05

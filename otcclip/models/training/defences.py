@@ -105,6 +105,12 @@ class Defence:
         c = self.ctx.config
         return epoch >= c.warmup_epochs and (epoch - c.warmup_epochs) % c.rematch_every == 0
 
+    def restart_epoch(self) -> int | None:
+        """Epoch (0-based) at which the loop restarts the model from its initial weights,
+        after this defence's ``before_epoch``; None: never. The run then trains
+        ``config.epochs`` more epochs."""
+        return None
+
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         """Update the per-pair state before ``epoch`` (0-based); returns counts for metrics."""
         return {}

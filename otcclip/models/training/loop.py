@@ -149,9 +149,18 @@ def train(
         raise ValueError(f"{rows.path}: need at least 2 readable image-caption pairs, found {n}")
     bs = min(config.batch_size, n)
     steps_per_epoch = n // bs
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.lr_warmup_steps, total_steps))
+    # A defence that restarts (otcclip: once its first pass has found the poison) trains
+    # `restart_at` detection epochs, then `config.epochs` from the initial weights.
+    restart_at = defence.restart_epoch()
+    total_epochs = config.epochs + (restart_at or 0)
+    total_steps = steps_per_epoch * total_epochs
+    init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if restart_at else None
+
+    def fresh_optimiser() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.lr_warmup_steps, steps_per_epoch * config.epochs))
+
+    optimizer, scheduler = fresh_optimiser()
     metrics_path = run_dir / "metrics.jsonl"
 
     start_epoch = 0
@@ -175,9 +184,15 @@ def train(
 
     meta = {"defense": config.defense, "seed": config.seed, "train_manifest": str(rows.path)}
     model.train()
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         counts = defence.before_epoch(epoch)
+        if restart_at is not None and epoch == restart_at and init_state is not None:
+            # what the detection epochs learnt, the poison included, is discarded
+            model.load_state_dict(init_state)
+            optimizer, scheduler = fresh_optimiser()
+            counts["restart"] = True
+            log.info("epoch %d: restarting from the initial weights after the first pass", epoch)
         t_rematch = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         rng = random.Random(config.seed * 1_000_003 + epoch)
@@ -210,7 +225,7 @@ def train(
             "rematch_time_s": t_rematch,
             **counts,
         }
-        if done % config.checkpoint_every == 0 or done == config.epochs:
+        if done % config.checkpoint_every == 0 or done == total_epochs:
             ck_dir = save_checkpoint(bundle, run_dir / "checkpoints" / f"epoch_{done:03d}", meta={**meta, "epoch": done})
             st = {
                 "epoch": done,
@@ -222,8 +237,8 @@ def train(
             atomic_write(ck_dir / STATE_NAME, partial(torch.save, st))
         with metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        log.info("epoch %d/%d %s", done, config.epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+        log.info("epoch %d/%d %s", done, total_epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
         if on_epoch is not None:
             on_epoch(rec)
-    final = save_checkpoint(bundle, run_dir / "final", meta={**meta, "epoch": config.epochs})
-    return TrainResult(final_checkpoint=final, metrics_path=metrics_path, epochs_done=config.epochs)
+    final = save_checkpoint(bundle, run_dir / "final", meta={**meta, "epoch": total_epochs})
+    return TrainResult(final_checkpoint=final, metrics_path=metrics_path, epochs_done=total_epochs)

@@ -1,8 +1,11 @@
 """OTCCLIP's defence (DESIGN 2.4): the trainer's policy on the sanitization engine's decisions.
 
 Every K epochs after warm-up, ``sanitize_features`` on the current model's features
-decides keep / reassign / drop; image bursts stay dropped (quarantine, unlearnt by the
-unlikelihood term); the images the trigger-sensitivity detector ranks highest seed a
+decides keep / reassign / drop. With ``restart`` (the default) the warm-up epochs are plain
+CLIP and only serve the first pass: after it the loop starts the model again from its
+initial weights (:meth:`OtcClip.restart_epoch`), so what the warm-up learnt from the poison
+is discarded. Image bursts stay dropped (quarantine, pushed off their poisoned captions by
+the unlikelihood term); the images the trigger-sensitivity detector ranks highest seed a
 trigger-template search (:mod:`otcclip.models.triggers`), every image carrying a found
 trigger is dropped for good (or, with ``purified_rematch``, re-matched through its
 purified view), and the detector's other flags on that view are released. Optionally a
@@ -88,6 +91,10 @@ class OtcClip(Defence):
             for t in state.get("templates", [])
             if t is not None
         ]
+
+    def restart_epoch(self) -> int | None:
+        c = self.ctx.config
+        return c.warmup_epochs if c.restart and c.warmup_epochs > 0 else None
 
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
@@ -311,6 +318,10 @@ class OtcClip(Defence):
         self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random
     ) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
+        restart = self.restart_epoch()
+        if restart is not None and epoch < restart:
+            # detection epochs: their model only feeds the first pass and is then discarded
+            return super().batch_loss(idx, epoch, gen, rng)
         x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
         fi = image_features(m, x)
         act = self.active[idx]

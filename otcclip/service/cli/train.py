@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
                    help="otcclip: also apply the engine's score-based re-assignments while training")
     p.add_argument("--purified-rematch", dest="purified_rematch", action=argparse.BooleanOptionalAction, default=None,
                    help="otcclip: re-match pairs flagged as triggered through their purified view, or drop them (--no-...)")
+    p.add_argument("--restart", dest="restart", action=argparse.BooleanOptionalAction, default=None,
+                   help="otcclip: after the first pass start the model again from its initial weights and train "
+                        "--epochs on what it kept (the warm-up epochs come on top), or train on (--no-...)")
     p.add_argument("--no-template-search", dest="template_search", action="store_false", default=None,
                    help="otcclip: do not look for the trigger pattern the flagged images share")
     p.add_argument("--ot-negatives", type=int, default=None,
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in (
         "warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch",
-        "inoculate", "unlearn_triggered", "template_search", "ot_negatives",
+        "inoculate", "unlearn_triggered", "template_search", "ot_negatives", "restart",
     ):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
