@@ -133,6 +133,23 @@ def test_unlearning_covers_quarantine_and_optionally_rematched_triggered_pairs()
         assert got == [False, False, on, True]
 
 
+def test_fill_batch_tops_up_dropped_slots_with_kept_pairs_from_outside_the_batch() -> None:
+    d = _otcclip(12)
+    d.ctx.images = SimpleNamespace(ok_cached=torch.tensor([True] * 11 + [False]))  # type: ignore[assignment]
+    d.active[[1, 2, 7]] = False
+    idx = torch.tensor([0, 1, 2, 3])
+    for seed in range(5):
+        out = d.fill_batch(idx, torch.Generator().manual_seed(seed))
+        assert out[:4].tolist() == idx.tolist() and out.numel() == 6
+        extra = set(out[4:].tolist())
+        # two kept, readable rows that were not in the batch, no repeats
+        assert len(extra) == 2 and extra <= {4, 5, 6, 8, 9, 10}
+    assert d.fill_batch(torch.tensor([0, 3]), torch.Generator()).tolist() == [0, 3]
+    off = _otcclip(12, fill_batches=False)
+    off.active[1] = False
+    assert off.fill_batch(idx, torch.Generator()).tolist() == idx.tolist()
+
+
 class _Pixels:
     """Images of a run as the trainer's ImageSource serves them: ``source[idx] -> (pixels, ok)``."""
 

@@ -86,8 +86,12 @@ class TrainConfig:
         their purified view (``purified_rematch``).
     lam_unlearn : float
         otcclip: weight of the unlikelihood term that pushes quarantined images (image
-        bursts: targeted poisoning) away from the captions they were poisoned with (what
-        the warm-up epochs taught is unlearnt, not just no longer taught); 0 turns it off.
+        bursts, images carrying a found trigger) away from the captions they were poisoned
+        with: without ``restart`` it unlearns what the warm-up epochs taught; with it, it
+        teaches the model that the trigger does not mean the target (a model trained on
+        the clean pairs alone scored up to 30 % blend ASR on one seed, where ``none`` on
+        the clean data scored 15 %). 2 with ``fill_batches`` (at 1 the full batches
+        outweighed it on that seed; README, defence benchmark); 0 turns it off.
     inoculate : float
         otcclip: share of each batch's clean pairs that get a found trigger template (or
         the trigger residual of a flagged image) stamped on and keep their own caption
@@ -114,6 +118,10 @@ class TrainConfig:
         learnt from the poison is discarded instead of unlearnt (the run is
         ``warmup_epochs`` epochs longer; checkpoints are numbered through). False trains
         on from the warm-up model (``epochs`` in all).
+    fill_batches : bool
+        otcclip: each step's CLIP loss gets as many kept pairs from outside the batch as
+        the batch holds dropped ones, so it trains on full batches, as ``none`` does, and
+        the same number of pairs per epoch (kept ones seen more often).
     sticky_reasons : tuple of str
         otcclip: a pair dropped with one of these reason codes stays dropped at every later
         re-match (reason ``quarantined``).
@@ -168,13 +176,14 @@ class TrainConfig:
     safe_threshold: float = 0.5
     reassign: str = "match"
     drop_reasons: tuple[str, ...] = ("image_burst", "caption_burst", "trigger_sensitivity")
-    lam_unlearn: float = 1.0
+    lam_unlearn: float = 2.0
     unlearn_triggered: bool = False
     inoculate: float = 0.0
     template_search: bool = True
     template_seed_z: float = 2.0
     template_pool: float = 0.15
     restart: bool = True
+    fill_batches: bool = True
     sticky_reasons: tuple[str, ...] = ("image_burst", "trigger_sensitivity")
     purified_rematch: bool = False
     purified_keep_top: float = 0.05

@@ -322,6 +322,7 @@ class OtcClip(Defence):
         if restart is not None and epoch < restart:
             # detection epochs: their model only feeds the first pass and is then discarded
             return super().batch_loss(idx, epoch, gen, rng)
+        idx = self.fill_batch(idx, gen)
         x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
         fi = image_features(m, x)
         act = self.active[idx]
@@ -350,6 +351,33 @@ class OtcClip(Defence):
             loss = loss + c.lam_unlearn * un
             terms["unlearn"] = float(un.detach())
         return loss, terms
+
+    def fill_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Batch ``idx`` plus as many kept pairs from outside it as it holds dropped ones.
+
+        With ``config.fill_batches`` the CLIP loss of every step sees a full batch, as
+        ``none``'s does, instead of shrinking by the dropped pairs (which stay in the
+        batch for ``L_intra`` and the unlikelihood term).
+
+        Parameters
+        ----------
+        idx : Tensor, shape (B,)
+
+        Returns
+        -------
+        Tensor, shape (B + D,)
+            D = number of dropped pairs in ``idx`` (fewer when not enough kept pairs).
+        """
+        k = int((~self.active[idx]).sum())
+        if not self.ctx.config.fill_batches or k == 0:
+            return idx
+        ok = self.active.clone()
+        readable = self.ctx.images.ok_cached
+        if readable is not None:
+            ok &= readable
+        ok[idx] = False
+        cand = torch.nonzero(ok).flatten()
+        return torch.cat([idx, cand[torch.randperm(cand.numel(), generator=gen)[:k]]])
 
     def inoculate(self, idx: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Stamp the trigger onto clean images, which keep their captions.
