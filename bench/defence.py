@@ -240,7 +240,7 @@ def main() -> int:
     paths = build_data(work, size, args.seed)
     base = TrainConfig(
         model=size.model, epochs=size.epochs, batch_size=size.batch_size, seed=args.seed, device=args.device,
-        lr=size.lr, lr_warmup_steps=50, warmup_epochs=2, rematch_every=2,
+        lr=size.lr, lr_warmup_steps=50,
     )
     results = []
     for name in args.defences.split(","):
@@ -251,7 +251,9 @@ def main() -> int:
         else:  # "otcclip" or a variant such as "otcclip:warmup_epochs=1"
             defense, *opts = name.split(":")
             over = _overrides(base, opts)
-            results.append(run_one(name, paths["poisoned"], paths, work, replace(base, defense=defense, **over)))
+            # each defence's own warm-up / re-match schedule (TrainConfig.DEFAULT_SCHEDULE) unless overridden
+            cfg = replace(base, defense=defense, **{"warmup_epochs": -1, "rematch_every": -1, **over})
+            results.append(run_one(name, paths["poisoned"], paths, work, cfg))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "
           f"({size.per_class * 10} train pairs, {size.test_per_class * 10} test, {size.model}, {size.epochs} epochs, seed {args.seed}), "

@@ -177,11 +177,11 @@ def test_end_to_end_cli_poison_train_evaluate(cifar_zip: Path, tmp_path: Path) -
     assert main([
         "train", str(pdir / "manifest.csv"), "--out", str(run), "--model", "otc-micro", "--defense", "otcclip",
         "--epochs", "3", "--batch-size", "32", "--device", "cpu", "--warmup-epochs", "1", "--rematch-every", "1",
-        "--ot-negatives", "2", "--no-purified-rematch", "--no-progress",
+        "--ot-negatives", "2", "--no-purified-rematch", "--no-fill-batches", "--lam-unlearn", "0.5", "--no-progress",
     ]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["ot_negatives"] == 2 and cfg["purified_rematch"] is False and cfg["template_search"] is True
-    assert cfg["restart"] is True
+    assert cfg["restart"] is True and cfg["fill_batches"] is False and cfg["lam_unlearn"] == 0.5
     dec = pq.read_table(run / "rematch" / "epoch_001" / "decisions.parquet").to_pydict()
     assert len(dec["id"]) == len(truth) and set(dec["action"]) <= {"keep", "reassign", "drop"}
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -40,6 +40,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--restart", dest="restart", action=argparse.BooleanOptionalAction, default=None,
                    help="otcclip: after the first pass start the model again from its initial weights and train "
                         "--epochs on what it kept (the warm-up epochs come on top), or train on (--no-...)")
+    p.add_argument("--fill-batches", dest="fill_batches", action=argparse.BooleanOptionalAction, default=None,
+                   help="otcclip: give a dropped pair's slot in each batch to a kept pair (full batches), or not (--no-...)")
+    p.add_argument("--lam-unlearn", type=float, default=None,
+                   help="otcclip: weight of the unlikelihood term on quarantined pairs (0 = off)")
     p.add_argument("--no-template-search", dest="template_search", action="store_false", default=None,
                    help="otcclip: do not look for the trigger pattern the flagged images share")
     p.add_argument("--ot-negatives", type=int, default=None,
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in (
         "warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch",
-        "inoculate", "unlearn_triggered", "template_search", "ot_negatives", "restart",
+        "inoculate", "unlearn_triggered", "template_search", "ot_negatives", "restart", "fill_batches", "lam_unlearn",
     ):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
