@@ -133,7 +133,9 @@ def detection(run_dir: Path, truth: Path) -> dict[str, Any]:
 def run_one(name: str, manifest: Path, paths: dict[str, Path], work: Path, cfg: TrainConfig) -> dict[str, Any]:
     run_dir = work / "runs" / name
     out_json = run_dir / "bench.json"
-    if out_json.is_file():
+    cached_cfg = run_dir / "config.json"
+    same = cached_cfg.is_file() and json.loads(cached_cfg.read_text()) == json.loads(json.dumps(cfg.to_dict()))
+    if out_json.is_file() and same:  # a run is reused only with the very config asked for
         return dict(json.loads(out_json.read_text()))
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()

@@ -145,6 +145,17 @@ def test_resume_rejects_changed_config(small_manifest: Path, tmp_path: Path) -> 
         train(small_manifest, tmp_path, config=_cfg(epochs=2, lr=1e-3), resume=True)
 
 
+def test_each_defence_gets_its_own_schedule_unless_set() -> None:
+    assert (TrainConfig(defense="otcclip").warmup_epochs, TrainConfig(defense="otcclip").rematch_every) == (1, 4)
+    for d in ("none", "roclip", "safeclip"):
+        c = TrainConfig(defense=d)
+        assert (c.warmup_epochs, c.rematch_every) == (2, 2)
+    c = TrainConfig(defense="otcclip", warmup_epochs=3, rematch_every=2)
+    assert (c.warmup_epochs, c.rematch_every) == (3, 2)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(warmup_epochs=-2)
+
+
 def test_bad_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="defense"):
         TrainConfig(defense="magic")
