@@ -135,7 +135,7 @@ def test_unlearning_covers_quarantine_and_optionally_rematched_triggered_pairs()
 
 def test_fill_batch_tops_up_dropped_slots_with_kept_pairs_from_outside_the_batch() -> None:
     d = _otcclip(12)
-    d.ctx.images = SimpleNamespace(ok_cached=torch.tensor([True] * 11 + [False]))  # type: ignore[assignment]
+    d.ctx.images = SimpleNamespace(trainable=torch.tensor([True] * 11 + [False]))  # type: ignore[assignment]
     d.active[[1, 2, 7]] = False
     idx = torch.tensor([0, 1, 2, 3])
     for seed in range(5):

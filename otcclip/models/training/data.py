@@ -187,6 +187,14 @@ class ImageSource:
         return pix, torch.tensor([o[1] for o in out], dtype=torch.bool)
 
     @property
+    def trainable(self) -> torch.Tensor:
+        """(N,) bool: rows the loop trains on - the readable ones when the images are
+        cached (their readability is known), else all (an unreadable one is a blank image)."""
+        if self.cached is not None and self.ok_cached is not None:
+            return self.ok_cached
+        return torch.ones(len(self), dtype=torch.bool)
+
+    @property
     def ok(self) -> torch.Tensor:
         """Readable mask for all rows (decodes everything when not cached)."""
         if self.ok_cached is None:

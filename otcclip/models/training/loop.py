@@ -143,7 +143,7 @@ def train(
         run_dir=run_dir,
     )
     defence = DEFENCE_CLASSES[config.defense](ctx)
-    usable = torch.nonzero(images.ok, as_tuple=False).flatten() if images.cached is not None else torch.arange(ctx.n)
+    usable = torch.nonzero(images.trainable, as_tuple=False).flatten()
     n = int(usable.numel())
     if n < 2:
         raise ValueError(f"{rows.path}: need at least 2 readable image-caption pairs, found {n}")

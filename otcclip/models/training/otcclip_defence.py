@@ -371,10 +371,7 @@ class OtcClip(Defence):
         k = int((~self.active[idx]).sum())
         if not self.ctx.config.fill_batches or k == 0:
             return idx
-        ok = self.active.clone()
-        readable = self.ctx.images.ok_cached
-        if readable is not None:
-            ok &= readable
+        ok = self.active & self.ctx.images.trainable
         ok[idx] = False
         cand = torch.nonzero(ok).flatten()
         return torch.cat([idx, cand[torch.randperm(cand.numel(), generator=gen)[:k]]])
