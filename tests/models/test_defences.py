@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from otcclip.models.training.config import TrainConfig
@@ -278,3 +279,72 @@ def test_inoculation_stamps_a_found_template_and_it_survives_a_checkpoint() -> N
     for i in changed:  # the template pasted over one 8x8 window
         win = torch.nn.functional.unfold(out[i : i + 1], 8)[0]  # (3*64, L)
         assert torch.isclose(win, t.pattern.reshape(-1, 1), atol=1e-5).all(dim=0).any()
+
+
+def test_the_adaptive_schedule_survives_a_checkpoint() -> None:
+    d = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
+    assert [e for e in range(8) if d.is_rematch_epoch(e)] == [1, 3, 5, 7]  # fixed until a pass
+    assert d._schedule_next(1, changed=False) == 5 and d._schedule_next(5, changed=False) == 13
+    assert d._schedule_next(13, changed=False) == 21  # capped at 4 x 2
+    e = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
+    e.load_state_dict(d.state_dict())
+    assert [k for k in range(30) if e.is_rematch_epoch(k)] == [21]
+    assert e._schedule_next(21, changed=True) == 23  # back to K after a pass that changed
+    # checkpoints from before the adaptive schedule resume on the fixed one
+    old = {k: v for k, v in d.state_dict().items() if k not in ("next_pass", "interval")}
+    f = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
+    f.load_state_dict(old)
+    assert [k for k in range(8) if f.is_rematch_epoch(k)] == [1, 3, 5, 7]
+
+
+def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
+    """batch_loss runs one image and one (de-duplicated) text pass; every term must equal
+    the term computed on its own rows with separate passes."""
+    import copy
+    import random
+
+    from otcclip.models.factory import create_model
+    from otcclip.models.features import image_features, text_features
+    from otcclip.models.training.augment import augment_caption
+    from otcclip.models.training.losses import clip_loss, ot_contrastive_loss, unlikelihood_loss
+
+    n = 12
+    bundle = create_model("otc-micro", device=torch.device("cpu"), seed=0)
+    m = bundle.model.eval()  # no dropout either way; eval only pins it
+    names = ["cat", "dog", "frog", "truck", "ship", "bird"]
+    captions = [f"a photo of a {names[i % 6]} number {i}" for i in range(n)]
+    d = _otcclip(n, restart=False, fill_batches=False, lam_inter=0.5, lam_intra=0.5, lam_unlearn=1.0, intra_subsample=0.45)
+    s = bundle.image_size if isinstance(bundle.image_size, int) else bundle.image_size[0]
+    pix = (torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    d.ctx.model, d.ctx.tokenizer, d.ctx.captions = m, bundle.tokenizer, captions
+    d.ctx.tokens = bundle.tokenizer(captions)
+    d.ctx.images, d.ctx.mean, d.ctx.std = _Pixels(pix), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # type: ignore[assignment]
+    d.quarantine[[2, 5]] = True
+    d.active[[2, 5]] = False
+    d.match[7] = 3  # a re-matched pair trains on caption 3
+    idx = torch.tensor([8, 5, 0, 2, 6, 1, 7, 3, 4])  # unsorted: rows and positions differ
+    gen, rng = torch.Generator().manual_seed(3), random.Random(3)
+    gen_ref, rng_ref = copy.deepcopy(gen), copy.deepcopy(rng)
+    with torch.no_grad():
+        _, terms = d.batch_loss(idx, 5, gen, rng)
+        # reference: the same draws, each term on its own rows
+        c = d.ctx.config
+        x = d.ctx.batch_images(idx, gen_ref)
+        act = d.active[idx]
+        pos = torch.argsort(act.float() + torch.rand(9, generator=gen_ref))[: round(0.45 * 9)]
+        assert set(idx[pos].tolist()) > {2, 5}  # dropped rows first, then active ones
+        fi, view2 = image_features(m, x), image_features(m, d.ctx.batch_images(idx[pos], gen_ref))
+        ft = text_features(m, d.ctx.tokens[d.match[idx[act]]])
+        assert terms["clip"] == pytest.approx(float(clip_loss(fi.global_[act], ft.global_, m.logit_scale.exp())), rel=1e-5)
+
+        def ot(a: torch.Tensor, b: torch.Tensor, **kw: torch.Tensor) -> float:
+            return float(ot_contrastive_loss(a, b, negatives=c.ot_negatives, temperature=c.ot_temperature, reg=c.ot_reg, iters=c.ot_iters, **kw))
+
+        assert terms["inter"] == pytest.approx(ot(fi.local[act], ft.local, y_mask=ft.mask), rel=1e-4)
+        own = text_features(m, d.ctx.tokens[idx[pos]])
+        edits = text_features(m, bundle.tokenizer([augment_caption(captions[int(i)], rng_ref) for i in idx[pos]]))
+        intra = ot(fi.local[pos], view2.local) + ot(own.local, edits.local, x_mask=own.mask, y_mask=edits.mask)
+        assert terms["intra"] == pytest.approx(intra, rel=1e-4)
+        bad = d.quarantine[idx]
+        un = unlikelihood_loss(fi.global_[bad], text_features(m, d.ctx.tokens[idx[bad]]).global_, ft.global_, m.logit_scale.exp())
+        assert terms["unlearn"] == pytest.approx(float(un), rel=1e-5)

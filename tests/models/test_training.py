@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,30 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
         assert all(reason[i] in cfg.sticky_reasons + ("quarantined",) for i in prev)
 
 
+def test_otcclip_passes_thin_out_while_they_change_nothing(small_manifest: Path, tmp_path: Path) -> None:
+    """After a pass that changes no verdict the interval doubles (up to rematch_backoff x K);
+    after one that changes any, it is K again. rematch_backoff=1 is the fixed schedule."""
+    cfg = _cfg(defense="otcclip", epochs=8, rematch_every=1, rematch_backoff=4, checkpoint_every=4)
+    res = train(small_manifest, tmp_path / "b", config=cfg)
+    lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    passes = [(x["epoch"] - 1, x["rematch_changed"], x["next_rematch"]) for x in lines if "rematch" in x]
+    assert passes[0][0] == 1  # after the one warm-up epoch
+    interval = 1
+    for (e, changed, nxt), later in zip(passes, passes[1:] + [None], strict=True):
+        interval = 1 if changed else min(2 * interval, 4)
+        assert nxt == e + interval
+        if later is not None:
+            assert later[0] == nxt  # no pass in between, none skipped
+        else:
+            assert nxt > 8  # the run (9 epochs: 0..8) ended before it
+    assert any(not c for _, c, _ in passes), "no unchanged pass: the backoff was not exercised"
+    # which passes ran is on disk too
+    assert sorted(int(p.name[6:]) for p in (tmp_path / "b" / "rematch").iterdir()) == [e for e, _, _ in passes]
+    fixed = train(small_manifest, tmp_path / "f", config=replace(cfg, rematch_backoff=1, epochs=3))
+    fixed_lines = [json.loads(x) for x in fixed.metrics_path.read_text().splitlines()]
+    assert [x["epoch"] - 1 for x in fixed_lines if "rematch" in x] == [1, 2, 3]
+
+
 def test_different_seed_differs(small_manifest: Path, tmp_path: Path) -> None:
     a = train(small_manifest, tmp_path / "a", config=_cfg(epochs=1, seed=0))
     b = train(small_manifest, tmp_path / "b", config=_cfg(epochs=1, seed=1))
@@ -188,16 +213,18 @@ def test_end_to_end_cli_poison_train_evaluate(cifar_zip: Path, tmp_path: Path) -
     assert main([
         "train", str(pdir / "manifest.csv"), "--out", str(run), "--model", "otc-micro", "--defense", "otcclip",
         "--epochs", "3", "--batch-size", "32", "--device", "cpu", "--warmup-epochs", "1", "--rematch-every", "1",
-        "--ot-negatives", "2", "--no-purified-rematch", "--no-fill-batches", "--lam-unlearn", "0.5", "--no-progress",
+        "--rematch-backoff", "2", "--ot-negatives", "2", "--no-purified-rematch", "--no-fill-batches", "--lam-unlearn", "0.5", "--no-progress",
     ]) == 0
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["ot_negatives"] == 2 and cfg["purified_rematch"] is False and cfg["template_search"] is True
     assert cfg["restart"] is True and cfg["fill_batches"] is False and cfg["lam_unlearn"] == 0.5
+    assert cfg["rematch_backoff"] == 2
     dec = pq.read_table(run / "rematch" / "epoch_001" / "decisions.parquet").to_pydict()
     assert len(dec["id"]) == len(truth) and set(dec["action"]) <= {"keep", "reassign", "drop"}
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 4 and metrics[1]["restart"] is True  # 1 detection epoch + 3
     assert "rematch" in metrics[1] and "inter" in metrics[1] and "intra" in metrics[1]
+    assert metrics[1]["next_rematch"] in (2, 3)  # K = 1 after a pass that changed verdicts, else 2
     out = tmp_path / "eval.json"
     assert main([
         "evaluate", "--checkpoint", str(run / "final"), "--manifest", str(te), "--trigger", "patch",

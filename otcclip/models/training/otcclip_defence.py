@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from otcclip.models.decisions import Decisions
 from otcclip.models.features import (
     ImageFeatures,
+    TextFeatures,
     image_features,
     text_features,
     trigger_residual,
@@ -65,6 +66,10 @@ class OtcClip(Defence):
         self.trigger_view = torch.full((ctx.n,), -1, dtype=torch.long)
         # the shared triggers found behind the purified views' flags (triggers.py)
         self.templates: list[TriggerTemplate] = []
+        # schedule (config.rematch_backoff): epoch of the next pass (None: the fixed
+        # schedule of Defence.is_rematch_epoch, until the first pass) and the interval
+        self.next_pass: int | None = None
+        self.interval = ctx.config.rematch_every
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,8 @@ class OtcClip(Defence):
                 {"kind": t.kind, "pattern": t.pattern.clone(), "support": t.support}
                 for t in self.templates
             ],
+            "next_pass": self.next_pass,
+            "interval": self.interval,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -91,14 +98,31 @@ class OtcClip(Defence):
             for t in state.get("templates", [])
             if t is not None
         ]
+        # checkpoints written before the adaptive schedule follow the fixed one
+        self.next_pass = state.get("next_pass")
+        self.interval = int(state.get("interval", self.ctx.config.rematch_every))
 
     def restart_epoch(self) -> int | None:
         c = self.ctx.config
         return c.warmup_epochs if c.restart and c.warmup_epochs > 0 else None
 
+    def is_rematch_epoch(self, epoch: int) -> bool:
+        if self.next_pass is None:
+            return super().is_rematch_epoch(epoch)
+        return epoch == self.next_pass
+
+    def _schedule_next(self, epoch: int, *, changed: bool) -> int:
+        """Set the epoch of the next pass after the pass before ``epoch`` (``config.rematch_backoff``)."""
+        c = self.ctx.config
+        longest = c.rematch_every * c.rematch_backoff
+        self.interval = c.rematch_every if changed else min(2 * self.interval, longest)
+        self.next_pass = epoch + self.interval
+        return self.next_pass
+
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
             return {}
+        before = (self.active.clone(), self.match.clone())
         from otcclip.models.sanitize import SanitizeConfig, sanitize_features
 
         c = self.ctx.config
@@ -140,7 +164,12 @@ class OtcClip(Defence):
         tab = self._base_table(action)
         tab.update(extra)
         self.write_decisions(epoch, tab)
-        return {"rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")}}
+        changed = not (torch.equal(before[0], self.active) and torch.equal(before[1], self.match))
+        return {
+            "rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")},
+            "rematch_changed": changed,
+            "next_rematch": self._schedule_next(epoch, changed=changed),
+        }
 
     def _apply_verdicts(
         self,
@@ -317,37 +346,63 @@ class OtcClip(Defence):
     def batch_loss(
         self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``L_CLIP + lam_inter * L_inter + lam_intra * L_intra + lam_unlearn * L_unlearn``.
+
+        One image pass (the batch, plus the second view of the ``L_intra`` rows) and one
+        text pass (the captions the active rows train with, the own captions of the rows
+        that are unlearnt or enter ``L_intra``, each once, and the ``L_intra`` edits).
+        """
         ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
         restart = self.restart_epoch()
         if restart is not None and epoch < restart:
             # detection epochs: their model only feeds the first pass and is then discarded
             return super().batch_loss(idx, epoch, gen, rng)
         idx = self.fill_batch(idx, gen)
+        b = idx.numel()
         x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
-        fi = image_features(m, x)
         act = self.active[idx]
         use = idx[act]
-        ft = text_features(m, ctx.tokens[self.match[use]].to(ctx.device))
-        gi = fi.global_[act.to(ctx.device)]
+        bad = self.unlearn_rows(idx)
+        unlearn = c.lam_unlearn > 0 and bool(bad.any()) and use.numel() > 0
+        pos = torch.zeros(0, dtype=torch.long)
+        if c.lam_intra > 0 and c.intra_subsample > 0:
+            # L_intra rows, dropped pairs first, and their second view
+            n_sub = max(1, int(round(c.intra_subsample * b)))
+            pos = torch.argsort(act.float() + torch.rand(b, generator=gen))[:n_sub]
+            x = torch.cat([x, ctx.batch_images(idx[pos], gen)])
+        fi_all = image_features(m, x)
+        fi = ImageFeatures(fi_all.global_[:b], fi_all.local[:b])
+        # captions: trained-with (active rows), own (unlearnt rows, L_intra rows), edits
+        own_rows = torch.unique(torch.cat([idx[bad] if unlearn else idx[:0], idx[pos]]))
+        edits = ctx.tokenizer([augment_caption(ctx.captions[int(i)], rng) for i in idx[pos]]) if pos.numel() else None
+        toks = [ctx.tokens[self.match[use]], ctx.tokens[own_rows]] + ([edits] if edits is not None else [])
+        ft_all = text_features(m, torch.cat(toks).to(ctx.device))
+        nu, no = use.numel(), own_rows.numel()
+        ft = _rows(ft_all, torch.arange(nu))
+        dev_act = act.to(ctx.device)
+        gi = fi.global_[dev_act]
         clip = clip_loss(gi, ft.global_, m.logit_scale.exp())
         loss = clip
         terms = {"clip": float(clip.detach())}
         if c.lam_inter > 0 and use.numel():
-            inter = self._ot_loss(fi.local[act.to(ctx.device)], ft.local, y_mask=ft.mask)
+            inter = self._ot_loss(fi.local[dev_act], ft.local, y_mask=ft.mask)
             loss = loss + c.lam_inter * inter
             terms["inter"] = float(inter.detach())
-        if c.lam_intra > 0 and c.intra_subsample > 0:
-            intra = self._intra(idx, fi, act, gen, rng)
+        own_at = {int(r): nu + j for j, r in enumerate(own_rows.tolist())}
+        if pos.numel():
+            k = pos.numel()
+            li = self._ot_loss(fi.local[pos.to(ctx.device)], fi_all.local[b:])
+            own = _rows(ft_all, torch.tensor([own_at[int(i)] for i in idx[pos]]))
+            ed = _rows(ft_all, torch.arange(nu + no, nu + no + k))
+            lt = self._ot_loss(own.local, ed.local, x_mask=own.mask, y_mask=ed.mask)
+            intra = li + lt
             loss = loss + c.lam_intra * intra
             terms["intra"] = float(intra.detach())
-        bad = self.unlearn_rows(idx)
-        if c.lam_unlearn > 0 and bool(bad.any()) and use.numel():
+        if unlearn:
             # dropping a quarantined pair (re-matching a triggered one) stops teaching its
             # poison; this unlearns it
-            own = text_features(m, ctx.tokens[idx[bad]].to(ctx.device)).global_
-            un = unlikelihood_loss(
-                fi.global_[bad.to(ctx.device)], own, ft.global_, m.logit_scale.exp()
-            )
+            own_g = ft_all.global_[torch.tensor([own_at[int(i)] for i in idx[bad]])]
+            un = unlikelihood_loss(fi.global_[bad.to(ctx.device)], own_g, ft.global_, m.logit_scale.exp())
             loss = loss + c.lam_unlearn * un
             terms["unlearn"] = float(un.detach())
         return loss, terms
@@ -440,29 +495,6 @@ class OtcClip(Defence):
             bad = bad | (self.triggered[idx] & (self.match[idx] != idx))
         return bad
 
-    def _intra(
-        self,
-        idx: torch.Tensor,
-        fi: ImageFeatures,
-        act: torch.Tensor,
-        gen: torch.Generator,
-        rng: random.Random,
-    ) -> torch.Tensor:
-        """OT between patch sets of two views (images) and token sets of caption edits."""
-        ctx, c, m = self.ctx, self.ctx.config, self.ctx.model
-        n_sub = max(1, int(round(c.intra_subsample * idx.numel())))
-        order = torch.argsort(act.float() + torch.rand(idx.numel(), generator=gen))  # dropped first
-        pos = order[:n_sub]
-        view2 = image_features(m, ctx.batch_images(idx[pos], gen))
-        li = self._ot_loss(fi.local[pos.to(ctx.device)], view2.local)
-        rows = idx[pos]
-        caps = [ctx.captions[int(i)] for i in rows]
-        both = torch.cat([ctx.tokens[rows], ctx.tokenizer([augment_caption(s, rng) for s in caps])])
-        ft = text_features(m, both.to(ctx.device))
-        k = rows.numel()
-        lt = self._ot_loss(ft.local[:k], ft.local[k:], x_mask=ft.mask[:k], y_mask=ft.mask[k:])
-        return li + lt
-
     def _ot_loss(
         self,
         x: torch.Tensor,
@@ -484,6 +516,14 @@ class OtcClip(Defence):
             reg=c.ot_reg,
             iters=c.ot_iters,
         )
+
+
+def _rows(f: TextFeatures, rows: torch.Tensor) -> TextFeatures:
+    """Rows ``rows`` (K,) of caption features, ``local`` / ``mask`` trimmed to their longest caption."""
+    mask = f.mask[rows.to(f.mask.device)]
+    length = int(mask.any(dim=0).nonzero().max().item()) + 1 if mask.numel() and bool(mask.any()) else mask.shape[1]
+    r = rows.to(f.global_.device)
+    return TextFeatures(f.global_[r], f.local[r, :length], mask[:, :length])
 
 
 def _decision_arrays(decisions: Decisions, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:

@@ -29,6 +29,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-epochs", type=int, default=None, help="defence warm-up epochs (default: otcclip 1, the others 2)")
     p.add_argument("--rematch-every", type=int, default=None, help="K: re-match every K epochs (default: otcclip 4, the others 2)")
+    p.add_argument("--rematch-backoff", type=int, default=None,
+                   help="otcclip: after a pass that changes nothing the interval doubles, up to this many times K "
+                        "(default 4; 1 = a pass every K epochs)")
     p.add_argument("--lam-inter", type=float, default=None)
     p.add_argument("--lam-intra", type=float, default=None)
     p.add_argument("--reassign", choices=("match", "drop"), default=None, help="otcclip: train reassigned pairs on their new caption, or drop them")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     for name in (
-        "warmup_epochs", "rematch_every", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch",
+        "warmup_epochs", "rematch_every", "rematch_backoff", "lam_inter", "lam_intra", "reassign", "score_rematch", "purified_rematch",
         "inoculate", "unlearn_triggered", "template_search", "ot_negatives", "restart", "fill_batches", "lam_unlearn",
     ):
         if getattr(args, name) is not None:
