@@ -11,17 +11,15 @@ computes the loss of a batch.
 - ``safeclip``: unimodal warm-up (SimCLR on images and on captions; the last warm-up
   epoch adds CLIP), then every K epochs a 2-component GMM on the pair cosines splits
   safe / risky; CLIP loss on safe pairs, unimodal losses on risky ones (SafeCLIP).
-- ``otcclip`` (:mod:`~otcclip.models.training.otcclip_defence`): warm-up with the full
-  loss on own captions, then every K epochs the
-  engine's ``sanitize_features`` on the current model's features decides keep / reassign
-  / drop; training uses the re-matched captions, dropped pairs only feed ``L_intra``.
-  Loss ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra``. Verdicts are sticky:
-  image bursts (targeted poisoning) stay dropped and are unlearnt (unlikelihood term),
-  and pairs the trigger-sensitivity detector flagged are re-matched at every pass to the
-  caption their purified view (the trigger filtered out) scores best with; what that
-  view removed is stamped on clean images of each batch, which keep their captions
-  (inoculation). The engine's score-based decisions apply only with ``score_rematch``
-  (see :class:`TrainConfig`).
+- ``otcclip`` (:mod:`~otcclip.models.training.otcclip_pass` decides,
+  :mod:`~otcclip.models.training.otcclip_defence` trains): plain CLIP warm-up epochs feed
+  a first pass of the engine's ``sanitize_features`` (keep / reassign / drop) and the
+  trigger-template search; the model then restarts from its initial weights and trains
+  ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra`` on what the passes kept, with
+  later passes every K epochs (fewer while they change nothing). Dropped pairs only feed
+  ``L_intra`` and, quarantined, an unlikelihood term on their poisoned captions; verdicts
+  are sticky. The engine's score-based decisions apply only with ``score_rematch`` (see
+  :class:`TrainConfig`).
 """
 
 from __future__ import annotations
