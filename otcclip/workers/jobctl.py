@@ -29,8 +29,9 @@ class JobContext:
         self.job_id = job_id
         self.settings = settings or get_settings()
         self.storage = Storage(self.settings.storage_root)
-        self._last_progress = 0.0
-        self._last_poll = 0.0
+        # -inf: the first write and the first poll go through whatever the clock reads
+        self._last_progress = float("-inf")
+        self._last_poll = float("-inf")
         self._stopped = False
 
     def db(self) -> Any:
@@ -60,9 +61,12 @@ class JobContext:
     # -- callbacks into the core ------------------------------------------------------
 
     def progress(self, stage: str, done: int, total: int, *, force: bool = False) -> None:
-        """``ProgressFn``: writes the job row at most every ``progress_interval_s``."""
+        """``ProgressFn``: writes the job row at most every ``progress_interval_s``, and
+        always when a stage completes (``done >= total``), so a finished job never shows
+        a stage short of its end."""
         now = time.monotonic()
-        if not force and now - self._last_progress < self.settings.progress_interval_s:
+        last = total > 0 and done >= total
+        if not (force or last) and now - self._last_progress < self.settings.progress_interval_s:
             return
         self._last_progress = now
         with self.db() as db:
