@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from otcclip.models.decisions import robust_z
+from otcclip.models.detectors import robust_z
 from otcclip.models.features import PURIFIERS, low_pass
 
 #: Template kind per purified view, in the order of ``PURIFIERS``.

@@ -9,10 +9,12 @@ from otcclip.models.decisions import (
     DecisionSettings,
     MatchScores,
     decide_pairs,
+    fit_p_clean,
+)
+from otcclip.models.detectors import (
     detect_caption_burst,
     detect_image_burst,
     detect_trigger_sensitivity,
-    fit_p_clean,
 )
 
 

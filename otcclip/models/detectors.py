@@ -1,0 +1,226 @@
+"""The detectors of poisoned pairs (DESIGN 2.3 step 4): each turns the scores of all
+pairs into one (N,) bool flag per pair; :func:`~otcclip.models.decisions.decide_pairs`
+turns flags and scores into decisions.
+
+- ``image_burst``: near-duplicate images under many distinct captions (targeted poisoning).
+- ``density``: outliers of the joint image-caption embedding.
+- ``caption_burst``: a repeated caption whose images disagree.
+- ``trigger_sensitivity``: the own-caption score collapses on a purified view of the
+  image, optionally only inside caption neighbourhoods crowded with such pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from otcclip.models.shortlist import build_index
+
+if TYPE_CHECKING:  # decisions.py imports this module; its types are only annotations here
+    from otcclip.models.decisions import DecisionSettings, MatchScores
+
+log = logging.getLogger(__name__)
+
+#: Every detector, in the order decisions report them.
+DETECTORS = ("image_burst", "density", "caption_burst", "trigger_sensitivity")
+
+
+def _knn(vectors: np.ndarray, k: int, seed: int, exact_threshold: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k))."""
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    kk = min(k + 1, len(v))
+    index = build_index(v, seed=seed, exact_threshold=exact_threshold)
+    sims, idx = index.search(v, kk)
+    self_hit = idx == np.arange(len(v))[:, None]
+    sims = np.where(self_hit, -np.inf, sims)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, : kk - 1]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move."""
+    med = np.median(x)
+    mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
+    return (x - med) / mad
+
+
+def detect_image_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Near-duplicate images carrying >= ``burst_min`` distinct captions: the
+    targeted-poisoning signature. Near-duplicate: cosine >= ``dup_threshold`` and cosine
+    distance <= ``dup_relative`` x the median nearest-neighbour distance. Returns (N,) bool."""
+    n = len(m)
+    if n < st.burst_min:
+        return np.zeros(n, dtype=bool)
+    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), st.seed, st.exact_threshold)
+    # scale-free: a near-duplicate is also far closer than a typical nearest neighbour
+    typical = float(np.median(1.0 - sims[m.ok, 0])) if m.ok.any() else 0.0
+    thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
+    flag = np.zeros(n, dtype=bool)
+    for i in range(n):
+        dup = idx[i][sims[i] >= thr]
+        if len(dup) + 1 < st.burst_min:
+            continue
+        texts = set(m.caption_hash[dup].tolist()) | {int(m.caption_hash[i])}
+        if len(texts) >= st.burst_min:
+            flag[i] = True
+    return flag
+
+
+def detect_density(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """k-distance outliers of the joint pair embedding (image global + own caption
+    global): robust z-score of the distance to the ``knn``-th neighbour > ``outlier_z``."""
+    n = len(m)
+    if n <= st.knn + 1:
+        return np.zeros(n, dtype=bool)
+    joint = np.concatenate([m.image_global, m.caption_global], axis=1).astype(np.float32)
+    sims, _ = _knn(joint, st.knn, st.seed, st.exact_threshold)
+    kdist = 1.0 - sims[:, -1]
+    return robust_z(kdist) > st.outlier_z
+
+
+def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Pairs whose caption text appears on >= ``burst_min`` images and whose image is an
+    outlier among those images (robust z of its similarity to the group's mean image
+    below ``-outlier_z``): one caption on many dissimilar images (backdoors)."""
+    n = len(m)
+    flag = np.zeros(n, dtype=bool)
+    _, inverse, counts = np.unique(m.caption_hash, return_inverse=True, return_counts=True)
+    img = m.image_global.astype(np.float32)
+    for g in np.nonzero(counts >= st.burst_min)[0]:
+        rows = np.nonzero(inverse == g)[0]
+        centre = img[rows].mean(axis=0)
+        centre /= max(float(np.linalg.norm(centre)), 1e-12)
+        sim = img[rows] @ centre
+        flag[rows[robust_z(sim) < -st.outlier_z]] = True
+    return flag
+
+
+def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
+    """Robust z, per purified view, of how much the own-caption score drops on the view.
+
+    Returns
+    -------
+    ndarray, shape (N, V), or None
+        ``z[i, v]`` for ``score(image i) - score(view v of image i)`` over readable pairs
+        (NaN for unreadable ones); None when ``m.purified_own`` is missing.
+    """
+    if m.purified_own is None:
+        return None
+    n = len(m)
+    drop = m.global_[:, :1].astype(np.float64) - m.purified_own.reshape(n, -1).astype(np.float64)
+    good = m.ok & np.isfinite(drop).all(axis=1)
+    z = np.full(drop.shape, np.nan)
+    if good.sum() < 10:
+        return z
+    d = drop[good]
+    med = np.median(d, axis=0)
+    mad = np.median(np.abs(d - med), axis=0) * 1.4826 + 1e-6
+    z[good] = (d - med) / mad
+    return z
+
+
+def sensitivity_enrichment(m: MatchScores, sensitive: np.ndarray, st: DecisionSettings) -> np.ndarray:
+    """How much sensitive pairs crowd each pair's caption neighbourhood, per purified view.
+
+    A backdoor teaches one trigger one target, so the pairs it poisoned share what their
+    captions mean; false alarms of :func:`detect_trigger_sensitivity` (a weak model, a
+    textured image) are spread over all captions.
+
+    Parameters
+    ----------
+    m : MatchScores
+        Uses ``caption_global`` (N, d).
+    sensitive : ndarray, shape (N, V), bool
+        Pairs whose sensitivity z on view ``v`` is above ``st.sensitivity_z``.
+    st : DecisionSettings
+        ``sensitivity_knn`` neighbours (cosine of the own-caption globals, self excluded).
+
+    Returns
+    -------
+    ndarray, shape (N, V), float64
+        Binomial z of the sensitive share among the neighbours against the share over
+        all readable pairs (0 for a view where nothing or everything is sensitive).
+    """
+    n = len(m)
+    sensitive = sensitive.reshape(n, -1) & m.ok[:, None]
+    out = np.zeros(sensitive.shape)
+    k = min(st.sensitivity_knn, n - 1)
+    p = sensitive[m.ok].mean(axis=0) if m.ok.any() else np.zeros(sensitive.shape[1])
+    live = (p > 0.0) & (p < 1.0)
+    if k < 1 or not live.any():
+        return out
+    _, idx = _knn(m.caption_global, k, st.seed, st.exact_threshold)
+    for v in np.nonzero(live)[0]:
+        share = sensitive[idx, v].mean(axis=1)
+        out[:, v] = (share - p[v]) / np.sqrt(p[v] * (1.0 - p[v]) / k)
+    return out
+
+
+def trigger_evidence(m: MatchScores, st: DecisionSettings) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The trigger-sensitivity detector's evidence, computed once per decision pass.
+
+    Returns
+    -------
+    (z, crowd) or None
+        ``z`` (N, V): :func:`sensitivity_scores` with NaN as ``-inf``; ``crowd`` (N, V):
+        :func:`sensitivity_enrichment` of ``z > sensitivity_z`` when ``sensitivity_knn`` >
+        0, else None. None when ``m.purified_own`` is missing.
+    """
+    raw = sensitivity_scores(m)
+    if raw is None:
+        return None
+    z = np.nan_to_num(raw, nan=-np.inf)
+    crowd = sensitivity_enrichment(m, z > st.sensitivity_z, st) if st.sensitivity_knn > 0 and len(m) > 1 else None
+    return z, crowd
+
+
+def trigger_flags(z: np.ndarray, crowd: np.ndarray | None, st: DecisionSettings) -> np.ndarray:
+    """(N,) bool: pairs whose sensitivity z (N, V) on some view exceeds ``sensitivity_z``,
+    or, with the neighbourhood test (``crowd`` (N, V) enrichment), the region threshold
+    inside a crowded neighbourhood."""
+    if crowd is None:
+        return np.asarray(z.max(axis=1) > st.sensitivity_z)
+    region = crowd > st.sensitivity_enrichment_z
+    return np.asarray((region & (z > min(st.sensitivity_region_z, st.sensitivity_z))).any(axis=1))
+
+
+def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+    """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
+    its most high-frequency window filled): the score rests on a noise trigger, not on
+    what the image shows. Flagged when a view's :func:`sensitivity_scores` z >
+    ``sensitivity_z``. With ``sensitivity_knn`` > 0 a pair is flagged only inside a caption
+    neighbourhood crowded with such pairs (:func:`sensitivity_enrichment` >
+    ``sensitivity_enrichment_z`` for that view), and there already when its z >
+    ``sensitivity_region_z``: the captions a backdoor poisoned are known, the rest of the
+    data is left alone. Needs ``m.purified_own``; without it nothing is flagged."""
+    ev = trigger_evidence(m, st)
+    if ev is None:
+        log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
+        return np.zeros(len(m), dtype=bool)
+    return trigger_flags(*ev, st)
+
+
+DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
+    "image_burst": detect_image_burst,
+    "density": detect_density,
+    "caption_burst": detect_caption_burst,
+    "trigger_sensitivity": detect_trigger_sensitivity,
+}
+
+
+def run_detectors(
+    m: MatchScores, st: DecisionSettings, *, known: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Each enabled detector's (N,) bool flags (unreadable images never flagged); flags
+    already in ``known`` are taken as they are."""
+    out = {}
+    for name in st.detectors:
+        if name not in DETECTOR_FNS:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+        flag = known[name] if known and name in known else DETECTOR_FNS[name](m, st)
+        out[name] = flag & m.ok
+    return out
