@@ -10,7 +10,8 @@ Stages (each a pure function; the Celery workers fan out the first two)::
 
 :func:`sanitize` runs them all in one process (optionally spilling shards to a work
 directory, which also makes a re-run skip finished shards); :func:`sanitize_features`
-runs matching and decisions on in-memory features (the trainer's re-matching).
+runs matching and decisions on in-memory features (the trainer's re-matching). The shard
+files are :mod:`otcclip.models.shards`.
 
 Memory: an encode holds one shard; a match holds one image shard, the caption globals
 (``N x d`` float32) and one caption shard at a time (shards load memory-mapped).
@@ -18,18 +19,16 @@ Memory: an encode holds one shard; a match holds one image shard, the caption gl
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from otcclip.models.atomic import atomic_write
 from otcclip.models.decisions import (
     DETECTORS,
     Decisions,
@@ -47,6 +46,7 @@ from otcclip.models.features import (
 )
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
 from otcclip.models.scoring import CaptionBlock, score_shortlist
+from otcclip.models.shards import FeatureShard, ScoreShard, caption_hash
 from otcclip.models.shortlist import build_index, shortlist
 
 log = logging.getLogger(__name__)
@@ -148,90 +148,6 @@ def _device(name: str) -> torch.device:
     from otcclip.models.factory import resolve_device
 
     return resolve_device(name)
-
-
-def caption_hash(text: str) -> int:
-    """Stable signed 64-bit hash of a caption's text."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-
-
-@dataclass(frozen=True)
-class FeatureShard:
-    """Features of manifest rows ``[start, stop)``.
-
-    Attributes
-    ----------
-    start, stop : int
-    ok : Tensor, shape (n,), bool
-        False where the image was unreadable (its features are zeros).
-    image_global : Tensor, shape (n, d), float32
-    image_local : Tensor, shape (n, P, d), float16 or float32
-    caption_global : Tensor, shape (n, d), float32
-    caption_local : Tensor, shape (n, L, d), float16 or float32 (zero at pads)
-    caption_mask : Tensor, shape (n, L), bool
-    caption_hash : Tensor, shape (n,), int64
-    image_purified : Tensor, shape (n, V, d), float32, optional
-        Globals of the purified views of each image (``features.PURIFIERS``; only with
-        the ``trigger_sensitivity`` detector).
-    timings : dict
-        Seconds spent per stage (``decode``, ``encode``).
-    """
-
-    start: int
-    stop: int
-    ok: torch.Tensor
-    image_global: torch.Tensor
-    image_local: torch.Tensor
-    caption_global: torch.Tensor
-    caption_local: torch.Tensor
-    caption_mask: torch.Tensor
-    caption_hash: torch.Tensor
-    image_purified: torch.Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file + rename) with ``torch.save``."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        return atomic_write(Path(path), lambda tmp: torch.save(data, tmp))
-
-    @staticmethod
-    def load(path: str | Path, *, mmap: bool = True) -> FeatureShard:
-        """Load a saved shard (tensors memory-mapped unless ``mmap=False``)."""
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        return FeatureShard(**data)
-
-
-@dataclass(frozen=True)
-class ScoreShard:
-    """Shortlist scores of rows ``[start, stop)`` (see :class:`MatchScores`)."""
-
-    start: int
-    stop: int
-    scores: MatchScores
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> Path:
-        arrays = {f.name: v for f in fields(MatchScores) if (v := getattr(self.scores, f.name)) is not None}
-        meta = np.array([self.start, self.stop], dtype=np.int64)
-        tnames = np.array(list(self.timings), dtype=str)
-        tvals = np.array(list(self.timings.values()), dtype=np.float64)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, _meta=meta, _tnames=tnames, _tvals=tvals, **arrays)
-
-        return atomic_write(Path(path), write)
-
-    @staticmethod
-    def load(path: str | Path) -> ScoreShard:
-        with np.load(path, allow_pickle=False) as z:
-            start, stop = (int(v) for v in z["_meta"])
-            scores = MatchScores(**{f.name: z[f.name] for f in fields(MatchScores) if f.name in z.files})
-            timings = {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
-        return ScoreShard(start=start, stop=stop, scores=scores, timings=timings)
 
 
 @dataclass(frozen=True)
