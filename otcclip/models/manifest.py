@@ -42,16 +42,18 @@ from otcclip.models.images import (
     IMAGE_EXTENSIONS,
     ArchiveError,
     ArchiveLimits,
-    DirImageStore,
     ImageBatch,
-    ImageStore,
-    ShardImageStore,
-    TarImageStore,
     UnreadableImage,
     UnsafePath,
     load_image_batch,
-    open_store,
     safe_relpath,
+)
+from otcclip.models.stores import (
+    DirImageStore,
+    ImageStore,
+    ShardImageStore,
+    TarImageStore,
+    open_store,
 )
 
 __all__ = [

@@ -19,15 +19,17 @@ from PIL import Image
 from otcclip.models.images import (
     ArchiveError,
     ArchiveLimits,
-    DirImageStore,
-    TarImageStore,
     UnreadableImage,
     UnsafePath,
-    ZipImageStore,
     decode_image,
     load_images,
-    open_store,
     safe_relpath,
+)
+from otcclip.models.stores import (
+    DirImageStore,
+    TarImageStore,
+    ZipImageStore,
+    open_store,
 )
 
 

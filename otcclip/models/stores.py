@@ -1,0 +1,418 @@
+"""Where a manifest's images come from: a directory, a zip / tar / tar.gz archive, WebDataset shards.
+
+Every store resolves *relative* references only. A directory store refuses absolute
+paths, ``..`` escapes and paths that resolve (through symlinks) outside its root. An
+archive store checks the whole archive when it is opened and refuses it (raising
+:class:`~otcclip.models.images.ArchiveError`, naming the member) if any member is a
+symlink, hard link, device or fifo, has an absolute or ``..`` name, or if the archive
+breaks the :class:`~otcclip.models.images.ArchiveLimits` (member count, total
+uncompressed size, per-member size, compression ratio: zip bombs).
+
+Members are read lazily: zip members through a per-thread ``ZipFile`` handle, plain tar
+members with ``os.pread`` at the offsets indexed at open time. Compressed tars
+(gzip / bzip2 / xz) are first decompressed, with the size cap enforced while streaming,
+into one temporary plain ``.tar`` (deleted when the store is closed or collected) and then
+read lazily the same way; nothing is ever extracted as loose files.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import logging
+import lzma
+import os
+import stat
+import tarfile
+import tempfile
+import threading
+import weakref
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from otcclip.models.images import (
+    DEFAULT_LIMITS,
+    ArchiveError,
+    ArchiveLimits,
+    UnreadableImage,
+    UnsafePath,
+    decode_image,
+    safe_relpath,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ImageStore:
+    """Where a manifest's images come from. Subclasses implement ``_read`` and ``_has``.
+
+    ``open(ref)`` returns an RGB PIL image or raises :class:`UnreadableImage` (also for a
+    missing file, so a broken row never stops a run) or :class:`UnsafePath`.
+    """
+
+    #: A human-readable description of the source (a directory or archive path).
+    source: str = ""
+
+    def exists(self, ref: str) -> bool:
+        """Whether ``ref`` names a readable member/file (no decoding); raises :class:`UnsafePath`."""
+        return self._has(self._key(ref))
+
+    def read_bytes(self, ref: str) -> bytes:
+        """The raw bytes behind ``ref``; ``FileNotFoundError`` if absent."""
+        key = self._key(ref)
+        if not self._has(key):
+            raise FileNotFoundError(f"{self.source}: no image {ref!r}")
+        return self._read(key)
+
+    def open(self, ref: str) -> Image.Image:
+        """Decode the image behind ``ref`` to RGB; :class:`UnreadableImage` if it cannot."""
+        try:
+            data = self.read_bytes(ref)
+        except (FileNotFoundError, OSError) as e:
+            raise UnreadableImage(f"{ref}: {e}") from e
+        return decode_image(data, name=ref)
+
+    def close(self) -> None:
+        """Release handles and temporary files (the store may not be used afterwards)."""
+
+    def _key(self, ref: str) -> str:
+        return safe_relpath(ref)
+
+    def _has(self, key: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, key: str) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DirImageStore(ImageStore):
+    """Image files below ``root``; symlinks are followed only if they stay inside ``root``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image directory {self.root} does not exist")
+        self._real = os.path.realpath(self.root)
+        self._parents: dict[str, str] = {}
+        self.source = str(self.root)
+
+    def _path(self, key: str) -> str:
+        real = os.path.realpath(os.path.join(self._real, key))
+        if not real.startswith(self._real + os.sep):
+            raise UnsafePath(f"image path {key!r} resolves outside the dataset directory {self.root}")
+        return real
+
+    def _has(self, key: str) -> bool:
+        # Fast path for validation: resolve each parent directory once (cached), then one
+        # lstat per file; a file that is itself a symlink gets the full realpath check.
+        head, _, base = key.rpartition("/")
+        parent = self._parents.get(head)
+        if parent is None:
+            parent = os.path.realpath(os.path.join(self._real, head))
+            if parent != self._real and not parent.startswith(self._real + os.sep):
+                raise UnsafePath(f"image path {key!r} resolves outside the dataset directory {self.root}")
+            self._parents[head] = parent
+        try:
+            st = os.lstat(os.path.join(parent, base))
+        except OSError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            return os.path.isfile(self._path(key))
+        return stat.S_ISREG(st.st_mode)
+
+    def _read(self, key: str) -> bytes:
+        with open(self._path(key), "rb") as f:
+            return f.read()
+
+
+def _member_name(name: str, archive: str) -> str:
+    """Validate and normalise an archive member name (raise :class:`ArchiveError`)."""
+    try:
+        key = safe_relpath(name)
+    except UnsafePath as e:
+        raise ArchiveError(f"{archive}: member {name!r} refused: {e}") from e
+    return key
+
+
+class _Indexed(ImageStore):
+    """Shared lookup for archive stores: normalised member names, optional common top folder."""
+
+    _names: dict[str, Any]
+    _prefix: str
+
+    def _set_prefix(self) -> None:
+        tops = {k.split("/", 1)[0] for k in self._names}
+        self._prefix = ""
+        if len(tops) == 1 and all("/" in k for k in self._names):
+            self._prefix = next(iter(tops)) + "/"
+
+    def _has(self, key: str) -> bool:
+        return key in self._names or (bool(self._prefix) and self._prefix + key in self._names)
+
+    def _entry(self, key: str) -> Any:
+        if key in self._names:
+            return self._names[key]
+        return self._names[self._prefix + key]
+
+    def names(self) -> list[str]:
+        """Normalised names of the regular-file members."""
+        return list(self._names)
+
+
+class ZipImageStore(_Indexed):
+    """Members of a zip archive, checked against ``limits`` at open and read lazily."""
+
+    def __init__(self, path: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
+        self.path = Path(path)
+        self.source = str(self.path)
+        self.limits = limits
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ArchiveError(f"{self.path}: not a readable zip archive ({e})") from e
+        if len(infos) > limits.max_members:
+            raise ArchiveError(f"{self.path}: {len(infos)} members exceed the limit of {limits.max_members}")
+        total = 0
+        self._names = {}
+        for info in infos:
+            mode = info.external_attr >> 16
+            kind = stat.S_IFMT(mode)
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+                what = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+                raise ArchiveError(f"{self.path}: member {info.filename!r} is {what}")
+            key = _member_name(info.filename, self.source)
+            if info.is_dir():
+                continue
+            _check_size(self.source, info.filename, info.file_size, info.compress_size, limits)
+            total += info.file_size
+            if total > limits.max_total_bytes:
+                raise ArchiveError(
+                    f"{self.path}: total uncompressed size exceeds {limits.max_total_bytes} bytes "
+                    f"(at member {info.filename!r})"
+                )
+            self._names[key] = info.filename
+        self._set_prefix()
+        self._local = threading.local()
+
+    def _read(self, key: str) -> bytes:
+        zf = getattr(self._local, "zf", None)
+        if zf is None:
+            zf = zipfile.ZipFile(self.path)
+            self._local.zf = zf
+        try:
+            return zf.read(self._entry(key))
+        except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
+            raise OSError(f"{self.path}: member {key!r} is corrupt ({e})") from e
+
+    def close(self) -> None:
+        zf = getattr(self._local, "zf", None)
+        if zf is not None:
+            zf.close()
+            self._local.zf = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+def _check_size(archive: str, member: str, size: int, compressed: int, limits: ArchiveLimits) -> None:
+    if size > limits.max_member_bytes:
+        raise ArchiveError(f"{archive}: member {member!r} is {size} bytes, over the limit of {limits.max_member_bytes}")
+    if size > limits.ratio_min_bytes and size > limits.max_ratio * max(compressed, 1):
+        raise ArchiveError(
+            f"{archive}: member {member!r} has compression ratio {size / max(compressed, 1):.0f}, "
+            f"over the limit of {limits.max_ratio:g} (zip bomb?)"
+        )
+
+
+_MAGIC: tuple[tuple[bytes, Callable[..., Any]], ...] = (
+    (b"\x1f\x8b", gzip.open),
+    (b"BZh", bz2.open),
+    (b"\xfd7zXZ\x00", lzma.open),
+)
+
+
+class TarImageStore(_Indexed):
+    """Regular-file members of a tar (plain or gzip/bzip2/xz-compressed), read lazily.
+
+    A compressed tar is decompressed once into a temporary plain tar with the total size
+    capped while streaming, so a decompression bomb is stopped early.
+    """
+
+    def __init__(self, path: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
+        self.path = Path(path)
+        self.source = str(self.path)
+        self.limits = limits
+        self._tmp: str | None = None
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(6)
+        except OSError as e:
+            raise ArchiveError(f"{self.path}: cannot read archive ({e})") from e
+        plain = self.path
+        for magic, opener in _MAGIC:
+            if head.startswith(magic):
+                plain = Path(self._decompress(opener))
+                break
+        self._plain = plain
+        self._names = {}
+        self._index(plain)
+        self._set_prefix()
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def _decompress(self, opener: Callable[..., Any]) -> str:
+        fd, tmp = tempfile.mkstemp(prefix="otcclip-", suffix=".tar")
+        self._tmp = tmp
+        self._finalizer = weakref.finalize(self, _unlink, tmp)
+        cap = self.limits.max_total_bytes + min(64 << 20, 1024 * self.limits.max_members + 10240)  # + headers
+        done = 0
+        try:
+            with opener(self.path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    done += len(chunk)
+                    if done > cap:
+                        raise ArchiveError(f"{self.path}: decompressed size exceeds {cap} bytes")
+                    dst.write(chunk)
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise ArchiveError(f"{self.path}: cannot decompress ({e})") from e
+        except ArchiveError:
+            _unlink(tmp)
+            raise
+        packed = self.path.stat().st_size
+        if done > self.limits.ratio_min_bytes and done > self.limits.max_ratio * max(packed, 1):
+            _unlink(tmp)
+            raise ArchiveError(
+                f"{self.path}: compression ratio {done / max(packed, 1):.0f} is over the limit of "
+                f"{self.limits.max_ratio:g} (decompression bomb?)"
+            )
+        return tmp
+
+    def _index(self, plain: Path) -> None:
+        total = 0
+        count = 0
+        try:
+            with tarfile.open(plain, "r:") as tf:
+                for m in tf:
+                    count += 1
+                    if count > self.limits.max_members:
+                        raise ArchiveError(f"{self.path}: more than {self.limits.max_members} members")
+                    if m.issym() or m.islnk():
+                        what = "a symlink" if m.issym() else "a hard link"
+                        raise ArchiveError(f"{self.path}: member {m.name!r} is {what}")
+                    if not (m.isreg() or m.isdir()) or m.issparse():
+                        raise ArchiveError(f"{self.path}: member {m.name!r} is not a regular file")
+                    key = _member_name(m.name, self.source)
+                    if m.isdir():
+                        continue
+                    _check_size(self.source, m.name, m.size, m.size, self.limits)
+                    total += m.size
+                    if total > self.limits.max_total_bytes:
+                        raise ArchiveError(
+                            f"{self.path}: total size exceeds {self.limits.max_total_bytes} bytes "
+                            f"(at member {m.name!r})"
+                        )
+                    self._names[key] = (m.offset_data, m.size)
+                    tf.members = []  # type: ignore[attr-defined]  # keep memory flat on huge archives
+        except tarfile.TarError as e:
+            self.close()
+            raise ArchiveError(f"{self.path}: not a readable tar archive ({e})") from e
+        except ArchiveError:
+            self.close()
+            raise
+
+    def _read(self, key: str) -> bytes:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self._plain, os.O_RDONLY)
+        offset, size = self._entry(key)
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.path}: member {key!r} is truncated")
+        return data
+
+    def close(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fd"] = None
+        state.pop("_lock", None)
+        state.pop("_finalizer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class ShardImageStore(ImageStore):
+    """Images inside WebDataset shards, referenced as ``"<shard name>#<member name>"``."""
+
+    def __init__(self, shards: dict[str, TarImageStore], *, source: str) -> None:
+        self.shards = shards
+        self.source = source
+
+    def _key(self, ref: str) -> str:
+        shard, sep, member = ref.partition("#")
+        if not sep or shard not in self.shards:
+            raise UnsafePath(f"image reference {ref!r} is not '<shard>#<member>' of {self.source}")
+        return f"{shard}#{safe_relpath(member)}"
+
+    def _has(self, key: str) -> bool:
+        shard, _, member = key.partition("#")
+        return self.shards[shard]._has(member)
+
+    def _read(self, key: str) -> bytes:
+        shard, _, member = key.partition("#")
+        return self.shards[shard]._read(member)
+
+    def close(self) -> None:
+        for s in self.shards.values():
+            s.close()
+
+
+def open_store(images: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> ImageStore:
+    """A store for a directory or a ``.zip`` / ``.tar`` / ``.tar.gz`` / ``.tgz`` archive."""
+    p = Path(images)
+    if p.is_dir():
+        return DirImageStore(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"image source {p} does not exist")
+    if zipfile.is_zipfile(p):
+        return ZipImageStore(p, limits=limits)
+    return TarImageStore(p, limits=limits)
