@@ -356,7 +356,7 @@ def _write_like(rows: ManifestRows, out: Path, names: list[str], table_rows: lis
         try:
             import pyarrow as pa
 
-            from otcclip.models.manifest import write_manifest
+            from otcclip.models.manifest_writer import write_manifest
 
             table = pa.table({c: [r[c] for r in table_rows] for c in names})
             target = out / Path(rows.manifest.path).name

@@ -265,7 +265,7 @@ def write_outputs(
     timings : dict, optional
         Seconds per stage; ``write`` is added.
     """
-    from otcclip.models.manifest import write_manifest
+    from otcclip.models.manifest_writer import write_manifest
 
     t0 = time.perf_counter()
     out = Path(out_dir)

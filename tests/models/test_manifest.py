@@ -23,9 +23,8 @@ from otcclip.models.manifest import (
     UnreadableImage,
     load_image_batch,
     read_manifest,
-    write_dataset,
-    write_manifest,
 )
+from otcclip.models.manifest_writer import write_dataset, write_manifest
 
 ROWS: list[dict[str, Any]] = [
     {"id": "r0", "image": "images/a.png", "caption": "a red square, \"quoted\"", "label": "red", "source": "web", "score": 0.5},
