@@ -25,8 +25,9 @@ TRAINER_SANITIZE: dict[str, Any] = {
 }
 #: ``(warmup_epochs, rematch_every)`` of each defence when the config leaves them at -1
 #: (others: 2, 2). otcclip's first pass already finds every poisoned pair of the
-#: benchmark's attacks after one epoch, and it restarts after it; a pass every 4 epochs
-#: after that keeps the epoch cost under 2x plain CLIP (README, defence benchmark).
+#: benchmark's attacks after one epoch, and it restarts after it; passes every 4 epochs
+#: after that (fewer while they change nothing: ``rematch_backoff``) keep the epoch cost
+#: under 2x plain CLIP (README, defence benchmark).
 DEFAULT_SCHEDULE: dict[str, tuple[int, int]] = {"otcclip": (1, 4)}
 #: Shortlist size of the trainer's passes while their score-based proposals are not acted
 #: on (``score_rematch`` off): the detectors do not use the OT scores, and the decisions
