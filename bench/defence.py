@@ -93,21 +93,21 @@ def oracle_manifest(paths: dict[str, Path]) -> Path:
     """The poisoned manifest without its poisoned rows (``poison_truth.csv``): what a
     detector that finds every poisoned pair and drops it leaves to train on. The backdoor
     images replaced clean ones, so this is less data than the clean set."""
-    out = paths["dir"] / "oracle.csv"
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from otcclip.models.manifest import read_manifest
+    from otcclip.models.manifest_writer import write_manifest
+
+    poisoned = paths["poisoned"]
+    out = poisoned.with_name("oracle" + poisoned.suffix)
     if out.is_file():
         return out
     with paths["truth"].open() as f:
-        bad = {r["id"] for r in csv.DictReader(f) if r["poisoned"] == "1"}
-    with paths["poisoned"].open() as f:
-        reader = csv.DictReader(f)
-        fields, rows = list(reader.fieldnames or ()), [r for r in reader if r["id"] not in bad]
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out)
-    return out
+        bad = [r["id"] for r in csv.DictReader(f) if r["poisoned"] == "1"]
+    like = read_manifest(poisoned, check_images=False)
+    keep = pc.invert(pc.is_in(like.table.column("id"), value_set=pa.array(bad, pa.string())))
+    return write_manifest(like, like.table.filter(keep), out)
 
 
 def detection(run_dir: Path, truth: Path) -> dict[str, Any]:
