@@ -187,7 +187,7 @@ def train(
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()
         counts = defence.before_epoch(epoch)
-        if restart_at is not None and epoch == restart_at and init_state is not None:
+        if init_state is not None and epoch == restart_at:
             # what the detection epochs learnt, the poison included, is discarded
             model.load_state_dict(init_state)
             optimizer, scheduler = fresh_optimiser()
