@@ -17,6 +17,7 @@ test: venv
 lint: venv
 	.venv/bin/ruff check otcclip tests bench
 	.venv/bin/mypy otcclip
+	.venv/bin/lint-imports
 
 bench-sanitize: venv
 	.venv/bin/python bench/sanitize.py

@@ -53,9 +53,9 @@ def bench_ot(n: int, p: int, length: int, d: int, reg: float, iters: int) -> Non
 
 
 def bench_end_to_end(per_class: int, epochs: int) -> None:
+    from otcclip.cli import main
     from otcclip.models.datasets import cifar10_manifest
     from otcclip.models.training import TrainConfig, train
-    from otcclip.service.cli import main
 
     zip_path = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"
     if not zip_path.exists():

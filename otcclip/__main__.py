@@ -2,6 +2,6 @@
 
 import sys
 
-from otcclip.service.cli import main
+from otcclip.cli import main
 
 sys.exit(main())

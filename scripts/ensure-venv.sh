@@ -28,7 +28,7 @@ if [ ! -f "$deps/.complete" ]; then
 fi
 site_rel="lib/python$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages"
 stamp=".venv/.otcclip-deps"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ] || [ ! -x .venv/bin/otcclip ] || [ ! -x .venv/bin/ruff ]; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ] || [ ! -x .venv/bin/otcclip ] || [ ! -x .venv/bin/ruff ] || [ ! -x .venv/bin/lint-imports ]; then
   rm -rf .venv
   "$PY" -m venv --without-pip .venv
   echo "$deps/$site_rel" > ".venv/$site_rel/_otcclip_deps.pth"
@@ -37,7 +37,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$deps" ] || [ ! -x .venv/bin/otc
   cat > .venv/bin/otcclip <<SH
 #!$here/.venv/bin/python
 import sys
-from otcclip.service.cli import main
+from otcclip.cli import main
 sys.exit(main())
 SH
   chmod +x .venv/bin/otcclip
@@ -47,5 +47,8 @@ SH
     printf '#!/bin/sh\nexec "%s/.venv/bin/python" -m %s "$@"\n' "$here" "$tool" > ".venv/bin/$tool"
     chmod +x ".venv/bin/$tool"
   done
+  # console scripts of the cache venv carry its build path in their shebang: wrap them
+  printf '#!/bin/sh\nexec "%s/.venv/bin/python" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())" "$@"\n' "$here" > .venv/bin/lint-imports
+  chmod +x .venv/bin/lint-imports
   echo "$deps" > "$stamp"
 fi

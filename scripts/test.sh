@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: services up, venv ready, lint, then pytest (slow tests included).
+# The project's test command: services up, venv ready, lint (ruff, mypy, import contracts),
+# then pytest (slow tests included).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
@@ -8,4 +9,5 @@ scripts/ensure-venv.sh
 scripts/ensure-services.sh
 .venv/bin/ruff check otcclip tests bench
 .venv/bin/mypy otcclip
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

@@ -23,104 +23,26 @@ drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 from sklearn.mixture import GaussianMixture
 
-from otcclip.models.detectors import DETECTORS, run_detectors, trigger_evidence, trigger_flags
+from otcclip.models.detectors import (
+    DecisionSettings,
+    run_detectors,
+    trigger_evidence,
+    trigger_flags,
+)
+from otcclip.models.scores import MatchScores
+
+__all__ = ["ACTIONS", "DROP_DETECTORS", "DecisionSettings", "Decisions", "MatchScores", "decide_pairs", "fit_p_clean"]
 
 ACTIONS = ("keep", "reassign", "drop")
 #: Detectors whose flagged pairs are dropped even when a clean-like alternative exists.
 DROP_DETECTORS = ("trigger_sensitivity",)
-
-
-@dataclass(frozen=True)
-class MatchScores:
-    """Shortlist scores for ``N`` pairs (rows of the whole dataset, in order).
-
-    Attributes
-    ----------
-    candidates : ndarray, shape (N, K), int64
-        Caption rows; column 0 is the own caption; ``-1`` for none.
-    global_, ot, fused : ndarray, shape (N, K), float32
-        Scores per candidate (NaN where ``candidates == -1``).
-    ok : ndarray, shape (N,), bool
-        False where the image could not be read.
-    image_global : ndarray, shape (N, d)
-        Image globals (for the detectors).
-    caption_global : ndarray, shape (N, d)
-        Own-caption globals (for the detectors).
-    caption_hash : ndarray, shape (N,), int64
-        Hash of each own caption's text (caption bursts).
-    purified_own : ndarray, shape (N, V), float32, optional
-        Own-caption global score of each purified view of the image (trigger
-        sensitivity; ``features.PURIFIERS``); None when the features were extracted
-        without them.
-    """
-
-    candidates: np.ndarray
-    global_: np.ndarray
-    ot: np.ndarray
-    fused: np.ndarray
-    ok: np.ndarray
-    image_global: np.ndarray
-    caption_global: np.ndarray
-    caption_hash: np.ndarray
-    purified_own: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return int(self.candidates.shape[0])
-
-    @staticmethod
-    def concat(parts: Sequence[MatchScores]) -> MatchScores:
-        """Concatenate row blocks (candidate columns padded with -1 / NaN)."""
-        if not parts:
-            raise ValueError("no score shards to concatenate")
-        width = max(p.candidates.shape[1] for p in parts)
-
-        def pad(a: np.ndarray, fill: float) -> np.ndarray:
-            extra = width - a.shape[1]
-            return np.pad(a, ((0, 0), (0, extra)), constant_values=fill) if extra else a
-
-        return MatchScores(
-            candidates=np.concatenate([pad(p.candidates, -1) for p in parts]),
-            global_=np.concatenate([pad(p.global_, np.nan) for p in parts]),
-            ot=np.concatenate([pad(p.ot, np.nan) for p in parts]),
-            fused=np.concatenate([pad(p.fused, np.nan) for p in parts]),
-            ok=np.concatenate([p.ok for p in parts]),
-            image_global=np.concatenate([p.image_global for p in parts]),
-            caption_global=np.concatenate([p.caption_global for p in parts]),
-            caption_hash=np.concatenate([p.caption_hash for p in parts]),
-            purified_own=(
-                np.concatenate([p.purified_own for p in parts])
-                if all(p.purified_own is not None for p in parts) else None
-            ),
-        )
-
-
-@dataclass(frozen=True)
-class DecisionSettings:
-    """Thresholds of the decision step (mirrored by ``SanitizeConfig``)."""
-
-    p_clean_threshold: float = 0.5
-    margin_z: float = 3.0
-    low_margin_z: float = 1.0
-    detectors: tuple[str, ...] = DETECTORS
-    knn: int = 10
-    exact_threshold: int = 20_000
-    dup_threshold: float = 0.97
-    dup_relative: float = 0.1
-    burst_min: int = 5
-    outlier_z: float = 4.0
-    sensitivity_z: float = 4.0
-    sensitivity_knn: int = 0
-    sensitivity_enrichment_z: float = 3.0
-    sensitivity_region_z: float = 2.0
-    gmm_sample: int = 200_000
-    seed: int = 0
 
 
 @dataclass(frozen=True)

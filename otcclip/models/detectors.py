@@ -13,19 +13,39 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
+from otcclip.models.scores import MatchScores
 from otcclip.models.shortlist import build_index
-
-if TYPE_CHECKING:  # decisions.py imports this module; its types are only annotations here
-    from otcclip.models.decisions import DecisionSettings, MatchScores
 
 log = logging.getLogger(__name__)
 
 #: Every detector, in the order decisions report them.
 DETECTORS = ("image_burst", "density", "caption_burst", "trigger_sensitivity")
+
+
+@dataclass(frozen=True)
+class DecisionSettings:
+    """Thresholds of the decision step (mirrored by ``SanitizeConfig``)."""
+
+    p_clean_threshold: float = 0.5
+    margin_z: float = 3.0
+    low_margin_z: float = 1.0
+    detectors: tuple[str, ...] = DETECTORS
+    knn: int = 10
+    exact_threshold: int = 20_000
+    dup_threshold: float = 0.97
+    dup_relative: float = 0.1
+    burst_min: int = 5
+    outlier_z: float = 4.0
+    sensitivity_z: float = 4.0
+    sensitivity_knn: int = 0
+    sensitivity_enrichment_z: float = 3.0
+    sensitivity_region_z: float = 2.0
+    gmm_sample: int = 200_000
+    seed: int = 0
 
 
 def _knn(vectors: np.ndarray, k: int, seed: int, exact_threshold: int = 20_000) -> tuple[np.ndarray, np.ndarray]:

@@ -20,13 +20,10 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
-
-if TYPE_CHECKING:  # stores.py builds on this module
-    from otcclip.models.stores import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +32,14 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class ImageOpener(Protocol):
+    """Anything that opens an image reference (every :class:`~otcclip.models.stores.ImageStore`)."""
+
+    def open(self, ref: str) -> Image.Image:
+        """The decoded RGB image of ``ref``."""
+        ...
 
 
 class UnreadableImage(ValueError):
@@ -143,7 +148,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def load_images(
-    store: ImageStore,
+    store: ImageOpener,
     refs: Sequence[str],
     transform: Callable[[Image.Image], torch.Tensor],
 ) -> ImageBatch:
@@ -181,7 +186,7 @@ def load_image_batch(
     Parameters
     ----------
     manifest : Manifest
-        Anything with ``images`` (an :class:`ImageStore`) and ``image_paths`` (list of str).
+        Anything with ``images`` (an :class:`ImageOpener`, e.g. an ``ImageStore``) and ``image_paths`` (list of str).
     rows : sequence of int
         Row indices.
     transform : callable

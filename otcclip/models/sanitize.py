@@ -29,13 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from otcclip.models.decisions import (
-    DETECTORS,
-    Decisions,
-    DecisionSettings,
-    MatchScores,
-    decide_pairs,
-)
+from otcclip.models.decisions import Decisions, DecisionSettings, MatchScores, decide_pairs
+from otcclip.models.detectors import DETECTORS
 from otcclip.models.features import (
     ImageFeatures,
     TextFeatures,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from otcclip.models.atomic import atomic_write
-from otcclip.models.decisions import MatchScores
+from otcclip.models.scores import MatchScores
 
 
 def caption_hash(text: str) -> int:

@@ -1,14 +1,8 @@
-"""The Celery application.
+"""The Celery application the workers run (``celery -A otcclip.workers.celery_app worker``).
 
-Queues: ``gpu`` (feature extraction, matching, evaluation), ``train`` (training) and
-``cpu`` (ingest, finalize). Messages are JSON and carry ids only; job state lives in the
-database (no result backend). Late acks, reject on worker lost, prefetch 1 and a
-visibility timeout longer than the longest task, set in both transport-option places
-the Redis transport reads. Without a configured broker the embedded ``filesystem://``
-transport under the data directory is used (it works across processes).
-
-Start a worker with ``otcclip worker --queues gpu,cpu,train`` (or
-``celery -A otcclip.workers.celery_app worker -Q gpu,cpu,train``).
+The queues, task names and broker configuration are the producer's contract and live in
+:mod:`otcclip.service.queue`; this module only builds the app from the environment and
+makes sure the tasks are registered on it.
 """
 
 from __future__ import annotations
@@ -16,84 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
 
 from otcclip.service.core.config import Settings, get_settings
+from otcclip.service.queue import make_celery
 
-QUEUES: tuple[str, ...] = ("gpu", "train", "cpu")
+#: Modules whose import registers the tasks.
+TASK_MODULES: tuple[str, ...] = ("otcclip.workers.tasks",)
 
-#: Task name -> queue.
-ROUTES: dict[str, str] = {
-    "otcclip.sanitize.ingest": "cpu",
-    "otcclip.sanitize.encode": "gpu",
-    "otcclip.sanitize.match": "gpu",
-    "otcclip.sanitize.finalize": "cpu",
-    "otcclip.train": "train",
-    "otcclip.evaluate": "gpu",
-}
-
-#: The first task of each job kind.
-ENTRY: dict[str, str] = {"sanitize": "otcclip.sanitize.ingest", "train": "otcclip.train", "evaluate": "otcclip.evaluate"}
+_APP: Celery | None = None
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
-    """The Celery configuration for ``settings``."""
-    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
-    conf: dict[str, Any] = {
-        "broker_url": settings.effective_broker_url,
-        "result_backend": None,
-        "task_ignore_result": True,
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        "result_serializer": "json",
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(q, routing_key=q) for q in QUEUES],
-        "task_default_queue": "cpu",
-        "task_routes": {name: {"queue": q, "routing_key": q} for name, q in ROUTES.items()},
-        "broker_connection_retry_on_startup": True,
-        "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "enable_utc": True,
-    }
-    if settings.embedded_broker:
-        folder = settings.broker_dir
-        for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        transport.update(
-            data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
-            processed_folder=str(folder / "processed"), store_processed=False, control_folder=str(folder / "control"),
-            polling_interval=0.2,
-        )
-        conf["worker_enable_remote_control"] = False
-        conf["broker_pool_limit"] = 1
-    transport.update(settings.broker_transport_extra)
-    conf["broker_transport_options"] = transport
-    conf["result_backend_transport_options"] = dict(transport)
-    return conf
-
-
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app for ``settings`` (tasks from :mod:`otcclip.workers.tasks` are included)."""
-    app = Celery("otcclip", set_as_current=False, include=["otcclip.workers.tasks"])
-    app.conf.update(celery_config(settings))
-    return app
-
-
-def enqueue(celery: Celery, task: str, *args: Any) -> None:
-    """Send ``task`` with JSON ``args`` (ids only) to its queue."""
-    celery.send_task(task, args=list(args), queue=ROUTES[task], routing_key=ROUTES[task])
+def worker_app(settings: Settings) -> Celery:
+    """The Celery app a worker runs for ``settings``: the producer's configuration plus the tasks."""
+    return make_celery(settings, include=TASK_MODULES)
 
 
 def __getattr__(name: str) -> Any:
-    """``app``: built from the environment on first access (``celery -A otcclip.workers.celery_app``)."""
+    """``app``: built from the environment on first access."""
     if name == "app":
         global _APP
         if _APP is None:
-            _APP = make_celery(get_settings())
+            _APP = worker_app(get_settings())
         return _APP
     raise AttributeError(name)
-
-
-_APP: Celery | None = None

@@ -22,7 +22,7 @@ from celery.signals import worker_process_init
 
 from otcclip.service.db import crud
 from otcclip.service.db.session import dispose_engines
-from otcclip.workers.celery_app import enqueue
+from otcclip.service.queue import enqueue
 from otcclip.workers.jobctl import GiveUp, JobContext, load_bundle, open_manifest
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from otcclip.cli import main
 from otcclip.models.checkpoint import save_checkpoint
 from otcclip.models.manifest import read_manifest
 from otcclip.models.report import write_outputs
 from otcclip.models.sanitize import SanitizeConfig, sanitize
-from otcclip.service.cli import main
 from tests.models.test_sanitize import make_manifest
 
 CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot_iters=30)

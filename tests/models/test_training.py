@@ -196,8 +196,8 @@ def test_end_to_end_cli_poison_train_evaluate(cifar_zip: Path, tmp_path: Path) -
     """poison -> train (otcclip) -> evaluate through the CLI on a tiny CIFAR-10 slice."""
     import pyarrow.parquet as pq
 
+    from otcclip.cli import main
     from otcclip.models.datasets import cifar10_manifest
-    from otcclip.service.cli import main
 
     tr = cifar10_manifest(cifar_zip, tmp_path / "train", per_class=12, seed=0)
     te = cifar10_manifest(cifar_zip, tmp_path / "test", split="test", per_class=4, seed=0)

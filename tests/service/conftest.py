@@ -78,7 +78,7 @@ TRAIN = {"model": "otc-micro", "defense": "none", "epochs": 1, "batch_size": 16,
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The embedded default (SQLite + local storage + filesystem broker) with a worker."""
-    from otcclip.service.embedded import run_service
+    from otcclip.cli.embedded import run_service
 
     root = tmp_path_factory.mktemp("embedded")
     settings = Settings(data_dir=root / "data", max_upload_bytes=4 << 20, progress_interval_s=0.5,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from otcclip.service.cli import build_parser
+from otcclip.cli import build_parser
 from otcclip.service.core.config import Settings
-from otcclip.workers.celery_app import QUEUES
+from otcclip.service.queue import QUEUES
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ from tests.service.conftest import SANITIZE, TRAIN, Api
 
 @pytest.fixture(scope="module")
 def pg_redis(pg_database: str, clean_redis: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from otcclip.service.embedded import run_service
+    from otcclip.cli.embedded import run_service
 
     root = tmp_path_factory.mktemp("pgredis")
     settings = Settings(data_dir=root / "data", database_url=pg_database, broker_url=clean_redis,

@@ -43,8 +43,8 @@ def _schema_diff(url: str) -> list:
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine
 
+    from otcclip.migrations import upgrade
     from otcclip.service.db.models import Base
-    from otcclip.service.migrate import upgrade
 
     upgrade(url)
     eng = create_engine(url)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from otcclip.migrations import upgrade
 from otcclip.service.core.config import Settings
 from otcclip.service.db import crud
 from otcclip.service.db.models import Job
-from otcclip.service.migrate import upgrade
 from otcclip.workers.jobctl import JobContext
 
 

@@ -29,7 +29,7 @@ def _weights(api: Api, job_id: str) -> bytes:
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_killed_train_worker_resumes_from_checkpoint(pg_database, clean_redis, tiny_dataset, tmp_path):
-    from otcclip.service.embedded import run_service, start_worker, stop_process
+    from otcclip.cli.embedded import run_service, start_worker, stop_process
 
     settings = Settings(data_dir=tmp_path / "data", database_url=pg_database, broker_url=clean_redis,
                         progress_interval_s=0.2, stop_poll_interval_s=0.2, visibility_timeout_s=8,

@@ -18,7 +18,7 @@ from tests.service.conftest import SANITIZE, Api
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_killed_worker_job_still_succeeds(pg_database, clean_redis, tiny_dataset, tmp_path):
-    from otcclip.service.embedded import run_service, start_worker, stop_process
+    from otcclip.cli.embedded import run_service, start_worker, stop_process
 
     settings = Settings(data_dir=tmp_path / "data", database_url=pg_database, broker_url=clean_redis,
                         progress_interval_s=0.2, stop_poll_interval_s=0.2, visibility_timeout_s=8,

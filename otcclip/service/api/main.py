@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, *, celery: Any = None) -> FastAPI:
     """The API for ``settings`` (default: from the environment). The schema must exist
     (``otcclip migrate``); ``otcclip serve`` migrates before it starts."""
-    from otcclip.workers.celery_app import make_celery
+    from otcclip.service.queue import make_celery
 
     settings = settings or get_settings()
     app = FastAPI(

@@ -1,6 +1,6 @@
 """SQLAlchemy 2 tables: API keys, datasets, jobs, job shards, artifacts, training metrics.
 
-The schema is only ever created by Alembic (``otcclip/service/migrations``); a test
+The schema is only ever created by Alembic (``otcclip/migrations``); a test
 checks that the migrated schema equals these tables.
 """
 

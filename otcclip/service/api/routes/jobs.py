@@ -72,7 +72,7 @@ def create_job(body: JobCreate, request: Request, response: Response, db: DbDep,
         if prior is None:
             raise
         return _accepted(response, prior)
-    from otcclip.workers.celery_app import ENTRY, enqueue
+    from otcclip.service.queue import ENTRY, enqueue
 
     try:
         enqueue(request.app.state.celery, ENTRY[job.kind], job.id)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 
 def register(subparsers: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from otcclip.service.core.config import Settings
-    from otcclip.workers.celery_app import QUEUES, make_celery
+    from otcclip.service.queue import QUEUES
+    from otcclip.workers.celery_app import worker_app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     bad = [q for q in queues if q not in QUEUES]
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--queues: unknown queue(s) {bad} (choose from {', '.join(QUEUES)})")
     if args.concurrency < 1:
         raise CliError("--concurrency must be at least 1")
-    app = make_celery(Settings())
+    app = worker_app(Settings())
     name = args.name or f"otcclip-{os.getpid()}@%h"
     app.worker_main([
         "worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "-P", args.pool, "-n", name,

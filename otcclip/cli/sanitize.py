@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 
 def register(subparsers: Any) -> None:

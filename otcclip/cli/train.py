@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 DEFENCES = ("none", "roclip", "safeclip", "otcclip")
 

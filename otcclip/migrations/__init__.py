@@ -1,4 +1,8 @@
-"""Run Alembic migrations programmatically (the only way the schema is made)."""
+"""Alembic migrations of the service database (the only way the schema is made).
+
+``env.py`` and ``versions/`` are the Alembic environment; :func:`upgrade` and
+:func:`downgrade` run them programmatically (``otcclip migrate``, ``otcclip serve``).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 def alembic_config(url: str) -> Config:
     """An Alembic config for ``url`` using the packaged migrations."""
     cfg = Config(str(HERE / "alembic.ini"))
-    cfg.set_main_option("script_location", str(HERE / "migrations"))
+    cfg.set_main_option("script_location", str(HERE))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

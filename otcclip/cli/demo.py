@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 TARGETED_CLASS = "three"
 BACKDOOR_CLASS = "zero"
@@ -106,12 +106,12 @@ class _Client:
 
 def run_demo(work: Path, *, model: str = "otc-micro", epochs: int = 30, seed: int = 0) -> dict[str, Any]:
     """Run the demo in ``work``; prints progress and the table, returns the numbers."""
+    from otcclip.cli.embedded import run_embedded_service
     from otcclip.models.attacks import PoisonConfig, poison_many
     from otcclip.models.checkpoint import load_checkpoint
     from otcclip.models.datasets import DIGIT_TEMPLATES, digits_manifest
     from otcclip.models.evaluation import EvalConfig, evaluate
     from otcclip.models.manifest import read_manifest
-    from otcclip.service.embedded import run_embedded_service
 
     t0 = time.monotonic()
     print(f"otcclip demo: working in {work}")

@@ -39,7 +39,7 @@ def worker_command(queues: Sequence[str] = ("gpu", "cpu", "train"), *, concurren
     argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency)]
     if name:
         argv += ["--name", name]
-    return [sys.executable, "-c", "import sys; from otcclip.service.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
+    return [sys.executable, "-c", "import sys; from otcclip.cli import main; sys.exit(main(sys.argv[1:]))", *argv]
 
 
 def start_worker(settings: Settings, *, queues: Sequence[str] = ("gpu", "cpu", "train"), concurrency: int = 1,
@@ -109,7 +109,7 @@ def recover_jobs(settings: Settings, celery: object) -> int:
 
     from otcclip.service.db.models import Job
     from otcclip.service.db.session import session_scope
-    from otcclip.workers.celery_app import ENTRY, enqueue
+    from otcclip.service.queue import ENTRY, enqueue
 
     with session_scope(settings.db_url) as db:
         ids = [(j.id, j.kind) for j in db.scalars(select(Job).where(Job.state == "running"))]
@@ -126,8 +126,8 @@ def run_service(settings: Settings, *, host: str = "127.0.0.1", port: int = 0, w
     """Migrate, start the API in a thread and (optionally) a worker child; stop both on exit."""
     import uvicorn
 
+    from otcclip.migrations import upgrade
     from otcclip.service.api.main import create_app
-    from otcclip.service.migrate import upgrade
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 
 def register(subparsers: Any) -> None:
@@ -22,9 +22,9 @@ def register(subparsers: Any) -> None:
 
 
 def create(args: argparse.Namespace) -> int:
+    from otcclip.cli.embedded import create_key
+    from otcclip.migrations import upgrade
     from otcclip.service.core.config import Settings
-    from otcclip.service.embedded import create_key
-    from otcclip.service.migrate import upgrade
 
     if not args.name.strip():
         raise CliError("key name must not be empty")
@@ -37,10 +37,10 @@ def create(args: argparse.Namespace) -> int:
 def list_keys(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
+    from otcclip.migrations import upgrade
     from otcclip.service.core.config import Settings
     from otcclip.service.db.models import ApiKey
     from otcclip.service.db.session import session_scope
-    from otcclip.service.migrate import upgrade
 
     settings = Settings()
     upgrade(settings.db_url)

@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the config (set by ``otcclip.service.migrate``)."""
+"""Alembic environment: the URL comes from the config (set by ``otcclip.migrations``)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import signal
 import threading
 from typing import Any
 
-from otcclip.service.cli import CliError
+from otcclip.cli import CliError
 
 
 def register(subparsers: Any) -> None:
@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from otcclip.cli.embedded import run_service
     from otcclip.service.core.config import Settings
-    from otcclip.service.embedded import run_service
 
     settings = Settings()
     if not 0 < args.port < 65536:

@@ -13,8 +13,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from otcclip.migrations import upgrade
     from otcclip.service.core.config import Settings
-    from otcclip.service.migrate import upgrade
 
     settings = Settings()
     upgrade(settings.db_url, args.revision)
