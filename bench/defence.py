@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from otcclip.models.attacks import PoisonConfig, poison_many  # noqa: E402
 from otcclip.models.checkpoint import load_checkpoint  # noqa: E402
+from otcclip.models.config import from_dict  # noqa: E402
 from otcclip.models.datasets import cifar10_manifest  # noqa: E402
 from otcclip.models.evaluation import EvalConfig, evaluate  # noqa: E402
 from otcclip.models.training import TrainConfig, train  # noqa: E402
@@ -147,7 +148,7 @@ def run_one(name: str, manifest: Path, paths: dict[str, Path], work: Path, cfg: 
     ev = evaluate(bundle, paths["test"], config=EvalConfig(targets=pdir / "targets.csv", trigger=sorted(pdir.glob("trigger-*.json"))))
     out = {
         "name": name,
-        "defense": cfg.defense,
+        "defence": cfg.defence,
         "eval": ev.to_dict(),
         # all epochs' time over the scheduled epochs: a re-matching defence pays its passes
         # every K epochs (a median would leave them out), and a restarting one its
@@ -155,7 +156,7 @@ def run_one(name: str, manifest: Path, paths: dict[str, Path], work: Path, cfg: 
         "epoch_s": sum(m["time_s"] for m in metrics) / cfg.epochs,
         "epoch_s_median": statistics.median(m["time_s"] for m in metrics),
         "wall_s": wall,
-        "detection": detection(run_dir, paths["truth"]) if cfg.defense != "none" else {},
+        "detection": detection(run_dir, paths["truth"]) if cfg.defence != "none" else {},
         "metrics": metrics,
     }
     out_json.write_text(json.dumps(out, indent=2))
@@ -183,30 +184,19 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _parse(kind: type, value: str) -> Any:
-    if kind is tuple:
-        return tuple(v for v in value.split("+") if v)
-    if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise SystemExit(f"not a boolean: {value!r}")
-        return value.lower() in ("true", "1")
-    return kind(value)
-
-
-def _overrides(base: TrainConfig, opts: list[str]) -> dict[str, Any]:
-    """``field=value`` -> TrainConfig fields; ``sanitize.field=value`` -> the engine's settings."""
-    from otcclip.models.sanitize import SanitizeConfig
-
+def _overrides(opts: list[str]) -> dict[str, Any]:
+    """``field=value`` and ``sanitize.decisions.field=value`` (dotted paths into TrainConfig) ->
+    nested overrides; values are JSON (``true``, ``3``, ``["image_burst"]``) or plain strings."""
     over: dict[str, Any] = {}
-    san: dict[str, Any] = dict(base.sanitize)
     for key, value in (o.split("=", 1) for o in opts):
-        if key.startswith("sanitize."):
-            field = key.split(".", 1)[1]
-            san[field] = _parse(type(getattr(SanitizeConfig(), field)), value)
-        else:
-            over[key] = _parse(type(getattr(base, key)), value)
-    if san:
-        over["sanitize"] = san
+        *parents, leaf = key.split(".")
+        node = over
+        for p in parents:
+            node = node.setdefault(p, {})
+        try:
+            node[leaf] = json.loads(value)
+        except json.JSONDecodeError:
+            node[leaf] = value
     return over
 
 
@@ -219,7 +209,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--defences", default=",".join(("clean", "none", "oracle") + DEFENCES[1:]),
-        help="runs, comma separated; 'clean' = none on clean data; 'oracle' = none on the poisoned data without its poisoned rows; 'NAME:field=value' overrides TrainConfig fields, 'NAME:sanitize.field=value' the engine's (tuples joined by '+')",
+        help="runs, comma separated; 'clean' = none on clean data; 'oracle' = none on the poisoned data without its poisoned rows; 'NAME:field=value' overrides TrainConfig settings by dotted path (e.g. sanitize.decisions.margin_z=2), values as JSON",
     )
     ap.add_argument("--per-class", type=int, default=None, help="override the training images per class")
     ap.add_argument("--epochs", type=int, default=None)
@@ -251,10 +241,10 @@ def main() -> int:
         elif name == "oracle":
             results.append(run_one("none (poison removed)", oracle_manifest(paths), paths, work, base))
         else:  # "otcclip" or a variant such as "otcclip:warmup_epochs=1"
-            defense, *opts = name.split(":")
-            over = _overrides(base, opts)
-            # each defence's own warm-up / re-match schedule (TrainConfig.DEFAULT_SCHEDULE) unless overridden
-            cfg = replace(base, defense=defense, **{"warmup_epochs": -1, "rematch_every": -1, **over})
+            defence, *opts = name.split(":")
+            # each defence's own warm-up / re-match schedule (DEFAULT_SCHEDULE) unless overridden
+            over = {"defence": defence, "warmup_epochs": -1, "rematch_every": -1, **_overrides(opts)}
+            cfg = from_dict(TrainConfig, over, base=base)
             results.append(run_one(name, paths["poisoned"], paths, work, cfg))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "

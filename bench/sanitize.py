@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bench_ot(n: int, p: int, length: int, d: int, reg: float, iters: int) -> None:
+    from otcclip.models.config import OTSettings
     from otcclip.models.ot import ot_distance
 
     g = torch.Generator().manual_seed(0)
@@ -36,7 +37,7 @@ def bench_ot(n: int, p: int, length: int, d: int, reg: float, iters: int) -> Non
     y = F.normalize(torch.randn(n, length, d, generator=g), dim=-1)
     t0 = time.perf_counter()
     for s in range(0, n, 256):
-        ot_distance(x[s:s + 256], y[s:s + 256], reg=reg, max_iter=iters, tol=0.0)
+        ot_distance(x[s:s + 256], y[s:s + 256], settings=OTSettings(reg=reg, iters=iters, tol=0.0))
     t_batch = time.perf_counter() - t0
     xs, ys = x.double().numpy(), y.double().numpy()
     a, b = np.full(p, 1 / p), np.full(length, 1 / length)
@@ -66,7 +67,7 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
         man = cifar10_manifest(zip_path, root / "data", split="train", per_class=per_class, seed=0)
         from otcclip.models.manifest import read_manifest
 
-        run = train(read_manifest(man), root / "run", config=TrainConfig(model="otc-tiny", defense="none", epochs=epochs,
+        run = train(read_manifest(man), root / "run", config=TrainConfig(model="otc-tiny", defence="none", epochs=epochs,
                                                                           batch_size=128, device="cpu"))
         t0 = time.perf_counter()
         rc = main(["sanitize", str(man), "--checkpoint", str(run.final_checkpoint), "--out", str(root / "out"),
@@ -88,7 +89,8 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
 
 
 def bench_scaling(sizes: list[int], k: int, p: int, length: int, d: int, iters: int) -> None:
-    from otcclip.models.decisions import MatchScores, decide_pairs
+    from otcclip.models.config import DecisionSettings, OTSettings
+    from otcclip.models.decisions import DetectorEnv, MatchScores, decide_pairs
     from otcclip.models.sanitize import (
         FeatureShard,
         SanitizeConfig,
@@ -96,7 +98,8 @@ def bench_scaling(sizes: list[int], k: int, p: int, length: int, d: int, iters: 
         match_shard,
     )
 
-    cfg = SanitizeConfig(k=k, device="cpu", ot_iters=iters, shard_size=4096, detectors=("density", "caption_burst"))
+    cfg = SanitizeConfig(k=k, device="cpu", ot=OTSettings(iters=iters), shard_size=4096,
+                         decisions=DecisionSettings(detectors=("density", "caption_burst")))
     print(f"\n## 3. Scaling on synthetic features (k={k}, P={p}, L={length}, d={d}, {iters} OT iterations, CPU)\n")
     print("| pairs | match s | decide s | total s | ms/pair | peak traced MB | max RSS MB |")
     print("|---|---|---|---|---|---|---|")
@@ -119,7 +122,7 @@ def bench_scaling(sizes: list[int], k: int, p: int, length: int, d: int, iters: 
         cidx = build_caption_index(shards, config=cfg)
         scores = [match_shard(sh, cidx, config=cfg).scores for sh in shards]
         t1 = time.perf_counter()
-        decide_pairs(MatchScores.concat(scores), settings=cfg.decision_settings())
+        decide_pairs(MatchScores.concat(scores), settings=cfg.decisions, env=DetectorEnv(index=cfg.index, seed=cfg.seed))
         t2 = time.perf_counter()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()

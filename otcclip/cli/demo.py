@@ -138,7 +138,7 @@ def run_demo(work: Path, *, model: str = "otc-micro", epochs: int = 30, seed: in
         train_settings = {"model": model, "epochs": epochs, "batch_size": 128, "seed": seed, "lr": 1e-3,
                           "warmup_epochs": max(1, epochs // 5), "rematch_every": max(1, epochs // 5),
                           "device": "cpu"}
-        jobs = {d: api.job("train", ds["id"], {**train_settings, "defense": d}) for d in ("none", "otcclip")}
+        jobs = {d: api.job("train", ds["id"], {**train_settings, "defence": d}) for d in ("none", "otcclip")}
         print("3. training through the API: " + ", ".join(f"{d} (job {j})" for d, j in jobs.items()))
         done = {d: api.wait(j, f"train {d}") for d, j in jobs.items()}
         ckpt_art = {d: done[d]["result"]["artifacts"]["checkpoint"] for d in done}

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from otcclip.cli import CliError
+from otcclip.cli.options import add_settings, settings_from_args
+from otcclip.models.config import SanitizeConfig
 
 
 def register(subparsers: Any) -> None:
@@ -24,32 +26,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (open_clip_config.json + weights)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--images", type=Path, default=None, help="image directory or .zip/.tar/.tar.gz archive (default: beside the manifest)")
-    p.add_argument("--k", type=int, default=32, help="shortlisted captions per image (default 32)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the global cosine in the fused score (default 0.5)")
-    p.add_argument("--reg", type=float, default=0.05, help="entropic OT regularisation (default 0.05)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward / OT problems per solve")
-    p.add_argument("--shard-size", type=int, default=4096, help="pairs per feature shard")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--detectors", default="image_burst,density,caption_burst,trigger_sensitivity",
-                   help="comma-separated detectors to enable ('' for none)")
     p.add_argument("--work-dir", type=Path, default=None, help="spill feature/score shards here (re-runs reuse them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings(p, SanitizeConfig)
     p.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from otcclip.models.sanitize import SanitizeConfig
-
-    dets = tuple(d.strip() for d in args.detectors.split(",") if d.strip())
-    try:
-        return SanitizeConfig(k=args.k, alpha=args.alpha, reg=args.reg, batch_size=args.batch_size,
-                              shard_size=args.shard_size, device=args.device, detectors=dets)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-
-
 def run(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = settings_from_args(args, SanitizeConfig)
     if not args.manifest.exists():
         raise CliError(f"{args.manifest}: manifest not found")
     if not (args.checkpoint / "open_clip_config.json").is_file():

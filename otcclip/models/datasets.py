@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from otcclip.models.atomic import atomic_write
+from otcclip.models.config.evaluation import ZERO_SHOT_TEMPLATES  # noqa: F401  (re-exported)
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -41,13 +42,6 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "there is a {} in this image.",
     "an image showing a {}.",
     "a dark photo of the {}.",
-)
-#: Templates for zero-shot classifiers (a subset, as CLIP's prompt ensembles).
-ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a photo of the {}.",
-    "an image showing a {}.",
 )
 DIGIT_TEMPLATES: tuple[str, ...] = (
     "a handwritten digit {}.",

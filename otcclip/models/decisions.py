@@ -30,15 +30,11 @@ import numpy as np
 import pyarrow as pa
 from sklearn.mixture import GaussianMixture
 
-from otcclip.models.detectors import (
-    DecisionSettings,
-    run_detectors,
-    trigger_evidence,
-    trigger_flags,
-)
+from otcclip.models.config.detectors import DecisionSettings
+from otcclip.models.detectors import DetectorEnv, run_detectors, trigger_evidence, trigger_flags
 from otcclip.models.scores import MatchScores
 
-__all__ = ["ACTIONS", "DROP_DETECTORS", "DecisionSettings", "Decisions", "MatchScores", "decide_pairs", "fit_p_clean"]
+__all__ = ["ACTIONS", "DROP_DETECTORS", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores", "decide_pairs", "fit_p_clean"]
 
 ACTIONS = ("keep", "reassign", "drop")
 #: Detectors whose flagged pairs are dropped even when a clean-like alternative exists.
@@ -135,7 +131,7 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
     return p_clean, info
 
 
-def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings()) -> Decisions:
+def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv()) -> Decisions:
     """Decide keep / reassign / drop for every pair (see the module doc for the rules).
 
     Parameters
@@ -143,6 +139,9 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     m : MatchScores
         Scores of all ``N`` pairs, rows in dataset order.
     settings : DecisionSettings
+        Thresholds, enabled detectors and each detector's settings.
+    env : DetectorEnv
+        Neighbour-index settings and seed shared by the detectors and the GMM.
 
     Returns
     -------
@@ -156,12 +155,13 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     best = m.candidates[rows, best_col]
     own_f = m.fused[:, 0]
     best_f = m.fused[rows, best_col]
-    p_fn, info = fit_p_clean(own_f[m.ok], sample=settings.gmm_sample, seed=settings.seed)
+    p_fn, info = fit_p_clean(own_f[m.ok], sample=settings.gmm_sample, seed=env.seed)
     p_own = p_fn(own_f)
     p_best = p_fn(best_f)
-    ev = trigger_evidence(m, settings) if n else None
-    known = {"trigger_sensitivity": trigger_flags(*ev, settings)} if ev is not None and ev[0].shape[1] else None
-    flags = run_detectors(m, settings, known=known) if n else {}
+    ts = settings.trigger_sensitivity
+    ev = trigger_evidence(m, ts, env) if n else None
+    known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else None
+    flags = run_detectors(m, settings, env=env, known=known) if n else {}
     flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
     any_flag = np.array([bool(s) for s in flag_names], dtype=bool)
     margin = best_f - own_f

@@ -14,46 +14,72 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from otcclip.models.config.detectors import (
+    DETECTOR_SETTINGS,
+    DETECTORS,
+    CaptionBurstSettings,
+    DecisionSettings,
+    DensitySettings,
+    ImageBurstSettings,
+    TriggerSensitivitySettings,
+)
+from otcclip.models.config.sanitize import IndexSettings
 from otcclip.models.scores import MatchScores
 from otcclip.models.shortlist import build_index
 
 log = logging.getLogger(__name__)
 
-#: Every detector, in the order decisions report them.
-DETECTORS = ("image_burst", "density", "caption_burst", "trigger_sensitivity")
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "run_detectors", "register"]
 
 
 @dataclass(frozen=True)
-class DecisionSettings:
-    """Thresholds of the decision step (mirrored by ``SanitizeConfig``)."""
+class DetectorEnv:
+    """What every detector shares: the neighbour index's settings and the seed."""
 
-    p_clean_threshold: float = 0.5
-    margin_z: float = 3.0
-    low_margin_z: float = 1.0
-    detectors: tuple[str, ...] = DETECTORS
-    knn: int = 10
-    exact_threshold: int = 20_000
-    dup_threshold: float = 0.97
-    dup_relative: float = 0.1
-    burst_min: int = 5
-    outlier_z: float = 4.0
-    sensitivity_z: float = 4.0
-    sensitivity_knn: int = 0
-    sensitivity_enrichment_z: float = 3.0
-    sensitivity_region_z: float = 2.0
-    gmm_sample: int = 200_000
+    index: IndexSettings = IndexSettings()
     seed: int = 0
 
 
-def _knn(vectors: np.ndarray, k: int, seed: int, exact_threshold: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+DetectorFn = Callable[[MatchScores, Any, DetectorEnv], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A registered detector: its name, its settings class and its flag function
+    ``fn(scores, settings, env) -> (N,) bool``."""
+
+    name: str
+    settings: type
+    fn: DetectorFn
+
+
+#: The registered detectors by name (:func:`register`); names and settings classes are
+#: declared in :data:`otcclip.models.config.detectors.DETECTOR_SETTINGS`.
+REGISTRY: dict[str, Detector] = {}
+
+
+def register(name: str) -> Callable[[DetectorFn], DetectorFn]:
+    """Register ``fn`` as detector ``name`` with the settings class declared for that name."""
+    if name not in DETECTOR_SETTINGS:
+        raise ValueError(f"detector {name!r} has no settings class in DETECTOR_SETTINGS")
+
+    def deco(fn: DetectorFn) -> DetectorFn:
+        REGISTRY[name] = Detector(name, DETECTOR_SETTINGS[name], fn)
+        return fn
+
+    return deco
+
+
+def _knn(vectors: np.ndarray, k: int, env: DetectorEnv) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k))."""
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     kk = min(k + 1, len(v))
-    index = build_index(v, seed=seed, exact_threshold=exact_threshold)
+    index = build_index(v, seed=env.seed, exact_threshold=env.index.exact_threshold, nprobe=env.index.nprobe)
     sims, idx = index.search(v, kk)
     self_hit = idx == np.arange(len(v))[:, None]
     sims = np.where(self_hit, -np.inf, sims)
@@ -68,14 +94,15 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     return (x - med) / mad
 
 
-def detect_image_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+@register("image_burst")
+def detect_image_burst(m: MatchScores, st: ImageBurstSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
     """Near-duplicate images carrying >= ``burst_min`` distinct captions: the
     targeted-poisoning signature. Near-duplicate: cosine >= ``dup_threshold`` and cosine
     distance <= ``dup_relative`` x the median nearest-neighbour distance. Returns (N,) bool."""
     n = len(m)
     if n < st.burst_min:
         return np.zeros(n, dtype=bool)
-    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), st.seed, st.exact_threshold)
+    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), env)
     # scale-free: a near-duplicate is also far closer than a typical nearest neighbour
     typical = float(np.median(1.0 - sims[m.ok, 0])) if m.ok.any() else 0.0
     thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
@@ -90,19 +117,21 @@ def detect_image_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
     return flag
 
 
-def detect_density(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+@register("density")
+def detect_density(m: MatchScores, st: DensitySettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
     """k-distance outliers of the joint pair embedding (image global + own caption
     global): robust z-score of the distance to the ``knn``-th neighbour > ``outlier_z``."""
     n = len(m)
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
     joint = np.concatenate([m.image_global, m.caption_global], axis=1).astype(np.float32)
-    sims, _ = _knn(joint, st.knn, st.seed, st.exact_threshold)
+    sims, _ = _knn(joint, st.knn, env)
     kdist = 1.0 - sims[:, -1]
     return robust_z(kdist) > st.outlier_z
 
 
-def detect_caption_burst(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+@register("caption_burst")
+def detect_caption_burst(m: MatchScores, st: CaptionBurstSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
     """Pairs whose caption text appears on >= ``burst_min`` images and whose image is an
     outlier among those images (robust z of its similarity to the group's mean image
     below ``-outlier_z``): one caption on many dissimilar images (backdoors)."""
@@ -143,7 +172,9 @@ def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
     return z
 
 
-def sensitivity_enrichment(m: MatchScores, sensitive: np.ndarray, st: DecisionSettings) -> np.ndarray:
+def sensitivity_enrichment(
+    m: MatchScores, sensitive: np.ndarray, st: TriggerSensitivitySettings, env: DetectorEnv = DetectorEnv(),
+) -> np.ndarray:
     """How much sensitive pairs crowd each pair's caption neighbourhood, per purified view.
 
     A backdoor teaches one trigger one target, so the pairs it poisoned share what their
@@ -155,9 +186,9 @@ def sensitivity_enrichment(m: MatchScores, sensitive: np.ndarray, st: DecisionSe
     m : MatchScores
         Uses ``caption_global`` (N, d).
     sensitive : ndarray, shape (N, V), bool
-        Pairs whose sensitivity z on view ``v`` is above ``st.sensitivity_z``.
-    st : DecisionSettings
-        ``sensitivity_knn`` neighbours (cosine of the own-caption globals, self excluded).
+        Pairs whose sensitivity z on view ``v`` is above ``st.z``.
+    st : TriggerSensitivitySettings
+        ``knn`` neighbours (cosine of the own-caption globals, self excluded).
 
     Returns
     -------
@@ -168,79 +199,80 @@ def sensitivity_enrichment(m: MatchScores, sensitive: np.ndarray, st: DecisionSe
     n = len(m)
     sensitive = sensitive.reshape(n, -1) & m.ok[:, None]
     out = np.zeros(sensitive.shape)
-    k = min(st.sensitivity_knn, n - 1)
+    k = min(st.knn, n - 1)
     p = sensitive[m.ok].mean(axis=0) if m.ok.any() else np.zeros(sensitive.shape[1])
     live = (p > 0.0) & (p < 1.0)
     if k < 1 or not live.any():
         return out
-    _, idx = _knn(m.caption_global, k, st.seed, st.exact_threshold)
+    _, idx = _knn(m.caption_global, k, env)
     for v in np.nonzero(live)[0]:
         share = sensitive[idx, v].mean(axis=1)
         out[:, v] = (share - p[v]) / np.sqrt(p[v] * (1.0 - p[v]) / k)
     return out
 
 
-def trigger_evidence(m: MatchScores, st: DecisionSettings) -> tuple[np.ndarray, np.ndarray | None] | None:
+def trigger_evidence(
+    m: MatchScores, st: TriggerSensitivitySettings, env: DetectorEnv = DetectorEnv(),
+) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The trigger-sensitivity detector's evidence, computed once per decision pass.
 
     Returns
     -------
     (z, crowd) or None
         ``z`` (N, V): :func:`sensitivity_scores` with NaN as ``-inf``; ``crowd`` (N, V):
-        :func:`sensitivity_enrichment` of ``z > sensitivity_z`` when ``sensitivity_knn`` >
+        :func:`sensitivity_enrichment` of ``z > st.z`` when ``st.knn`` >
         0, else None. None when ``m.purified_own`` is missing.
     """
     raw = sensitivity_scores(m)
     if raw is None:
         return None
     z = np.nan_to_num(raw, nan=-np.inf)
-    crowd = sensitivity_enrichment(m, z > st.sensitivity_z, st) if st.sensitivity_knn > 0 and len(m) > 1 else None
+    crowd = sensitivity_enrichment(m, z > st.z, st, env) if st.knn > 0 and len(m) > 1 else None
     return z, crowd
 
 
-def trigger_flags(z: np.ndarray, crowd: np.ndarray | None, st: DecisionSettings) -> np.ndarray:
-    """(N,) bool: pairs whose sensitivity z (N, V) on some view exceeds ``sensitivity_z``,
+def trigger_flags(z: np.ndarray, crowd: np.ndarray | None, st: TriggerSensitivitySettings) -> np.ndarray:
+    """(N,) bool: pairs whose sensitivity z (N, V) on some view exceeds ``st.z``,
     or, with the neighbourhood test (``crowd`` (N, V) enrichment), the region threshold
     inside a crowded neighbourhood."""
     if crowd is None:
-        return np.asarray(z.max(axis=1) > st.sensitivity_z)
-    region = crowd > st.sensitivity_enrichment_z
-    return np.asarray((region & (z > min(st.sensitivity_region_z, st.sensitivity_z))).any(axis=1))
+        return np.asarray(z.max(axis=1) > st.z)
+    region = crowd > st.enrichment_z
+    return np.asarray((region & (z > min(st.region_z, st.z))).any(axis=1))
 
 
-def detect_trigger_sensitivity(m: MatchScores, st: DecisionSettings) -> np.ndarray:
+@register("trigger_sensitivity")
+def detect_trigger_sensitivity(
+    m: MatchScores, st: TriggerSensitivitySettings, env: DetectorEnv = DetectorEnv(),
+) -> np.ndarray:
     """Pairs whose own-caption score collapses on a purified view of the image (low-passed;
     its most high-frequency window filled): the score rests on a noise trigger, not on
     what the image shows. Flagged when a view's :func:`sensitivity_scores` z >
-    ``sensitivity_z``. With ``sensitivity_knn`` > 0 a pair is flagged only inside a caption
+    ``st.z``. With ``st.knn`` > 0 a pair is flagged only inside a caption
     neighbourhood crowded with such pairs (:func:`sensitivity_enrichment` >
-    ``sensitivity_enrichment_z`` for that view), and there already when its z >
-    ``sensitivity_region_z``: the captions a backdoor poisoned are known, the rest of the
+    ``st.enrichment_z`` for that view), and there already when its z >
+    ``st.region_z``: the captions a backdoor poisoned are known, the rest of the
     data is left alone. Needs ``m.purified_own``; without it nothing is flagged."""
-    ev = trigger_evidence(m, st)
+    ev = trigger_evidence(m, st, env)
     if ev is None:
         log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
         return np.zeros(len(m), dtype=bool)
     return trigger_flags(*ev, st)
 
 
-DETECTOR_FNS: dict[str, Callable[[MatchScores, DecisionSettings], np.ndarray]] = {
-    "image_burst": detect_image_burst,
-    "density": detect_density,
-    "caption_burst": detect_caption_burst,
-    "trigger_sensitivity": detect_trigger_sensitivity,
-}
-
-
 def run_detectors(
-    m: MatchScores, st: DecisionSettings, *, known: dict[str, np.ndarray] | None = None,
+    m: MatchScores,
+    settings: DecisionSettings,
+    *,
+    env: DetectorEnv = DetectorEnv(),
+    known: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Each enabled detector's (N,) bool flags (unreadable images never flagged); flags
     already in ``known`` are taken as they are."""
     out = {}
-    for name in st.detectors:
-        if name not in DETECTOR_FNS:
+    for name in settings.detectors:
+        if name not in REGISTRY:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
-        flag = known[name] if known and name in known else DETECTOR_FNS[name](m, st)
+        flag = known[name] if known and name in known else REGISTRY[name].fn(m, settings.detector(name), env)
         out[name] = flag & m.ok
     return out

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from otcclip.models.attacks import Trigger, apply_trigger
-from otcclip.models.datasets import ZERO_SHOT_TEMPLATES
+from otcclip.models.config.evaluation import EvalSettings
 from otcclip.models.factory import ClipBundle
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
 from otcclip.models.training.augment import normalize
@@ -35,41 +35,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """What to measure.
+class EvalConfig(EvalSettings):
+    """What to measure: :class:`~otcclip.models.config.EvalSettings` and the attack's files.
 
     Attributes
     ----------
-    target_class : str, optional
-        Overrides the target class of ``trigger`` (backdoor ASR).
     trigger : path or sequence of paths, optional
-        ``trigger-<attack>.json`` file(s) written by the poisoner.
+        ``trigger-<attack>.json`` file(s) written by the poisoner (backdoor ASR).
     targets : path, optional
-        ``targets.csv`` written by a targeted attack.
-    classes : tuple of str, optional
-        Class names for zero-shot (default: the sorted distinct test labels).
-    templates : tuple of str
-        Prompt templates (``{}`` = class name).
-    linear_probe : bool
-    probe_train_fraction : float
-        Share of the test manifest used to fit the probe (stratified, ``seed``).
-    probe_c : float
-        Inverse regularisation of the logistic regression.
-    batch_size : int
-    seed : int
-        Probe split and trigger placement.
+        ``targets.csv`` written by a targeted attack (targeted ASR).
     """
 
-    target_class: str | None = None
     trigger: Path | str | Sequence[Path | str] | None = None
     targets: Path | str | None = None
-    classes: tuple[str, ...] | None = None
-    templates: tuple[str, ...] = ZERO_SHOT_TEMPLATES
-    linear_probe: bool = True
-    probe_train_fraction: float = 0.5
-    probe_c: float = 1.0
-    batch_size: int = 256
-    seed: int = 0
 
 
 @dataclass(frozen=True)

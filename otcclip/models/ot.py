@@ -16,12 +16,11 @@ batch however many Sinkhorn iterations run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import ot.batch
 import torch
 
-Marginals = Literal["uniform", "relevance"]
+from otcclip.models.config.ot import OTSettings
 
 #: At or above this ``reg`` (in float32/64, on the CPU) the plain-domain Sinkhorn is used.
 PLAIN_DOMAIN_MIN_REG = 0.1
@@ -72,17 +71,12 @@ def ot_distance(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    settings: OTSettings = OTSettings(),
     x_mask: torch.Tensor | None = None,
     y_mask: torch.Tensor | None = None,
-    reg: float = 0.05,
-    max_iter: int = 100,
-    tol: float = 1e-5,
-    marginals: Marginals | str = "uniform",
     x_global: torch.Tensor | None = None,
     y_global: torch.Tensor | None = None,
-    relevance_temp: float = 0.1,
     return_plan: bool = False,
-    method: str = "auto",
 ) -> OTResult:
     """Entropic OT distance between batched local sets.
 
@@ -92,22 +86,18 @@ def ot_distance(
         L2-normalised local set per problem (image patches), any float dtype.
     y : Tensor, shape (B, L, d)
         L2-normalised local set per problem (caption tokens).
+    settings : OTSettings
+        ``reg``: entropic regularisation; ``iters``, ``tol``: Sinkhorn iteration cap and
+        marginal-error tolerance (checked every 10 steps); ``marginals``: uniform over
+        valid positions, or ``relevance``, a softmax of each local feature's similarity to
+        the other side's global vector (``x_global`` (B, d) and ``y_global`` (B, d)) at
+        temperature ``relevance_temp``; ``method``: ``auto`` solves in the log domain
+        unless ``reg >= 0.1``, inputs are float32/64 and the problems are on the CPU.
     x_mask, y_mask : Tensor, shape (B, P) / (B, L), bool, optional
         True at valid positions; pads get zero mass. Every problem needs at least one
         valid position on each side.
-    reg : float
-        Entropic regularisation (> 0).
-    max_iter, tol : int, float
-        Sinkhorn iteration cap and marginal-error tolerance (checked every 10 steps).
-    marginals : {"uniform", "relevance"}
-        Uniform over valid positions, or a softmax of each local feature's similarity to
-        the other side's global vector (``x_global`` (B, d) and ``y_global`` (B, d)) at
-        temperature ``relevance_temp``.
     return_plan : bool
         Also return the detached plans (B, P, L).
-    method : {"auto", "log_sinkhorn", "sinkhorn"}
-        ``auto`` solves in the log domain unless ``reg >= 0.1``, inputs are float32/64
-        and the problems are on the CPU.
 
     Returns
     -------
@@ -115,8 +105,7 @@ def ot_distance(
     """
     if x.ndim != 3 or y.ndim != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
         raise ValueError(f"expected x (B,P,d) and y (B,L,d), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if reg <= 0:
-        raise ValueError(f"reg must be > 0, got {reg}")
+    reg, method = settings.reg, settings.method
     bsz, p, n_l = x.shape[0], x.shape[1], y.shape[1]
     dev = x.device
     if x_mask is None:
@@ -133,19 +122,19 @@ def ot_distance(
     reduced = x.dtype in (torch.float16, torch.bfloat16) or y.dtype in (torch.float16, torch.bfloat16)
     xf, yf = x.float(), y.float()
     cost = 1.0 - torch.bmm(xf, yf.transpose(1, 2))  # (B, P, L), carries the graph
-    a = _marginal(x_mask, xf, y_global, str(marginals), relevance_temp)
-    b = _marginal(y_mask, yf, x_global, str(marginals), relevance_temp)
+    a = _marginal(x_mask, xf, y_global, settings.marginals, settings.relevance_temp)
+    b = _marginal(y_mask, yf, x_global, settings.marginals, settings.relevance_temp)
     if method == "auto":
         plain_ok = reg >= PLAIN_DOMAIN_MIN_REG and not reduced and dev.type == "cpu"
         method = "sinkhorn" if plain_ok else "log_sinkhorn"
     with torch.no_grad():
         res = ot.batch.solve_batch(
-            cost.detach(), reg=reg, a=a, b=b, max_iter=max_iter, tol=tol, method=method, grad="detach"
+            cost.detach(), reg=reg, a=a, b=b, max_iter=settings.iters, tol=settings.tol, method=method, grad="detach"
         )
         plan = res.plan.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
         plan = torch.nan_to_num(plan, nan=0.0)
     distance = (plan * cost).sum(dim=(1, 2))
-    n_iter = int(res.log.get("n_iter", 0)) + 1 if isinstance(res.log, dict) else max_iter
+    n_iter = int(res.log.get("n_iter", 0)) + 1 if isinstance(res.log, dict) else settings.iters
     return OTResult(distance=distance, plan=plan if return_plan else None, n_iter=n_iter)
 
 
@@ -155,10 +144,8 @@ def ot_scores_chunked(
     *,
     x_mask: torch.Tensor | None = None,
     y_mask: torch.Tensor | None = None,
+    settings: OTSettings = OTSettings(),
     batch_size: int = 256,
-    reg: float = 0.05,
-    max_iter: int = 100,
-    marginals: Marginals | str = "uniform",
     x_global: torch.Tensor | None = None,
     y_global: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -176,9 +163,7 @@ def ot_scores_chunked(
                 y[s:e],
                 x_mask=None if x_mask is None else x_mask[s:e],
                 y_mask=None if y_mask is None else y_mask[s:e],
-                reg=reg,
-                max_iter=max_iter,
-                marginals=marginals,
+                settings=settings,
                 x_global=None if x_global is None else x_global[s:e],
                 y_global=None if y_global is None else y_global[s:e],
             )

@@ -22,15 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from otcclip.models.decisions import Decisions, DecisionSettings, MatchScores, decide_pairs
-from otcclip.models.detectors import DETECTORS
+from otcclip.models.config.sanitize import SanitizeConfig
+from otcclip.models.decisions import Decisions, DetectorEnv, MatchScores, decide_pairs
 from otcclip.models.features import (
     ImageFeatures,
     TextFeatures,
@@ -50,93 +50,6 @@ __all__ = [
     "SanitizeConfig", "FeatureShard", "ScoreShard", "SanitizeResult", "Decisions",
     "plan_shards", "encode_shard", "match_shard", "decide", "sanitize", "sanitize_features",
 ]
-
-
-@dataclass(frozen=True)
-class SanitizeConfig:
-    """Settings of the sanitization pass (DESIGN 2.3).
-
-    Attributes
-    ----------
-    k : int
-        Shortlisted captions per image (plus its own).
-    alpha : float
-        Fused score weight of the global cosine (``1 - alpha`` on ``s_OT``).
-    reg, ot_iters, marginals : float, int, str
-        Entropic OT regularisation, Sinkhorn iteration cap, ``uniform`` | ``relevance``.
-    batch_size : int
-        Images/captions per encoder forward, OT problems per solver call.
-    shard_size : int
-        Pairs per feature / score shard.
-    device : str
-        ``auto`` | ``cpu`` | ``cuda``.
-    detectors : tuple of str
-        Enabled detectors among ``image_burst``, ``density``, ``caption_burst``,
-        ``trigger_sensitivity`` (the last adds two image forwards per image: its purified views).
-    p_clean_threshold, margin_z, low_margin_z : float
-        Decision thresholds (see :mod:`otcclip.models.decisions`).
-    exact_threshold, nprobe : int
-        FAISS: exact index up to this many captions, IVF lists probed above.
-    knn, dup_threshold, dup_relative, burst_min, outlier_z, sensitivity_z
-        Detector settings.
-    sensitivity_knn, sensitivity_enrichment_z, sensitivity_region_z : int, float, float
-        With ``sensitivity_knn`` > 0, ``trigger_sensitivity`` flags only pairs whose
-        ``sensitivity_knn`` nearest captions hold more sensitive pairs than chance
-        (binomial z > ``sensitivity_enrichment_z``; a backdoor's pairs share a target),
-        and there pairs with a sensitivity z > ``sensitivity_region_z``.
-    fp16_locals : bool
-        Store local sets in float16 in feature shards.
-    """
-
-    k: int = 32
-    alpha: float = 0.5
-    reg: float = 0.05
-    ot_iters: int = 100
-    marginals: str = "uniform"
-    batch_size: int = 256
-    shard_size: int = 4096
-    device: str = "auto"
-    detectors: tuple[str, ...] = DETECTORS
-    p_clean_threshold: float = 0.5
-    margin_z: float = 3.0
-    low_margin_z: float = 1.0
-    exact_threshold: int = 20_000
-    nprobe: int = 32
-    knn: int = 10
-    dup_threshold: float = 0.97
-    dup_relative: float = 0.1
-    burst_min: int = 5
-    outlier_z: float = 4.0
-    sensitivity_z: float = 4.0
-    sensitivity_knn: int = 0
-    sensitivity_enrichment_z: float = 3.0
-    sensitivity_region_z: float = 2.0
-    fp16_locals: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "detectors", tuple(self.detectors))
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.reg <= 0:
-            raise ValueError(f"reg must be > 0, got {self.reg}")
-        if self.batch_size < 1 or self.shard_size < 1:
-            raise ValueError("batch_size and shard_size must be >= 1")
-        if self.marginals not in ("uniform", "relevance"):
-            raise ValueError(f"marginals must be 'uniform' or 'relevance', got {self.marginals!r}")
-        bad = [d for d in self.detectors if d not in DETECTORS]
-        if bad:
-            raise ValueError(f"unknown detectors {bad}; known: {', '.join(DETECTORS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
-
-    def decision_settings(self) -> DecisionSettings:
-        """The decision thresholds this config mirrors (fields of the same name)."""
-        shared = {f.name for f in fields(DecisionSettings)} & {f.name for f in fields(self)}
-        return DecisionSettings(**{name: getattr(self, name) for name in shared})
 
 
 def _device(name: str) -> torch.device:
@@ -197,7 +110,7 @@ def encode_shard(
     igs: list[torch.Tensor] = []
     ils: list[torch.Tensor] = []
     ips: list[torch.Tensor] = []
-    purify = "trigger_sensitivity" in config.detectors
+    purify = "trigger_sensitivity" in config.decisions.detectors
     tfs: list[TextFeatures] = []
     hashes: list[int] = []
     t_decode = t_encode = 0.0
@@ -284,7 +197,7 @@ def build_caption_index(caption_shards: Sequence[ShardRef], *, config: SanitizeC
         return load
 
     blocks = tuple(CaptionBlock(s, e, loader(ref)) for s, e, ref, _ in metas)
-    index = build_index(glob, exact_threshold=config.exact_threshold, nprobe=config.nprobe, seed=config.seed)
+    index = build_index(glob, exact_threshold=config.index.exact_threshold, nprobe=config.index.nprobe, seed=config.seed)
     return CaptionIndex(index=index, globals_=glob, blocks=blocks, seconds=time.perf_counter() - t0)
 
 
@@ -319,9 +232,8 @@ def match_shard(
     t1 = time.perf_counter()
     dev = _device(config.device)
     ps = score_shortlist(
-        img.image_local, sl.indices, sl.scores, cidx.blocks, alpha=config.alpha, reg=config.reg,
-        max_iter=config.ot_iters, batch_size=config.batch_size, marginals=config.marginals,
-        image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
+        img.image_local, sl.indices, sl.scores, cidx.blocks, alpha=config.alpha, ot_settings=config.ot,
+        batch_size=config.batch_size, image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
     )
     t2 = time.perf_counter()
     scores = MatchScores(
@@ -345,7 +257,7 @@ def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeC
             raise ValueError(f"score shards do not cover the rows contiguously: gap or overlap at row {pos}")
         pos = s.stop
     scores = MatchScores.concat([s.scores for s in shards])
-    return decide_pairs(scores, settings=config.decision_settings())
+    return decide_pairs(scores, settings=config.decisions, env=DetectorEnv(index=config.index, seed=config.seed))
 
 
 def sanitize(

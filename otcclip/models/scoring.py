@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from otcclip.models.config.ot import OTSettings
 from otcclip.models.ot import ot_scores_chunked
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
 
@@ -56,10 +57,8 @@ def score_shortlist(
     blocks: Sequence[CaptionBlock],
     *,
     alpha: float = 0.5,
-    reg: float = 0.05,
-    max_iter: int = 100,
+    ot_settings: OTSettings = OTSettings(),
     batch_size: int = 256,
-    marginals: str = "uniform",
     image_global: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
@@ -77,8 +76,12 @@ def score_shortlist(
         ``<g_i, t_j>`` for each candidate (from the shortlist).
     blocks : sequence of CaptionBlock
         Caption features covering every candidate row.
-    alpha, reg, max_iter, batch_size, marginals
-        Fusion weight and OT settings (``batch_size`` OT problems per solver call).
+    alpha : float
+        Weight of the global cosine in the fused score.
+    ot_settings : OTSettings
+        The OT solver's settings.
+    batch_size : int
+        OT problems per solver call.
     image_global : Tensor, shape (N, d), optional
         Needed for ``marginals="relevance"``.
     device
@@ -110,10 +113,9 @@ def score_shortlist(
             length = int(ym.sum(dim=1).max().item())
             y, ym = y[:, :length], ym[:, :length]
             xg = image_global[r].to(dev) if image_global is not None else None
-            yg = cap_global[c].to(dev) if marginals == "relevance" else None
+            yg = cap_global[c].to(dev) if ot_settings.marginals == "relevance" else None
             s_ot = ot_scores_chunked(
-                x, y, y_mask=ym, batch_size=batch_size, reg=reg, max_iter=max_iter,
-                marginals=marginals, x_global=xg, y_global=yg,
+                x, y, y_mask=ym, settings=ot_settings, batch_size=batch_size, x_global=xg, y_global=yg,
             )
             ot[rows[part], cols[part]] = s_ot.float().cpu().numpy()
             done += len(part)

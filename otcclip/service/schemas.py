@@ -1,19 +1,19 @@
-"""Pydantic request/response models of the API and the job settings models.
-
-Job settings mirror the core's frozen config dataclasses (``SanitizeConfig``,
-``TrainConfig``) field by field, built on first use (the core imports torch, the API
-module must not at import time); unknown keys are refused (422).
-"""
+"""Pydantic request/response models of the API, and the job settings' request schemas
+generated from the core's torch-free settings dataclasses (unknown keys: 422)."""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, Literal, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from otcclip.models.config import JOB_SETTINGS, job_config
+from otcclip.models.config.base import nested_type
 
 JobKind = Literal["sanitize", "train", "evaluate"]
 
@@ -124,67 +124,59 @@ class MetricOut(BaseModel):
 
 
 # -- job settings -------------------------------------------------------------------------
+#
+# The request schemas of job settings are generated from the core's settings dataclasses
+# (otcclip.models.config: defaults, help and bounds declared once there); the core's own
+# checks then run on the validated values. Nothing here imports torch.
 
-_STRICT = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+_STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+_BOUND_KEYS = ("ge", "gt", "le", "lt")
+_LITERAL: Any = Literal
+_TUPLE: Any = tuple
 
 
-def _fields_of(cls: type, *, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in exclude or f.name.startswith("_"):
-            continue
-        if f.default is not dataclasses.MISSING:
-            default: Any = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = Field(default_factory=f.default_factory)
-        else:
-            default = ...
-        out[f.name] = (hints[f.name], default)
-    return out
+def _has_float(tp: Any) -> bool:
+    return tp is float or any(_has_float(a) for a in typing.get_args(tp))
+
+
+def _annotation(tp: Any, md: Mapping[str, Any]) -> Any:
+    """The pydantic annotation of a leaf setting: choices become a Literal."""
+    optional = type(None) in typing.get_args(tp)
+    if "choices" in md:
+        lit = _LITERAL[tuple(md["choices"])]
+        return lit | None if optional else lit
+    if "item_choices" in md:
+        items = _TUPLE[_LITERAL[tuple(md["item_choices"])], ...]
+        return items | None if optional else items
+    return tp
 
 
 @cache
+def _pydantic_model(cls: type) -> type[BaseModel]:
+    """A pydantic model with ``cls``'s fields, defaults, help, bounds and aliases (nested too)."""
+    hints = typing.get_type_hints(cls)
+    spec: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        sub = nested_type(cls, f.name)
+        if sub is not None:
+            spec[f.name] = (_pydantic_model(sub), Field(default_factory=_pydantic_model(sub), description=md.get("help")))
+            continue
+        kw: dict[str, Any] = {k: md[k] for k in _BOUND_KEYS if k in md}
+        if _has_float(hints[f.name]):
+            kw["allow_inf_nan"] = False
+        if md.get("aliases"):
+            kw["validation_alias"] = AliasChoices(f.name, *md["aliases"])
+        default = f.default if f.default is not dataclasses.MISSING else ...
+        spec[f.name] = (_annotation(hints[f.name], md), Field(default, description=md.get("help"), **kw))
+    return create_model(cls.__name__, __config__=_STRICT, __doc__=(cls.__doc__ or "").strip(), **spec)
+
+
 def settings_model(kind: str) -> type[BaseModel]:
     """The pydantic model validating ``settings`` of a job of ``kind``."""
-    if kind == "sanitize":
-        from otcclip.models.sanitize import SanitizeConfig
-
-        return create_model(
-            "SanitizeSettings", __config__=_STRICT,
-            model=(str, "otc-tiny"),
-            checkpoint=(str | None, None),
-            **_fields_of(SanitizeConfig),
-        )
-    if kind == "train":
-        from otcclip.models.training import TrainConfig
-
-        return create_model("TrainSettings", __config__=_STRICT, **_fields_of(TrainConfig, exclude=("num_threads",)))
-    if kind == "evaluate":
-        return EvaluateSettings
-    raise ValueError(f"unknown job kind {kind!r}")
-
-
-class EvaluateSettings(BaseModel):
-    """Settings of an evaluate job (``otcclip evaluate``): the dataset is the labelled test set.
-
-    ``trigger`` holds the content of ``trigger-*.json`` file(s) written by the poisoner and
-    ``targets_csv`` the text of a ``targets.csv`` (no server-side paths).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str
-    target_class: str | None = None
-    trigger: dict[str, Any] | list[dict[str, Any]] | None = None
-    targets_csv: str | None = None
-    classes: list[str] | None = None
-    linear_probe: bool = True
-    probe_train_fraction: float = Field(0.5, gt=0, lt=1)
-    probe_c: float = Field(1.0, gt=0)
-    batch_size: int = Field(256, ge=1)
-    seed: int = 0
-    device: str = "auto"
+    if kind not in JOB_SETTINGS:
+        raise ValueError(f"unknown job kind {kind!r}")
+    return _pydantic_model(JOB_SETTINGS[kind])
 
 
 class SettingsError(ValueError):
@@ -196,21 +188,20 @@ class SettingsError(ValueError):
 
 
 def validate_settings(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Validate job ``settings``; returns the keys the user set (JSON-able) or raises :class:`SettingsError`."""
+    """Validate job ``settings``; returns the keys the user set (JSON-able) or raises :class:`SettingsError`.
+
+    The schema (types, bounds, choices, unknown names) is checked first, then the core's
+    settings object is built from the result (:func:`otcclip.models.config.job_config`),
+    so a job is accepted only if every task can build its settings.
+    """
     model = settings_model(kind)
     try:
         obj = model.model_validate(settings)
     except ValidationError as e:
         raise SettingsError([{"loc": list(err["loc"]), "msg": err["msg"]} for err in e.errors()]) from e
     data = obj.model_dump(mode="json", exclude_unset=True)
-    core = {"sanitize": ("otcclip.models.sanitize", "SanitizeConfig"), "train": ("otcclip.models.training", "TrainConfig")}.get(kind)
-    if core is not None:
-        import importlib
-
-        cls = getattr(importlib.import_module(core[0]), core[1])
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            cls(**{k: v for k, v in obj.model_dump().items() if k in names and k in data})
-        except (ValueError, TypeError) as e:
-            raise SettingsError([{"loc": [], "msg": str(e)}]) from e
+    try:
+        job_config(kind, data)
+    except ValueError as e:
+        raise SettingsError([{"loc": [], "msg": str(e)}]) from e
     return data

@@ -10,9 +10,11 @@ redelivered; ``evaluate`` (gpu) measures a checkpoint on a labelled dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import traceback
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,13 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_process_init
 
+from otcclip.models.config import (
+    EvalSettings,
+    EvaluateJobSettings,
+    SanitizeJobSettings,
+    TrainConfig,
+    job_config,
+)
 from otcclip.service.db import crud
 from otcclip.service.db.session import dispose_engines
 from otcclip.service.queue import enqueue
@@ -60,15 +69,9 @@ def _celery() -> Any:
     return current_app
 
 
-def _sanitize_config(job: Any) -> tuple[Any, dict[str, Any]]:
-    import dataclasses
-
-    from otcclip.models.sanitize import SanitizeConfig
-    from otcclip.service.schemas import settings_model
-
-    full = settings_model("sanitize").model_validate(job.settings).model_dump()
-    names = {f.name for f in dataclasses.fields(SanitizeConfig)}
-    return SanitizeConfig(**{k: v for k, v in full.items() if k in names}), full
+def _sanitize_config(job: Any) -> SanitizeJobSettings:
+    """The sanitize job's settings object (validated at submit; rebuilt by every task)."""
+    return typing.cast(SanitizeJobSettings, job_config("sanitize", job.settings))
 
 
 def _shard_path(ctx: JobContext, kind: str, index: int) -> Path:
@@ -96,7 +99,7 @@ def sanitize_ingest(job_id: str) -> None:
             return
         from otcclip.models.sanitize import plan_shards
 
-        config, _ = _sanitize_config(job)
+        config = _sanitize_config(job)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
             n = len(m)
@@ -150,7 +153,7 @@ def _after_shard(ctx: JobContext, kind: str) -> None:
         _dispatch(ctx, NEXT[kind])
 
 
-def _run_shard(ctx: JobContext, kind: str, index: int, work: Callable[[Any, Any, Any, Path], None]) -> None:
+def _run_shard(ctx: JobContext, kind: str, index: int, work: Callable[[Any, SanitizeJobSettings, Path], None]) -> None:
     job = ctx.job()
     with ctx.db() as db:
         shard = crud.get_shard(db, ctx.job_id, kind, index)
@@ -161,9 +164,9 @@ def _run_shard(ctx: JobContext, kind: str, index: int, work: Callable[[Any, Any,
         return
     if not done:
         ctx.count_shard_attempt(kind, index)
-        config, full = _sanitize_config(job)
+        config = _sanitize_config(job)
         path = _shard_path(ctx, kind, index)
-        work(job, config, full, path)
+        work(job, config, path)
         with ctx.db() as db:
             s = crud.get_shard(db, ctx.job_id, kind, index)
             assert s is not None
@@ -178,14 +181,14 @@ def sanitize_encode(job_id: str, index: int) -> None:
     """Encode the images and captions of one shard into a feature shard file."""
     ctx = JobContext(job_id)
 
-    def work(job: Any, config: Any, full: dict[str, Any], path: Path) -> None:
+    def work(job: Any, config: SanitizeJobSettings, path: Path) -> None:
         from otcclip.models.sanitize import encode_shard
 
         with ctx.db() as db:
             shard = crud.get_shard(db, job_id, "encode", index)
             assert shard is not None
             start, stop = shard.start, shard.stop
-        bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=full.get("checkpoint"), model=full["model"],
+        bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model,
                                 seed=config.seed, device=config.device)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
@@ -202,7 +205,7 @@ def sanitize_match(job_id: str, index: int) -> None:
     """Shortlist and OT-score the captions of one image shard against all captions."""
     ctx = JobContext(job_id)
 
-    def work(job: Any, config: Any, full: dict[str, Any], path: Path) -> None:
+    def work(job: Any, config: SanitizeJobSettings, path: Path) -> None:
         from otcclip.models.sanitize import match_shard
 
         with ctx.db() as db:
@@ -229,15 +232,14 @@ def sanitize_finalize(job_id: str) -> None:
         if not ctx.start():
             return
         ctx.count_shard_attempt("finalize", 0)
-        config, full = _sanitize_config(job)
+        config = _sanitize_config(job)
         with ctx.db() as db:
             paths = [ctx.storage.path(s.path) for s in crud.shards(db, job_id, "match") if s.path]
         ctx.progress("finalize", 0, 1, force=True)
         decisions = decide(paths, config=config)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
-            model_info = {"name": full.get("model") if not full.get("checkpoint") else None,
-                          "checkpoint": full.get("checkpoint")}
+            model_info = {"name": None if config.checkpoint else config.model, "checkpoint": config.checkpoint}
             files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info)
         finally:
             m.images.close()
@@ -273,18 +275,13 @@ def train_job(job_id: str) -> None:
     ctx = JobContext(job_id)
 
     def body() -> None:
-        import dataclasses
-
-        from otcclip.models.training import TrainConfig, last_checkpoint, train
-        from otcclip.service.schemas import settings_model
+        from otcclip.models.training import last_checkpoint, train
         from otcclip.service.storage import tar_directory
 
         job = ctx.job()
         if not ctx.start("train", count_attempt=True):
             return
-        full = settings_model("train").model_validate(job.settings).model_dump()
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in full.items() if k in names})
+        config = typing.cast(TrainConfig, job_config("train", job.settings))
         run_dir = ctx.job_dir() / "run"
         resume = last_checkpoint(run_dir) is not None
         if resume:
@@ -303,7 +300,7 @@ def train_job(job_id: str) -> None:
         final = Path(result.final_checkpoint)
         tar = tar_directory(final, ctx.job_dir() / "checkpoint.tar", arcname="checkpoint")
         ckpt = ctx.register(job, tar, kind="checkpoint", name="checkpoint.tar", media_type="application/x-tar",
-                            meta={"dir": ctx.storage.rel(final), "model": config.model, "defense": config.defense})
+                            meta={"dir": ctx.storage.rel(final), "model": config.model, "defence": config.defence})
         metrics = ctx.register(job, Path(result.metrics_path), kind="metrics", name="metrics.jsonl", media_type="application/jsonl")
         ctx.finish("succeeded", result={"epochs": result.epochs_done, "resumed": resume,
                                         "artifacts": {"checkpoint": ckpt, "metrics": metrics}})
@@ -321,12 +318,11 @@ def evaluate_job(job_id: str) -> None:
 
     def body() -> None:
         from otcclip.models.evaluation import EvalConfig, evaluate
-        from otcclip.service.schemas import EvaluateSettings
 
         job = ctx.job()
         if not ctx.start("evaluate", count_attempt=True):
             return
-        s = EvaluateSettings.model_validate(job.settings)
+        s = typing.cast(EvaluateJobSettings, job_config("evaluate", job.settings))
         bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=s.checkpoint, model="", seed=s.seed, device=s.device)
         work = ctx.job_dir() / "inputs"
         work.mkdir(parents=True, exist_ok=True)
@@ -339,9 +335,8 @@ def evaluate_job(job_id: str) -> None:
         if s.targets_csv:
             targets = work / "targets.csv"
             targets.write_text(s.targets_csv)
-        config = EvalConfig(target_class=s.target_class, trigger=triggers or None, targets=targets,
-                            classes=tuple(s.classes) if s.classes else None, linear_probe=s.linear_probe,
-                            probe_train_fraction=s.probe_train_fraction, probe_c=s.probe_c, batch_size=s.batch_size, seed=s.seed)
+        measured = {f.name: getattr(s, f.name) for f in dataclasses.fields(EvalSettings)}
+        config = EvalConfig(**measured, trigger=triggers or None, targets=targets)
         m = open_manifest(ctx, ctx.dataset(job), columns=("image", "label"))
         try:
             res = evaluate(bundle, m, config=config, progress=ctx.progress, should_stop=ctx.should_stop).to_dict()

@@ -45,12 +45,12 @@ def _outputs(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor)
 
 
 def test_round_trip(tmp_path: Path, bundle: ClipBundle) -> None:
-    path = save_checkpoint(bundle, tmp_path / "ckpt", meta={"epoch": 7, "defense": "none"})
+    path = save_checkpoint(bundle, tmp_path / "ckpt", meta={"epoch": 7, "defence": "none"})
     assert (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
     cfg = read_checkpoint_config(path)
     assert cfg["model_cfg"] == bundle.model_cfg and cfg["otcclip"]["epoch"] == 7
     loaded = load_checkpoint(path)
-    assert loaded.name == "otc-micro" and loaded.extra["defense"] == "none"
+    assert loaded.name == "otc-micro" and loaded.extra["defence"] == "none"
     ref, got = bundle.model.state_dict(), loaded.model.state_dict()
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k].cpu(), got[k]) for k in ref)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from otcclip.models.config import (
+    CaptionBurstSettings,
+    ImageBurstSettings,
+    TriggerSensitivitySettings,
+)
 from otcclip.models.decisions import (
     DecisionSettings,
     MatchScores,
@@ -89,11 +94,11 @@ def test_image_burst_detector_flags_one_image_with_many_captions() -> None:
     for r in range(1, 9):  # 8 near-copies of image 0, each with its own caption text
         img[r] = target + 1e-4 * rng.standard_normal(16)
     m2 = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, img.astype(np.float32), m.caption_global, m.caption_hash)
-    flags = detect_image_burst(m2, DecisionSettings())
+    flags = detect_image_burst(m2, ImageBurstSettings())
     assert flags[:9].all() and not flags[9:].any()
     same_text = np.zeros(200, dtype=np.int64)  # all one caption text: not a burst of *distinct* captions
     m3 = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, img.astype(np.float32), m.caption_global, same_text)
-    assert not detect_image_burst(m3, DecisionSettings()).any()
+    assert not detect_image_burst(m3, ImageBurstSettings()).any()
     d = decide_pairs(m2, settings=DecisionSettings(detectors=("image_burst",)))
     assert set(d.action[:9]) <= {"reassign", "drop"}
     assert all("image_burst" in s for s in d.detectors[:9])
@@ -110,7 +115,7 @@ def test_caption_burst_detector_flags_outlier_images_of_a_repeated_caption() -> 
     img[group] = img[0] + 0.05 * rng.standard_normal((40, 16))  # ... which look alike,
     img[group[:3]] = -img[0] + 0.05 * rng.standard_normal((3, 16))  # except 3 (a backdoor)
     m2 = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, img.astype(np.float32), m.caption_global, hashes)
-    flags = detect_caption_burst(m2, DecisionSettings())
+    flags = detect_caption_burst(m2, CaptionBurstSettings())
     assert flags[:3].all() and flags.sum() == 3
 
 
@@ -135,7 +140,7 @@ def test_trigger_sensitivity_drops_pairs_whose_score_collapses_when_low_passed()
         purified_own=purified.astype(np.float32),
     )
     st = DecisionSettings(detectors=("trigger_sensitivity",))
-    flags = detect_trigger_sensitivity(m2, st)
+    flags = detect_trigger_sensitivity(m2, st.trigger_sensitivity)
     assert flags[trig].all() and flags[~trig].mean() < 0.02
     d = decide_pairs(m2, settings=st)
     # dropped although a clean-like alternative caption exists (it would be the trigger's)
@@ -143,7 +148,7 @@ def test_trigger_sensitivity_drops_pairs_whose_score_collapses_when_low_passed()
     assert (d.new_caption_index[trig] == -1).all()
     assert (d.action[~trig] == "keep").mean() > 0.95
     # without the purified view the detector flags nothing (and says so in the log)
-    assert not detect_trigger_sensitivity(m, st).any()
+    assert not detect_trigger_sensitivity(m, st.trigger_sensitivity).any()
 
 
 def test_sensitivity_enrichment_keeps_the_trigger_and_drops_scattered_false_alarms() -> None:
@@ -165,15 +170,15 @@ def test_sensitivity_enrichment_keeps_the_trigger_and_drops_scattered_false_alar
         m.candidates, m.global_, m.ot, m.fused, m.ok, m.image_global, caps.astype(np.float32), m.caption_hash,
         purified_own=purified.astype(np.float32),
     )
-    plain = detect_trigger_sensitivity(m2, DecisionSettings(detectors=("trigger_sensitivity",)))
+    plain = detect_trigger_sensitivity(m2, TriggerSensitivitySettings())
     assert plain[trig].all() and plain[alarm].all()
-    st = DecisionSettings(detectors=("trigger_sensitivity",), sensitivity_knn=40)
-    flags = detect_trigger_sensitivity(m2, st)
+    st = DecisionSettings(detectors=("trigger_sensitivity",), trigger_sensitivity=TriggerSensitivitySettings(knn=40))
+    flags = detect_trigger_sensitivity(m2, st.trigger_sensitivity)
     assert flags[trig].mean() > 0.9
     assert flags[alarm & (cap_cls != 3)].sum() == 0
     d = decide_pairs(m2, settings=st)
     assert np.isfinite(d.sensitivity_enrichment).all()
-    assert d.sensitivity_enrichment[trig].min() > st.sensitivity_enrichment_z
+    assert d.sensitivity_enrichment[trig].min() > st.trigger_sensitivity.enrichment_z
     assert (d.action[alarm & (cap_cls != 3)] == "keep").all()
     # off by default: the column is NaN
     assert np.isnan(decide_pairs(m2, settings=DecisionSettings(detectors=("trigger_sensitivity",))).sensitivity_enrichment).all()

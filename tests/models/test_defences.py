@@ -16,7 +16,7 @@ from otcclip.models.training.otcclip_defence import OtcClip
 
 def _otcclip(n: int, **config: object) -> OtcClip:
     ctx = Context(
-        model=None, tokenizer=None, config=TrainConfig(defense="otcclip", **config), images=None,  # type: ignore[arg-type]
+        model=None, tokenizer=None, config=TrainConfig(defence="otcclip", **config), images=None,  # type: ignore[arg-type]
         captions=[f"c{i}" for i in range(n)], ids=[str(i) for i in range(n)],
         tokens=torch.zeros(n, 4, dtype=torch.long), mean=(0.0,), std=(1.0,),
         device=torch.device("cpu"), run_dir=Path("."),
@@ -338,7 +338,7 @@ def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
         assert terms["clip"] == pytest.approx(float(clip_loss(fi.global_[act], ft.global_, m.logit_scale.exp())), rel=1e-5)
 
         def ot(a: torch.Tensor, b: torch.Tensor, **kw: torch.Tensor) -> float:
-            return float(ot_contrastive_loss(a, b, negatives=c.ot_negatives, temperature=c.ot_temperature, reg=c.ot_reg, iters=c.ot_iters, **kw))
+            return float(ot_contrastive_loss(a, b, negatives=c.ot_negatives, temperature=c.ot_temperature, settings=c.ot, **kw))
 
         assert terms["inter"] == pytest.approx(ot(fi.local[act], ft.local, y_mask=ft.mask), rel=1e-4)
         own = text_features(m, d.ctx.tokens[idx[pos]])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from otcclip.models.config import OTSettings
 from otcclip.models.training.losses import (
     clip_loss,
     nt_xent,
@@ -57,7 +58,7 @@ def test_ot_distance_known_values() -> None:
     ymask = torch.tensor([[True, False]])
 
     def dist(a: torch.Tensor, b: torch.Tensor, bm: torch.Tensor | None) -> float:
-        return float(ot_distances(a, b, y_mask=bm, reg=0.05, iters=200)[0])
+        return float(ot_distances(a, b, y_mask=bm, settings=OTSettings(iters=200))[0])
 
     # identical sets of orthogonal vectors: the plan is the diagonal, distance 0
     assert dist(x, x, None) == pytest.approx(0.0, abs=1e-4)
@@ -68,7 +69,7 @@ def test_ot_distance_known_values() -> None:
 def test_ot_loss_has_gradient_towards_alignment() -> None:
     x, y = _sets()
     y = y.clone().requires_grad_(True)
-    loss = ot_alignment_loss(x, y, y_mask=torch.tensor([[True, False]]), reg=0.05, iters=100)
+    loss = ot_alignment_loss(x, y, y_mask=torch.tensor([[True, False]]), settings=OTSettings(iters=100))
     loss.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
@@ -80,16 +81,16 @@ def test_ot_contrastive_loss_known_value_and_that_collapse_does_not_satisfy_it()
     t = 0.5
     # row i against its partner (d=0) and 2 negatives (d=1): CE = log(1 + 2 e^(-1/t))
     want = math.log1p(2 * math.exp(-1 / t))
-    got = ot_contrastive_loss(x, x, negatives=2, temperature=t, reg=0.05, iters=200)
+    got = ot_contrastive_loss(x, x, negatives=2, temperature=t, settings=OTSettings(iters=200))
     assert got.item() == pytest.approx(want, abs=1e-3)
     # every feature alike: the mean distance is 0 (its minimum), the contrastive loss is log(3)
     same = torch.nn.functional.normalize(torch.ones(3, 1, 3), dim=-1)
-    assert ot_alignment_loss(same, same, reg=0.05, iters=200).item() == pytest.approx(0.0, abs=1e-4)
-    assert ot_contrastive_loss(same, same, negatives=2, temperature=t, reg=0.05, iters=200).item() == pytest.approx(math.log(3), abs=1e-3)
+    assert ot_alignment_loss(same, same, settings=OTSettings(iters=200)).item() == pytest.approx(0.0, abs=1e-4)
+    assert ot_contrastive_loss(same, same, negatives=2, temperature=t, settings=OTSettings(iters=200)).item() == pytest.approx(math.log(3), abs=1e-3)
     # negatives beyond B - 1 are capped; 0 negatives is the mean distance
-    assert ot_contrastive_loss(x, x, negatives=10, temperature=t, reg=0.05, iters=200).item() == pytest.approx(want, abs=1e-3)
+    assert ot_contrastive_loss(x, x, negatives=10, temperature=t, settings=OTSettings(iters=200)).item() == pytest.approx(want, abs=1e-3)
     y = e[[1, 2, 0], None, :]
-    assert ot_contrastive_loss(x, y, negatives=0, reg=0.05, iters=200).item() == pytest.approx(1.0, abs=1e-3)
+    assert ot_contrastive_loss(x, y, negatives=0, settings=OTSettings(iters=200)).item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_unlikelihood_known_value_and_direction() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.config import OTSettings
 from otcclip.models.ot import ot_distance
 from otcclip.models.scoring import fuse
 
@@ -36,18 +37,18 @@ def _reference(x, y, xm, ym, reg, a=None, b=None):
 @pytest.mark.parametrize("reg,method", [(0.05, "auto"), (0.2, "auto"), (0.2, "log_sinkhorn"), (0.5, "sinkhorn")])
 def test_matches_pot_sinkhorn2_with_masks(reg: float, method: str) -> None:
     x, y, xm, ym = _problems(0)
-    res = ot_distance(x, y, x_mask=xm, y_mask=ym, reg=reg, max_iter=5000, tol=1e-10, method=method)
+    res = ot_distance(x, y, x_mask=xm, y_mask=ym, settings=OTSettings(reg=reg, iters=5000, tol=1e-10, method=method))
     ref = _reference(x, y, xm, ym, reg)
     np.testing.assert_allclose(res.distance.numpy(), ref, atol=1e-6)
 
 
 def test_padding_does_not_change_the_result() -> None:
     x, y, xm, ym = _problems(1)
-    base = ot_distance(x, y, x_mask=xm, y_mask=ym, max_iter=500).distance
+    base = ot_distance(x, y, x_mask=xm, y_mask=ym, settings=OTSettings(iters=500)).distance
     junk = F.normalize(torch.randn(x.shape[0], 4, x.shape[2], dtype=x.dtype), dim=-1)
     x2 = torch.cat([x, junk], dim=1)
     xm2 = torch.cat([xm, torch.zeros(x.shape[0], 4, dtype=torch.bool)], dim=1)
-    padded = ot_distance(x2, y, x_mask=xm2, y_mask=ym, max_iter=500)
+    padded = ot_distance(x2, y, x_mask=xm2, y_mask=ym, settings=OTSettings(iters=500))
     assert torch.isfinite(padded.distance).all()
     torch.testing.assert_close(padded.distance, base, atol=1e-6, rtol=0)
 
@@ -56,15 +57,15 @@ def test_relevance_marginals_match_pot() -> None:
     x, y, xm, ym = _problems(2)
     xg = F.normalize(torch.randn(x.shape[0], x.shape[2], dtype=x.dtype), dim=-1)
     yg = F.normalize(torch.randn(x.shape[0], x.shape[2], dtype=x.dtype), dim=-1)
-    res = ot_distance(x, y, x_mask=xm, y_mask=ym, marginals="relevance", x_global=xg, y_global=yg,
-                      relevance_temp=0.1, max_iter=5000, tol=1e-10, return_plan=True)
+    res = ot_distance(x, y, x_mask=xm, y_mask=ym, x_global=xg, y_global=yg, return_plan=True,
+                      settings=OTSettings(marginals="relevance", relevance_temp=0.1, iters=5000, tol=1e-10))
     a = torch.softmax((torch.einsum("bpd,bd->bp", x, yg) / 0.1).masked_fill(~xm, -np.inf), dim=1)
     b = torch.softmax((torch.einsum("bld,bd->bl", y, xg) / 0.1).masked_fill(~ym, -np.inf), dim=1)
     np.testing.assert_allclose(res.distance.numpy(), _reference(x, y, xm, ym, 0.05, a, b), atol=1e-6)
     assert res.plan is not None
     torch.testing.assert_close(res.plan.sum(dim=2).to(a.dtype), a, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="x_global and y_global"):
-        ot_distance(x, y, marginals="relevance")
+        ot_distance(x, y, settings=OTSettings(marginals="relevance"))
 
 
 def test_gradient_is_the_envelope_gradient_of_pots_plan() -> None:
@@ -72,7 +73,7 @@ def test_gradient_is_the_envelope_gradient_of_pots_plan() -> None:
     objective), T* from POT's single-problem solver."""
     x, y, _, ym = _problems(3, b=3)
     x.requires_grad_(True)
-    ot_distance(x, y, y_mask=ym, reg=0.1, max_iter=3000, tol=1e-12).distance.sum().backward()
+    ot_distance(x, y, y_mask=ym, settings=OTSettings(reg=0.1, iters=3000, tol=1e-12)).distance.sum().backward()
     assert x.grad is not None
     for i in range(x.shape[0]):
         yi = y[i][ym[i]]
@@ -84,8 +85,8 @@ def test_gradient_is_the_envelope_gradient_of_pots_plan() -> None:
 
 def test_reduced_precision_is_finite_and_close() -> None:
     x, y, xm, ym = _problems(4)
-    full = ot_distance(x.float(), y.float(), x_mask=xm, y_mask=ym, reg=0.01, max_iter=300).distance
-    half = ot_distance(x.half(), y.half(), x_mask=xm, y_mask=ym, reg=0.01, max_iter=300).distance
+    full = ot_distance(x.float(), y.float(), x_mask=xm, y_mask=ym, settings=OTSettings(reg=0.01, iters=300)).distance
+    half = ot_distance(x.half(), y.half(), x_mask=xm, y_mask=ym, settings=OTSettings(reg=0.01, iters=300)).distance
     assert torch.isfinite(half).all()
     torch.testing.assert_close(half, full, atol=5e-3, rtol=0)
 
@@ -98,7 +99,7 @@ def test_empty_sets_and_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="expected x"):
         ot_distance(x[0], y)
     with pytest.raises(ValueError, match="reg"):
-        ot_distance(x, y, reg=0)
+        OTSettings(reg=0)
     empty = ot_distance(x[:0], y[:0])
     assert empty.distance.shape == (0,)
 
@@ -115,7 +116,7 @@ def test_ot_picks_the_right_caption_when_globals_tie() -> None:
     caption_global = F.normalize(e[4] + e[5], dim=0)  # identical for both captions
     image_global = F.normalize(e[4] + 0.5 * e[5], dim=0)
     g = torch.stack([image_global @ caption_global, image_global @ caption_global]).numpy()
-    res = ot_distance(torch.stack([patches, patches]), torch.stack([right, wrong]), reg=0.05)
+    res = ot_distance(torch.stack([patches, patches]), torch.stack([right, wrong]), settings=OTSettings(reg=0.05))
     fused = fuse(g, res.score.numpy(), 0.5)
     assert g[0] == g[1]  # the global-only score cannot tell them apart
     assert res.score[0] > res.score[1] + 0.5

@@ -11,12 +11,13 @@ import pytest
 
 from otcclip.cli import main
 from otcclip.models.checkpoint import save_checkpoint
+from otcclip.models.config import OTSettings
 from otcclip.models.manifest import read_manifest
 from otcclip.models.report import write_outputs
 from otcclip.models.sanitize import SanitizeConfig, sanitize
 from tests.models.test_sanitize import make_manifest
 
-CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot_iters=30)
+CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot=OTSettings(iters=30))
 
 
 def test_write_outputs(tmp_path: Path, tiny_bundle) -> None:

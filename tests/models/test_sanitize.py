@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from otcclip.models.config import DecisionSettings, OTSettings
 from otcclip.models.features import image_features, text_features
 from otcclip.models.manifest import read_manifest
 from otcclip.models.progress import Cancelled
@@ -25,7 +26,7 @@ from otcclip.models.sanitize import (
     sanitize_features,
 )
 
-CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot_iters=30)
+CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot=OTSettings(iters=30))
 
 
 def make_manifest(root: Path, n: int = 24, *, broken: int = 5) -> Path:
@@ -109,7 +110,7 @@ def test_sanitize_features_in_memory(tiny_bundle) -> None:
     with torch.no_grad():
         fi = image_features(model, torch.randn(12, 3, 16, 16))
         ft = text_features(model, tiny_bundle.tokenizer([f"caption {i}" for i in range(12)]))
-    d = sanitize_features(fi, ft, config=SanitizeConfig(k=3, device="cpu", ot_iters=20))
+    d = sanitize_features(fi, ft, config=SanitizeConfig(k=3, device="cpu", ot=OTSettings(iters=20)))
     tab = d.to_arrow()
     assert tab.num_rows == 12
     new = np.array(tab.column("new_caption_index").to_pylist())
@@ -123,5 +124,5 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="alpha"):
         SanitizeConfig(alpha=2)
     with pytest.raises(ValueError, match="unknown detectors"):
-        SanitizeConfig(detectors=("magic",))
-    assert SanitizeConfig(detectors=["density"]).to_dict()["detectors"] == ["density"]  # type: ignore[arg-type]
+        SanitizeConfig(decisions=DecisionSettings(detectors=("magic",)))
+    assert SanitizeConfig(decisions=DecisionSettings(detectors=["density"])).to_dict()["decisions"]["detectors"] == ["density"]  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ def test_swapped_captions_are_reassigned_to_their_true_class(tmp_path: Path, cif
 
     clean = cifar10_manifest(cifar_zip, tmp_path / "data", split="train", per_class=200, seed=0, classes=CLASSES)
     run = train(read_manifest(clean), tmp_path / "run", config=TrainConfig(
-        model="otc-micro", defense="none", epochs=20, batch_size=64, lr=2e-3, device="cpu", seed=0))
+        model="otc-micro", defence="none", epochs=20, batch_size=64, lr=2e-3, device="cpu", seed=0))
     swapped_ids = _swap_captions(clean, tmp_path / "data" / "swapped.csv", rate=0.1, seed=0)
     man = read_manifest(tmp_path / "data" / "swapped.csv")
     bundle = load_checkpoint(run.final_checkpoint, device=torch.device("cpu"))

@@ -50,7 +50,7 @@ def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "epoch_001" / "train_state.pt").is_file()
     assert (tmp_path / "checkpoints" / "epoch_002" / "open_clip_config.json").is_file()
     bundle = load_checkpoint(res.final_checkpoint)
-    assert bundle.extra["defense"] == "none"
+    assert bundle.extra["defence"] == "none"
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and [x["epoch"] for x in seen] == [1, 2]
     assert all(x["loss"] > 0 and x["time_s"] > 0 for x in lines)
@@ -60,12 +60,12 @@ def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("defense", "cut"),
+    ("defence", "cut"),
     # otcclip restarts after its first pass (epoch 1): cut at the restart and after it
     [("none", 2), ("roclip", 2), ("otcclip", 1), ("otcclip", 3)],
 )
-def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defense: str, cut: int) -> None:
-    cfg = _cfg(defense=defense)
+def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defence: str, cut: int) -> None:
+    cfg = _cfg(defence=defence)
     full = train(small_manifest, tmp_path / "full", config=cfg)
 
     stop = {"now": False}
@@ -85,7 +85,7 @@ def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defen
     la = [json.loads(x)["loss"] for x in full.metrics_path.read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in resumed.metrics_path.read_text().splitlines()]
     assert la == lb
-    if defense == "roclip":
+    if defence == "roclip":
         assert (tmp_path / "cut" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
 
 
@@ -94,7 +94,7 @@ def test_otcclip_restarts_from_the_initial_weights_after_its_first_pass(small_ma
     pass the model, optimiser and schedule start again."""
     init = tmp_path / "init"
     train(small_manifest, init, config=_cfg(epochs=1, lr=1e-12, lr_warmup_steps=0))  # ~ the seed's initial weights
-    res = train(small_manifest, tmp_path / "r", config=_cfg(defense="otcclip", epochs=2, checkpoint_every=1))
+    res = train(small_manifest, tmp_path / "r", config=_cfg(defence="otcclip", epochs=2, checkpoint_every=1))
     assert res.epochs_done == 3
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
@@ -108,7 +108,7 @@ def test_otcclip_restarts_from_the_initial_weights_after_its_first_pass(small_ma
     k = "visual.proj"
     assert torch.dist(w1[k], wi[k]) == pytest.approx(torch.dist(w0[k], wi[k]), rel=0.5)
     assert torch.dist(w1[k], w0[k]) > 0.5 * torch.dist(w0[k], wi[k])
-    kept = train(small_manifest, tmp_path / "k", config=_cfg(defense="otcclip", epochs=2, restart=False))
+    kept = train(small_manifest, tmp_path / "k", config=_cfg(defence="otcclip", epochs=2, restart=False))
     assert kept.epochs_done == 2 and not any("restart" in json.loads(x) for x in kept.metrics_path.read_text().splitlines())
     assert w2.keys() == wi.keys()
 
@@ -118,9 +118,9 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
     import pyarrow.parquet as pq
 
     cfg = _cfg(
-        defense="otcclip", epochs=4, reassign="drop", drop_reasons=(), score_rematch=True,
+        defence="otcclip", epochs=4, reassign="drop", drop_reasons=(), score_rematch=True,
         sticky_reasons=("low_own_score", "better_caption", "no_plausible_caption", "density"),
-        sanitize={"detectors": ("density",), "k": 8},
+        sanitize={"decisions": {"detectors": ("density",)}, "k": 8},
     )
     train(small_manifest, tmp_path, config=cfg)
     passes = [pq.read_table(tmp_path / "rematch" / f"epoch_{e:03d}" / "decisions.parquet").to_pydict() for e in (1, 2, 3)]
@@ -136,7 +136,7 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
 def test_otcclip_passes_thin_out_while_they_change_nothing(small_manifest: Path, tmp_path: Path) -> None:
     """After a pass that changes no verdict the interval doubles (up to rematch_backoff x K);
     after one that changes any, it is K again. rematch_backoff=1 is the fixed schedule."""
-    cfg = _cfg(defense="otcclip", epochs=8, rematch_every=1, rematch_backoff=4, checkpoint_every=4)
+    cfg = _cfg(defence="otcclip", epochs=8, rematch_every=1, rematch_backoff=4, checkpoint_every=4)
     res = train(small_manifest, tmp_path / "b", config=cfg)
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     passes = [(x["epoch"] - 1, x["rematch_changed"], x["next_rematch"]) for x in lines if "rematch" in x]
@@ -171,19 +171,19 @@ def test_resume_rejects_changed_config(small_manifest: Path, tmp_path: Path) -> 
 
 
 def test_each_defence_gets_its_own_schedule_unless_set() -> None:
-    assert (TrainConfig(defense="otcclip").warmup_epochs, TrainConfig(defense="otcclip").rematch_every) == (1, 4)
+    assert (TrainConfig(defence="otcclip").warmup_epochs, TrainConfig(defence="otcclip").rematch_every) == (1, 4)
     for d in ("none", "roclip", "safeclip"):
-        c = TrainConfig(defense=d)
+        c = TrainConfig(defence=d)
         assert (c.warmup_epochs, c.rematch_every) == (2, 2)
-    c = TrainConfig(defense="otcclip", warmup_epochs=3, rematch_every=2)
+    c = TrainConfig(defence="otcclip", warmup_epochs=3, rematch_every=2)
     assert (c.warmup_epochs, c.rematch_every) == (3, 2)
     with pytest.raises(ValueError, match="warmup_epochs"):
         TrainConfig(warmup_epochs=-2)
 
 
 def test_bad_config_is_rejected() -> None:
-    with pytest.raises(ValueError, match="defense"):
-        TrainConfig(defense="magic")
+    with pytest.raises(ValueError, match="defence"):
+        TrainConfig(defence="magic")
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="reassign"):

@@ -72,7 +72,7 @@ class Api:
 
 
 SANITIZE = {"model": "otc-micro", "k": 4, "shard_size": 16, "device": "cpu", "batch_size": 64}
-TRAIN = {"model": "otc-micro", "defense": "none", "epochs": 1, "batch_size": 16, "device": "cpu", "lr_warmup_steps": 1}
+TRAIN = {"model": "otc-micro", "defence": "none", "epochs": 1, "batch_size": 16, "device": "cpu", "lr_warmup_steps": 1}
 
 
 @pytest.fixture(scope="module")

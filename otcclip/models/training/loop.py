@@ -142,7 +142,7 @@ def train(
         device=device,
         run_dir=run_dir,
     )
-    defence = DEFENCE_CLASSES[config.defense](ctx)
+    defence = DEFENCE_CLASSES[config.defence](ctx)
     usable = torch.nonzero(images.trainable, as_tuple=False).flatten()
     n = int(usable.numel())
     if n < 2:
@@ -182,7 +182,7 @@ def train(
     _atomic_json_lines(metrics_path, old)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    meta = {"defense": config.defense, "seed": config.seed, "train_manifest": str(rows.path)}
+    meta = {"defence": config.defence, "seed": config.seed, "train_manifest": str(rows.path)}
     model.train()
     for epoch in range(start_epoch, total_epochs):
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.config.ot import OTSettings
 from otcclip.models.ot import ot_distance
 
 
@@ -95,8 +96,7 @@ def ot_distances(
     *,
     x_mask: torch.Tensor | None = None,
     y_mask: torch.Tensor | None = None,
-    reg: float = 0.05,
-    iters: int = 50,
+    settings: OTSettings,
 ) -> torch.Tensor:
     """Per-pair entropic OT distance between local sets, differentiable in ``x`` and ``y``.
 
@@ -111,7 +111,7 @@ def ot_distances(
     """
     if x.shape[0] == 0:
         return x.sum(dim=(1, 2)) * 0.0
-    res = ot_distance(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, max_iter=iters)
+    res = ot_distance(x, y, settings=settings, x_mask=x_mask, y_mask=y_mask)
     return res.distance
 
 
@@ -121,11 +121,10 @@ def ot_alignment_loss(
     *,
     x_mask: torch.Tensor | None = None,
     y_mask: torch.Tensor | None = None,
-    reg: float = 0.05,
-    iters: int = 50,
+    settings: OTSettings,
 ) -> torch.Tensor:
     """Mean OT distance over the batch (``L_inter`` / ``L_intra``); 0 for an empty batch."""
-    d = ot_distances(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, iters=iters)
+    d = ot_distances(x, y, x_mask=x_mask, y_mask=y_mask, settings=settings)
     return d.mean() if d.numel() else d.sum()
 
 
@@ -137,8 +136,7 @@ def ot_contrastive_loss(
     y_mask: torch.Tensor | None = None,
     negatives: int = 3,
     temperature: float = 0.1,
-    reg: float = 0.05,
-    iters: int = 50,
+    settings: OTSettings,
 ) -> torch.Tensor:
     """InfoNCE over negative OT distances: ``x[i]``'s partner ``y[i]`` against ``y[i - s]``.
 
@@ -163,10 +161,10 @@ def ot_contrastive_loss(
     b = x.shape[0]
     k = min(negatives, b - 1)
     if k <= 0:
-        return ot_alignment_loss(x, y, x_mask=x_mask, y_mask=y_mask, reg=reg, iters=iters)
+        return ot_alignment_loss(x, y, x_mask=x_mask, y_mask=y_mask, settings=settings)
     xs = x.repeat(k + 1, 1, 1)
     ys = torch.cat([y.roll(s, dims=0) for s in range(k + 1)])
     xm = None if x_mask is None else x_mask.repeat(k + 1, 1)
     ym = None if y_mask is None else torch.cat([y_mask.roll(s, dims=0) for s in range(k + 1)])
-    d = ot_distances(xs, ys, x_mask=xm, y_mask=ym, reg=reg, iters=iters).view(k + 1, b).t()  # (B, 1 + k)
+    d = ot_distances(xs, ys, x_mask=xm, y_mask=ym, settings=settings).view(k + 1, b).t()  # (B, 1 + k)
     return F.cross_entropy(-d / temperature, torch.zeros(b, dtype=torch.long, device=x.device))

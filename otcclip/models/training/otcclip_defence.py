@@ -200,8 +200,7 @@ class OtcClip(OtcClipPasses):
             y_mask=y_mask,
             negatives=c.ot_negatives,
             temperature=c.ot_temperature,
-            reg=c.ot_reg,
-            iters=c.ot_iters,
+            settings=c.ot,
         )
 
 

@@ -16,18 +16,15 @@ pairs are trained is in :mod:`otcclip.models.training.otcclip_defence`.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from otcclip.models.config.training import SCORE_REASONS
 from otcclip.models.decisions import Decisions
-from otcclip.models.training.config import (
-    SCORE_REASONS,
-    TRAINER_LEAN_K,
-    TRAINER_SANITIZE,
-)
 from otcclip.models.training.defences import Context, Defence
 from otcclip.models.triggers import (
     TEMPLATE_KINDS,
@@ -112,21 +109,12 @@ class OtcClipPasses(Defence):
         if not self.is_rematch_epoch(epoch):
             return {}
         before = (self.active.clone(), self.match.clone())
-        from otcclip.models.sanitize import SanitizeConfig, sanitize_features
+        from otcclip.models.sanitize import sanitize_features
 
         c = self.ctx.config
         img, txt = self.encode_all(local=True)
-        lean = {} if c.score_rematch else {"k": TRAINER_LEAN_K}
-        cfg = SanitizeConfig(
-            **{
-                "device": self.ctx.device.type,
-                "seed": c.seed,
-                **TRAINER_SANITIZE,
-                **lean,
-                **c.sanitize,
-            }
-        )
-        purified = self.encode_purified() if "trigger_sensitivity" in cfg.detectors else None
+        cfg = replace(c.sanitize, device=self.ctx.device.type, seed=c.seed)
+        purified = self.encode_purified() if "trigger_sensitivity" in cfg.decisions.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
         action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
         reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]

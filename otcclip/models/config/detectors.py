@@ -1,0 +1,98 @@
+"""Settings of the detectors of poisoned pairs and of the decision step.
+
+Each detector is a registered unit that owns its name and its settings
+(:data:`DETECTOR_SETTINGS`); the functions that compute its flags are registered under
+the same name in :mod:`otcclip.models.detectors`. :class:`DecisionSettings` holds one
+settings object per detector, the enabled detectors and the decision thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otcclip.models.config.base import Settings, check, setting
+
+
+@dataclass(frozen=True)
+class ImageBurstSettings(Settings):
+    """``image_burst``: one image (near-duplicates) under many distinct captions (targeted poisoning)."""
+
+    dup_threshold: float = setting(0.97, "cosine at or above which two images are near-duplicates", ge=-1, le=1)
+    dup_relative: float = setting(0.1, "...and cosine distance at most this share of the median nearest-neighbour distance",
+                                  ge=0, le=1)
+    burst_min: int = setting(5, "distinct captions on one image (with its near-duplicates) that make a burst", ge=2)
+    knn: int = setting(10, "neighbours searched per image (at least 2 x burst_min)", ge=1, le=1000)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True)
+class DensitySettings(Settings):
+    """``density``: outliers of the joint image-caption embedding (k-distance)."""
+
+    knn: int = setting(10, "neighbour whose distance measures density", ge=1, le=1000)
+    outlier_z: float = setting(4.0, "robust z of the k-distance above which a pair is an outlier", gt=0)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True)
+class CaptionBurstSettings(Settings):
+    """``caption_burst``: a caption repeated on many images, on an image unlike the others."""
+
+    burst_min: int = setting(5, "images sharing one caption text that form a group", ge=2)
+    outlier_z: float = setting(4.0, "robust z below -this of an image's similarity to its group's mean", gt=0)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+@dataclass(frozen=True)
+class TriggerSensitivitySettings(Settings):
+    """``trigger_sensitivity``: the own-caption score collapses on a purified view of the image."""
+
+    z: float = setting(4.0, "robust z of the score drop on a purified view that flags a pair", gt=0)
+    knn: int = setting(0, "caption neighbours of the crowding test (0: off, flag on z alone)", ge=0, le=10_000)
+    enrichment_z: float = setting(3.0, "binomial z of sensitive pairs among the neighbours that makes a crowded region",
+                                  gt=0)
+    region_z: float = setting(2.0, "inside a crowded region, the drop z that flags a pair", gt=0)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+#: Every detector's settings class, by name, in the order decisions report them.
+DETECTOR_SETTINGS: dict[str, type] = {
+    "image_burst": ImageBurstSettings,
+    "density": DensitySettings,
+    "caption_burst": CaptionBurstSettings,
+    "trigger_sensitivity": TriggerSensitivitySettings,
+}
+DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
+
+
+@dataclass(frozen=True)
+class DecisionSettings(Settings):
+    """Thresholds of the decision step and the detectors it runs (:func:`~otcclip.models.decisions.decide_pairs`)."""
+
+    p_clean_threshold: float = setting(0.5, "GMM posterior of the clean component below which a score is suspicious",
+                                       ge=0, le=1)
+    margin_z: float = setting(3.0, "re-assign when the best caption beats the own one by this many robust std", ge=0)
+    low_margin_z: float = setting(1.0, "...or by this many when the own score is suspicious", ge=0)
+    gmm_sample: int = setting(200_000, "own-pair scores sampled to fit the two-component GMM", ge=100)
+    detectors: tuple[str, ...] = setting(DETECTORS, "enabled detectors", item_choices=DETECTORS)
+    image_burst: ImageBurstSettings = setting(ImageBurstSettings(), "image_burst detector")
+    density: DensitySettings = setting(DensitySettings(), "density detector")
+    caption_burst: CaptionBurstSettings = setting(CaptionBurstSettings(), "caption_burst detector")
+    trigger_sensitivity: TriggerSensitivitySettings = setting(TriggerSensitivitySettings(), "trigger_sensitivity detector")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def detector(self, name: str) -> object:
+        """The settings object of detector ``name``."""
+        if name not in DETECTOR_SETTINGS:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+        return getattr(self, name)
