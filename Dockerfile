@@ -2,8 +2,8 @@
 # Two targets, both installed from the lock (requirements/lock-cpu.txt as pip constraints,
 # so every package, direct or transitive, gets the version the tests ran with; `pip check`
 # fails the build on any inconsistency):
-#   api    - the FastAPI server and the cpu queue: CPU-only torch wheels (torch==2.14.1+cpu
-#            from PyTorch's CPU index satisfies the lock's torch==2.14.1), no CUDA at all.
+#   api    - the FastAPI server and the cpu queue: CPU-only torch wheels (2.14.1+cpu from
+#            PyTorch's CPU index satisfies the lock's torch==2.14.1), no CUDA at all.
 #   worker - the gpu and train queues: PyPI's torch 2.14.1 wheel with its CUDA 13 runtime
 #            wheels (the nvidia-*-cu13 pins of the lock).
 # One CUDA stack: torch's. FAISS is faiss-cpu in both images: PyPI's faiss-gpu 1.15.1 is
@@ -27,9 +27,11 @@ COPY pyproject.toml README.md ./
 COPY otcclip ./otcclip
 
 FROM base AS api
-# CPU wheels only: the API validates manifests (pyarrow, PIL) but never needs CUDA.
-RUN pip install --no-cache-dir --constraint requirements/lock-cpu.txt \
-        --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
+# CPU wheels only: the API validates manifests (pyarrow, PIL) but never needs CUDA. torch
+# and torchvision alone come from PyTorch's CPU index (versions from the lock); their
+# dependencies come from PyPI, pinned, with the package in the second step.
+RUN pip install --no-cache-dir --no-deps --constraint requirements/lock-cpu.txt \
+        --index-url https://download.pytorch.org/whl/cpu torch torchvision \
  && pip install --no-cache-dir --constraint requirements/lock-cpu.txt ".[cpu]" \
  && pip check
 USER 1000:1000
