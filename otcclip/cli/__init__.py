@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import pkgutil
 import sys
 from collections.abc import Sequence
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class CliError(Exception):

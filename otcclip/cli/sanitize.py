@@ -23,7 +23,11 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("manifest", type=Path, help="csv/tsv/jsonl/parquet manifest or WebDataset .tar / dir")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (open_clip_config.json + weights)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint directory (open_clip_config.json + weights)")
+    p.add_argument("--model", default=None,
+                   help="instead of --checkpoint: an open_clip model name (ViT-B-32, hf-hub:org/repo) with --pretrained")
+    p.add_argument("--pretrained", default=None,
+                   help="pretrained tag of --model (laion2b_s34b_b79k, openai) or a weights file (.safetensors/.bin/.pt)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--images", type=Path, default=None, help="image directory or .zip/.tar/.tar.gz archive (default: beside the manifest)")
     p.add_argument("--work-dir", type=Path, default=None, help="spill feature/score shards here (re-runs reuse them)")
@@ -36,8 +40,17 @@ def run(args: argparse.Namespace) -> int:
     config = settings_from_args(args, SanitizeConfig)
     if not args.manifest.exists():
         raise CliError(f"{args.manifest}: manifest not found")
-    if not (args.checkpoint / "open_clip_config.json").is_file():
+    if (args.checkpoint is None) == (args.model is None):
+        raise CliError("give either --checkpoint DIR or --model NAME --pretrained TAG|PATH")
+    if args.checkpoint is not None and not (args.checkpoint / "open_clip_config.json").is_file():
         raise CliError(f"{args.checkpoint}: not a checkpoint directory (no open_clip_config.json)")
+    if args.model is not None:
+        from otcclip.models.model_names import UnknownModelError, validate_model_name
+
+        try:
+            validate_model_name(args.model)
+        except UnknownModelError as e:
+            raise CliError(str(e)) from e
     if args.images is not None and not args.images.exists():
         raise CliError(f"{args.images}: image directory or archive not found")
     if args.out.exists() and not args.out.is_dir():
@@ -61,10 +74,18 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     if len(manifest) == 0:
         raise CliError(f"{args.manifest}: no rows to sanitize")
-    try:
-        bundle = load_checkpoint(args.checkpoint, device=device)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CliError(f"{args.checkpoint}: cannot load checkpoint: {e}") from e
+    if args.model is not None:
+        from otcclip.models.factory import load_pretrained
+
+        try:
+            bundle = load_pretrained(args.model, args.pretrained, device=device)
+        except ValueError as e:
+            raise CliError(str(e)) from e
+    else:
+        try:
+            bundle = load_checkpoint(args.checkpoint, device=device)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise CliError(f"{args.checkpoint}: cannot load checkpoint: {e}") from e
 
     bars: dict[str, Any] = {}
 
@@ -79,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     result = sanitize(manifest, bundle, config=config, work_dir=args.work_dir, progress=progress)
-    model_info = {"name": bundle.name, "checkpoint": str(args.checkpoint.resolve()),
+    model_info = {"name": bundle.name, "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
+                  "pretrained": args.pretrained if args.model else None,
                   "embed_dim": bundle.model_cfg.get("embed_dim"), "device": str(device)}
     files = write_outputs(manifest, result.decisions, args.out, config=config, model_info=model_info,
                           timings=result.timings, progress=progress)

@@ -5,7 +5,10 @@ Layout (DESIGN section 3)::
     CKPT_DIR/open_clip_config.json      {"model_cfg": {...}, "preprocess_cfg": {...}, "otcclip": {...}}
     CKPT_DIR/open_clip_model.safetensors
 
-Plain open_clip loads it with ``open_clip.create_model_and_transforms("local-dir:CKPT_DIR")``.
+Plain open_clip loads it with ``open_clip.create_model_and_transforms("local-dir:CKPT_DIR")``,
+and :func:`load_checkpoint` loads through that same path, so a folder in open_clip's own
+Hugging Face layout (``open_clip_config.json`` with ``open_clip_pytorch_model.bin`` or
+``open_clip_model.safetensors``, a ``preprocess_cfg`` holding only some keys) loads too.
 Writes are atomic: the directory appears complete or not at all.
 """
 
@@ -17,14 +20,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import safetensors.torch
 import torch
+from open_clip.transform import PreprocessCfg
 
 from otcclip.models.atomic import replace_dir
-from otcclip.models.factory import ClipBundle, _bundle, create_model, resolve_device
+from otcclip.models.factory import ClipBundle, _bundle, _pp_dict, resolve_device
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
+#: Weight files open_clip's ``local-dir:`` loader looks for, in its order of preference.
+WEIGHTS_NAMES = (
+    WEIGHTS_NAME, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+)
 
 
 class CheckpointError(ValueError):
@@ -62,12 +72,19 @@ def save_checkpoint(bundle: ClipBundle, path: str | Path, *, meta: dict[str, Any
     return path
 
 
+def weights_file(path: str | Path) -> Path | None:
+    """The weights file of checkpoint directory ``path`` that open_clip would load, if any."""
+    path = Path(path)
+    return next((path / n for n in WEIGHTS_NAMES if (path / n).is_file()), None)
+
+
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     """Return the parsed ``open_clip_config.json`` of a checkpoint directory."""
     path = Path(path)
     cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file() or not (path / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{path}: not a checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not cfg_file.is_file() or weights_file(path) is None:
+        raise CheckpointError(f"{path}: not a checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                              "or another open_clip weights file)")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
@@ -78,7 +95,11 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = "cpu") -> ClipBundle:
-    """Load a checkpoint directory written by :func:`save_checkpoint` (or by open_clip).
+    """Load a checkpoint directory written by :func:`save_checkpoint` or by open_clip.
+
+    open_clip's ``local-dir:`` loader builds the model and fills in the preprocess config:
+    its defaults, updated by the keys the file's ``preprocess_cfg`` holds, with the size
+    taken from the image tower.
 
     Raises
     ------
@@ -88,15 +109,15 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = "cp
     path = Path(path)
     cfg = read_checkpoint_config(path)
     name = cfg.get("otcclip", {}).get("model_name", path.name)
-    bundle = create_model(name, device="cpu", model_cfg=cfg["model_cfg"])
-    state = safetensors.torch.load_file(str(path / WEIGHTS_NAME))
+    dev = resolve_device(device)
+    local = f"local-dir:{path.resolve()}"
     try:
-        bundle.model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+        model = open_clip.create_model(local, device=dev, require_pretrained=True)
+    except (RuntimeError, AssertionError) as e:  # open_clip asserts on embedding shapes
         raise CheckpointError(f"{path}: weights do not match config: {e}") from e
-    pp_cfg = cfg.get("preprocess_cfg") or bundle.preprocess_cfg
-    bundle.model.visual.preprocess_cfg = pp_cfg
-    model = bundle.model.to(resolve_device(device)).eval()
-    out = _bundle(model, name, cfg["model_cfg"], pp_cfg)
+    except Exception as e:  # config errors, unreadable weights (pickle, safetensors)
+        raise CheckpointError(f"{path}: cannot load the model: {e}") from e
+    pp_cfg = _pp_dict(PreprocessCfg(**model.visual.preprocess_cfg))
+    out = _bundle(model.eval(), name, dict(cfg["model_cfg"]), pp_cfg, tok=open_clip.get_tokenizer(local))
     out.extra.update(cfg.get("otcclip", {}))
     return out

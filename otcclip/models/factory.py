@@ -1,9 +1,13 @@
-"""Build open_clip models from the configs this package ships, never from a hub.
+"""Build open_clip models: randomly initialised presets, or open_clip's pretrained weights.
 
-Every model is created with ``pretrained=None``: weights come from training or from a
-local checkpoint (see :mod:`otcclip.models.checkpoint`). The shipped JSON configs in
+:func:`create_model` builds a model with ``pretrained=None`` (training starts there).
+:func:`load_pretrained` hands a model name and a ``pretrained`` tag, ``hf-hub:`` name or
+weights file to open_clip's own loader (``create_model_and_transforms``), which downloads
+into, or reads from, its cache. This module never forces offline mode: whether the hub
+may be contacted is the caller's environment (``HF_HUB_OFFLINE``). Checkpoint directories
+are loaded by :mod:`otcclip.models.checkpoint`. The shipped JSON configs in
 ``model_configs/`` are registered with open_clip on first use, next to open_clip's own
-standard names (``ViT-B-32`` and friends), which are equally usable offline.
+standard names (``ViT-B-32`` and friends).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from otcclip.models.model_names import HF_HUB_PREFIX, SHIPPED_CONFIG_DIR
+from otcclip.models.model_names import shipped_model_names as shipped_model_names
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+CONFIG_DIR = SHIPPED_CONFIG_DIR
 _registered = False
 
 #: Tokenizer: list of captions -> int64 tensor of shape (N, context_length).
@@ -36,11 +41,6 @@ def register_shipped_configs() -> None:
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
-
-
-def shipped_model_names() -> list[str]:
-    """Names of the configs this package ships (the tiny CPU presets)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def available_model_names() -> list[str]:
@@ -170,12 +170,17 @@ def _pp_dict(pp: Any) -> dict[str, Any]:
     return d
 
 
-def _bundle(model: Any, name: str, cfg: dict[str, Any], pp_cfg: dict[str, Any]) -> ClipBundle:
-    pp = PreprocessCfg(**{**pp_cfg, "size": pp_cfg["size"]})
+def _bundle(model: Any, name: str, cfg: dict[str, Any], pp_cfg: dict[str, Any], *, tok: Any = None) -> ClipBundle:
+    """Wrap ``model`` with transforms built from ``pp_cfg`` and a tokenizer.
+
+    ``tok`` is an open_clip tokenizer; by default the simple BPE tokenizer at the text
+    tower's context length (what every shipped preset uses).
+    """
+    pp = PreprocessCfg(**pp_cfg)
     preprocess = image_transform_v2(pp, is_train=False)
     preprocess_train = image_transform_v2(pp, is_train=True)
-    ctx = int(cfg["text_cfg"].get("context_length", 77))
-    tok = open_clip.SimpleTokenizer(context_length=ctx)
+    if tok is None:
+        tok = open_clip.SimpleTokenizer(context_length=int(cfg["text_cfg"].get("context_length", 77)))
 
     def tokenizer(texts: list[str]) -> torch.Tensor:
         return tok(list(texts))
@@ -189,3 +194,138 @@ def _bundle(model: Any, name: str, cfg: dict[str, Any], pp_cfg: dict[str, Any]) 
         preprocess_train=preprocess_train,
         tokenizer=tokenizer,
     )
+
+
+class ModelLoadError(ValueError):
+    """A model name with pretrained weights that cannot be loaded (unknown, unreachable, unfit)."""
+
+
+#: Suffixes of weight files ``pretrained`` may name (open_clip reads all of them).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_cache_dir(name: str, pretrained: str | None, *, cache_dir: str | Path | None = None) -> Path:
+    """Where open_clip looks for (and downloads) the weights of ``name`` + ``pretrained``.
+
+    ``hf-hub:`` names and tags hosted on the Hugging Face Hub live in the hub cache
+    (``cache_dir`` or ``HF_HUB_CACHE``) under ``models--<org>--<repo>``; tags with a plain
+    download URL in ``cache_dir`` or ``~/.cache/clip``.
+    """
+    import huggingface_hub.constants
+
+    hub_root = Path(cache_dir) if cache_dir else Path(huggingface_hub.constants.HF_HUB_CACHE)
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX):]
+    else:
+        cfg = open_clip.get_pretrained_cfg(name.replace("/", "-"), pretrained or "") or {}
+        if cfg.get("hf_hub"):
+            repo = os.path.split(cfg["hf_hub"])[0]
+        else:
+            return Path(cache_dir) if cache_dir else Path(os.path.expanduser("~/.cache/clip"))
+    return hub_root / ("models--" + repo.replace("/", "--"))
+
+
+def _model_cfg(name: str, *, cache_dir: str | Path | None) -> dict[str, Any]:
+    """The open_clip model config of a plain or ``hf-hub:`` name (read from the cache for the latter)."""
+    if name.startswith(HF_HUB_PREFIX):
+        import json
+
+        from open_clip.pretrained import download_pretrained_from_hf
+
+        path = download_pretrained_from_hf(name[len(HF_HUB_PREFIX):], filename="open_clip_config.json",
+                                           cache_dir=str(cache_dir) if cache_dir else None)
+        with open(path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+        return dict(cfg.get("model_cfg", cfg))
+    return get_model_config(name.replace("/", "-"))
+
+
+def load_pretrained(
+    name: str,
+    pretrained: str | Path | None = None,
+    *,
+    device: str | torch.device | None = "cpu",
+    cache_dir: str | Path | None = None,
+) -> ClipBundle:
+    """Load an open_clip model with pretrained weights through open_clip's own loader.
+
+    Parameters
+    ----------
+    name : str
+        An open_clip config name (``ViT-B-32``), a shipped preset (``otc-micro``) or
+        ``hf-hub:org/repo`` (config and weights from that repository).
+    pretrained : str or Path, optional
+        A pretrained tag of ``name`` (``laion2b_s34b_b79k``, ``openai``) or a local weights
+        file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``: a state dict, optionally under
+        ``"state_dict"``). Required unless ``name`` is an ``hf-hub:`` name, which ignores it.
+    device : str or torch.device, optional
+        Target device; ``"auto"`` picks CUDA when present.
+    cache_dir : str or Path, optional
+        open_clip's download cache (default: the Hugging Face Hub cache, or ``~/.cache/clip``
+        for URL-hosted tags).
+
+    Returns
+    -------
+    ClipBundle
+        The model in eval mode, open_clip's merged preprocess config and its tokenizer;
+        ``extra`` holds ``model_name`` and ``pretrained``.
+
+    Raises
+    ------
+    ModelLoadError
+        Unknown name or tag, a weights file that does not fit the architecture, or weights
+        that are neither cached nor downloadable; the message names the model, the tag and
+        the directory where the weights are expected.
+    """
+    register_shipped_configs()
+    hub = name.startswith(HF_HUB_PREFIX)
+    tag = None if hub or pretrained is None else str(pretrained)
+    if not hub:
+        try:
+            get_model_config(name.replace("/", "-"))
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
+        if not tag:
+            raise ModelLoadError(
+                f"model {name!r}: pretrained weights are required (a tag such as "
+                f"{_tags_hint(name)}, or a weights file)"
+            )
+    is_file = tag is not None and not open_clip.get_pretrained_cfg(name.replace("/", "-"), tag)
+    if is_file and tag is not None:
+        if not Path(tag).is_file():
+            raise ModelLoadError(
+                f"model {name!r}: pretrained {tag!r} is neither a known tag ({_tags_hint(name)}) "
+                "nor an existing weights file"
+            )
+        if not tag.endswith(WEIGHT_SUFFIXES):
+            raise ModelLoadError(f"model {name!r}: weights file {tag!r} must end in {', '.join(WEIGHT_SUFFIXES)}")
+    dev = resolve_device(device)
+    cache = str(cache_dir) if cache_dir else None
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(
+            name, pretrained=tag, cache_dir=cache, device=dev, require_pretrained=True
+        )
+        model_cfg = _model_cfg(name, cache_dir=cache)
+        tok = open_clip.get_tokenizer(name, cache_dir=cache)
+    except Exception as e:  # open_clip, torch.load, safetensors and the hub client raise many types
+        if is_file:
+            raise ModelLoadError(f"model {name!r}: weights file {tag!r} does not fit this architecture: {e}") from e
+        where = weights_cache_dir(name, tag, cache_dir=cache_dir)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        raise ModelLoadError(
+            f"cannot load model {name!r} with pretrained {tag or '(from the hub repository)'!r}: the weights "
+            f"are not cached in {where} and could not be downloaded"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' (is the Hugging Face Hub reachable?)'}. "
+            "Fetch them on a machine with network access into that directory, or pass a local "
+            f"weights file as pretrained. Cause: {e}"
+        ) from e
+    pp_cfg = _pp_dict(PreprocessCfg(**model.visual.preprocess_cfg))
+    model.eval()
+    out = _bundle(model, name, model_cfg, pp_cfg, tok=tok)
+    out.extra.update({"model_name": name, "pretrained": tag})
+    return out
+
+
+def _tags_hint(name: str) -> str:
+    tags = open_clip.list_pretrained_tags_by_model(name.replace("/", "-"))
+    return ", ".join(repr(t) for t in tags[:6]) if tags else "none are published for this name"

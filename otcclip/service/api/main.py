@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from otcclip.service.api.routes import artifacts, datasets, health, jobs
+from otcclip.service.api.routes import artifacts, checkpoints, datasets, health, jobs
 from otcclip.service.core.config import Settings, get_settings
 from otcclip.service.storage import Storage
 
@@ -29,7 +29,7 @@ def create_app(settings: Settings | None = None, *, celery: Any = None) -> FastA
     app.state.settings = settings
     app.state.storage = Storage(settings.storage_root)
     app.state.celery = celery or make_celery(settings)
-    for r in (health.router, datasets.router, jobs.router, artifacts.router):
+    for r in (health.router, datasets.router, jobs.router, artifacts.router, checkpoints.router):
         app.include_router(r)
 
     @app.exception_handler(HTTPException)
