@@ -49,6 +49,8 @@ def test_nested_overrides_apply_on_top_of_the_field_default() -> None:
     ({"defence": "none", "defense": "none"}, "alias"),
     ({"ot": {"iters": 0}}, "iters"),
     ({"sticky_reasons": ["nope"]}, "sticky_reasons"),
+    ({"model": "../../etc/passwd"}, "model"),
+    ({"model": "ViT-B-32-nonexistent"}, "model"),
 ])
 def test_train_settings_refused(data: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -10,6 +10,7 @@ from otcclip.models.config.base import check, setting
 from otcclip.models.config.evaluation import EvalSettings
 from otcclip.models.config.sanitize import SanitizeConfig, check_device
 from otcclip.models.config.training import TrainConfig
+from otcclip.models.model_names import validate_model_name
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,10 @@ class SanitizeJobSettings(SanitizeConfig):
 
     checkpoint: str | None = setting(None, "artifact id or storage path of a checkpoint (a train job's 'checkpoint')")
     model: str = setting("otc-tiny", "model config name used when no checkpoint is given")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_model_name(self.model)
 
 
 @dataclass(frozen=True)

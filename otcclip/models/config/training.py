@@ -8,6 +8,7 @@ from otcclip.models.config.base import Settings, check, setting
 from otcclip.models.config.detectors import DETECTORS, DecisionSettings, TriggerSensitivitySettings
 from otcclip.models.config.ot import OTSettings
 from otcclip.models.config.sanitize import SanitizeConfig, check_device
+from otcclip.models.model_names import validate_model_name
 
 #: The training defences (``none`` is plain CLIP).
 DEFENCES: tuple[str, ...] = ("none", "roclip", "safeclip", "otcclip")
@@ -101,6 +102,7 @@ class TrainConfig(Settings):
     def __post_init__(self) -> None:
         check(self)
         check_device(self.device)
+        validate_model_name(self.model)
         warmup, every = DEFAULT_SCHEDULE.get(self.defence, (2, 2))
         if self.warmup_epochs == -1:
             object.__setattr__(self, "warmup_epochs", warmup)
