@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from otcclip.cli import CliError
+from otcclip.cli.options import add_settings, settings_from_args
+from otcclip.models.config import EvalSettings
 
 
 def register(subparsers: Any) -> None:
@@ -18,21 +21,20 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--manifest", type=Path, required=True, help="test manifest with image, label")
-    p.add_argument("--target-class", default=None, help="backdoor target class (default: from the trigger file)")
     p.add_argument(
         "--trigger", action="append", default=None,
         help="trigger-*.json from `otcclip poison` (repeatable), or patch|blend with --poison-dir",
     )
     p.add_argument("--poison-dir", type=Path, default=None, help="output directory of `otcclip poison`")
     p.add_argument("--targets", type=Path, default=None, help="targets.csv of a targeted attack")
-    p.add_argument("--no-linear-probe", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--out", type=Path, required=True, help="result JSON")
+    add_settings(p, EvalSettings)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    measured = settings_from_args(args, EvalSettings)
     from otcclip.models.attacks import PoisonError
     from otcclip.models.checkpoint import CheckpointError, load_checkpoint
     from otcclip.models.evaluation import EvalConfig, evaluate
@@ -58,10 +60,8 @@ def run(args: argparse.Namespace) -> int:
             from otcclip.models.factory import resolve_device
 
             bundle.model.to(resolve_device("auto"))
-        cfg = EvalConfig(
-            target_class=args.target_class, trigger=triggers or None, targets=targets,
-            linear_probe=not args.no_linear_probe, seed=args.seed,
-        )
+        cfg = EvalConfig(**{f.name: getattr(measured, f.name) for f in fields(EvalSettings)},
+                         trigger=triggers or None, targets=targets)
         res = evaluate(bundle, args.manifest, config=cfg)
     except (CheckpointError, DataError, PoisonError) as e:
         raise CliError(str(e)) from e

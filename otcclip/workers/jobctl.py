@@ -128,14 +128,18 @@ _BUNDLES: OrderedDict[str, Any] = OrderedDict()
 _MAX_BUNDLES = 2
 
 
-def load_bundle(ctx: JobContext, *, owner_id: str, checkpoint: str | None, model: str, seed: int, device: str) -> tuple[Any, dict[str, Any]]:
+def load_bundle(
+    ctx: JobContext, *, owner_id: str, checkpoint: str | None, model: str, seed: int, device: str,
+    pretrained: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """The model for a job, loaded lazily in this worker child and cached (LRU of 2).
 
-    ``checkpoint`` is an artifact id (a train job's checkpoint) or None for a randomly
-    initialised ``model`` preset.
+    ``checkpoint`` is an artifact id (a train job's or an uploaded checkpoint); without it
+    ``model`` is loaded through open_clip with its ``pretrained`` weights (or an
+    ``hf-hub:`` name), or initialised randomly when neither is given.
     """
     from otcclip.models.checkpoint import load_checkpoint
-    from otcclip.models.factory import create_model, resolve_device
+    from otcclip.models.factory import create_model, load_pretrained, resolve_device
 
     dev = resolve_device(device)
     if checkpoint:
@@ -146,12 +150,20 @@ def load_bundle(ctx: JobContext, *, owner_id: str, checkpoint: str | None, model
             ckpt_dir = ctx.storage.path(art.meta["dir"])
         key = f"ckpt:{checkpoint}:{dev}"
         info: dict[str, Any] = {"name": None, "checkpoint": checkpoint}
+    elif pretrained or model.startswith("hf-hub:"):
+        key = f"pretrained:{model}:{pretrained}:{dev}"
+        info = {"name": model, "pretrained": pretrained, "checkpoint": None}
     else:
         key = f"preset:{model}:{seed}:{dev}"
         info = {"name": model, "checkpoint": None, "random_init": True}
     bundle = _BUNDLES.get(key)
     if bundle is None:
-        bundle = load_checkpoint(ckpt_dir, device=dev) if checkpoint else create_model(model, device=dev, seed=seed)
+        if checkpoint:
+            bundle = load_checkpoint(ckpt_dir, device=dev)
+        elif info.get("random_init"):
+            bundle = create_model(model, device=dev, seed=seed)
+        else:
+            bundle = load_pretrained(model, pretrained, device=dev)
         _BUNDLES[key] = bundle
         while len(_BUNDLES) > _MAX_BUNDLES:
             _BUNDLES.popitem(last=False)

@@ -188,7 +188,7 @@ def sanitize_encode(job_id: str, index: int) -> None:
             shard = crud.get_shard(db, job_id, "encode", index)
             assert shard is not None
             start, stop = shard.start, shard.stop
-        bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model,
+        bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model, pretrained=config.pretrained,
                                 seed=config.seed, device=config.device)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
@@ -239,7 +239,8 @@ def sanitize_finalize(job_id: str) -> None:
         decisions = decide(paths, config=config)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
-            model_info = {"name": None if config.checkpoint else config.model, "checkpoint": config.checkpoint}
+            model_info = {"name": None if config.checkpoint else config.model, "checkpoint": config.checkpoint,
+                          "pretrained": config.pretrained, "random_init": config.random_init}
             files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info)
         finally:
             m.images.close()

@@ -97,7 +97,7 @@ import json, sys, time
 t0 = time.perf_counter()
 from otcclip.service.schemas import validate_settings
 out = {
-    "sanitize": validate_settings("sanitize", {"k": 4, "ot": {"iters": 30}, "decisions": {"margin_z": 2}}),
+    "sanitize": validate_settings("sanitize", {"checkpoint": "abc", "k": 4, "ot": {"iters": 30}, "decisions": {"margin_z": 2}}),
     "train": validate_settings("train", {"defence": "otcclip", "sanitize": {"k": 8}, "lr": 1e-3}),
     "evaluate": validate_settings("evaluate", {"checkpoint": "abc", "classes": ["a", "b"]}),
 }
@@ -107,7 +107,7 @@ print(json.dumps({"torch": "torch" in sys.modules, "faiss": "faiss" in sys.modul
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["torch"] is False and got["faiss"] is False
-    assert got["out"]["sanitize"] == {"k": 4, "ot": {"iters": 30}, "decisions": {"margin_z": 2.0}}
+    assert got["out"]["sanitize"] == {"checkpoint": "abc", "k": 4, "ot": {"iters": 30}, "decisions": {"margin_z": 2.0}}
     assert got["out"]["train"]["sanitize"] == {"k": 8}
 
 
@@ -139,3 +139,18 @@ def test_cli_options_are_generated_from_the_settings() -> None:
     # nothing given: exactly the dataclass defaults
     assert settings_from_args(p.parse_args([]), TrainConfig) == TrainConfig()
     assert {f.name for f in fields(TrainConfig)} >= {"sanitize", "ot", "defence"}
+
+
+@pytest.mark.parametrize("data, match", [
+    ({}, "needs a model with weights"),
+    ({"model": "ViT-B-32"}, "needs a model with weights"),
+    ({"model": "ViT-B-32", "pretrained": "../weights.pt"}, "pretrained"),
+    ({"checkpoint": "abc", "random_init": True}, "not both"),
+    ({"model": "no-such-model", "pretrained": "openai"}, "model"),
+])
+def test_a_sanitize_job_needs_a_model_with_weights(data: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        job_config("sanitize", data)
+    for ok in ({"checkpoint": "abc"}, {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+               {"model": "hf-hub:timm/some-clip"}, {"model": "otc-micro", "random_init": True}):
+        job_config("sanitize", ok)

@@ -71,7 +71,7 @@ class Api:
         return next(a for a in arts if a["name"] == name)
 
 
-SANITIZE = {"model": "otc-micro", "k": 4, "shard_size": 16, "device": "cpu", "batch_size": 64}
+SANITIZE = {"model": "otc-micro", "random_init": True, "k": 4, "shard_size": 16, "device": "cpu", "batch_size": 64}
 TRAIN = {"model": "otc-micro", "defence": "none", "epochs": 1, "batch_size": 16, "device": "cpu", "lr_warmup_steps": 1}
 
 

@@ -107,7 +107,7 @@ def test_upload_then_sanitize(service: Any, tiny_dataset: dict[str, Path], weigh
     ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
     cleaned = []
     for art in (a, b):
-        job = api.wait(api.job("sanitize", ds, {**SANITIZE, "checkpoint": art["id"]}).json()["id"])
+        job = api.wait(api.job("sanitize", ds, {**SANITIZE, "random_init": False, "checkpoint": art["id"]}).json()["id"])
         assert job["state"] == "succeeded", job
         assert sum(job["result"]["counts"]["action"].values()) == 40
         cleaned.append(api.http.get(f"/v1/artifacts/{api.artifact(job['id'], 'cleaned.csv')['id']}").content)
@@ -115,12 +115,12 @@ def test_upload_then_sanitize(service: Any, tiny_dataset: dict[str, Path], weigh
 
     other = Api(service.url, service.create_key("other"))
     ods = other.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
-    assert other.job("sanitize", ods, {**SANITIZE, "checkpoint": a["id"]}).status_code == 422
+    assert other.job("sanitize", ods, {**SANITIZE, "random_init": False, "checkpoint": a["id"]}).status_code == 422
     assert other.http.delete(f"/v1/checkpoints/{a['id']}").status_code == 404
     assert api.http.delete(f"/v1/checkpoints/{a['id']}").status_code == 204
     assert api.http.get(f"/v1/artifacts/{a['id']}/meta").status_code == 404
     assert a["id"] not in _stored(service) and b["id"] in _stored(service)
-    assert api.job("sanitize", ds, {**SANITIZE, "checkpoint": a["id"]}).status_code == 422
+    assert api.job("sanitize", ds, {**SANITIZE, "random_init": False, "checkpoint": a["id"]}).status_code == 422
 
 
 def test_bad_uploads_are_refused_and_leave_nothing(service: Any, weights: dict[str, Any]) -> None:

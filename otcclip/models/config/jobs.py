@@ -3,6 +3,7 @@ its checkpoint), validated by the API at submit time and rebuilt by every task."
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,17 +13,30 @@ from otcclip.models.config.sanitize import SanitizeConfig, check_device
 from otcclip.models.config.training import TrainConfig
 from otcclip.models.model_names import validate_model_name
 
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
 
 @dataclass(frozen=True)
 class SanitizeJobSettings(SanitizeConfig):
     """A sanitize job: the pass's settings and the model that encodes the data."""
 
-    checkpoint: str | None = setting(None, "artifact id or storage path of a checkpoint (a train job's 'checkpoint')")
-    model: str = setting("otc-tiny", "model config name used when no checkpoint is given")
+    checkpoint: str | None = setting(None, "artifact id of a checkpoint (a train job's, or one uploaded to /v1/checkpoints)")
+    model: str = setting("otc-tiny", "open_clip model name used when no checkpoint is given (or hf-hub:org/repo)")
+    pretrained: str | None = setting(None, "pretrained tag of the model (laion2b_s34b_b79k, openai, ...)")
+    random_init: bool = setting(False, "encode with randomly initialised weights (tests and throughput runs only)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_model_name(self.model)
+        if self.pretrained is not None and not _TAG.match(self.pretrained):
+            raise ValueError(f"pretrained must be a tag of the model (letters, digits, '_', '-', '.'), got {self.pretrained!r}")
+        if self.checkpoint and (self.pretrained or self.random_init):
+            raise ValueError("give either checkpoint, or model with pretrained (or random_init), not both")
+        if not (self.checkpoint or self.pretrained or self.model.startswith("hf-hub:") or self.random_init):
+            raise ValueError(
+                "a sanitize job needs a model with weights: checkpoint (a train job's or an uploaded one), "
+                "model with pretrained (a tag such as laion2b_s34b_b79k), or an hf-hub: model"
+            )
 
 
 @dataclass(frozen=True)
