@@ -13,6 +13,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ class HashingWriter:
 
 
 class Storage:
-    """A directory of datasets (``datasets/<id>/``) and job outputs (``jobs/<id>/``)."""
+    """A directory of datasets (``datasets/<id>/``), job outputs (``jobs/<id>/``) and
+    uploads in progress (``uploads/<id>/``, renamed to ``datasets/<id>/`` once valid)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -92,6 +94,31 @@ class Storage:
 
     def job_dir(self, job_id: str) -> Path:
         return self.path(f"jobs/{job_id}")
+
+    def staging_dir(self, upload_id: str) -> Path:
+        """Where an upload is streamed and checked before it becomes a dataset."""
+        return self.path(f"uploads/{upload_id}")
+
+    def clean_staging(self, *, older_than_s: float) -> int:
+        """Remove upload folders untouched for ``older_than_s`` seconds; returns how many.
+
+        A folder's age is that of its newest entry, so an upload still being written is
+        never taken for an orphan.
+        """
+        base = self.path("uploads")
+        if not base.is_dir():
+            return 0
+        now = time.time()
+        removed = 0
+        for d in base.iterdir():
+            try:
+                newest = max([d.lstat().st_mtime, *(p.lstat().st_mtime for p in d.rglob("*"))])
+            except OSError:
+                continue
+            if now - newest >= older_than_s:
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     @contextmanager
     def writer(self, rel: str, *, max_bytes: int | None = None) -> Iterator[HashingWriter]:

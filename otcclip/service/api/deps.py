@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from otcclip.service.core.config import Settings
 from otcclip.service.db import crud
 from otcclip.service.db.models import ApiKey
-from otcclip.service.db.session import session_factory
 from otcclip.service.storage import Storage
 
 
@@ -24,7 +24,12 @@ def get_storage(request: Request) -> Storage:
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    db = session_factory(request.app.state.settings.db_url)()
+    """A session on the API's pool (``app.state.sessions``), committed before the response.
+
+    It connects lazily, in the worker thread of the first query, and gives the connection
+    back at every commit, so a request holds one only while its handler runs.
+    """
+    db = request.app.state.sessions()
     try:
         yield db
         db.commit()
@@ -43,16 +48,24 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
-def get_owner(request: Request, db: DbDep) -> ApiKey:
-    """The API key of ``Authorization: Bearer <key>``; 401 when missing or unknown."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+#: The ``bearer`` security scheme of the OpenAPI document (the check is :func:`get_owner`'s).
+bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="An API key: `otcclip keys create NAME`")
+
+
+def get_owner(db: DbDep, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
+    """The API key of ``Authorization: Bearer <key>``; 401 when missing or unknown.
+
+    The lookup's transaction ends here, so the connection goes back to the pool while
+    the request waits for its handler (an upload streams its body without holding one).
+    """
+    key = credentials.credentials.strip() if credentials is not None else ""
+    if not key:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    row = crud.key_by_plaintext(db, key.strip())
+    row = crud.key_by_plaintext(db, key)
+    db.commit()
     if row is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
     return row

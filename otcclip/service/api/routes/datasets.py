@@ -11,6 +11,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, StorageDep
+from otcclip.service.api.errors import error_responses
+from otcclip.service.api.overload import upload_slot
 from otcclip.service.api.uploads import UploadedFile, parse_upload
 from otcclip.service.core.config import Settings
 from otcclip.service.db import crud
@@ -22,6 +24,22 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".tar")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["manifest"],
+            "properties": {
+                "manifest": {"type": "string", "format": "binary",
+                             "description": f"The manifest ({', '.join(MANIFEST_SUFFIXES)}); a .tar is WebDataset shards"},
+                "images": {"type": "string", "format": "binary",
+                           "description": f"The images the manifest names ({', '.join(ARCHIVE_SUFFIXES)})"},
+                "name": {"type": "string", "maxLength": 300, "description": "A display name (default: the manifest's file name)"},
+            },
+        },
+    }},
+}
 
 
 def _suffix(name: str, allowed: tuple[str, ...]) -> str | None:
@@ -79,36 +97,55 @@ def _unprocessable(message: str, **extra: Any) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": message, **extra})
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
-async def upload_dataset(request: Request, response: Response, db: DbDep, owner: OwnerDep, settings: SettingsDep,
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses=error_responses(401, 413, 415, 422, 503), openapi_extra={"requestBody": UPLOAD_BODY})
+async def upload_dataset(request: Request, response: Response, owner: OwnerDep, settings: SettingsDep,
                          storage: StorageDep) -> Any:
-    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive."""
-    dataset_id = new_id()
-    ddir = storage.dataset_dir(dataset_id)
-    ddir.mkdir(parents=True, exist_ok=True)
-    ok = False
+    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive.
+
+    The body is streamed into a staging folder (no database connection is held), checked
+    in a worker thread, moved to ``datasets/<id>/`` and recorded in one short transaction.
+    Past ``max_concurrent_uploads`` uploads in progress the answer is 503 + ``Retry-After``.
+    """
+    async with upload_slot(request):
+        dataset_id = new_id()
+        staging = storage.staging_dir(dataset_id)
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            form = await parse_upload(request, staging, file_fields=("manifest", "images"),
+                                      max_bytes=settings.max_upload_bytes, max_parts=settings.max_form_parts)
+            if "manifest" not in form.files:
+                form.cleanup()
+                raise _unprocessable("form field 'manifest' (a file) is required")
+            mf, imf = form.files["manifest"], form.files.get("images")
+            _, info = await run_in_threadpool(_validate, settings, staging, mf, imf)
+            ds = Dataset(
+                id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:300],
+                format=info["format"], manifest_path=f"datasets/{dataset_id}/{info['manifest'].name}",
+                images_path=f"datasets/{dataset_id}/{info['images'].name}" if info["images"] else None,
+                n_rows=info["n_rows"], columns={"names": info["columns"]}, sha256=mf.sha256,
+                images_sha256=imf.sha256 if imf else None, size_bytes=mf.size + (imf.size if imf else 0),
+            )
+            out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    response.headers["Location"] = f"/v1/datasets/{dataset_id}"
+    return out
+
+
+def _record(sessions: Any, storage: Any, staging: Path, ds: Dataset) -> DatasetOut:
+    """Move the checked upload into place and insert its row (one short transaction)."""
+    final = storage.dataset_dir(ds.id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
     try:
-        form = await parse_upload(request, ddir, file_fields=("manifest", "images"), max_bytes=settings.max_upload_bytes)
-        if "manifest" not in form.files:
-            form.cleanup()
-            raise _unprocessable("form field 'manifest' (a file) is required")
-        mf, imf = form.files["manifest"], form.files.get("images")
-        _, info = await run_in_threadpool(_validate, settings, ddir, mf, imf)
-        ds = Dataset(
-            id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:300],
-            format=info["format"], manifest_path=storage.rel(info["manifest"]),
-            images_path=storage.rel(info["images"]) if info["images"] else None, n_rows=info["n_rows"],
-            columns={"names": info["columns"]}, sha256=mf.sha256, images_sha256=imf.sha256 if imf else None,
-            size_bytes=mf.size + (imf.size if imf else 0),
-        )
-        db.add(ds)
-        db.flush()
-        ok = True
-        response.headers["Location"] = f"/v1/datasets/{dataset_id}"
-        return _out(ds)
-    finally:
-        if not ok:
-            shutil.rmtree(ddir, ignore_errors=True)
+        with sessions() as db, db.begin():
+            db.add(ds)
+            db.flush()
+            return _out(ds)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
 
 
 def _out(ds: Dataset) -> DatasetOut:

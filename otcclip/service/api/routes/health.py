@@ -9,8 +9,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from otcclip.service.db.session import get_engine
-
 router = APIRouter(tags=["health"])
 
 
@@ -19,10 +17,10 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _check_db(url: str) -> str | None:
+def _check_db(sessions: Any) -> str | None:
     try:
-        with get_engine(url).connect() as conn:
-            conn.execute(text("SELECT 1 FROM alembic_version"))
+        with sessions() as db:
+            db.execute(text("SELECT 1 FROM alembic_version"))
         return None
     except Exception as e:
         return f"database: {type(e).__name__}: {e}"[:300]
@@ -40,7 +38,7 @@ def _check_broker(request: Request) -> str | None:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> Any:
-    problems = [p for p in (await run_in_threadpool(_check_db, request.app.state.settings.db_url),
+    problems = [p for p in (await run_in_threadpool(_check_db, request.app.state.sessions),
                             await run_in_threadpool(_check_broker, request)) if p]
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
