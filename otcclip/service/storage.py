@@ -177,6 +177,8 @@ def tar_directory(src: str | Path, dest: str | Path, *, arcname: str) -> Path:
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: Positions with more digits than this are beyond any file (and beyond ``int()``'s limit).
+_MAX_DIGITS = 18
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -184,23 +186,26 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 
     Returns None for headers this server ignores (multiple ranges, other units: the
     full file is sent with 200). Raises :class:`RangeNotSatisfiable` when the range
-    selects nothing (416).
+    selects nothing (416). Numbers of any length are accepted: a huge start is past the
+    end (416), a huge end or suffix length reaches the end of the file.
     """
     m = _RANGE.match(header.strip())
     if m is None:
         return None
-    a, b = m.group(1), m.group(2)
+    a, b = m.group(1).lstrip("0") or m.group(1)[:1], m.group(2).lstrip("0") or m.group(2)[:1]
     if a == "" and b == "":
         return None
     if a == "":
-        n = int(b)
+        n = int(b) if len(b) <= _MAX_DIGITS else size
         if n == 0 or size == 0:
-            raise RangeNotSatisfiable(f"bytes=-{n} selects nothing in a {size}-byte file")
+            raise RangeNotSatisfiable(f"a suffix range of {n} bytes selects nothing in a {size}-byte file")
         return max(0, size - n), size - 1
-    start = int(a)
-    end = int(b) if b else size - 1
-    if b and end < start:
+    if b and (len(b), b) < (len(a), a):  # last < first (digit strings without leading zeros)
         return None
+    if len(a) > _MAX_DIGITS:
+        raise RangeNotSatisfiable(f"the range starts past the end of a {size}-byte file")
+    start = int(a)
+    end = size - 1 if not b or len(b) > _MAX_DIGITS else int(b)
     if start >= size:
         raise RangeNotSatisfiable(f"range starts at {start}, past the end of a {size}-byte file")
     return start, min(end, size - 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -72,3 +72,7 @@ def get_owner(db: DbDep, credentials: HTTPAuthorizationCredentials | None = Depe
 
 
 OwnerDep = Annotated[ApiKey, Depends(get_owner)]
+
+#: Largest ``offset`` of a listing (a 64-bit database integer cannot take any int a client sends).
+MAX_OFFSET = 2**31 - 1
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip")]

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, StorageDep
+from otcclip.service.api.deps import DbDep, Offset, OwnerDep, SettingsDep, StorageDep
 from otcclip.service.api.errors import error_responses
 from otcclip.service.api.overload import upload_slot
 from otcclip.service.api.uploads import UploadedFile, parse_upload
@@ -162,20 +162,20 @@ def _get(db: Any, owner_id: str, dataset_id: str) -> Dataset:
     return ds
 
 
-@router.get("", response_model=DatasetList)
-def list_datasets(db: DbDep, owner: OwnerDep, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> Any:
+@router.get("", response_model=DatasetList, responses=error_responses(401, 422, 503))
+def list_datasets(db: DbDep, owner: OwnerDep, offset: Offset = 0, limit: int = Query(50, ge=1, le=500)) -> Any:
     rows, total = crud.list_datasets(db, owner.id, offset=offset, limit=limit)
     return DatasetList(total=total, offset=offset, limit=limit, items=[_out(r) for r in rows])
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(401, 404, 422, 503))
 def get_dataset(dataset_id: str, db: DbDep, owner: OwnerDep) -> Any:
     return _out(_get(db, owner.id, dataset_id))
 
 
-@router.get("/{dataset_id}/rows", response_model=RowsOut)
+@router.get("/{dataset_id}/rows", response_model=RowsOut, responses=error_responses(401, 404, 422, 503))
 def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: SettingsDep, storage: StorageDep,
-                 offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=1000)) -> Any:
+                 offset: Offset = 0, limit: int = Query(20, ge=1, le=1000)) -> Any:
     ds = _get(db, owner.id, dataset_id)
     m = open_dataset(settings, storage.root, ds)
     try:
@@ -185,7 +185,8 @@ def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: Settings
         m.images.close()
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses=error_responses(401, 404, 422, 503))
 def delete_dataset(dataset_id: str, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
     ds = _get(db, owner.id, dataset_id)
     db.delete(ds)
