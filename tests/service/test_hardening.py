@@ -105,12 +105,12 @@ def test_job_error_is_one_line_without_server_paths(client, job_and_artifact, ap
         assert "\n" not in err and root not in err and "/opt/" not in err
 
 
-def test_too_many_form_parts_is_413_early(client, app_and_key):
+def test_too_many_form_parts_is_422_early(client, app_and_key):
     boundary = "many"
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="f"\r\n\r\nx\r\n'.encode()
     body = part * 40_000 + f"--{boundary}--\r\n".encode()
     r = client.post("/v1/datasets", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
-    assert r.status_code == 413 and "form parts" in r.json()["message"] and _is_error_model(r.json())
+    assert r.status_code == 422 and "form parts" in r.json()["message"] and _is_error_model(r.json())
     staging = app_and_key[0].state.storage.root / "uploads"
     assert not staging.exists() or not any(staging.iterdir())
 

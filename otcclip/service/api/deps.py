@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -76,3 +77,17 @@ OwnerDep = Annotated[ApiKey, Depends(get_owner)]
 #: Largest ``offset`` of a listing (a 64-bit database integer cannot take any int a client sends).
 MAX_OFFSET = 2**31 - 1
 Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip")]
+
+
+def as_utc(t: datetime) -> datetime:
+    """``t`` with its time zone: SQLite returns naive datetimes, and every stored time is UTC."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+def artifact_out(art: Any) -> Any:
+    """The ``ArtifactOut`` of an artifact row (``created_at`` in UTC, as the schema's date-time)."""
+    from otcclip.service.schemas import ArtifactOut
+
+    out = ArtifactOut.model_validate(art)
+    out.created_at = as_utc(out.created_at)
+    return out

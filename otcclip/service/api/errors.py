@@ -13,13 +13,14 @@ import logging
 import re
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ErrorOut(BaseModel):
 
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 _DESCRIPTIONS = {
+    400: "The body could not be parsed",
     401: "Missing or unknown API key",
     404: "Not found (or owned by another API key)",
     409: "Conflict",
@@ -107,7 +109,7 @@ def _validation_items(errors: Any) -> list[dict[str, Any]]:
     return out
 
 
-_KINDS = {401: "unauthorized", 404: "not_found", 409: "conflict", 410: "gone", 413: "too_large",
+_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 409: "conflict", 410: "gone", 413: "too_large",
           415: "unsupported_media_type", 416: "range_not_satisfiable", 503: "unavailable"}
 
 _LOCKED = re.compile(r"database is locked|database table is locked", re.I)

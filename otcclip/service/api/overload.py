@@ -26,8 +26,13 @@ from fastapi import HTTPException, Request, status
 log = logging.getLogger(__name__)
 
 
+#: Probes an orchestrator must always get an answer from.
+EXEMPT = frozenset({"/healthz", "/readyz"})
+
+
 class LoadShedding:
-    """ASGI middleware: at most ``max_inflight`` HTTP requests at once, else 503.
+    """ASGI middleware: at most ``max_inflight`` HTTP requests at once, else 503
+    (the health probes in :data:`EXEMPT` are always let through).
 
     Parameters
     ----------
@@ -56,7 +61,7 @@ class LoadShedding:
         if not self._limiter_set:
             anyio.to_thread.current_default_thread_limiter().total_tokens = self.threads
             self._limiter_set = True
-        if self.inflight >= self.max_inflight:
+        if self.inflight >= self.max_inflight and scope.get("path") not in EXEMPT:
             log.warning("shedding %s %s: %d requests in flight", scope.get("method"), scope.get("path"), self.inflight)
             await _send_503(send, "the service is overloaded (too many requests in flight); retry later", self.retry_after)
             return

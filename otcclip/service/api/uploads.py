@@ -4,7 +4,7 @@ Starlette's ``request.form()`` spools whole files before the handler runs; this 
 writes each part as it arrives and stops at the cap (413) without buffering. The body is
 read on the event loop in chunks of up to :data:`BATCH_BYTES`; parsing, hashing and
 writing each batch run in a worker thread, so a slow disk never stalls other requests.
-Parts beyond ``max_parts``, part headers beyond :data:`MAX_HEADER_BYTES` and text fields
+Parts beyond ``max_parts`` (422), part headers beyond :data:`MAX_HEADER_BYTES` and text fields
 beyond :data:`MAX_FIELD_BYTES` are refused as soon as they are seen.
 """
 
@@ -64,8 +64,8 @@ async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[st
                        max_parts: int = 8) -> ParsedForm:
     """Parse a ``multipart/form-data`` body into temporary files under ``tmp_dir``.
 
-    Raises HTTPException 413 past ``max_bytes`` (whole request) or ``max_parts`` parts,
-    422 for a malformed body or unexpected file fields, 415 for another content type.
+    Raises HTTPException 413 past ``max_bytes`` (whole request), 422 past ``max_parts``
+    parts, for a malformed body or unexpected file fields, 415 for another content type.
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
@@ -84,7 +84,7 @@ async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[st
         nonlocal parts
         parts += 1
         if parts > max_parts:
-            raise _Refused(status.HTTP_413_CONTENT_TOO_LARGE, f"more than {max_parts} form parts")
+            raise _Refused(status.HTTP_422_UNPROCESSABLE_CONTENT, f"more than {max_parts} form parts")
         state.update(headers={}, hname=b"", hval=b"", hbytes=0, writer=None, fh=None, buf=None, name=None, filename=None)
 
     def _header_bytes(n: int) -> None:

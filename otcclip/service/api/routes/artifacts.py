@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from otcclip.service.api.deps import DbDep, OwnerDep, StorageDep
+from otcclip.service.api.deps import DbDep, OwnerDep, StorageDep, artifact_out
 from otcclip.service.api.errors import error_body, error_responses
 from otcclip.service.db import crud
 from otcclip.service.schemas import ArtifactOut
@@ -23,7 +23,7 @@ def _artifact(db: Any, owner_id: str, artifact_id: str) -> Any:
     return art
 
 
-_BYTES = {"content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}
+_BYTES: dict[str, Any] = {"content": {"*/*": {}}}  # any media type: the artifact's own
 DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "The artifact's bytes", **_BYTES},
     206: {"description": "The requested range of the artifact's bytes", **_BYTES},
@@ -34,7 +34,7 @@ DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/{artifact_id}/meta", response_model=ArtifactOut, responses=error_responses(401, 404, 422, 503))
 def artifact_meta(artifact_id: str, db: DbDep, owner: OwnerDep) -> Any:
-    return ArtifactOut.model_validate(_artifact(db, owner.id, artifact_id))
+    return artifact_out(_artifact(db, owner.id, artifact_id))
 
 
 @router.get("/{artifact_id}", operation_id="download_artifact", response_class=Response, responses=DOWNLOAD_RESPONSES)

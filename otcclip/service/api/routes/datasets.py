@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from otcclip.service.api.deps import DbDep, Offset, OwnerDep, SettingsDep, StorageDep
+from otcclip.service.api.deps import DbDep, Offset, OwnerDep, SettingsDep, StorageDep, as_utc
 from otcclip.service.api.errors import error_responses
 from otcclip.service.api.overload import upload_slot
 from otcclip.service.api.uploads import UploadedFile, parse_upload
@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".tar")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+MAX_NAME_CHARS = 300
 UPLOAD_BODY: dict[str, Any] = {
     "required": True,
     "content": {"multipart/form-data": {
@@ -35,7 +36,7 @@ UPLOAD_BODY: dict[str, Any] = {
                              "description": f"The manifest ({', '.join(MANIFEST_SUFFIXES)}); a .tar is WebDataset shards"},
                 "images": {"type": "string", "format": "binary",
                            "description": f"The images the manifest names ({', '.join(ARCHIVE_SUFFIXES)})"},
-                "name": {"type": "string", "maxLength": 300, "description": "A display name (default: the manifest's file name)"},
+                "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "description": "A display name (default: the manifest's file name)"},
             },
         },
     }},
@@ -118,9 +119,12 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
                 form.cleanup()
                 raise _unprocessable("form field 'manifest' (a file) is required")
             mf, imf = form.files["manifest"], form.files.get("images")
+            if len(form.fields.get("name", "")) > MAX_NAME_CHARS:
+                form.cleanup()
+                raise _unprocessable(f"form field 'name' is longer than {MAX_NAME_CHARS} characters")
             _, info = await run_in_threadpool(_validate, settings, staging, mf, imf)
             ds = Dataset(
-                id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:300],
+                id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:MAX_NAME_CHARS],
                 format=info["format"], manifest_path=f"datasets/{dataset_id}/{info['manifest'].name}",
                 images_path=f"datasets/{dataset_id}/{info['images'].name}" if info["images"] else None,
                 n_rows=info["n_rows"], columns={"names": info["columns"]}, sha256=mf.sha256,
@@ -151,7 +155,7 @@ def _record(sessions: Any, storage: Any, staging: Path, ds: Dataset) -> DatasetO
 def _out(ds: Dataset) -> DatasetOut:
     return DatasetOut(
         id=ds.id, name=ds.name, format=ds.format, n_rows=ds.n_rows, columns=list(ds.columns.get("names", [])),
-        sha256=ds.sha256, images_sha256=ds.images_sha256, size_bytes=ds.size_bytes, created_at=ds.created_at,
+        sha256=ds.sha256, images_sha256=ds.images_sha256, size_bytes=ds.size_bytes, created_at=as_utc(ds.created_at),
     )
 
 

@@ -9,11 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from otcclip.service.api.errors import error_body, error_responses
+
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """Liveness: answered on the event loop, so it never waits behind busy handler threads."""
     return {"status": "ok"}
 
 
@@ -36,10 +39,12 @@ def _check_broker(request: Request) -> str | None:
         return f"broker: {type(e).__name__}: {e}"[:300]
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 async def readyz(request: Request) -> Any:
     problems = [p for p in (await run_in_threadpool(_check_db, request.app.state.sessions),
                             await run_in_threadpool(_check_broker, request)) if p]
     if problems:
-        return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        items = [{"loc": [p.split(":", 1)[0]], "msg": p, "type": "unavailable"} for p in problems]
+        return JSONResponse({**error_body("; ".join(problems), items), "status": "unavailable"}, status_code=503,
+                            headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
     return {"status": "ready"}

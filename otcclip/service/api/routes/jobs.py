@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 
-from otcclip.service.api.deps import DbDep, Offset, OwnerDep
+from otcclip.service.api.deps import DbDep, Offset, OwnerDep, artifact_out
 from otcclip.service.api.errors import error_responses
 from otcclip.service.db import crud
 from otcclip.service.db.models import Job
@@ -76,7 +76,7 @@ _ACCEPTED_HEADERS = {"Location": {"description": "The job's URL", "schema": {"ty
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
              responses={202: {"description": "Queued (or the job of an earlier request with the same Idempotency-Key)",
                               "headers": _ACCEPTED_HEADERS},
-                        **error_responses(401, 409, 422, 503)})
+                        **error_responses(400, 401, 409, 422, 503)})
 def create_job(body: JobCreate, request: Request, response: Response, db: DbDep, owner: OwnerDep,
                idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
     """Queue a job; with ``Idempotency-Key`` a retried POST returns the same job."""
@@ -153,7 +153,7 @@ def cancel_job(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=error_responses(401, 404, 422, 503))
 def job_artifacts(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
     job = _get(db, owner.id, job_id)
-    return [ArtifactOut.model_validate(a) for a in crud.job_artifacts(db, job.id)]
+    return [artifact_out(a) for a in crud.job_artifacts(db, job.id)]
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricOut], responses=error_responses(401, 404, 422, 503))
