@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
             raise _unprocessable(f"{images.filename}: images must be a .zip, .tar or .tar.gz archive", file=images.filename)
         ipath = ddir / f"images{isuf}"
         os.replace(images.path, ipath)
+        ipath = _plain_tar(settings, ipath, images.filename)
     elif msuf != ".tar":
         raise _unprocessable("form field 'images' is required: a zip or tar archive holding the manifest's images",
                              file=manifest.filename)
@@ -85,6 +87,28 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
     finally:
         m.images.close()
     return m, info
+
+
+def _plain_tar(settings: Settings, path: Path, client_name: str) -> Path:
+    """A compressed tar stored as a plain ``images.tar`` (decompressed once, here, with the
+    size and ratio caps checked while streaming), so no later open decompresses it again."""
+    from otcclip.models.images import ArchiveError
+    from otcclip.models.stores import compression_of, decompress_tar
+
+    try:
+        opener = compression_of(path)
+        if opener is None or zipfile.is_zipfile(path):
+            return path
+        partial = path.with_name(".images.tar.partial")
+        with open(partial, "wb") as fh:
+            decompress_tar(path, fh, limits=archive_limits(settings), opener=opener)
+    except ArchiveError as e:
+        raise _unprocessable(_scrub(str(e), {str(path): client_name}), file=client_name) from e
+    plain = path.with_name("images.tar")
+    os.replace(partial, plain)
+    if path != plain:
+        path.unlink()
+    return plain
 
 
 def _scrub(text: str, names: dict[str, str]) -> str:
