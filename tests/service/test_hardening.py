@@ -145,3 +145,28 @@ def test_every_error_status_uses_the_error_model(client, app_and_key):
     assert r.status_code == 404 and _is_error_model(r.json())
     r = client.post("/v1/datasets", content=b"x", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and _is_error_model(r.json())
+
+
+def test_rows_with_non_finite_numbers_are_strict_json(client):
+    import io
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        for i in range(3):
+            png = io.BytesIO()
+            Image.new("RGB", (4, 4)).save(png, "PNG")
+            z.writestr(f"{i}.png", png.getvalue())
+    table = pa.table({"image": [f"{i}.png" for i in range(3)], "caption": ["a", "b", "c"],
+                      "score": [float("nan"), float("inf"), 0.5]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    r = client.post("/v1/datasets", files={"manifest": ("m.parquet", buf.getvalue()), "images": ("i.zip", zbuf.getvalue())})
+    assert r.status_code == 201, r.text
+    r = client.get(f"/v1/datasets/{r.json()['id']}/rows")
+    assert r.status_code == 200, r.text
+    assert [row.get("score") for row in r.json()["rows"]] == [None, None, 0.5]

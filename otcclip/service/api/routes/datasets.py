@@ -204,7 +204,9 @@ def get_dataset(dataset_id: str, db: DbDep, owner: OwnerDep) -> Any:
 @router.get("/{dataset_id}/rows", response_model=RowsOut, responses=error_responses(401, 404, 422, 503))
 def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: SettingsDep, storage: StorageDep,
                  offset: Offset = 0, limit: int = Query(20, ge=1, le=1000)) -> Any:
+    """Rows ``offset .. offset+limit`` of the manifest (non-finite numbers are sent as null)."""
     ds = _get(db, owner.id, dataset_id)
+    db.commit()  # the connection goes back to the pool while the manifest is read
     m = open_dataset(settings, storage.root, ds)
     try:
         part = m.table.slice(offset, limit)
@@ -213,11 +215,12 @@ def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: Settings
         m.images.close()
 
 
+
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                responses=error_responses(401, 404, 422, 503))
 def delete_dataset(dataset_id: str, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
     ds = _get(db, owner.id, dataset_id)
     db.delete(ds)
-    db.flush()
+    db.commit()  # the row first (a short write), then the files, outside the transaction
     storage.remove(f"datasets/{dataset_id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
