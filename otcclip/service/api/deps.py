@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -91,3 +94,34 @@ def artifact_out(art: Any) -> Any:
     out = ArtifactOut.model_validate(art)
     out.created_at = as_utc(out.created_at)
     return out
+
+
+class ShortTransactionRoute(APIRoute):
+    """A route whose ``def`` handler commits its ``db`` session before it returns.
+
+    FastAPI runs a ``def`` handler in a worker thread and the session's teardown later, after
+    the response has been serialized on the event loop. Committing at the end of the handler
+    (still in its thread; rolling back when it raises) gives the connection back at once,
+    so the connections in use never exceed the handler threads, however busy the event
+    loop is.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint) and "db" in inspect.signature(endpoint).parameters:
+            endpoint = _committing(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _committing(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        db = kwargs["db"]
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+        return out
+
+    return handler

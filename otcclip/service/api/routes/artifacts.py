@@ -7,13 +7,19 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from otcclip.service.api.deps import DbDep, OwnerDep, StorageDep, artifact_out
+from otcclip.service.api.deps import (
+    DbDep,
+    OwnerDep,
+    ShortTransactionRoute,
+    StorageDep,
+    artifact_out,
+)
 from otcclip.service.api.errors import error_body, error_responses
 from otcclip.service.db import crud
 from otcclip.service.schemas import ArtifactOut
 from otcclip.service.storage import RangeNotSatisfiable, iter_file, parse_range
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], route_class=ShortTransactionRoute)
 
 
 def _artifact(db: Any, owner_id: str, artifact_id: str) -> Any:

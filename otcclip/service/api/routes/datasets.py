@@ -11,7 +11,15 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from otcclip.service.api.deps import DbDep, Offset, OwnerDep, SettingsDep, StorageDep, as_utc
+from otcclip.service.api.deps import (
+    DbDep,
+    Offset,
+    OwnerDep,
+    SettingsDep,
+    ShortTransactionRoute,
+    StorageDep,
+    as_utc,
+)
 from otcclip.service.api.errors import error_responses
 from otcclip.service.api.overload import upload_slot
 from otcclip.service.api.uploads import UploadedFile, parse_upload
@@ -21,7 +29,7 @@ from otcclip.service.db.models import Dataset, new_id
 from otcclip.service.manifests import archive_limits, open_dataset
 from otcclip.service.schemas import DatasetList, DatasetOut, RowsOut
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ShortTransactionRoute)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".tar")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")

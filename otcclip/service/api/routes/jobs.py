@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 
-from otcclip.service.api.deps import DbDep, Offset, OwnerDep, artifact_out
+from otcclip.service.api.deps import DbDep, Offset, OwnerDep, ShortTransactionRoute, artifact_out
 from otcclip.service.api.errors import error_responses
 from otcclip.service.db import crud
 from otcclip.service.db.models import Job
@@ -26,7 +26,7 @@ from otcclip.service.schemas import (
 )
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ShortTransactionRoute)
 RETRY_AFTER_S = 2
 MAX_ERROR_CHARS = 500
 _PATH = re.compile(r"""(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\s'"\\/:,;()\[\]{}<>]+){2,}[\\/]?""")
