@@ -131,3 +131,35 @@ def test_orphaned_upload_folders_are_removed_at_start(tmp_path):
     create_app(settings)
     assert not old.exists() and fresh.exists() and dataset.exists()
     assert Path(fresh / ".up-images-x").read_bytes() == b"partial"
+
+
+def test_a_locked_sqlite_database_is_503_not_500(tmp_path, monkeypatch):
+    import sqlite3
+
+    from otcclip.migrations import upgrade
+    from otcclip.service.api.main import create_app
+    from otcclip.service.db import crud, session
+    from otcclip.service.db.models import Job
+
+    monkeypatch.setattr(session, "SQLITE_BUSY_TIMEOUT_S", 0.2)  # wait 0.2 s for the lock, not 30
+    settings = Settings(data_dir=tmp_path / "data", retry_after_s=4)
+    upgrade(settings.db_url)
+    app = create_app(settings)
+    with app.state.sessions() as db:
+        row, key = crud.create_api_key(db, "locked")
+        job = Job(owner_id=row.id, kind="sanitize", dataset_id=None, settings={}, stage="queued")
+        db.add(job)
+        db.commit()
+        job_id = job.id
+    other = sqlite3.connect(settings.db_url.split("///", 1)[1], isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # another writer holds the lock
+        with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # WAL: readers go on
+            r = client.post(f"/v1/jobs/{job_id}/cancel")
+            assert r.status_code == 503 and r.headers["retry-after"] == "4", r.text
+            assert "busy" in r.json()["message"]
+            other.execute("ROLLBACK")
+            assert client.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"
+    finally:
+        other.close()
