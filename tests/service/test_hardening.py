@@ -170,3 +170,12 @@ def test_rows_with_non_finite_numbers_are_strict_json(client):
     r = client.get(f"/v1/datasets/{r.json()['id']}/rows")
     assert r.status_code == 200, r.text
     assert [row.get("score") for row in r.json()["rows"]] == [None, None, 0.5]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_in_job_settings_are_422(client, literal):
+    body = '{"kind": "sanitize", "dataset_id": "x", "settings": {"ot": {"reg": LIT}, "lr": [1, LIT]}}'.replace("LIT", literal)
+    r = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert _is_error_model(r.json())
+    assert [i["loc"] for i in r.json()["detail"]] == [["body", "settings", "ot", "reg"], ["body", "settings", "lr", 1]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -55,6 +56,18 @@ def job_out(job: Job) -> JobOut:
     return out
 
 
+def _non_finite(value: Any, loc: list[Any]) -> list[list[Any]]:
+    """Locations of NaN / +-Infinity in a parsed JSON value (Python's JSON parser accepts them,
+    the databases' JSON columns do not)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [loc]
+    if isinstance(value, dict):
+        return [bad for k, v in value.items() for bad in _non_finite(v, [*loc, k])]
+    if isinstance(value, list):
+        return [bad for i, v in enumerate(value) for bad in _non_finite(v, [*loc, i])]
+    return []
+
+
 def _accepted(response: Response, job: Job) -> JobOut:
     response.status_code = status.HTTP_202_ACCEPTED
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -80,6 +93,11 @@ _ACCEPTED_HEADERS = {"Location": {"description": "The job's URL", "schema": {"ty
 def create_job(body: JobCreate, request: Request, response: Response, db: DbDep, owner: OwnerDep,
                idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
     """Queue a job; with ``Idempotency-Key`` a retried POST returns the same job."""
+    bad = _non_finite(body.settings, ["body", "settings"])
+    if bad:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {
+            "message": f"{'.'.join(map(str, bad[0][1:]))}: NaN and infinities are not numbers JSON can store",
+            "errors": [{"loc": loc, "msg": "must be a finite number", "type": "finite_number"} for loc in bad]})
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         prior = crud.job_by_idempotency(db, owner.id, idempotency_key)
