@@ -185,7 +185,7 @@ class _Indexed(ImageStore):
 
 #: Archives whose index is kept per process (most recently used first out last).
 INDEX_CACHE_SIZE = 8
-_INDEX_CACHE: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], str]] = OrderedDict()
+_INDEX_CACHE: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], str, Any]] = OrderedDict()
 _INDEX_LOCK = threading.Lock()
 
 
@@ -197,7 +197,8 @@ def _index_key(path: Path, kind: str, limits: ArchiveLimits) -> tuple[Any, ...] 
     return (kind, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, limits)
 
 
-def _cached_index(key: tuple[Any, ...] | None) -> tuple[dict[str, Any], str] | None:
+def _cached_index(key: tuple[Any, ...] | None) -> tuple[dict[str, Any], str, Any] | None:
+    """``(names, prefix, shared handle or None)`` of an archive version indexed before."""
     if key is None:
         return None
     with _INDEX_LOCK:
@@ -207,14 +208,36 @@ def _cached_index(key: tuple[Any, ...] | None) -> tuple[dict[str, Any], str] | N
         return hit
 
 
-def _remember_index(key: tuple[Any, ...] | None, names: dict[str, Any], prefix: str) -> None:
+def _remember_index(key: tuple[Any, ...] | None, names: dict[str, Any], prefix: str, shared: Any = None) -> None:
     if key is None:
         return
     with _INDEX_LOCK:
-        _INDEX_CACHE[key] = (names, prefix)
+        _INDEX_CACHE[key] = (names, prefix, shared)
         _INDEX_CACHE.move_to_end(key)
         while len(_INDEX_CACHE) > INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)
+
+
+class _SharedZip:
+    """One parsed ``ZipFile`` shared by every thread and store of a process.
+
+    Opening a ``ZipFile`` parses the whole central directory (seconds for 200,000 members),
+    so it is done once per archive version rather than once per thread; members are read
+    under a lock (reading a member is short next to decoding it). A forked child opens its
+    own handle (a file offset shared across processes would interleave reads).
+    """
+
+    def __init__(self, path: Path, zf: zipfile.ZipFile | None = None) -> None:
+        self.path = path
+        self.zf = zf
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+
+    def read(self, name: str) -> bytes:
+        with self.lock:
+            if self.zf is None or self.pid != os.getpid():
+                self.zf, self.pid = zipfile.ZipFile(self.path), os.getpid()
+            return self.zf.read(name)
 
 
 class ZipImageStore(_Indexed):
@@ -225,22 +248,28 @@ class ZipImageStore(_Indexed):
         self.source = str(self.path)
         self.limits = limits
         self.max_pixels = limits.max_image_pixels
-        self._local = threading.local()
-        key = _index_key(self.path, "zip", limits)
-        hit = _cached_index(key)
+        self._index_id = _index_key(self.path, "zip", limits)
+        hit = _cached_index(self._index_id)
         if hit is not None:
-            self._names, self._prefix = hit
+            self._names, self._prefix, self._zip = hit
             return
         self._build_index()
-        _remember_index(key, self._names, self._prefix)
+        _remember_index(self._index_id, self._names, self._prefix, self._zip)
 
     def _build_index(self) -> None:
         limits = self.limits
         try:
-            with zipfile.ZipFile(self.path) as zf:
-                infos = zf.infolist()
+            zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:
             raise ArchiveError(f"{self.path}: not a readable zip archive ({e})") from e
+        try:
+            self._index(zf.infolist(), limits)
+        except BaseException:
+            zf.close()
+            raise
+        self._zip = _SharedZip(self.path, zf)
+
+    def _index(self, infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
         if len(infos) > limits.max_members:
             raise ArchiveError(f"{self.path}: {len(infos)} members exceed the limit of {limits.max_members}")
         total = 0
@@ -265,29 +294,23 @@ class ZipImageStore(_Indexed):
         self._set_prefix()
 
     def _read(self, key: str) -> bytes:
-        zf = getattr(self._local, "zf", None)
-        if zf is None:
-            zf = zipfile.ZipFile(self.path)
-            self._local.zf = zf
         try:
-            return zf.read(self._entry(key))
+            return self._zip.read(self._entry(key))
         except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
             raise OSError(f"{self.path}: member {key!r} is corrupt ({e})") from e
 
     def close(self) -> None:
-        zf = getattr(self._local, "zf", None)
-        if zf is not None:
-            zf.close()
-            self._local.zf = None
+        """Nothing to release: the parsed archive is shared through the process's index cache."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_local", None)
+        state.pop("_zip", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
+        hit = _cached_index(self._index_id)
+        self._zip = hit[2] if hit is not None and hit[2] is not None else _SharedZip(self.path)
 
 
 def _check_size(archive: str, member: str, size: int, compressed: int, limits: ArchiveLimits) -> None:
@@ -396,7 +419,7 @@ class TarImageStore(_Indexed):
             key = _index_key(self.path, "tar", limits)
             hit = _cached_index(key)
             if hit is not None:
-                self._names, self._prefix = hit
+                self._names, self._prefix, _ = hit
                 return
         else:
             self._plain = Path(self._decompress(opener))

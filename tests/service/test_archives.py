@@ -197,3 +197,22 @@ def test_upload_of_a_tar_gz_bomb_is_refused_quickly(api, tmp_path):
     assert r.status_code == 422 and "compression ratio" in r.json()["message"], r.text
     assert time.monotonic() - t0 < 10
     assert "bomb.tar.gz" in r.json()["message"] and str(api.storage_root) not in r.text  # type: ignore[attr-defined]
+
+
+def test_zip_members_read_concurrently_from_one_parsed_archive(tmp_path):
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    members = {f"m/{i}.bin": bytes([i % 256]) * (1000 + i) for i in range(300)}
+    z = tmp_path / "c.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    store = ZipImageStore(z)
+    clone = pickle.loads(pickle.dumps(store))
+    names = list(members) * 4
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda k: (store if hash(k) % 2 else clone).read_bytes(k), names))
+    assert got == [members[k] for k in names]
+    store.close()
+    assert clone.read_bytes("m/7.bin") == members["m/7.bin"]
