@@ -163,3 +163,55 @@ def test_a_locked_sqlite_database_is_503_not_500(tmp_path, monkeypatch):
             assert client.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "cancelled"
     finally:
         other.close()
+
+
+def test_requests_past_max_inflight_get_503_and_probes_still_answer(tmp_path):
+    """With one request allowed in flight, a second one while the first is held is shed."""
+    import asyncio
+
+    import anyio.to_thread
+
+    from otcclip.migrations import upgrade
+    from otcclip.service.api.main import create_app
+    from otcclip.service.db import crud
+
+    settings = Settings(data_dir=tmp_path / "data", max_inflight_requests=1, api_threads=3, retry_after_s=5)
+    upgrade(settings.db_url)
+    app = create_app(settings)
+    with app.state.sessions() as db:
+        _, key = crud.create_api_key(db, "inflight")
+        db.commit()
+
+    async def build_middleware_stack() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.get("/healthz")).status_code == 200
+
+    async def scenario() -> list[int]:
+        gate = asyncio.Event()
+        await build_middleware_stack()
+        shed = app.middleware_stack
+        while not hasattr(shed, "max_inflight"):
+            shed = shed.app
+        inner = shed.app
+
+        async def held_app(scope, receive, send):  # the first request waits inside the app
+            if scope["type"] == "http" and scope["path"] == "/v1/datasets":
+                await gate.wait()
+            await inner(scope, receive, send)
+
+        shed.app = held_app
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as c:
+            first = asyncio.create_task(c.get("/v1/datasets"))
+            await asyncio.sleep(0.2)
+            second = await c.get("/v1/jobs")
+            probe = await c.get("/healthz")
+            assert anyio.to_thread.current_default_thread_limiter().total_tokens == 3
+            gate.set()
+            r1 = await first
+        shed.app = inner
+        assert second.headers["retry-after"] == "5" and second.json()["detail"][0]["type"] == "unavailable"
+        return [r1.status_code, second.status_code, probe.status_code]
+
+    assert asyncio.run(scenario()) == [200, 503, 200]

@@ -6,8 +6,8 @@ so a handler never queues for a connection. What does not fit is refused early w
 and ``Retry-After`` instead of queueing without bound:
 
 * :class:`LoadShedding` (ASGI middleware) answers 503 once ``max_inflight_requests``
-  HTTP requests are in progress, and sets the worker-thread limit on the first request
-  (the limiter belongs to the running event loop).
+  HTTP requests are in progress, and sets the worker-thread limit of the running event
+  loop (the limiter belongs to the loop, so it is set from a request).
 * :func:`upload_slot` admits ``max_concurrent_uploads`` uploads at once, before their
   body is read.
 """
@@ -52,15 +52,14 @@ class LoadShedding:
         self.threads = threads
         self.retry_after = retry_after
         self.inflight = 0
-        self._limiter_set = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._limiter_set:
-            anyio.to_thread.current_default_thread_limiter().total_tokens = self.threads
-            self._limiter_set = True
+        limiter = anyio.to_thread.current_default_thread_limiter()  # one per event loop
+        if limiter.total_tokens != self.threads:
+            limiter.total_tokens = self.threads
         if self.inflight >= self.max_inflight and scope.get("path") not in EXEMPT:
             log.warning("shedding %s %s: %d requests in flight", scope.get("method"), scope.get("path"), self.inflight)
             await _send_503(send, "the service is overloaded (too many requests in flight); retry later", self.retry_after)
