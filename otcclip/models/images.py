@@ -6,7 +6,9 @@ references (a directory, a zip / tar archive, WebDataset shards) are in
 :mod:`otcclip.models.stores`.
 
 Decoding always calls ``Image.load()``, so truncated files fail (``LOAD_TRUNCATED_IMAGES``
-is never set) and raise :class:`UnreadableImage`.
+is never set) and raise :class:`UnreadableImage`. The pixel count is checked from the
+header first: an image larger than ``max_pixels`` is refused before anything is decoded
+(a 17 KB PNG can declare 12,000 x 12,000 pixels).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 DECODE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+#: Already-normal relative paths (no ``.``/``..`` parts, separators, colons or NULs): the fast path.
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+ -]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+ -]*)*")
 
 
 class ImageOpener(Protocol):
@@ -70,6 +74,8 @@ class ArchiveLimits:
         Uncompressed / compressed size of one zip member, or of a whole compressed tar.
     ratio_min_bytes : int
         The ratio is only checked for members (or tars) larger than this when uncompressed.
+    max_image_pixels : int
+        Width x height of one image; larger images are unreadable (not decoded).
     """
 
     max_total_bytes: int = 16 << 30
@@ -77,6 +83,7 @@ class ArchiveLimits:
     max_member_bytes: int = 64 << 20
     max_ratio: float = 100.0
     ratio_min_bytes: int = 1 << 20
+    max_image_pixels: int = 64_000_000
 
 
 DEFAULT_LIMITS = ArchiveLimits()
@@ -88,6 +95,8 @@ def safe_relpath(ref: str) -> str:
     Refuses empty strings, URLs, absolute paths (POSIX, ``\\\\`` or drive letters), NUL
     bytes and any ``..`` component. ``./`` components and duplicate slashes are dropped.
     """
+    if _PLAIN.fullmatch(ref):
+        return ref
     if not ref or not ref.strip():
         raise UnsafePath("empty image path")
     if "\x00" in ref:
@@ -104,12 +113,22 @@ def safe_relpath(ref: str) -> str:
     return "/".join(parts)
 
 
-def decode_image(data: bytes, *, name: str = "image") -> Image.Image:
-    """Decode ``data`` fully into an RGB image; raise :class:`UnreadableImage` on any failure."""
+def decode_image(data: bytes, *, name: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Decode ``data`` fully into an RGB image; raise :class:`UnreadableImage` on any failure.
+
+    ``max_pixels`` (default :data:`DEFAULT_LIMITS`' ``max_image_pixels``) is checked
+    against the size in the header, before the pixels are decoded.
+    """
+    cap = DEFAULT_LIMITS.max_image_pixels if max_pixels is None else max_pixels
     try:
         with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as im:
+            w, h = im.size
+            if w * h > cap:
+                raise UnreadableImage(f"{name}: image too large ({w} x {h} pixels, over the limit of {cap})")
             im.load()
             return im.convert("RGB")
+    except UnreadableImage:
+        raise
     except Image.DecompressionBombError as e:
         raise UnreadableImage(f"{name}: image too large ({e})") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:

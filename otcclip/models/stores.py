@@ -10,9 +10,18 @@ uncompressed size, per-member size, compression ratio: zip bombs).
 
 Members are read lazily: zip members through a per-thread ``ZipFile`` handle, plain tar
 members with ``os.pread`` at the offsets indexed at open time. Compressed tars
-(gzip / bzip2 / xz) are first decompressed, with the size cap enforced while streaming,
-into one temporary plain ``.tar`` (deleted when the store is closed or collected) and then
-read lazily the same way; nothing is ever extracted as loose files.
+(gzip / bzip2 / xz) are decompressed once into a temporary plain ``.tar`` (deleted when the
+store is closed or collected) and then read lazily the same way; nothing is ever extracted
+as loose files. The size cap and the compression ratio are checked *while* decompressing
+(against the compressed bytes consumed so far), so a decompression bomb is stopped after a
+few megabytes rather than after it has been written out; :func:`decompress_tar` does the
+same into a file of the caller's choosing (the service stores uploads as plain tars).
+
+The index of a zip or plain tar (member names, offsets) is built once per process and
+archive version (path, size, modification time, limits) and reused by every later store
+on the same file (:data:`INDEX_CACHE_SIZE` archives are kept).
+
+Every store decodes images with the pixel cap of its limits (``max_image_pixels``).
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ import threading
 import weakref
 import zipfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -57,6 +67,8 @@ class ImageStore:
 
     #: A human-readable description of the source (a directory or archive path).
     source: str = ""
+    #: Images with more pixels are unreadable (checked from the header, before decoding).
+    max_pixels: int = DEFAULT_LIMITS.max_image_pixels
 
     def exists(self, ref: str) -> bool:
         """Whether ``ref`` names a readable member/file (no decoding); raises :class:`UnsafePath`."""
@@ -75,7 +87,7 @@ class ImageStore:
             data = self.read_bytes(ref)
         except (FileNotFoundError, OSError) as e:
             raise UnreadableImage(f"{ref}: {e}") from e
-        return decode_image(data, name=ref)
+        return decode_image(data, name=ref, max_pixels=self.max_pixels)
 
     def close(self) -> None:
         """Release handles and temporary files (the store may not be used afterwards)."""
@@ -99,8 +111,9 @@ class ImageStore:
 class DirImageStore(ImageStore):
     """Image files below ``root``; symlinks are followed only if they stay inside ``root``."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
         self.root = Path(root)
+        self.max_pixels = limits.max_image_pixels
         if not self.root.is_dir():
             raise FileNotFoundError(f"image directory {self.root} does not exist")
         self._real = os.path.realpath(self.root)
@@ -170,6 +183,63 @@ class _Indexed(ImageStore):
         return list(self._names)
 
 
+#: Archives whose index is kept per process (most recently used first out last).
+INDEX_CACHE_SIZE = 8
+_INDEX_CACHE: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], str, Any]] = OrderedDict()
+_INDEX_LOCK = threading.Lock()
+
+
+def _index_key(path: Path, kind: str, limits: ArchiveLimits) -> tuple[Any, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (kind, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, limits)
+
+
+def _cached_index(key: tuple[Any, ...] | None) -> tuple[dict[str, Any], str, Any] | None:
+    """``(names, prefix, shared handle or None)`` of an archive version indexed before."""
+    if key is None:
+        return None
+    with _INDEX_LOCK:
+        hit = _INDEX_CACHE.get(key)
+        if hit is not None:
+            _INDEX_CACHE.move_to_end(key)
+        return hit
+
+
+def _remember_index(key: tuple[Any, ...] | None, names: dict[str, Any], prefix: str, shared: Any = None) -> None:
+    if key is None:
+        return
+    with _INDEX_LOCK:
+        _INDEX_CACHE[key] = (names, prefix, shared)
+        _INDEX_CACHE.move_to_end(key)
+        while len(_INDEX_CACHE) > INDEX_CACHE_SIZE:
+            _INDEX_CACHE.popitem(last=False)
+
+
+class _SharedZip:
+    """One parsed ``ZipFile`` shared by every thread and store of a process.
+
+    Opening a ``ZipFile`` parses the whole central directory (seconds for 200,000 members),
+    so it is done once per archive version rather than once per thread; members are read
+    under a lock (reading a member is short next to decoding it). A forked child opens its
+    own handle (a file offset shared across processes would interleave reads).
+    """
+
+    def __init__(self, path: Path, zf: zipfile.ZipFile | None = None) -> None:
+        self.path = path
+        self.zf = zf
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+
+    def read(self, name: str) -> bytes:
+        with self.lock:
+            if self.zf is None or self.pid != os.getpid():
+                self.zf, self.pid = zipfile.ZipFile(self.path), os.getpid()
+            return self.zf.read(name)
+
+
 class ZipImageStore(_Indexed):
     """Members of a zip archive, checked against ``limits`` at open and read lazily."""
 
@@ -177,11 +247,29 @@ class ZipImageStore(_Indexed):
         self.path = Path(path)
         self.source = str(self.path)
         self.limits = limits
+        self.max_pixels = limits.max_image_pixels
+        self._index_id = _index_key(self.path, "zip", limits)
+        hit = _cached_index(self._index_id)
+        if hit is not None:
+            self._names, self._prefix, self._zip = hit
+            return
+        self._build_index()
+        _remember_index(self._index_id, self._names, self._prefix, self._zip)
+
+    def _build_index(self) -> None:
+        limits = self.limits
         try:
-            with zipfile.ZipFile(self.path) as zf:
-                infos = zf.infolist()
+            zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:
             raise ArchiveError(f"{self.path}: not a readable zip archive ({e})") from e
+        try:
+            self._index(zf.infolist(), limits)
+        except BaseException:
+            zf.close()
+            raise
+        self._zip = _SharedZip(self.path, zf)
+
+    def _index(self, infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
         if len(infos) > limits.max_members:
             raise ArchiveError(f"{self.path}: {len(infos)} members exceed the limit of {limits.max_members}")
         total = 0
@@ -204,32 +292,25 @@ class ZipImageStore(_Indexed):
                 )
             self._names[key] = info.filename
         self._set_prefix()
-        self._local = threading.local()
 
     def _read(self, key: str) -> bytes:
-        zf = getattr(self._local, "zf", None)
-        if zf is None:
-            zf = zipfile.ZipFile(self.path)
-            self._local.zf = zf
         try:
-            return zf.read(self._entry(key))
+            return self._zip.read(self._entry(key))
         except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
             raise OSError(f"{self.path}: member {key!r} is corrupt ({e})") from e
 
     def close(self) -> None:
-        zf = getattr(self._local, "zf", None)
-        if zf is not None:
-            zf.close()
-            self._local.zf = None
+        """Nothing to release: the parsed archive is shared through the process's index cache."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_local", None)
+        state.pop("_zip", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
+        hit = _cached_index(self._index_id)
+        self._zip = hit[2] if hit is not None and hit[2] is not None else _SharedZip(self.path)
 
 
 def _check_size(archive: str, member: str, size: int, compressed: int, limits: ArchiveLimits) -> None:
@@ -249,63 +330,114 @@ _MAGIC: tuple[tuple[bytes, Callable[..., Any]], ...] = (
 )
 
 
+class _Counting:
+    """A read-only binary file that counts the bytes read from it (the compressed side)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.count += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass  # the caller closes the underlying file
+
+
+def compression_of(path: str | Path) -> Callable[..., Any] | None:
+    """The opener (``gzip.open``, ``bz2.open``, ``lzma.open``) for a compressed file, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise ArchiveError(f"{path}: cannot read archive ({e})") from e
+    return next((opener for magic, opener in _MAGIC if head.startswith(magic)), None)
+
+
+def decompress_tar(src: str | Path, dst: BinaryIO, *, limits: ArchiveLimits = DEFAULT_LIMITS,
+                   opener: Callable[..., Any] | None = None) -> int:
+    """Decompress the gzip / bzip2 / xz file ``src`` into ``dst``; returns the bytes written.
+
+    The caps are checked after every chunk, *while* streaming: the output may not exceed
+    ``limits.max_total_bytes`` (plus room for tar headers), and once past
+    ``limits.ratio_min_bytes`` it may not exceed ``limits.max_ratio`` times the compressed
+    bytes consumed so far. A bomb raises :class:`ArchiveError` after a few megabytes.
+    """
+    opener = opener or compression_of(src)
+    if opener is None:
+        raise ArchiveError(f"{src}: not a gzip, bzip2 or xz file")
+    cap = limits.max_total_bytes + min(64 << 20, 1024 * limits.max_members + 10240)  # + headers
+    done = 0
+    try:
+        with open(src, "rb") as raw:
+            counted = _Counting(raw)
+            with opener(counted, "rb") as z:
+                while chunk := z.read(1 << 20):
+                    done += len(chunk)
+                    if done > cap:
+                        raise ArchiveError(f"{src}: decompressed size exceeds {cap} bytes")
+                    consumed = max(counted.count, 1)
+                    if done > limits.ratio_min_bytes and done > limits.max_ratio * consumed:
+                        raise ArchiveError(
+                            f"{src}: compression ratio {done / consumed:.0f} (so far) is over the limit of "
+                            f"{limits.max_ratio:g} (decompression bomb?)"
+                        )
+                    dst.write(chunk)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise ArchiveError(f"{src}: cannot decompress ({e})") from e
+    return done
+
+
 class TarImageStore(_Indexed):
     """Regular-file members of a tar (plain or gzip/bzip2/xz-compressed), read lazily.
 
-    A compressed tar is decompressed once into a temporary plain tar with the total size
-    capped while streaming, so a decompression bomb is stopped early.
+    A compressed tar is decompressed once into a temporary plain tar with the size and
+    ratio caps checked while streaming (:func:`decompress_tar`), so a decompression bomb is
+    stopped early. A plain tar's index is cached per process (see the module docstring).
     """
 
     def __init__(self, path: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
         self.path = Path(path)
         self.source = str(self.path)
         self.limits = limits
+        self.max_pixels = limits.max_image_pixels
         self._tmp: str | None = None
-        try:
-            with open(self.path, "rb") as f:
-                head = f.read(6)
-        except OSError as e:
-            raise ArchiveError(f"{self.path}: cannot read archive ({e})") from e
-        plain = self.path
-        for magic, opener in _MAGIC:
-            if head.startswith(magic):
-                plain = Path(self._decompress(opener))
-                break
-        self._plain = plain
-        self._names = {}
-        self._index(plain)
-        self._set_prefix()
         self._fd: int | None = None
         self._lock = threading.Lock()
+        opener = compression_of(self.path)
+        key = None
+        if opener is None:
+            self._plain = self.path
+            key = _index_key(self.path, "tar", limits)
+            hit = _cached_index(key)
+            if hit is not None:
+                self._names, self._prefix, _ = hit
+                return
+        else:
+            self._plain = Path(self._decompress(opener))
+        self._names = {}
+        self._index(self._plain)
+        self._set_prefix()
+        _remember_index(key, self._names, self._prefix)
 
     def _decompress(self, opener: Callable[..., Any]) -> str:
         fd, tmp = tempfile.mkstemp(prefix="otcclip-", suffix=".tar")
         self._tmp = tmp
         self._finalizer = weakref.finalize(self, _unlink, tmp)
-        cap = self.limits.max_total_bytes + min(64 << 20, 1024 * self.limits.max_members + 10240)  # + headers
-        done = 0
         try:
-            with opener(self.path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                while True:
-                    chunk = src.read(1 << 20)
-                    if not chunk:
-                        break
-                    done += len(chunk)
-                    if done > cap:
-                        raise ArchiveError(f"{self.path}: decompressed size exceeds {cap} bytes")
-                    dst.write(chunk)
-        except (OSError, EOFError, lzma.LZMAError) as e:
-            raise ArchiveError(f"{self.path}: cannot decompress ({e})") from e
-        except ArchiveError:
+            with os.fdopen(fd, "wb") as dst:
+                decompress_tar(self.path, dst, limits=self.limits, opener=opener)
+        except BaseException:
             _unlink(tmp)
             raise
-        packed = self.path.stat().st_size
-        if done > self.limits.ratio_min_bytes and done > self.limits.max_ratio * max(packed, 1):
-            _unlink(tmp)
-            raise ArchiveError(
-                f"{self.path}: compression ratio {done / max(packed, 1):.0f} is over the limit of "
-                f"{self.limits.max_ratio:g} (decompression bomb?)"
-            )
         return tmp
 
     def _index(self, plain: Path) -> None:
@@ -386,6 +518,7 @@ class ShardImageStore(ImageStore):
     def __init__(self, shards: dict[str, TarImageStore], *, source: str) -> None:
         self.shards = shards
         self.source = source
+        self.max_pixels = min((s.max_pixels for s in shards.values()), default=DEFAULT_LIMITS.max_image_pixels)
 
     def _key(self, ref: str) -> str:
         shard, sep, member = ref.partition("#")
@@ -410,7 +543,7 @@ def open_store(images: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) ->
     """A store for a directory or a ``.zip`` / ``.tar`` / ``.tar.gz`` / ``.tgz`` archive."""
     p = Path(images)
     if p.is_dir():
-        return DirImageStore(p)
+        return DirImageStore(p, limits=limits)
     if not p.is_file():
         raise FileNotFoundError(f"image source {p} does not exist")
     if zipfile.is_zipfile(p):

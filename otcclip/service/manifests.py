@@ -15,6 +15,7 @@ def archive_limits(settings: Settings) -> Any:
     return ArchiveLimits(
         max_total_bytes=settings.max_archive_total_bytes, max_members=settings.max_archive_members,
         max_member_bytes=settings.max_archive_member_bytes, max_ratio=settings.max_archive_ratio,
+        max_image_pixels=settings.max_image_pixels,
     )
 
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ class HashingWriter:
 
 
 class Storage:
-    """A directory of datasets (``datasets/<id>/``) and job outputs (``jobs/<id>/``)."""
+    """A directory of datasets (``datasets/<id>/``), job outputs (``jobs/<id>/``) and
+    uploads in progress (``uploads/<id>/``, renamed to ``datasets/<id>/`` once valid)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -92,6 +94,31 @@ class Storage:
 
     def job_dir(self, job_id: str) -> Path:
         return self.path(f"jobs/{job_id}")
+
+    def staging_dir(self, upload_id: str) -> Path:
+        """Where an upload is streamed and checked before it becomes a dataset."""
+        return self.path(f"uploads/{upload_id}")
+
+    def clean_staging(self, *, older_than_s: float) -> int:
+        """Remove upload folders untouched for ``older_than_s`` seconds; returns how many.
+
+        A folder's age is that of its newest entry, so an upload still being written is
+        never taken for an orphan.
+        """
+        base = self.path("uploads")
+        if not base.is_dir():
+            return 0
+        now = time.time()
+        removed = 0
+        for d in base.iterdir():
+            try:
+                newest = max([d.lstat().st_mtime, *(p.lstat().st_mtime for p in d.rglob("*"))])
+            except OSError:
+                continue
+            if now - newest >= older_than_s:
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     @contextmanager
     def writer(self, rel: str, *, max_bytes: int | None = None) -> Iterator[HashingWriter]:
@@ -150,6 +177,8 @@ def tar_directory(src: str | Path, dest: str | Path, *, arcname: str) -> Path:
 
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: Positions with more digits than this are beyond any file (and beyond ``int()``'s limit).
+_MAX_DIGITS = 18
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -157,23 +186,26 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 
     Returns None for headers this server ignores (multiple ranges, other units: the
     full file is sent with 200). Raises :class:`RangeNotSatisfiable` when the range
-    selects nothing (416).
+    selects nothing (416). Numbers of any length are accepted: a huge start is past the
+    end (416), a huge end or suffix length reaches the end of the file.
     """
     m = _RANGE.match(header.strip())
     if m is None:
         return None
-    a, b = m.group(1), m.group(2)
+    a, b = m.group(1).lstrip("0") or m.group(1)[:1], m.group(2).lstrip("0") or m.group(2)[:1]
     if a == "" and b == "":
         return None
     if a == "":
-        n = int(b)
+        n = int(b) if len(b) <= _MAX_DIGITS else size
         if n == 0 or size == 0:
-            raise RangeNotSatisfiable(f"bytes=-{n} selects nothing in a {size}-byte file")
+            raise RangeNotSatisfiable(f"a suffix range of {n} bytes selects nothing in a {size}-byte file")
         return max(0, size - n), size - 1
-    start = int(a)
-    end = int(b) if b else size - 1
-    if b and end < start:
+    if b and (len(b), b) < (len(a), a):  # last < first (digit strings without leading zeros)
         return None
+    if len(a) > _MAX_DIGITS:
+        raise RangeNotSatisfiable(f"the range starts past the end of a {size}-byte file")
+    start = int(a)
+    end = size - 1 if not b or len(b) > _MAX_DIGITS else int(b)
     if start >= size:
         raise RangeNotSatisfiable(f"range starts at {start}, past the end of a {size}-byte file")
     return start, min(end, size - 1)

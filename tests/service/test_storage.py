@@ -26,13 +26,16 @@ def test_writer_is_atomic_hashes_and_caps(tmp_path):
 @pytest.mark.parametrize(
     ("header", "expected"),
     [("bytes=0-9", (0, 9)), ("bytes=5-", (5, 99)), ("bytes=-10", (90, 99)), ("bytes=90-500", (90, 99)),
-     ("bytes=0-1,5-6", None), ("items=0-1", None), ("bytes=9-3", None)],
+     ("bytes=0-1,5-6", None), ("items=0-1", None), ("bytes=9-3", None),
+     ("bytes=0-" + "9" * 5000, (0, 99)), ("bytes=-" + "9" * 5000, (0, 99)), ("bytes=0007-0008", (7, 8)),
+     ("bytes=" + "9" * 30 + "-1", None)],
 )
 def test_parse_range(header, expected):
     assert parse_range(header, 100) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=200-300", "bytes=-0"])
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=200-300", "bytes=-0", "bytes=" + "9" * 5000 + "-",
+                                    "bytes=" + "9" * 5000 + "-" + "9" * 5001])
 def test_unsatisfiable_range(header):
     with pytest.raises(RangeNotSatisfiable):
         parse_range(header, 100)

@@ -1,7 +1,11 @@
-"""Streaming multipart parsing: file parts go straight to storage, with a size cap.
+"""Streaming multipart parsing: file parts go straight to storage, with size and part caps.
 
 Starlette's ``request.form()`` spools whole files before the handler runs; this parser
-writes each part as it arrives and stops at the cap (413) without buffering.
+writes each part as it arrives and stops at the cap (413) without buffering. The body is
+read on the event loop in chunks of up to :data:`BATCH_BYTES`; parsing, hashing and
+writing each batch run in a worker thread, so a slow disk never stalls other requests.
+Parts beyond ``max_parts`` (422), part headers beyond :data:`MAX_HEADER_BYTES` and text fields
+beyond :data:`MAX_FIELD_BYTES` are refused as soon as they are seen.
 """
 
 from __future__ import annotations
@@ -12,12 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import anyio.to_thread
 from fastapi import HTTPException, Request, status
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from otcclip.service.storage import HashingWriter, TooLarge
 
 MAX_FIELD_BYTES = 4096
+MAX_HEADER_BYTES = 16384
+BATCH_BYTES = 1 << 20
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing with an HTTP status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -45,11 +60,12 @@ def client_filename(name: str) -> str:
     return base.strip() or "upload"
 
 
-async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[str, ...], max_bytes: int) -> ParsedForm:
+async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[str, ...], max_bytes: int,
+                       max_parts: int = 8) -> ParsedForm:
     """Parse a ``multipart/form-data`` body into temporary files under ``tmp_dir``.
 
-    Raises HTTPException 413 past ``max_bytes`` (whole request), 422 for a malformed body
-    or unexpected file fields, 415 for another content type.
+    Raises HTTPException 413 past ``max_bytes`` (whole request), 422 past ``max_parts``
+    parts, for a malformed body or unexpected file fields, 415 for another content type.
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
@@ -62,13 +78,26 @@ async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[st
     state: dict[str, Any] = {"headers": {}, "hname": b"", "hval": b"", "writer": None, "fh": None, "buf": None}
     errors: list[str] = []
 
+    parts = 0
+
     def on_part_begin() -> None:
-        state.update(headers={}, hname=b"", hval=b"", writer=None, fh=None, buf=None, name=None, filename=None)
+        nonlocal parts
+        parts += 1
+        if parts > max_parts:
+            raise _Refused(status.HTTP_422_UNPROCESSABLE_CONTENT, f"more than {max_parts} form parts")
+        state.update(headers={}, hname=b"", hval=b"", hbytes=0, writer=None, fh=None, buf=None, name=None, filename=None)
+
+    def _header_bytes(n: int) -> None:
+        state["hbytes"] += n
+        if state["hbytes"] > MAX_HEADER_BYTES:
+            raise _Refused(status.HTTP_413_CONTENT_TOO_LARGE, f"form part headers longer than {MAX_HEADER_BYTES} bytes")
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
+        _header_bytes(end - start)
         state["hname"] += data[start:end]
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
+        _header_bytes(end - start)
         state["hval"] += data[start:end]
 
     def on_header_end() -> None:
@@ -123,15 +152,28 @@ async def parse_upload(request: Request, tmp_dir: Path, *, file_fields: tuple[st
         },
     )
     total = 0
+    batch = bytearray()
+
+    def feed(data: bytes) -> None:
+        parser.write(data)
+        if errors:
+            raise _Refused(status.HTTP_422_UNPROCESSABLE_CONTENT, errors[0])
+
     try:
         async for chunk in request.stream():
             total += len(chunk)
             if total > max_bytes:
                 raise TooLarge(max_bytes)
-            parser.write(chunk)
-            if errors:
-                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, errors[0])
+            batch += chunk
+            if len(batch) >= BATCH_BYTES:
+                await anyio.to_thread.run_sync(feed, bytes(batch))
+                batch.clear()
+        if batch:
+            await anyio.to_thread.run_sync(feed, bytes(batch))
         parser.finalize()
+    except _Refused as e:
+        _abort(state, form)
+        raise HTTPException(e.code, str(e)) from e
     except TooLarge as e:
         _abort(state, form)
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(e)) from e

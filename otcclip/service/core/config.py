@@ -43,6 +43,25 @@ class Settings(BaseSettings):
         Minimum seconds between cancel checks against the job row.
     worker_concurrency : int
         Processes of the embedded worker.
+    api_threads : int
+        Threads that run the API's blocking handlers (database work, archive checks); the
+        API's database pool holds this many connections, so a handler never waits for one.
+    db_pool_timeout_s : float
+        Seconds a request waits for a pooled connection before it is answered 503.
+    max_concurrent_uploads : int
+        Uploads streamed and validated at once per API process; more are answered 503
+        with ``Retry-After`` before their body is read.
+    max_inflight_requests : int
+        Requests in progress per API process; more are answered 503 at once.
+    retry_after_s : int
+        The ``Retry-After`` of every 503 the API sends under overload.
+    max_form_parts : int
+        Parts of one multipart upload (files and fields); more -> 413 while streaming.
+    orphan_upload_grace_s : float
+        Upload staging folders older than this are removed when the API starts (an API
+        killed mid-upload leaves one behind).
+    max_image_pixels : int
+        Images with more pixels are refused before they are decoded.
     broker_transport_extra : dict
         More kombu transport options (e.g. ``{"unacked_restore_interval": 10}`` for Redis),
         JSON in ``OTCCLIP_BROKER_TRANSPORT_EXTRA``.
@@ -64,6 +83,14 @@ class Settings(BaseSettings):
     progress_interval_s: float = 2.0
     stop_poll_interval_s: float = 1.0
     worker_concurrency: int = 1
+    api_threads: int = Field(default=40, ge=1, le=1000)
+    db_pool_timeout_s: float = Field(default=5.0, gt=0)
+    max_concurrent_uploads: int = Field(default=4, ge=1)
+    max_inflight_requests: int = Field(default=256, ge=1)
+    retry_after_s: int = Field(default=1, ge=1)
+    max_form_parts: int = Field(default=8, ge=2)
+    orphan_upload_grace_s: float = Field(default=3600.0, ge=0)
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
     default_page_size: int = 50
     broker_transport_extra: dict[str, Any] = Field(default_factory=dict)
 

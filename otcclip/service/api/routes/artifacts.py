@@ -5,14 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from otcclip.service.api.deps import DbDep, OwnerDep, StorageDep
+from otcclip.service.api.deps import (
+    DbDep,
+    OwnerDep,
+    ShortTransactionRoute,
+    StorageDep,
+    artifact_out,
+)
+from otcclip.service.api.errors import error_body, error_responses
 from otcclip.service.db import crud
 from otcclip.service.schemas import ArtifactOut
 from otcclip.service.storage import RangeNotSatisfiable, iter_file, parse_range
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], route_class=ShortTransactionRoute)
 
 
 def _artifact(db: Any, owner_id: str, artifact_id: str) -> Any:
@@ -22,12 +29,21 @@ def _artifact(db: Any, owner_id: str, artifact_id: str) -> Any:
     return art
 
 
-@router.get("/{artifact_id}/meta", response_model=ArtifactOut)
+_BYTES: dict[str, Any] = {"content": {"*/*": {}}}  # any media type: the artifact's own
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The artifact's bytes", **_BYTES},
+    206: {"description": "The requested range of the artifact's bytes", **_BYTES},
+    304: {"description": "Not modified (``If-None-Match`` matched the ``ETag``)"},
+    **error_responses(401, 404, 410, 416, 422, 503),
+}
+
+
+@router.get("/{artifact_id}/meta", response_model=ArtifactOut, responses=error_responses(401, 404, 422, 503))
 def artifact_meta(artifact_id: str, db: DbDep, owner: OwnerDep) -> Any:
-    return ArtifactOut.model_validate(_artifact(db, owner.id, artifact_id))
+    return artifact_out(_artifact(db, owner.id, artifact_id))
 
 
-@router.get("/{artifact_id}", operation_id="download_artifact")
+@router.get("/{artifact_id}", operation_id="download_artifact", response_class=Response, responses=DOWNLOAD_RESPONSES)
 def download(artifact_id: str, request: Request, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
     """The artifact's bytes; ``Range: bytes=a-b`` answers 206 (416 when out of range)."""
     art = _artifact(db, owner.id, artifact_id)
@@ -47,8 +63,9 @@ def download(artifact_id: str, request: Request, db: DbDep, owner: OwnerDep, sto
         try:
             span = parse_range(rng, size)
         except RangeNotSatisfiable as e:
-            return Response(str(e), status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
-                            headers={**headers, "Content-Range": f"bytes */{size}"})
+            return JSONResponse(error_body(str(e), kind="range_not_satisfiable"),
+                                status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
+                                headers={**headers, "Content-Range": f"bytes */{size}"})
     start, end = span if span is not None else (0, size - 1)
     length = max(0, end - start + 1)
     headers["Content-Length"] = str(length)
@@ -61,4 +78,5 @@ def download(artifact_id: str, request: Request, db: DbDep, owner: OwnerDep, sto
     return StreamingResponse(iter_file(path, start, end), status_code=code, headers=headers, media_type=art.media_type)
 
 
-router.add_api_route("/{artifact_id}", download, methods=["HEAD"], operation_id="head_artifact")
+router.add_api_route("/{artifact_id}", download, methods=["HEAD"], operation_id="head_artifact", response_class=Response,
+                     responses=DOWNLOAD_RESPONSES)

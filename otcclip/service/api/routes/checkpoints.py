@@ -18,6 +18,7 @@ result is a ``checkpoint`` artifact with no job, laid out like a train job's che
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path, PurePosixPath
@@ -26,7 +27,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, StorageDep
+from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, ShortTransactionRoute, StorageDep
+from otcclip.service.api.errors import error_responses
+from otcclip.service.api.overload import upload_slot
 from otcclip.service.api.uploads import UploadedFile, parse_upload
 from otcclip.service.db import crud
 from otcclip.service.db.models import Artifact, new_id
@@ -34,7 +37,7 @@ from otcclip.service.schemas import ArtifactOut
 from otcclip.service.storage import Storage, tar_directory
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], route_class=ShortTransactionRoute)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -118,8 +121,8 @@ def _from_weights(up: UploadedFile, model: str | None, work: Path) -> tuple[Path
     return dest, {"model": model}
 
 
-def _build(storage: Storage, work: Path, files: dict[str, UploadedFile], fields: dict[str, str], *,
-           max_bytes: int) -> tuple[Path, Path, dict[str, Any]]:
+def _build(work: Path, files: dict[str, UploadedFile], fields: dict[str, str], *,
+           max_bytes: int) -> tuple[Path, dict[str, Any]]:
     """Validate the upload and lay it out as ``work/checkpoint/`` plus ``work/checkpoint.tar``."""
     if len(files) != 1:
         raise _unprocessable("give one file: 'checkpoint' (a tar of an open_clip folder) or 'weights' with 'model'")
@@ -134,48 +137,88 @@ def _build(storage: Storage, work: Path, files: dict[str, UploadedFile], fields:
             raise _unprocessable(f"{up.filename}: weights must be a {', '.join(WEIGHT_SUFFIXES)} file")
         folder, meta = _from_weights(up, fields.get("model"), work)
     up.path.unlink(missing_ok=True)
-    tar = tar_directory(folder, work / "checkpoint.tar", arcname="checkpoint")
-    return folder, tar, {**meta, "dir": storage.rel(folder), "source": "upload", "upload_sha256": up.sha256,
-                         "upload_name": up.filename}
+    tar_directory(folder, work / "checkpoint.tar", arcname="checkpoint")
+    return folder, {**meta, "source": "upload", "upload_sha256": up.sha256, "upload_name": up.filename}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=ArtifactOut)
-async def upload_checkpoint(request: Request, response: Response, db: DbDep, owner: OwnerDep, settings: SettingsDep,
+UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "checkpoint": {"type": "string", "format": "binary",
+                               "description": f"An open_clip checkpoint folder as {', '.join(TAR_SUFFIXES)}"},
+                "weights": {"type": "string", "format": "binary",
+                            "description": f"A state dict ({', '.join(WEIGHT_SUFFIXES)}); needs 'model'"},
+                "model": {"type": "string", "maxLength": 200, "description": "The open_clip architecture of 'weights'"},
+                "name": {"type": "string", "maxLength": 300, "description": "A display name (default: the file's name)"},
+            },
+        },
+    }},
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ArtifactOut,
+             responses=error_responses(401, 413, 415, 422, 503), openapi_extra={"requestBody": UPLOAD_BODY})
+async def upload_checkpoint(request: Request, response: Response, owner: OwnerDep, settings: SettingsDep,
                             storage: StorageDep) -> Any:
-    """Upload a checkpoint tarball or a weights file + ``model``; 201 with the artifact to use as ``settings.checkpoint``."""
-    artifact_id = new_id()
-    work = storage.path(f"checkpoints/{artifact_id}")
-    work.mkdir(parents=True, exist_ok=True)
-    ok = False
-    try:
-        form = await parse_upload(request, work, file_fields=("checkpoint", "weights"), max_bytes=settings.max_upload_bytes)
+    """Upload a checkpoint tarball or a weights file + ``model``; 201 with the artifact to use as ``settings.checkpoint``.
+
+    Streamed into a staging folder and loaded in a worker thread with no database
+    connection held; then moved to ``checkpoints/<id>/`` and recorded in one short
+    transaction (as dataset uploads are).
+    """
+    async with upload_slot(request):
+        artifact_id = new_id()
+        staging = storage.staging_dir(artifact_id)
+        staging.mkdir(parents=True, exist_ok=True)
         try:
-            _, tar, meta = await run_in_threadpool(_build, storage, work, form.files, form.fields,
-                                                   max_bytes=settings.max_upload_bytes)
+            form = await parse_upload(request, staging, file_fields=("checkpoint", "weights"),
+                                      max_bytes=settings.max_upload_bytes, max_parts=settings.max_form_parts)
+            try:
+                _, meta = await run_in_threadpool(_build, staging, form.files, form.fields,
+                                                  max_bytes=settings.max_upload_bytes)
+            finally:
+                form.cleanup()
+            name = (form.fields.get("name") or next(iter(form.files.values())).filename)[:300]
+            out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, artifact_id,
+                                          owner.id, name, meta)
         finally:
-            form.cleanup()
-        stored = storage.register_file(tar)
-        name = (form.fields.get("name") or next(iter(form.files.values())).filename)[:300]
-        art = Artifact(id=artifact_id, owner_id=owner.id, job_id=None, kind="checkpoint", name=name, path=stored.rel,
-                       media_type="application/x-tar", size_bytes=stored.size, sha256=stored.sha256, meta=meta)
-        db.add(art)
-        db.flush()
-        ok = True
-        log.info("checkpoint %s uploaded (%s, %d bytes)", artifact_id, meta.get("model"), stored.size)
-        response.headers["Location"] = f"/v1/artifacts/{artifact_id}/meta"
-        return ArtifactOut.model_validate(art)
-    finally:
-        if not ok:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("checkpoint %s uploaded (%s, %d bytes)", artifact_id, meta.get("model"), out.size_bytes)
+    response.headers["Location"] = f"/v1/artifacts/{artifact_id}/meta"
+    return out
 
 
-@router.delete("/{artifact_id}", status_code=status.HTTP_204_NO_CONTENT)
+def _record(sessions: Any, storage: Storage, staging: Path, artifact_id: str, owner_id: str, name: str,
+            meta: dict[str, Any]) -> ArtifactOut:
+    """Move the checked upload into place and insert its artifact row (one short transaction)."""
+    final = storage.path(f"checkpoints/{artifact_id}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
+    try:
+        stored = storage.register_file(final / "checkpoint.tar")
+        art = Artifact(id=artifact_id, owner_id=owner_id, job_id=None, kind="checkpoint", name=name, path=stored.rel,
+                       media_type="application/x-tar", size_bytes=stored.size, sha256=stored.sha256,
+                       meta={**meta, "dir": storage.rel(final / "checkpoint")})
+        with sessions() as db, db.begin():
+            db.add(art)
+            db.flush()
+            return ArtifactOut.model_validate(art)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+@router.delete("/{artifact_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses=error_responses(401, 404, 422, 503))
 def delete_checkpoint(artifact_id: str, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
     """Delete an uploaded checkpoint (a train job's checkpoint goes with its job)."""
     art = crud.get_artifact(db, owner.id, artifact_id)
     if art is None or art.kind != "checkpoint" or art.job_id is not None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"uploaded checkpoint {artifact_id} not found")
     db.delete(art)
-    db.flush()
+    db.commit()  # the row first (a short write), then the files, outside the transaction
     storage.remove(f"checkpoints/{artifact_id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

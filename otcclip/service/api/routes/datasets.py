@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, StorageDep
+from otcclip.service.api.deps import (
+    DbDep,
+    Offset,
+    OwnerDep,
+    SettingsDep,
+    ShortTransactionRoute,
+    StorageDep,
+    as_utc,
+)
+from otcclip.service.api.errors import error_responses
+from otcclip.service.api.overload import upload_slot
 from otcclip.service.api.uploads import UploadedFile, parse_upload
 from otcclip.service.core.config import Settings
 from otcclip.service.db import crud
@@ -18,10 +29,27 @@ from otcclip.service.db.models import Dataset, new_id
 from otcclip.service.manifests import archive_limits, open_dataset
 from otcclip.service.schemas import DatasetList, DatasetOut, RowsOut
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ShortTransactionRoute)
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".tar")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+MAX_NAME_CHARS = 300
+UPLOAD_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["manifest"],
+            "properties": {
+                "manifest": {"type": "string", "format": "binary",
+                             "description": f"The manifest ({', '.join(MANIFEST_SUFFIXES)}); a .tar is WebDataset shards"},
+                "images": {"type": "string", "format": "binary",
+                           "description": f"The images the manifest names ({', '.join(ARCHIVE_SUFFIXES)})"},
+                "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "description": "A display name (default: the manifest's file name)"},
+            },
+        },
+    }},
+}
 
 
 def _suffix(name: str, allowed: tuple[str, ...]) -> str | None:
@@ -45,6 +73,7 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
             raise _unprocessable(f"{images.filename}: images must be a .zip, .tar or .tar.gz archive", file=images.filename)
         ipath = ddir / f"images{isuf}"
         os.replace(images.path, ipath)
+        ipath = _plain_tar(settings, ipath, images.filename)
     elif msuf != ".tar":
         raise _unprocessable("form field 'images' is required: a zip or tar archive holding the manifest's images",
                              file=manifest.filename)
@@ -68,6 +97,28 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
     return m, info
 
 
+def _plain_tar(settings: Settings, path: Path, client_name: str) -> Path:
+    """A compressed tar stored as a plain ``images.tar`` (decompressed once, here, with the
+    size and ratio caps checked while streaming), so no later open decompresses it again."""
+    from otcclip.models.images import ArchiveError
+    from otcclip.models.stores import compression_of, decompress_tar
+
+    try:
+        opener = compression_of(path)
+        if opener is None or zipfile.is_zipfile(path):
+            return path
+        partial = path.with_name(".images.tar.partial")
+        with open(partial, "wb") as fh:
+            decompress_tar(path, fh, limits=archive_limits(settings), opener=opener)
+    except ArchiveError as e:
+        raise _unprocessable(_scrub(str(e), {str(path): client_name}), file=client_name) from e
+    plain = path.with_name("images.tar")
+    os.replace(partial, plain)
+    if path != plain:
+        path.unlink()
+    return plain
+
+
 def _scrub(text: str, names: dict[str, str]) -> str:
     """Replace server-side paths in an engine message by the client's file names."""
     for server, client in names.items():
@@ -79,42 +130,64 @@ def _unprocessable(message: str, **extra: Any) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": message, **extra})
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
-async def upload_dataset(request: Request, response: Response, db: DbDep, owner: OwnerDep, settings: SettingsDep,
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
+             responses=error_responses(401, 413, 415, 422, 503), openapi_extra={"requestBody": UPLOAD_BODY})
+async def upload_dataset(request: Request, response: Response, owner: OwnerDep, settings: SettingsDep,
                          storage: StorageDep) -> Any:
-    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive."""
-    dataset_id = new_id()
-    ddir = storage.dataset_dir(dataset_id)
-    ddir.mkdir(parents=True, exist_ok=True)
-    ok = False
+    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive.
+
+    The body is streamed into a staging folder (no database connection is held), checked
+    in a worker thread, moved to ``datasets/<id>/`` and recorded in one short transaction.
+    Past ``max_concurrent_uploads`` uploads in progress the answer is 503 + ``Retry-After``.
+    """
+    async with upload_slot(request):
+        dataset_id = new_id()
+        staging = storage.staging_dir(dataset_id)
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            form = await parse_upload(request, staging, file_fields=("manifest", "images"),
+                                      max_bytes=settings.max_upload_bytes, max_parts=settings.max_form_parts)
+            if "manifest" not in form.files:
+                form.cleanup()
+                raise _unprocessable("form field 'manifest' (a file) is required")
+            mf, imf = form.files["manifest"], form.files.get("images")
+            if len(form.fields.get("name", "")) > MAX_NAME_CHARS:
+                form.cleanup()
+                raise _unprocessable(f"form field 'name' is longer than {MAX_NAME_CHARS} characters")
+            _, info = await run_in_threadpool(_validate, settings, staging, mf, imf)
+            ds = Dataset(
+                id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:MAX_NAME_CHARS],
+                format=info["format"], manifest_path=f"datasets/{dataset_id}/{info['manifest'].name}",
+                images_path=f"datasets/{dataset_id}/{info['images'].name}" if info["images"] else None,
+                n_rows=info["n_rows"], columns={"names": info["columns"]}, sha256=mf.sha256,
+                images_sha256=imf.sha256 if imf else None, size_bytes=mf.size + (imf.size if imf else 0),
+            )
+            out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    response.headers["Location"] = f"/v1/datasets/{dataset_id}"
+    return out
+
+
+def _record(sessions: Any, storage: Any, staging: Path, ds: Dataset) -> DatasetOut:
+    """Move the checked upload into place and insert its row (one short transaction)."""
+    final = storage.dataset_dir(ds.id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
     try:
-        form = await parse_upload(request, ddir, file_fields=("manifest", "images"), max_bytes=settings.max_upload_bytes)
-        if "manifest" not in form.files:
-            form.cleanup()
-            raise _unprocessable("form field 'manifest' (a file) is required")
-        mf, imf = form.files["manifest"], form.files.get("images")
-        _, info = await run_in_threadpool(_validate, settings, ddir, mf, imf)
-        ds = Dataset(
-            id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:300],
-            format=info["format"], manifest_path=storage.rel(info["manifest"]),
-            images_path=storage.rel(info["images"]) if info["images"] else None, n_rows=info["n_rows"],
-            columns={"names": info["columns"]}, sha256=mf.sha256, images_sha256=imf.sha256 if imf else None,
-            size_bytes=mf.size + (imf.size if imf else 0),
-        )
-        db.add(ds)
-        db.flush()
-        ok = True
-        response.headers["Location"] = f"/v1/datasets/{dataset_id}"
-        return _out(ds)
-    finally:
-        if not ok:
-            shutil.rmtree(ddir, ignore_errors=True)
+        with sessions() as db, db.begin():
+            db.add(ds)
+            db.flush()
+            return _out(ds)
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
 
 
 def _out(ds: Dataset) -> DatasetOut:
     return DatasetOut(
         id=ds.id, name=ds.name, format=ds.format, n_rows=ds.n_rows, columns=list(ds.columns.get("names", [])),
-        sha256=ds.sha256, images_sha256=ds.images_sha256, size_bytes=ds.size_bytes, created_at=ds.created_at,
+        sha256=ds.sha256, images_sha256=ds.images_sha256, size_bytes=ds.size_bytes, created_at=as_utc(ds.created_at),
     )
 
 
@@ -125,21 +198,23 @@ def _get(db: Any, owner_id: str, dataset_id: str) -> Dataset:
     return ds
 
 
-@router.get("", response_model=DatasetList)
-def list_datasets(db: DbDep, owner: OwnerDep, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)) -> Any:
+@router.get("", response_model=DatasetList, responses=error_responses(401, 422, 503))
+def list_datasets(db: DbDep, owner: OwnerDep, offset: Offset = 0, limit: int = Query(50, ge=1, le=500)) -> Any:
     rows, total = crud.list_datasets(db, owner.id, offset=offset, limit=limit)
     return DatasetList(total=total, offset=offset, limit=limit, items=[_out(r) for r in rows])
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(401, 404, 422, 503))
 def get_dataset(dataset_id: str, db: DbDep, owner: OwnerDep) -> Any:
     return _out(_get(db, owner.id, dataset_id))
 
 
-@router.get("/{dataset_id}/rows", response_model=RowsOut)
+@router.get("/{dataset_id}/rows", response_model=RowsOut, responses=error_responses(401, 404, 422, 503))
 def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: SettingsDep, storage: StorageDep,
-                 offset: int = Query(0, ge=0), limit: int = Query(20, ge=1, le=1000)) -> Any:
+                 offset: Offset = 0, limit: int = Query(20, ge=1, le=1000)) -> Any:
+    """Rows ``offset .. offset+limit`` of the manifest (non-finite numbers are sent as null)."""
     ds = _get(db, owner.id, dataset_id)
+    db.commit()  # the connection goes back to the pool while the manifest is read
     m = open_dataset(settings, storage.root, ds)
     try:
         part = m.table.slice(offset, limit)
@@ -148,10 +223,12 @@ def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: Settings
         m.images.close()
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses=error_responses(401, 404, 422, 503))
 def delete_dataset(dataset_id: str, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
     ds = _get(db, owner.id, dataset_id)
     db.delete(ds)
-    db.flush()
+    db.commit()  # the row first (a short write), then the files, outside the transaction
     storage.remove(f"datasets/{dataset_id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 from typing import Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 
-from otcclip.service.api.deps import DbDep, OwnerDep
+from otcclip.service.api.deps import DbDep, Offset, OwnerDep, ShortTransactionRoute, artifact_out
+from otcclip.service.api.errors import error_responses
 from otcclip.service.db import crud
 from otcclip.service.db.models import Job
 from otcclip.service.schemas import (
@@ -24,15 +27,52 @@ from otcclip.service.schemas import (
 )
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=ShortTransactionRoute)
 RETRY_AFTER_S = 2
+MAX_ERROR_CHARS = 500
+_PATH = re.compile(r"""(?<![\w.])(?:[A-Za-z]:)?(?:[\\/][^\s'"\\/:,;()\[\]{}<>]+){2,}[\\/]?""")
+
+
+def public_error(error: str | None) -> str | None:
+    """What a client sees of a job's stored ``error``: one line, no server paths.
+
+    Workers may store a message followed by a traceback; the client gets the first
+    non-empty line with every absolute path cut to its last component (the full text
+    stays in the database and the worker's log).
+    """
+    if not error:
+        return error
+    line = next((ln.strip() for ln in error.splitlines() if ln.strip()), "")
+    if line.startswith("Traceback (most recent call last)"):
+        line = next((ln.strip() for ln in reversed(error.splitlines()) if ln.strip()), line)
+    line = _PATH.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1] or "/", line)
+    return line[:MAX_ERROR_CHARS]
+
+
+def job_out(job: Job) -> JobOut:
+    """The client's view of ``job`` (:func:`public_error` applied)."""
+    out = JobOut.of(job)
+    out.error = public_error(out.error)
+    return out
+
+
+def _non_finite(value: Any, loc: list[Any]) -> list[list[Any]]:
+    """Locations of NaN / +-Infinity in a parsed JSON value (Python's JSON parser accepts them,
+    the databases' JSON columns do not)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [loc]
+    if isinstance(value, dict):
+        return [bad for k, v in value.items() for bad in _non_finite(v, [*loc, k])]
+    if isinstance(value, list):
+        return [bad for i, v in enumerate(value) for bad in _non_finite(v, [*loc, i])]
+    return []
 
 
 def _accepted(response: Response, job: Job) -> JobOut:
     response.status_code = status.HTTP_202_ACCEPTED
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return JobOut.of(job)
+    return job_out(job)
 
 
 def _checkpoint_ok(db: Any, owner_id: str, artifact_id: str) -> None:
@@ -42,10 +82,22 @@ def _checkpoint_ok(db: Any, owner_id: str, artifact_id: str) -> None:
                             f"settings.checkpoint: {artifact_id!r} is not a checkpoint artifact of this API key")
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+_ACCEPTED_HEADERS = {"Location": {"description": "The job's URL", "schema": {"type": "string"}},
+                     "Retry-After": {"description": "Seconds before the first poll", "schema": {"type": "integer"}}}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses={202: {"description": "Queued (or the job of an earlier request with the same Idempotency-Key)",
+                              "headers": _ACCEPTED_HEADERS},
+                        **error_responses(400, 401, 409, 422, 503)})
 def create_job(body: JobCreate, request: Request, response: Response, db: DbDep, owner: OwnerDep,
                idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
     """Queue a job; with ``Idempotency-Key`` a retried POST returns the same job."""
+    bad = _non_finite(body.settings, ["body", "settings"])
+    if bad:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {
+            "message": f"{'.'.join(map(str, bad[0][1:]))}: NaN and infinities are not numbers JSON can store",
+            "errors": [{"loc": loc, "msg": "must be a finite number", "type": "finite_number"} for loc in bad]})
     request_hash = hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
         prior = crud.job_by_idempotency(db, owner.id, idempotency_key)
@@ -58,7 +110,8 @@ def create_job(body: JobCreate, request: Request, response: Response, db: DbDep,
     try:
         settings = validate_settings(body.kind, body.settings)
     except SettingsError as e:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": str(e), "errors": e.errors}) from e
+        errs = [{"loc": ["body", "settings", *err["loc"]], "msg": err["msg"], "type": "value_error"} for err in e.errors]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"message": str(e), "errors": errs}) from e
     if settings.get("checkpoint"):
         _checkpoint_ok(db, owner.id, settings["checkpoint"])
     job = Job(owner_id=owner.id, kind=body.kind, dataset_id=body.dataset_id, settings=settings,
@@ -91,36 +144,37 @@ def _get(db: Any, owner_id: str, job_id: str) -> Job:
     return job
 
 
-@router.get("", response_model=JobList)
-def list_jobs(db: DbDep, owner: OwnerDep, offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+@router.get("", response_model=JobList, responses=error_responses(401, 422, 503))
+def list_jobs(db: DbDep, owner: OwnerDep, offset: Offset = 0, limit: int = Query(50, ge=1, le=500),
               state: str | None = Query(None, pattern="^(queued|running|succeeded|failed|cancelled)$")) -> Any:
     rows, total = crud.list_jobs(db, owner.id, offset=offset, limit=limit, state=state)
-    return JobList(total=total, offset=offset, limit=limit, items=[JobOut.of(j) for j in rows])
+    return JobList(total=total, offset=offset, limit=limit, items=[job_out(j) for j in rows])
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 422, 503))
 def get_job(job_id: str, response: Response, db: DbDep, owner: OwnerDep) -> Any:
     job = _get(db, owner.id, job_id)
     if job.state in ("queued", "running"):
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
-    return JobOut.of(job)
+    return job_out(job)
 
 
-@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut,
+             responses=error_responses(401, 404, 422, 503))
 def cancel_job(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
     """Cooperative cancel: queued jobs stop at once, running ones at their next check."""
     job = _get(db, owner.id, job_id)
     crud.request_cancel(db, job)
-    return JobOut.of(job)
+    return job_out(job)
 
 
-@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=error_responses(401, 404, 422, 503))
 def job_artifacts(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
     job = _get(db, owner.id, job_id)
-    return [ArtifactOut.model_validate(a) for a in crud.job_artifacts(db, job.id)]
+    return [artifact_out(a) for a in crud.job_artifacts(db, job.id)]
 
 
-@router.get("/{job_id}/metrics", response_model=list[MetricOut])
+@router.get("/{job_id}/metrics", response_model=list[MetricOut], responses=error_responses(401, 404, 422, 503))
 def job_metrics(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
     job = _get(db, owner.id, job_id)
     return [MetricOut(epoch=m.epoch, loss=m.loss, metrics=m.metrics) for m in crud.job_metrics(db, job.id)]
