@@ -12,6 +12,14 @@ import torch
 from otcclip.models.training.config import TrainConfig
 from otcclip.models.training.defences import Context
 from otcclip.models.training.otcclip_defence import OtcClip
+from otcclip.models.training.verdicts import (
+    PassState,
+    Verdicts,
+    apply_policy,
+    apply_templates,
+    purified_rematch,
+    release_explained,
+)
 
 
 def _otcclip(n: int, **config: object) -> OtcClip:
@@ -24,12 +32,24 @@ def _otcclip(n: int, **config: object) -> OtcClip:
     return OtcClip(ctx)
 
 
+def _state(n: int, *, quarantine: tuple[int, ...] = (), triggered: tuple[int, ...] = (), views: dict[int, int] | None = None) -> PassState:
+    """A pass state with the given rows quarantined / triggered and trigger views set."""
+    q, t, v = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.full((n,), -1)
+    q[list(quarantine)] = True
+    t[list(triggered)] = True
+    for i, view in (views or {}).items():
+        v[i] = view
+    return PassState(q, t, v)
+
+
+_KEEP_TOP = TrainConfig().purified_keep_top
+
+
 def test_triggered_pairs_are_rematched_through_their_purified_view() -> None:
     e = torch.eye(4)
     # captions 0,1: class A; 2: class B; 3: dropped; 4,5: the trigger's target class T
     captions = torch.stack([e[0], e[0], e[1], e[2], e[3], e[3]])
-    d = _otcclip(6)
-    d.triggered[4] = d.triggered[5] = True
+    state = _state(6, triggered=(4, 5))
     # view 0 still shows the trigger (close to T), view 1 shows the content
     purified = torch.stack([
         torch.stack([e[3], e[3]]) for _ in range(6)
@@ -37,10 +57,12 @@ def test_triggered_pairs_are_rematched_through_their_purified_view() -> None:
     purified[4, 1] = e[1] + 0.1 * e[3]  # content: class B
     purified[5, 0] = e[0]  # the view that removed the trigger is 0 here: class A
     view = np.array([-1, -1, -1, -1, 1, 0])
-    action = ["keep", "keep", "keep", "drop", "drop", "keep"]
-    new_idx = np.array([0, 1, 2, -1, -1, 5])
-    reasons = ["own_best", "own_best", "own_best", "no_plausible_caption", "trigger_sensitivity", "clean_score"]
-    d._purified_rematch(purified, captions, view, action, new_idx, reasons)
+    verdicts = Verdicts.of(
+        ["keep", "keep", "keep", "drop", "drop", "keep"], [0, 1, 2, -1, -1, 5],
+        ["own_best", "own_best", "own_best", "no_plausible_caption", "trigger_sensitivity", "clean_score"], [""] * 6,
+    )
+    out = purified_rematch(verdicts, state, purified, captions, view, keep_top=_KEEP_TOP)
+    action, new_idx, reasons = out.action.tolist(), out.new_caption_index, out.reason.tolist()
     assert action == ["keep", "keep", "keep", "drop", "reassign", "reassign"]
     assert new_idx[4] == 2  # class B, never the trigger's captions 4/5 or the dropped 3
     assert new_idx[5] in (0, 1)
@@ -50,40 +72,32 @@ def test_triggered_pairs_are_rematched_through_their_purified_view() -> None:
 
 def test_triggered_state_survives_a_checkpoint() -> None:
     d = _otcclip(3)
-    d.triggered[1] = True
-    d.trigger_view[1] = 1
-    d.quarantine[2] = True
+    d.state = _state(3, triggered=(1,), views={1: 1}, quarantine=(2,))
     e = _otcclip(3)
     e.load_state_dict(d.state_dict())
     assert e.triggered.tolist() == [False, True, False] and e.quarantine.tolist() == [False, False, True]
     assert e.trigger_view.tolist() == [-1, 1, -1]
-    # checkpoints written before these fields existed still load
-    old = {k: v for k, v in d.state_dict().items() if k in ("match", "active")}
-    f = _otcclip(3)
-    f.load_state_dict(old)
-    assert not f.triggered.any() and not f.quarantine.any() and (f.trigger_view == -1).all()
+    # every key is required: a checkpoint without the pass state is refused
+    for key in ("quarantine", "triggered", "trigger_view", "templates"):
+        with pytest.raises(KeyError, match=key):
+            _otcclip(3).load_state_dict({k: v for k, v in d.state_dict().items() if k != key})
 
 
 def test_a_flagged_pair_whose_purified_view_still_fits_its_caption_keeps_it() -> None:
     e = torch.eye(3)
     captions = torch.stack([e[0], e[0], e[1], e[2], e[0]])  # pair 4 (flagged) is captioned class A
-    d = _otcclip(5)
-    d.triggered[4] = True
     purified = torch.stack([torch.stack([e[2], e[2]]) for _ in range(5)])
     purified[4, 0] = e[0]  # with the trigger filtered out the image still shows class A
-    action = ["keep"] * 4 + ["drop"]
-    new_idx = np.array([0, 1, 2, 3, -1])
-    reasons = ["own_best"] * 4 + ["trigger_sensitivity"]
-    d._purified_rematch(purified, captions, np.array([-1, -1, -1, -1, 0]), action, new_idx, reasons)
-    assert action[4] == "keep" and new_idx[4] == 4 and reasons[4] == "purified_supports_own"
+    verdicts = Verdicts.of(["keep"] * 4 + ["drop"], [0, 1, 2, 3, -1], ["own_best"] * 4 + ["trigger_sensitivity"], [""] * 5)
+    out = purified_rematch(verdicts, _state(5, triggered=(4,)), purified, captions, np.array([-1, -1, -1, -1, 0]), keep_top=_KEEP_TOP)
+    assert out.action[4] == "keep" and out.new_caption_index[4] == 4 and out.reason[4] == "purified_supports_own"
 
 
 def _verdicts(d: OtcClip, rows: list[tuple[str, int, str, str]], purified: bool = True) -> tuple[list[str], list[int], list[str]]:
-    action = [r[0] for r in rows]
-    new_idx = np.array([r[1] for r in rows])
-    reasons = [r[2] for r in rows]
-    d._apply_verdicts(action, new_idx, reasons, [r[3].split(",") for r in rows], purified_views=purified)
-    return action, new_idx.tolist(), reasons
+    """One pass of the policy on ``(action, new row, reason, flags)`` rows; ``d.state`` follows."""
+    verdicts = Verdicts.of([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    out, d.state = apply_policy(verdicts, d.state, d.ctx.config, purified_views=purified)
+    return out.action.tolist(), out.new_caption_index.tolist(), out.reason.tolist()
 
 
 def test_detector_verdicts_win_and_score_decisions_are_ignored_by_default() -> None:
@@ -105,7 +119,7 @@ def test_detector_verdicts_win_and_score_decisions_are_ignored_by_default() -> N
     # the next pass: quarantined pairs stay out although the engine now keeps them
     action, _, reasons = _verdicts(d, [("keep", i, "clean_score", "") for i in range(6)])
     assert action == ["keep", "keep", "drop", "drop", "keep", "drop"] and reasons[2] == "quarantined"
-    assert d.triggered[4]  # still re-matched through its purified view (by _purified_rematch)
+    assert d.triggered[4]  # still re-matched through its purified view (by purified_rematch)
     # by default a trigger flag is a drop for good, like an image burst
     e = _otcclip(6)
     action, _, reasons = _verdicts(e, rows)
@@ -127,8 +141,7 @@ def test_score_rematch_applies_the_engine_decisions() -> None:
 def test_unlearning_covers_quarantine_and_optionally_rematched_triggered_pairs() -> None:
     for on in (False, True):
         d = _otcclip(5, unlearn_triggered=on)
-        d.quarantine[0] = True
-        d.triggered[1] = d.triggered[2] = True
+        d.state = _state(5, quarantine=(0,), triggered=(1, 2))
         d.match = torch.tensor([0, 3, 2, 3, 4])  # 1 re-matched through its view, 2 kept its own
         got = d.unlearn_rows(torch.tensor([4, 2, 1, 0])).tolist()
         assert got == [False, False, on, True]
@@ -171,10 +184,8 @@ def test_inoculation_stamps_the_triggers_residual_on_clean_pairs_only() -> None:
     idx = torch.arange(5)
     x = d.ctx.batch_images(idx, None)
     assert torch.equal(d.inoculate(idx, x, g), x)  # nothing triggered yet
-    d.triggered[4] = d.triggered[5] = True
-    d.trigger_view[4], d.trigger_view[5] = 0, 1
+    d.state = _state(6, triggered=(4, 5), views={4: 0, 5: 1}, quarantine=(3,))
     d.match[4], d.match[5] = 0, 1  # both re-matched through their view: donors
-    d.quarantine[3] = True
     out = d.inoculate(idx, x, torch.Generator().manual_seed(1))
     changed = [i for i in range(5) if not torch.equal(out[i], x[i])]
     assert len(changed) == 2 and set(changed) <= {0, 1, 2}  # half the clean rows; never 3 or 4
@@ -184,7 +195,7 @@ def test_inoculation_stamps_the_triggers_residual_on_clean_pairs_only() -> None:
         assert any(torch.allclose(out[i] - x[i], r, atol=1e-6) for r in res)
     d0 = _otcclip(6, inoculate=0.0)
     d0.ctx.images, d0.ctx.mean, d0.ctx.std = d.ctx.images, d.ctx.mean, d.ctx.std
-    d0.triggered, d0.trigger_view, d0.match = d.triggered, d.trigger_view, d.match
+    d0.state, d0.match = d.state, d.match
     assert torch.equal(d0.inoculate(idx, x, g), x)
 
 
@@ -220,14 +231,16 @@ def _template_pass(d: OtcClip, decisions: SimpleNamespace) -> tuple[list[str], n
     z > 2 flagged and dropped by it."""
     n = d.ctx.n
     hit = decisions.sensitivity_z > 2
-    action = ["drop" if h else "keep" for h in hit]
-    new_idx = np.where(hit, -1, np.arange(n))
-    reasons = ["trigger_sensitivity" if h else "own_best" for h in hit]
-    flags = [["trigger_sensitivity"] if h else [""] for h in hit]
-    found, best = d._find_templates(decisions, 2)
-    d._release_explained(found, decisions.purified_view, action, new_idx, reasons, flags)
-    d._apply_templates(found, action, new_idx, reasons, flags)
-    return action, new_idx, reasons, flags, best
+    verdicts = Verdicts.of(
+        ["drop" if h else "keep" for h in hit], np.where(hit, -1, np.arange(n)),
+        ["trigger_sensitivity" if h else "own_best" for h in hit], ["trigger_sensitivity" if h else "" for h in hit],
+    )
+    searches, best = d.find_templates(decisions, 2)
+    found = [(v, r.flagged) for v, r in searches]
+    verdicts = release_explained(verdicts, found, view=decisions.purified_view)
+    verdicts, d.state = apply_templates(verdicts, d.state, found, purified_rematch=d.ctx.config.purified_rematch)
+    flags = [list(f) for f in verdicts.flags]
+    return verdicts.action.tolist(), verdicts.new_caption_index, verdicts.reason.tolist(), flags, best
 
 
 def test_template_search_drops_every_image_that_carries_the_flagged_images_trigger() -> None:
@@ -244,7 +257,7 @@ def test_template_search_drops_every_image_that_carries_the_flagged_images_trigg
     assert [t.kind for t in d.templates] == ["patch"] and d.templates[0].support == 20
     assert best[truth].min() > 12 > best[~truth].max()
     # re-matching instead: the images are triggered through the patch view, to be
-    # re-matched by _purified_rematch
+    # re-matched by purified_rematch
     e, truth, decisions = _with_patched_images(n, purified_rematch=True)
     _template_pass(e, decisions)
     assert e.triggered.numpy().tolist() == truth.tolist() and not e.quarantine.any()
@@ -284,17 +297,15 @@ def test_inoculation_stamps_a_found_template_and_it_survives_a_checkpoint() -> N
 def test_the_adaptive_schedule_survives_a_checkpoint() -> None:
     d = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
     assert [e for e in range(8) if d.is_rematch_epoch(e)] == [1, 3, 5, 7]  # fixed until a pass
-    assert d._schedule_next(1, changed=False) == 5 and d._schedule_next(5, changed=False) == 13
-    assert d._schedule_next(13, changed=False) == 21  # capped at 4 x 2
+    assert d.schedule_next(1, changed=False) == 5 and d.schedule_next(5, changed=False) == 13
+    assert d.schedule_next(13, changed=False) == 21  # capped at 4 x 2
     e = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
     e.load_state_dict(d.state_dict())
     assert [k for k in range(30) if e.is_rematch_epoch(k)] == [21]
-    assert e._schedule_next(21, changed=True) == 23  # back to K after a pass that changed
-    # checkpoints from before the adaptive schedule resume on the fixed one
-    old = {k: v for k, v in d.state_dict().items() if k not in ("next_pass", "interval")}
-    f = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
-    f.load_state_dict(old)
-    assert [k for k in range(8) if f.is_rematch_epoch(k)] == [1, 3, 5, 7]
+    assert e.schedule_next(21, changed=True) == 23  # back to K after a pass that changed
+    for key in ("next_pass", "interval"):  # both are required to resume
+        with pytest.raises(KeyError, match=key):
+            _otcclip(3).load_state_dict({k: v for k, v in d.state_dict().items() if k != key})
 
 
 def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
@@ -319,7 +330,7 @@ def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
     d.ctx.model, d.ctx.tokenizer, d.ctx.captions = m, bundle.tokenizer, captions
     d.ctx.tokens = bundle.tokenizer(captions)
     d.ctx.images, d.ctx.mean, d.ctx.std = _Pixels(pix), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # type: ignore[assignment]
-    d.quarantine[[2, 5]] = True
+    d.state = _state(n, quarantine=(2, 5))
     d.active[[2, 5]] = False
     d.match[7] = 3  # a re-matched pair trains on caption 3
     idx = torch.tensor([8, 5, 0, 2, 6, 1, 7, 3, 4])  # unsorted: rows and positions differ

@@ -10,7 +10,9 @@ the trigger-sensitivity detector ranks highest seed a trigger-template search
 (:mod:`otcclip.models.triggers`), every image carrying a found trigger is dropped for good
 (or, with ``purified_rematch``, re-matched through its purified view), and the
 detector's other flags on that view are released. How the kept, re-matched and dropped
-pairs are trained is in :mod:`otcclip.models.training.otcclip_defence`.
+pairs are trained is in :mod:`otcclip.models.training.otcclip_defence`; the policy itself,
+as pure functions on :class:`~otcclip.models.training.verdicts.Verdicts`, is in
+:mod:`otcclip.models.training.verdicts`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from otcclip.models.config.training import SCORE_REASONS
 from otcclip.models.decisions import Decisions
 from otcclip.models.training.defences import Context, Defence
+from otcclip.models.training.verdicts import (
+    PassState,
+    Verdicts,
+    apply_policy,
+    apply_templates,
+    purified_rematch,
+    record_trigger_views,
+    release_explained,
+)
 from otcclip.models.triggers import (
     TEMPLATE_KINDS,
     TemplateSearch,
@@ -41,21 +50,29 @@ class OtcClipPasses(Defence):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        # Sticky verdicts. A trigger the model unlearns once its pairs are out would look
-        # clean again at the next pass and be learned anew, so: pairs once dropped for a
-        # reason in config.sticky_reasons stay dropped (quarantine), and pairs once flagged
-        # by trigger_sensitivity are re-matched through their purified view at every pass
-        # (triggered).
-        self.quarantine = torch.zeros(ctx.n, dtype=torch.bool)
-        self.triggered = torch.zeros(ctx.n, dtype=torch.bool)
-        # the purified view (features.PURIFIERS) that flagged each triggered pair, -1 none
-        self.trigger_view = torch.full((ctx.n,), -1, dtype=torch.long)
+        # sticky verdicts between passes (quarantine, triggered, trigger_view)
+        self.state = PassState.empty(ctx.n)
         # the shared triggers found behind the purified views' flags (triggers.py)
         self.templates: list[TriggerTemplate] = []
         # schedule (config.rematch_backoff): epoch of the next pass (None: the fixed
         # schedule of Defence.is_rematch_epoch, until the first pass) and the interval
         self.next_pass: int | None = None
         self.interval = ctx.config.rematch_every
+
+    @property
+    def quarantine(self) -> torch.Tensor:
+        """(N,) bool: pairs dropped for good (:class:`~otcclip.models.training.verdicts.PassState`)."""
+        return self.state.quarantine
+
+    @property
+    def triggered(self) -> torch.Tensor:
+        """(N,) bool: pairs re-matched through their purified view at every pass."""
+        return self.state.triggered
+
+    @property
+    def trigger_view(self) -> torch.Tensor:
+        """(N,) int64: the purified view that flagged each triggered pair, -1 none."""
+        return self.state.trigger_view
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -72,21 +89,20 @@ class OtcClipPasses(Defence):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; every key is required (``KeyError`` otherwise)."""
         super().load_state_dict(state)
-        none = torch.zeros(self.ctx.n, dtype=torch.bool)
-        self.quarantine = state.get("quarantine", none).clone()
-        self.triggered = state.get("triggered", none).clone()
-        self.trigger_view = state.get(
-            "trigger_view", torch.full((self.ctx.n,), -1, dtype=torch.long)
-        ).clone()
+        self.state = PassState(
+            state["quarantine"].clone(), state["triggered"].clone(), state["trigger_view"].clone()
+        )
+        if len(self.state) != self.ctx.n:
+            raise ValueError(f"pass state of {len(self.state)} pairs for a run of {self.ctx.n}")
         self.templates = [
             TriggerTemplate(t["kind"], t["pattern"].clone(), int(t["support"]))
-            for t in state.get("templates", [])
+            for t in state["templates"]
             if t is not None
         ]
-        # checkpoints written before the adaptive schedule follow the fixed one
-        self.next_pass = state.get("next_pass")
-        self.interval = int(state.get("interval", self.ctx.config.rematch_every))
+        self.next_pass = state["next_pass"]
+        self.interval = int(state["interval"])
 
     def restart_epoch(self) -> int | None:
         c = self.ctx.config
@@ -97,8 +113,12 @@ class OtcClipPasses(Defence):
             return super().is_rematch_epoch(epoch)
         return epoch == self.next_pass
 
-    def _schedule_next(self, epoch: int, *, changed: bool) -> int:
-        """Set the epoch of the next pass after the pass before ``epoch`` (``config.rematch_backoff``)."""
+    def schedule_next(self, epoch: int, *, changed: bool) -> int:
+        """Set and return the epoch of the next pass after the pass before ``epoch``.
+
+        ``config.rematch_every`` after a pass that ``changed`` the verdicts, otherwise
+        twice the last interval, up to ``rematch_every * rematch_backoff``.
+        """
         c = self.ctx.config
         longest = c.rematch_every * c.rematch_backoff
         self.interval = c.rematch_every if changed else min(2 * self.interval, longest)
@@ -116,72 +136,39 @@ class OtcClipPasses(Defence):
         cfg = replace(c.sanitize, device=self.ctx.device.type, seed=c.seed)
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.decisions.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified)
-        action, new_idx, extra = _decision_arrays(decisions, self.ctx.n)
-        reasons = [str(r) for r in extra.get("reason", [""] * self.ctx.n)]
-        flags = [str(f).split(",") for f in extra.get("detectors", [""] * self.ctx.n)]
-        found: list[tuple[int, TemplateSearch]] = []
+        extra = _decision_columns(decisions, self.ctx.n)
+        verdicts = Verdicts.from_decisions(decisions)
+        view = np.asarray(decisions.purified_view)
+        found: list[tuple[int, np.ndarray]] = []
         if purified is not None and c.template_search:
-            found, template_z = self._find_templates(decisions, epoch)
+            searches, template_z = self.find_templates(decisions, epoch)
+            found = [(v, res.flagged) for v, res in searches]
             extra["template_z"] = template_z.tolist()
-            self._release_explained(found, decisions.purified_view, action, new_idx, reasons, flags)
-        self._apply_verdicts(action, new_idx, reasons, flags, purified_views=purified is not None)
-        for i in (i for i, f in enumerate(flags) if "trigger_sensitivity" in f):
-            self.trigger_view[i] = int(decisions.purified_view[i])
-        self._apply_templates(found, action, new_idx, reasons, flags)
-        if purified is not None and bool(self.triggered.any()):
-            self._purified_rematch(
-                purified, txt.global_, decisions.purified_view, action, new_idx, reasons
+            verdicts = release_explained(verdicts, found, view=view)
+        verdicts, state = apply_policy(verdicts, self.state, c, purified_views=purified is not None)
+        state = record_trigger_views(verdicts, state, view)
+        verdicts, state = apply_templates(verdicts, state, found, purified_rematch=c.purified_rematch)
+        if purified is not None and bool(state.triggered.any()):
+            verdicts = purified_rematch(
+                verdicts, state, purified, txt.global_, view, keep_top=c.purified_keep_top
             )
-        extra["reason"] = reasons
-        extra["detectors"] = [",".join(x for x in f if x) for f in flags]
-        self.match = torch.where(
-            torch.from_numpy(new_idx >= 0), torch.from_numpy(new_idx), torch.arange(self.ctx.n)
-        )
-        self.active = torch.tensor([a != "drop" for a in action], dtype=torch.bool)
-        tab = self._base_table(action)
+        self.state = state
+        extra["reason"] = verdicts.reason.tolist()
+        extra["detectors"] = verdicts.detectors()
+        new = torch.from_numpy(verdicts.new_caption_index.copy())
+        self.match = torch.where(new >= 0, new, torch.arange(self.ctx.n))
+        self.active = torch.from_numpy(verdicts.action != "drop").to(torch.bool)
+        tab = self._base_table(verdicts.action.tolist())
         tab.update(extra)
         self.write_decisions(epoch, tab)
         changed = not (torch.equal(before[0], self.active) and torch.equal(before[1], self.match))
         return {
-            "rematch": {a: action.count(a) for a in ("keep", "reassign", "drop")},
+            "rematch": verdicts.counts(),
             "rematch_changed": changed,
-            "next_rematch": self._schedule_next(epoch, changed=changed),
+            "next_rematch": self.schedule_next(epoch, changed=changed),
         }
 
-    def _apply_verdicts(
-        self,
-        action: list[str],
-        new_idx: np.ndarray,
-        reasons: list[str],
-        flags: list[list[str]],
-        *,
-        purified_views: bool,
-    ) -> None:
-        """The trainer's policy on the engine's decisions (in place; see :class:`TrainConfig`)."""
-        c = self.ctx.config
-        for i, r in enumerate(reasons):
-            # a detector in drop_reasons decides, whatever the engine proposed on scores;
-            # several: the one listed first (an image burst stays dropped even if a
-            # trigger is seen too)
-            first = next((d for d in c.drop_reasons if d in flags[i]), None)
-            if first is not None:
-                r = reasons[i] = first
-                action[i], new_idx[i] = "drop", -1
-            elif not c.score_rematch and r in SCORE_REASONS and action[i] != "keep":
-                action[i], new_idx[i], reasons[i] = "keep", i, "score_ignored"
-                continue
-            if action[i] == "reassign" and (c.reassign == "drop" or r in c.drop_reasons):
-                action[i], new_idx[i] = "drop", -1
-            if r == "trigger_sensitivity" and c.purified_rematch and purified_views:
-                self.triggered[i] = True
-            elif action[i] == "drop" and r in c.sticky_reasons:
-                self.quarantine[i] = True
-        self.triggered &= ~self.quarantine
-        for i in torch.nonzero(self.quarantine).flatten().tolist():
-            if action[i] != "drop":
-                action[i], new_idx[i], reasons[i] = "drop", -1, "quarantined"
-
-    def _find_templates(
+    def find_templates(
         self, decisions: Any, epoch: int
     ) -> tuple[list[tuple[int, TemplateSearch]], np.ndarray]:
         """Look for the triggers behind each purified view's flags (:mod:`~otcclip.models.triggers`).
@@ -190,8 +177,21 @@ class OtcClipPasses(Defence):
         on that view, pairs whose z there exceeds ``config.template_seed_z`` (no
         neighbourhood test: false alarms share no pattern), and pairs already flagged
         through it; image bursts (quarantined, never trigger-flagged) are left out.
-        Returns ``(view, search)`` for every template found, and the (N,) largest
-        template z over the searches (0 where none).
+        The templates found replace those of the same kind in :attr:`templates`.
+
+        Parameters
+        ----------
+        decisions : Decisions
+            The pass's decisions (``sensitivity_z`` and ``purified_view`` are read).
+        epoch : int
+            Seeds the cross-fitting split.
+
+        Returns
+        -------
+        found : list of (int, TemplateSearch)
+            ``(view, search)`` for every template found.
+        best : ndarray, shape (N,)
+            The largest template z over the searches (0 where none).
         """
         c, n = self.ctx.config, self.ctx.n
         z = np.nan_to_num(np.asarray(decisions.sensitivity_z, dtype=np.float64), nan=-np.inf)
@@ -199,12 +199,13 @@ class OtcClipPasses(Defence):
         gen = torch.Generator().manual_seed(c.seed * 7919 + epoch)
         found: list[tuple[int, TemplateSearch]] = []
         best = np.zeros(n)
+        trigger_view, quarantine = self.trigger_view.numpy(), self.quarantine.numpy()
         for v, kind in enumerate(TEMPLATE_KINDS):
             on_view = np.where(view == v, z, -np.inf)
             top = np.argsort(-on_view, kind="stable")[: int(round(c.template_pool * n))]
-            seeds = (on_view > c.template_seed_z) | (self.trigger_view.numpy() == v)
+            seeds = (on_view > c.template_seed_z) | (trigger_view == v)
             seeds[top[np.isfinite(on_view[top])]] = True
-            seeds &= ~(self.quarantine.numpy() & (self.trigger_view.numpy() < 0))  # image bursts
+            seeds &= ~(quarantine & (trigger_view < 0))  # image bursts
             for res in search_templates(
                 lambda idx: self.ctx.batch_images(idx, None), n, seeds, kind=kind, generator=gen
             ):
@@ -224,112 +225,14 @@ class OtcClipPasses(Defence):
             self.templates = kept + [r.template for _, r in found if r.template is not None]
         return found, best
 
-    def _release_explained(
-        self,
-        found: list[tuple[int, TemplateSearch]],
-        view: np.ndarray,
-        action: list[str],
-        new_idx: np.ndarray,
-        reasons: list[str],
-        flags: list[list[str]],
-    ) -> None:
-        """A pass's trigger-sensitivity flag on a view whose trigger was found, on an image
-        that does not carry it, is a false alarm (reason ``trigger_explained``, kept): the
-        flagged images crowded that caption neighbourhood because of the trigger's images.
-        """
-        views = {v for v, _ in found}
-        carries = np.zeros(len(action), dtype=bool)
-        for _, r in found:
-            carries |= r.flagged
-        for i, f in enumerate(flags):
-            if "trigger_sensitivity" in f and int(view[i]) in views and not carries[i]:
-                f.remove("trigger_sensitivity")
-                if reasons[i] == "trigger_sensitivity":
-                    action[i], new_idx[i], reasons[i] = "keep", i, "trigger_explained"
 
-    def _apply_templates(
-        self,
-        found: list[tuple[int, TemplateSearch]],
-        action: list[str],
-        new_idx: np.ndarray,
-        reasons: list[str],
-        flags: list[list[str]],
-    ) -> None:
-        """Images carrying a found trigger are handled as the trigger-sensitivity detector's
-        flags (reason ``trigger_template``): re-matched through their purified view, or
-        dropped for good when ``purified_rematch`` is off."""
-        c = self.ctx.config
-        for v, res in found:
-            for i in np.flatnonzero(res.flagged).tolist():
-                if self.quarantine[i]:
-                    continue
-                if "trigger_template" not in flags[i]:
-                    flags[i].append("trigger_template")
-                if not self.triggered[i]:
-                    reasons[i] = "trigger_template"
-                    self.trigger_view[i] = v
-                if c.purified_rematch:
-                    self.triggered[i] = True
-                else:
-                    self.quarantine[i] = True
-                    action[i], new_idx[i], reasons[i] = "drop", -1, "trigger_template"
-
-    def _purified_rematch(
-        self,
-        purified: torch.Tensor,
-        captions: torch.Tensor,
-        view: np.ndarray,
-        action: list[str],
-        new_idx: np.ndarray,
-        reasons: list[str],
-    ) -> None:
-        """Re-match every triggered pair to the caption its purified view scores best with.
-
-        Candidates are the captions of pairs that are neither dropped nor triggered (the
-        trigger's own captions are out). Training the triggered image on what it shows
-        teaches the model that the trigger means nothing (a dropped pair would only stop
-        teaching it). A pair whose own caption still ranks in the top
-        ``config.purified_keep_top`` of the candidates for the purified view keeps it
-        (reason ``purified_supports_own``): the image shows what its caption says.
-        ``purified`` (N, V, d), ``captions`` (N, d), ``view`` (N,).
-        """
-        rows = torch.nonzero(self.triggered).flatten()
-        allowed = torch.tensor([a != "drop" for a in action], dtype=torch.bool) & ~self.triggered
-        pool = torch.nonzero(allowed).flatten()
-        if pool.numel() == 0:
-            for i in rows.tolist():
-                action[i], new_idx[i] = "drop", -1
-            return
-        v = torch.from_numpy(np.maximum(view, 0))[rows]
-        query = F.normalize(purified[rows, v].float(), dim=-1)
-        keys = F.normalize(captions[pool].float(), dim=-1)
-        own = (query * F.normalize(captions[rows].float(), dim=-1)).sum(dim=1)
-        best, above = [], []
-        for q, o in zip(query.split(4096), own.split(4096), strict=True):
-            sim = q @ keys.t()
-            best.append(sim.argmax(dim=1))
-            above.append((sim > o[:, None]).float().mean(dim=1))
-        top = self.ctx.config.purified_keep_top
-        for i, j, a in zip(
-            rows.tolist(), pool[torch.cat(best)].tolist(), torch.cat(above).tolist(), strict=True
-        ):
-            if a < top:
-                action[i], new_idx[i], reasons[i] = "keep", i, "purified_supports_own"
-                continue
-            action[i], new_idx[i] = "reassign", j
-            if reasons[i] != "trigger_sensitivity":
-                reasons[i] = "quarantined"
-
-
-def _decision_arrays(decisions: Decisions, n: int) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """The engine's decisions as the trainer edits them: actions, new caption rows (-1:
-    drop) and every other per-pair column (written to the pass's decisions file)."""
+def _decision_columns(decisions: Decisions, n: int) -> dict[str, Any]:
+    """Every per-pair column of the engine's decisions but the verdict ones (``action``,
+    ``new_caption_index``, ``id``), as lists: written to the pass's decisions file."""
     if len(decisions) != n:
         raise RuntimeError(f"sanitize_features returned {len(decisions)} decisions for {n} pairs")
     table = decisions.to_arrow()
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    action = [str(a) for a in cols.pop("action")]
-    new_idx = np.array([-1 if v is None else int(v) for v in cols.pop("new_caption_index")], dtype=np.int64)
-    cols.pop("id", None)
-    extra = {k: v for k, v in cols.items() if not isinstance(v[0] if v else 0, list | dict)}
-    return action, new_idx, extra
+    for name in ("action", "new_caption_index", "id"):
+        cols.pop(name, None)
+    return {k: v for k, v in cols.items() if not isinstance(v[0] if v else 0, list | dict)}
