@@ -237,12 +237,12 @@ def release_shard_lease(db: Session, job_id: str, kind: str, index: int, owner: 
 
 
 def complete_shard(db: Session, job_id: str, kind: str, index: int, owner: str, path: str) -> bool:
-    """Mark ``owner``'s shard done with its output ``path`` and release it; False when the
-    lease was taken over (the other execution records the shard)."""
+    """Mark ``owner``'s shard done with its output ``path`` (the lease stays until the
+    execution ends); False when the lease was taken over (the other execution records it)."""
     res = db.execute(
         update(JobShard)
         .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.lease_owner == owner)
-        .values(state="done", path=path, lease_owner=None, updated_at=utcnow())
+        .values(state="done", path=path, updated_at=utcnow())
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
