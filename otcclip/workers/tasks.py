@@ -48,9 +48,9 @@ def _child_init(**_: Any) -> None:
     dispose_engines()
 
 
-def _guard(ctx: JobContext, fn: Callable[[], None], *, shard: tuple[str, int] | None = None) -> None:
-    """Run a task body under the job's lease (or ``shard``'s); turn failures into job
-    states (never into Celery retries).
+def _guard(ctx: JobContext, fn: Callable[[], None], *, shard: tuple[str, int] | None = None, lease: bool = True) -> None:
+    """Run a task body under the job's lease (or ``shard``'s; no lease when ``lease`` is
+    False); turn failures into job states (never into Celery retries).
 
     A body whose lease another live execution holds is not run. An outage that outlasted
     the retries leaves the job untouched for the sweeper; a lease lost to another
@@ -59,9 +59,12 @@ def _guard(ctx: JobContext, fn: Callable[[], None], *, shard: tuple[str, int] | 
     from otcclip.models.progress import Cancelled
 
     try:
-        with ctx.hold(shard) as held:
-            if held:
-                fn()
+        if not lease:
+            fn()
+        else:
+            with ctx.hold(shard) as held:
+                if held:
+                    fn()
     except Cancelled:
         if ctx.lease_lost.is_set():
             log.warning("job %s: stopped, another execution took the lease over", ctx.job_id)
@@ -121,12 +124,12 @@ def _shard_path(ctx: JobContext, kind: str, index: int) -> Path:
 def sanitize_ingest(job_id: str) -> None:
     """Plan the shards (once) and fan out the current stage (resumes an interrupted job)."""
     ctx = JobContext(job_id)
+    resume: list[str] = []
 
     def body() -> None:
         job = ctx.job()
         if job.stage not in (None, "queued", "ingest"):  # resumed (e.g. re-sent by the sweeper)
-            if ctx.start():
-                _dispatch(ctx, job.stage or "")
+            resume.append(job.stage or "")
             return
         if not ctx.start("ingest", count_attempt=True):
             return
@@ -151,6 +154,8 @@ def sanitize_ingest(job_id: str) -> None:
             _dispatch(ctx, "encode")
 
     _guard(ctx, body)
+    if resume:  # without the job's lease: the finalize task it may send takes that lease
+        _guard(ctx, lambda: _dispatch(ctx, resume[0]) if ctx.start() else None, lease=False)
 
 
 def _dispatch(ctx: JobContext, stage: str) -> None:
