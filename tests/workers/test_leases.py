@@ -22,7 +22,7 @@ from otcclip.workers.sweeper import sweep_once
 
 @pytest.fixture()
 def settings(tmp_path: Path) -> Settings:
-    s = Settings(data_dir=tmp_path / "data", lease_s=0.6, max_attempts=2)
+    s = Settings(data_dir=tmp_path / "data", lease_s=3.0, max_attempts=2)
     upgrade(s.db_url)
     return s
 
