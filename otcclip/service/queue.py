@@ -2,8 +2,12 @@
 
 Queues: ``gpu`` (feature extraction, matching, evaluation), ``train`` (training) and
 ``cpu`` (ingest, finalize). Messages are JSON and carry ids only; job state lives in the
-database (no result backend). Late acks, reject on worker lost, prefetch 1 and a
-visibility timeout longer than the longest task, set in both transport-option places
+database (no result backend). A message is acknowledged when its task starts: recovery
+from a lost worker is the lease sweeper's job (:mod:`otcclip.workers.sweeper`), not the
+broker's redelivery, so a long task is never handed out again while it runs, and no
+delivered-but-unacknowledged messages are left to restore when the broker connection
+drops mid-task (kombu's Redis consumer can crash doing that). Prefetch 1, and a visibility
+timeout (for prefetched messages of a dead worker) set in both transport-option places
 the Redis transport reads. Without a configured broker the embedded ``filesystem://``
 transport under the data directory is used (it works across processes).
 
@@ -54,8 +58,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
+        "task_acks_late": False,
         "worker_prefetch_multiplier": 1,
         "task_queues": [Queue(q, routing_key=q) for q in QUEUES],
         "task_default_queue": "cpu",

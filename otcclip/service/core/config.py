@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     max_archive_total_bytes, max_archive_members, max_archive_member_bytes, max_archive_ratio
         Zip-bomb guards applied when an uploaded archive is opened.
     visibility_timeout_s : int
-        Redis visibility timeout; must exceed the longest task.
+        Redis visibility timeout: when a dead worker's prefetched (not started) messages
+        are handed out again (started tasks are recovered by the lease sweeper).
     max_attempts : int
         Executions of one job (or shard) before it is failed (the worker was lost each time);
         the sweeper fails a job with an expired lease that has used them all.
