@@ -123,7 +123,8 @@ def recover_jobs(settings: Settings, celery: object) -> int:
 def run_service(settings: Settings, *, host: str = "127.0.0.1", port: int = 0, worker: bool = True,
                 queues: Sequence[str] = ("gpu", "cpu", "train"), concurrency: int = 1,
                 worker_log: Path | None = None, migrate: bool = True) -> Iterator[EmbeddedService]:
-    """Migrate, start the API in a thread and (optionally) a worker child; stop both on exit."""
+    """Migrate, start the API in a thread, the lease sweeper in another and (optionally) a
+    worker child; stop them on exit."""
     import uvicorn
 
     from otcclip.migrations import upgrade
@@ -145,10 +146,14 @@ def run_service(settings: Settings, *, host: str = "127.0.0.1", port: int = 0, w
             raise RuntimeError(f"the API did not start on {host}:{port}")
         time.sleep(0.05)
     proc = start_worker(settings, queues=queues, concurrency=concurrency, log_path=worker_log) if worker else None
+    from otcclip.workers.sweeper import start_sweeper
+
+    sweeper = start_sweeper(settings, app.state.celery)
     svc = EmbeddedService(url=f"http://{host}:{port}", settings=settings, worker=proc, _server=server)
     try:
         yield svc
     finally:
+        sweeper.stop()
         if svc.worker is not None:
             stop_process(svc.worker)
         server.should_exit = True

@@ -14,8 +14,8 @@ from celery import Celery
 from otcclip.service.core.config import Settings, get_settings
 from otcclip.service.queue import make_celery
 
-#: Modules whose import registers the tasks.
-TASK_MODULES: tuple[str, ...] = ("otcclip.workers.tasks",)
+#: Modules whose import registers the tasks (and the sweeper's ``worker_ready`` hook).
+TASK_MODULES: tuple[str, ...] = ("otcclip.workers.tasks", "otcclip.workers.sweeper")
 
 _APP: Celery | None = None
 

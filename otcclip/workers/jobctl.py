@@ -1,25 +1,100 @@
-"""Job bookkeeping for the tasks: throttled progress and cancel polls, attempt limits,
-model and manifest loading in the worker child (never in the parent process)."""
+"""Job bookkeeping for the tasks: leases and their heartbeat, database writes that ride
+out an outage, throttled progress and cancel polls, attempt limits, client-safe error
+messages, model and manifest loading in the worker child (never in the parent process).
+
+Leases
+------
+Every task execution holds a lease before it works: the job row's for whole-job stages
+(ingest, finalize, train, evaluate), the shard row's for one encode/match shard. A
+daemon thread renews it every third of ``lease_s``; a message for work whose lease
+another live execution holds is acknowledged and dropped (that execution does the
+work, and if it dies the sweeper re-sends the job), so no unit of work runs twice at
+once. An execution whose renewal finds the lease taken over stops at its next
+``should_stop`` poll and writes nothing more.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
+import threading
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
 
 from otcclip.service.core.config import Settings, get_settings
 from otcclip.service.db import crud
 from otcclip.service.db.models import Artifact, Dataset, Job
 from otcclip.service.db.session import session_scope
+from otcclip.service.queue import is_broker_error
 from otcclip.service.storage import Storage
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class GiveUp(Exception):
-    """A task was delivered more often than ``max_attempts`` (the worker kept dying)."""
+    """A job or shard was started more often than ``max_attempts`` (the worker kept dying)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` means the database or the broker is unreachable for now.
+
+    Such failures are never turned into a failed job: the write is retried, and past the
+    retry budget the job is left to the lease sweeper.
+    """
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return is_broker_error(exc)
+
+
+def retry_transient(fn: Callable[[], T], *, budget_s: float, what: str) -> T:
+    """Call ``fn`` until it succeeds, retrying transient errors with exponential backoff
+    (0.25 s doubling, at most 5 s apart) for ``budget_s`` seconds; other errors, and the
+    last transient one, are raised."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.25
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: unreachable (%s); retrying in %.2fs", what, type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+# An absolute POSIX or Windows path, not preceded by a word character (so "1/2" or a
+# URL's "//host" are left alone).
+_PATH = re.compile(r"(?<![\w./:])(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"():,;]+)+[/\\]?")
+
+
+def client_error(exc: BaseException) -> str:
+    """The error of a failed job as a client sees it: one line, at most 300 characters,
+    absolute paths reduced to their last component (the traceback goes to the log)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = _PATH.sub(lambda m: Path(m.group().rstrip("/\\").replace("\\", "/")).name or "<path>", text)
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def execution_id() -> str:
+    """A lease owner: ``host:pid:nonce`` (unique per task execution)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class JobContext:
@@ -29,6 +104,9 @@ class JobContext:
         self.job_id = job_id
         self.settings = settings or get_settings()
         self.storage = Storage(self.settings.storage_root)
+        self.owner = execution_id()
+        #: Set by the heartbeat when another execution took the lease over.
+        self.lease_lost = threading.Event()
         # -inf: the first write and the first poll go through whatever the clock reads
         self._last_progress = float("-inf")
         self._last_poll = float("-inf")
@@ -37,21 +115,100 @@ class JobContext:
     def db(self) -> Any:
         return session_scope(self.settings.db_url)
 
+    def run(self, fn: Callable[[Session], T], *, what: str = "database") -> T:
+        """``fn(session)`` in one transaction, retried through a database outage for
+        ``outage_retry_s`` seconds (``fn`` must be safe to repeat)."""
+
+        def once() -> T:
+            with self.db() as db:
+                return fn(db)
+
+        return retry_transient(once, budget_s=self.settings.outage_retry_s, what=f"job {self.job_id}: {what}")
+
     def job(self) -> Job:
-        with self.db() as db:
+        def get(db: Session) -> Job:
             job = db.get(Job, self.job_id)
             if job is None:
                 raise LookupError(f"job {self.job_id} does not exist")
             db.expunge(job)
             return job
 
+        return self.run(get)
+
     def dataset(self, job: Job) -> Dataset:
-        with self.db() as db:
+        def get(db: Session) -> Dataset:
             ds = db.get(Dataset, job.dataset_id) if job.dataset_id else None
             if ds is None:
                 raise LookupError(f"the dataset of job {job.id} was deleted")
             db.expunge(ds)
             return ds
+
+        return self.run(get)
+
+    # -- leases -----------------------------------------------------------------------
+
+    @contextmanager
+    def hold(self, shard: tuple[str, int] | None = None) -> Iterator[bool]:
+        """Hold the job's lease (``shard`` None) or one shard's for the block.
+
+        Yields False, holding nothing, when another live execution holds it or the job
+        is finished; True otherwise, with a heartbeat thread renewing the lease until the
+        block exits and the lease is released.
+        """
+        unit = f"{shard[0]}:{shard[1]}" if shard else "job"
+        lease_s = self.settings.lease_s
+        if shard is None:
+            got = self.run(lambda db: crud.acquire_job_lease(db, self.job_id, self.owner, lease_s=lease_s), what="lease")
+            held = got == "acquired"
+        else:
+            kind, index = shard
+            held = self.run(lambda db: crud.acquire_shard_lease(db, self.job_id, kind, index, self.owner, lease_s=lease_s),
+                            what="lease")
+            got = "acquired" if held else "held"
+        if not held:
+            log.info("job %s %s: %s, nothing to do", self.job_id, unit,
+                     "finished" if got == "terminal" else "another live execution holds the lease")
+            yield False
+            return
+        log.info("execution start job=%s unit=%s owner=%s t=%.3f", self.job_id, unit, self.owner, time.time())
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(shard, stop), name=f"lease-{self.job_id[:8]}", daemon=True)
+        beat.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            beat.join(5)
+            if not self.lease_lost.is_set():
+                try:
+                    if shard is None:
+                        self.run(lambda db: crud.release_job_lease(db, self.job_id, self.owner), what="lease release")
+                    else:
+                        self.run(lambda db: crud.release_shard_lease(db, self.job_id, shard[0], shard[1], self.owner),
+                                 what="lease release")
+                except Exception as e:  # the lease then simply expires
+                    log.warning("job %s %s: could not release the lease (%s)", self.job_id, unit, e)
+            log.info("execution end job=%s unit=%s owner=%s t=%.3f", self.job_id, unit, self.owner, time.time())
+
+    def _heartbeat(self, shard: tuple[str, int] | None, stop: threading.Event) -> None:
+        """Renew the lease every third of ``lease_s`` until ``stop``; a failed write (the
+        database is down) is retried at the next beat, a lease found taken over sets
+        :attr:`lease_lost` and ends the thread."""
+        interval = self.settings.lease_s / 3
+        while not stop.wait(interval):
+            try:
+                with self.db() as db:
+                    if shard is None:
+                        ok = crud.renew_job_lease(db, self.job_id, self.owner)
+                    else:
+                        ok = crud.renew_shard_lease(db, self.job_id, shard[0], shard[1], self.owner)
+            except Exception as e:
+                log.warning("job %s: lease renewal failed (%s: %s); retrying", self.job_id, type(e).__name__, e)
+                continue
+            if not ok:
+                log.error("job %s: the lease was taken over by another execution; stopping", self.job_id)
+                self.lease_lost.set()
+                return
 
     def job_dir(self) -> Path:
         d = self.storage.job_dir(self.job_id)
@@ -69,26 +226,38 @@ class JobContext:
         if not (force or last) and now - self._last_progress < self.settings.progress_interval_s:
             return
         self._last_progress = now
-        with self.db() as db:
-            crud.set_progress(db, self.job_id, stage, int(done), int(total))
+        try:
+            with self.db() as db:
+                crud.set_progress(db, self.job_id, stage, int(done), int(total))
+        except Exception as e:  # progress is advisory: work goes on through a database outage
+            if not is_transient(e):
+                raise
+            log.warning("job %s: progress not written (%s)", self.job_id, type(e).__name__)
 
     def should_stop(self) -> bool:
-        """``StopFn``: polls the job row at most every ``stop_poll_interval_s``."""
-        if self._stopped:
+        """``StopFn``: True once the lease was lost; polls the job row for a cancel request
+        at most every ``stop_poll_interval_s`` (through a database outage: not stopping)."""
+        if self._stopped or self.lease_lost.is_set():
             return True
         now = time.monotonic()
         if now - self._last_poll < self.settings.stop_poll_interval_s:
             return False
         self._last_poll = now
-        with self.db() as db:
-            self._stopped = crud.cancel_requested(db, self.job_id)
+        try:
+            with self.db() as db:
+                self._stopped = crud.cancel_requested(db, self.job_id)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            log.warning("job %s: cancel poll failed (%s)", self.job_id, type(e).__name__)
         return self._stopped
 
     # -- state ------------------------------------------------------------------------
 
     def start(self, stage: str | None = None, *, count_attempt: bool = False) -> bool:
         """Mark running; False when the job is terminal or cancelled. Raises :class:`GiveUp`."""
-        with self.db() as db:
+
+        def mark(db: Session) -> bool:
             if not crud.mark_running(db, self.job_id, stage=stage):
                 return False
             if count_attempt:
@@ -97,10 +266,12 @@ class JobContext:
                 job.attempts += 1
                 if job.attempts > self.settings.max_attempts:
                     raise GiveUp(f"gave up after {job.attempts - 1} attempts (the worker was lost each time)")
-        return True
+            return True
+
+        return self.run(mark)
 
     def count_shard_attempt(self, kind: str, index: int) -> int:
-        with self.db() as db:
+        def count(db: Session) -> int:
             shard = crud.get_shard(db, self.job_id, kind, index)
             if shard is None:
                 raise LookupError(f"job {self.job_id} has no {kind} shard {index}")
@@ -109,17 +280,21 @@ class JobContext:
                 raise GiveUp(f"{kind} shard {index}: gave up after {shard.attempts - 1} attempts (the worker was lost each time)")
             return shard.attempts
 
+        return self.run(count)
+
     def finish(self, state: str, *, error: str | None = None, result: dict[str, Any] | None = None) -> None:
-        with self.db() as db:
-            crud.finish(db, self.job_id, state, error=error, result=result)
+        """Move the job to a terminal state, unless this execution lost its lease (the
+        execution that took it over finishes the job)."""
+        if self.lease_lost.is_set():
+            log.warning("job %s: not marking %s: the lease was taken over", self.job_id, state)
+            return
+        self.run(lambda db: crud.finish(db, self.job_id, state, error=error, result=result), what=f"mark {state}")
 
     def register(self, job: Job, path: Path, *, kind: str, name: str, media_type: str, meta: dict[str, Any] | None = None) -> str:
         """Record a file under storage as an artifact of the job; returns the artifact id."""
         f = self.storage.register_file(path)
-        with self.db() as db:
-            art = crud.add_artifact(db, owner_id=job.owner_id, job_id=job.id, kind=kind, name=name, path=f.rel,
-                                    media_type=media_type, size_bytes=f.size, sha256=f.sha256, meta=meta)
-            return art.id
+        return self.run(lambda db: crud.add_artifact(db, owner_id=job.owner_id, job_id=job.id, kind=kind, name=name, path=f.rel,
+                                                     media_type=media_type, size_bytes=f.size, sha256=f.sha256, meta=meta).id)
 
 
 # -- per-child caches ------------------------------------------------------------------
@@ -143,11 +318,10 @@ def load_bundle(
 
     dev = resolve_device(device)
     if checkpoint:
-        with ctx.db() as db:
-            art = crud.get_artifact(db, owner_id, checkpoint)
-            if art is None or art.kind != "checkpoint":
-                raise LookupError(f"checkpoint artifact {checkpoint} not found")
-            ckpt_dir = ctx.storage.path(art.meta["dir"])
+        art = ctx.run(lambda db: crud.get_artifact(db, owner_id, checkpoint))
+        if art is None or art.kind != "checkpoint":
+            raise LookupError(f"checkpoint artifact {checkpoint} not found")
+        ckpt_dir = ctx.storage.path(art.meta["dir"])
         key = f"ckpt:{checkpoint}:{dev}"
         info: dict[str, Any] = {"name": None, "checkpoint": checkpoint}
     elif pretrained or model.startswith("hf-hub:"):

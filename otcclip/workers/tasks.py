@@ -6,6 +6,14 @@ shard (gpu) -> ``finalize`` (cpu: decide, write outputs, register artifacts). St
 transitions are single atomic updates of the job row, so exactly one finishing shard
 fans out the next stage. ``train`` (train queue) resumes from its last checkpoint when
 redelivered; ``evaluate`` (gpu) measures a checkpoint on a labelled dataset.
+
+Recovery: each execution holds a lease (:meth:`JobContext.hold`), so a duplicate message
+(a broker redelivery, a sweeper re-send) for work another live execution is doing, or
+for a finished job, is a no-op. Database writes are retried through an outage and the
+next stage's publish through a broker outage (``outage_retry_s``); past that budget the
+job is left as it is, and the sweeper (:mod:`otcclip.workers.sweeper`) re-sends it when
+its lease expires. Only genuine errors fail a job, with a one-line message for the
+client and the traceback in the log.
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import traceback
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +39,14 @@ from otcclip.models.config import (
 from otcclip.service.db import crud
 from otcclip.service.db.session import dispose_engines
 from otcclip.service.queue import enqueue
-from otcclip.workers.jobctl import GiveUp, JobContext, load_bundle, open_manifest
+from otcclip.workers.jobctl import (
+    GiveUp,
+    JobContext,
+    client_error,
+    is_transient,
+    load_bundle,
+    open_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +57,49 @@ def _child_init(**_: Any) -> None:
     dispose_engines()
 
 
-def _guard(ctx: JobContext, fn: Callable[[], None]) -> None:
-    """Run a task body; turn failures into job states (never into Celery retries)."""
+def _guard(ctx: JobContext, fn: Callable[[], None], *, shard: tuple[str, int] | None = None, lease: bool = True) -> None:
+    """Run a task body under the job's lease (or ``shard``'s; no lease when ``lease`` is
+    False); turn failures into job states (never into Celery retries).
+
+    A body whose lease another live execution holds is not run. An outage that outlasted
+    the retries leaves the job untouched for the sweeper; a lease lost to another
+    execution leaves the job to that execution.
+    """
     from otcclip.models.progress import Cancelled
 
     try:
-        fn()
+        if not lease:
+            fn()
+        else:
+            with ctx.hold(shard) as held:
+                if held:
+                    fn()
     except Cancelled:
+        if ctx.lease_lost.is_set():
+            log.warning("job %s: stopped, another execution took the lease over", ctx.job_id)
+            return
         log.info("job %s cancelled", ctx.job_id)
-        ctx.finish("cancelled")
+        _record(ctx, "cancelled")
     except GiveUp as e:
         log.error("job %s: %s", ctx.job_id, e)
-        ctx.finish("failed", error=str(e))
-    except (ValueError, LookupError, OSError) as e:
-        log.warning("job %s failed: %s", ctx.job_id, e)
-        ctx.finish("failed", error=f"{type(e).__name__}: {e}")
+        _record(ctx, "failed", error=str(e))
     except Exception as e:
-        log.exception("job %s crashed", ctx.job_id)
-        ctx.finish("failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}")
+        if is_transient(e):
+            log.exception("job %s: the database or broker stayed unreachable; leaving the job to the lease sweeper", ctx.job_id)
+        elif isinstance(e, ValueError | LookupError | OSError):
+            log.warning("job %s failed", ctx.job_id, exc_info=True)
+            _record(ctx, "failed", error=client_error(e))
+        else:
+            log.exception("job %s crashed", ctx.job_id)
+            _record(ctx, "failed", error=client_error(e))
+
+
+def _record(ctx: JobContext, state: str, *, error: str | None = None) -> None:
+    """Write a terminal state from the error handler; an outage here leaves the job to the sweeper."""
+    try:
+        ctx.finish(state, error=error)
+    except Exception:
+        log.exception("job %s: could not record %s; the lease sweeper will re-send the job", ctx.job_id, state)
 
 
 def _celery() -> Any:
@@ -88,12 +127,12 @@ def _shard_path(ctx: JobContext, kind: str, index: int) -> Path:
 def sanitize_ingest(job_id: str) -> None:
     """Plan the shards (once) and fan out the current stage (resumes an interrupted job)."""
     ctx = JobContext(job_id)
+    resume: list[str] = []
 
     def body() -> None:
         job = ctx.job()
-        if job.stage not in (None, "queued", "ingest"):
-            if ctx.start():
-                _dispatch(ctx, job.stage or "")
+        if job.stage not in (None, "queued", "ingest"):  # resumed (e.g. re-sent by the sweeper)
+            resume.append(job.stage or "")
             return
         if not ctx.start("ingest", count_attempt=True):
             return
@@ -106,34 +145,51 @@ def sanitize_ingest(job_id: str) -> None:
         finally:
             m.images.close()
         ranges = plan_shards(n, config.shard_size)
-        with ctx.db() as db:
+
+        def plan(db: Any) -> None:
             crud.create_shards(db, job_id, "encode", ranges)
             crud.create_shards(db, job_id, "match", ranges)
             crud.create_shards(db, job_id, "finalize", [(0, n)])
             crud.set_progress(db, job_id, "ingest", 0, n)
-        with ctx.db() as db:
-            won = crud.advance_stage(db, job_id, "ingest", "encode")
-        if won:
+
+        ctx.run(plan, what="plan shards")
+        if ctx.run(lambda db: crud.advance_stage(db, job_id, "ingest", "encode"), what="advance stage"):
             _dispatch(ctx, "encode")
 
     _guard(ctx, body)
+    if resume:  # without the job's lease: the finalize task it may send takes that lease
+        _guard(ctx, lambda: _dispatch(ctx, resume[0]) if ctx.start() else None, lease=False)
 
 
 def _dispatch(ctx: JobContext, stage: str) -> None:
-    """Send the unfinished tasks of ``stage`` (encode|match|finalize)."""
-    if stage not in ("encode", "match", "finalize"):
+    """Send the unfinished tasks of ``stage`` (encode|match), or the finalize task."""
+    if stage == "finalize":  # always: a done finalize shard on a running job means finish did not land
+        _publish(ctx, "otcclip.sanitize.finalize", key="finalize")
         return
-    with ctx.db() as db:
-        pending = [s.index for s in crud.shards(db, ctx.job_id, stage) if s.state != "done"]
-    if not pending and stage != "finalize":
+    if stage not in ("encode", "match"):
+        return
+    pending = ctx.run(lambda db: [s.index for s in crud.shards(db, ctx.job_id, stage) if s.state != "done"])
+    if not pending:
         _after_shard(ctx, stage)
         return
-    task = f"otcclip.sanitize.{stage}"
     for i in pending:
-        if stage == "finalize":
-            enqueue(_celery(), task, ctx.job_id)
-        else:
-            enqueue(_celery(), task, ctx.job_id, i)
+        if not _publish(ctx, f"otcclip.sanitize.{stage}", i, key=f"{stage}:{i}"):
+            return
+
+
+def _publish(ctx: JobContext, task: str, *args: Any, key: str) -> bool:
+    """Publish one unit of the job (``key``: stage and shard), retrying a broker outage for
+    ``outage_retry_s``; False when it stayed unreachable (the sweeper re-sends the job
+    once its lease expires, and the units already published are no-ops the second time)."""
+    try:
+        enqueue(_celery(), task, ctx.job_id, *args, key=f"{ctx.job_id}:{key}", retry_s=ctx.settings.outage_retry_s)
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        log.error("job %s: could not publish %s (%s: %s); the lease sweeper will re-send the job",
+                  ctx.job_id, key, type(e).__name__, e)
+        return False
+    return True
 
 
 NEXT = {"encode": "match", "match": "finalize"}
@@ -141,25 +197,27 @@ NEXT = {"encode": "match", "match": "finalize"}
 
 def _after_shard(ctx: JobContext, kind: str) -> None:
     """Update progress; the task that sees the last shard done advances the stage."""
-    with ctx.db() as db:
+
+    def step(db: Any) -> bool:
         rows = crud.shards(db, ctx.job_id, kind)
         done = [s for s in rows if s.state == "done"]
         total = rows[-1].stop if rows else 0
         crud.set_progress(db, ctx.job_id, kind, sum(s.stop - s.start for s in done), total)
         if len(done) < len(rows):
-            return
-        won = crud.advance_stage(db, ctx.job_id, kind, NEXT[kind])
-    if won:
+            return False
+        return crud.advance_stage(db, ctx.job_id, kind, NEXT[kind])
+
+    if ctx.run(step, what="advance stage"):
         _dispatch(ctx, NEXT[kind])
 
 
 def _run_shard(ctx: JobContext, kind: str, index: int, work: Callable[[Any, SanitizeJobSettings, Path], None]) -> None:
+    """One shard under its lease (taken by :func:`_guard`): skipped when already done."""
     job = ctx.job()
-    with ctx.db() as db:
-        shard = crud.get_shard(db, ctx.job_id, kind, index)
-        if shard is None:
-            raise LookupError(f"job {ctx.job_id} has no {kind} shard {index}")
-        done = shard.state == "done" and shard.path and ctx.storage.path(shard.path).is_file()
+    shard = ctx.run(lambda db: crud.get_shard(db, ctx.job_id, kind, index))
+    if shard is None:
+        raise LookupError(f"job {ctx.job_id} has no {kind} shard {index}")
+    done = shard.state == "done" and shard.path and ctx.storage.path(shard.path).is_file()
     if not ctx.start():
         return
     if not done:
@@ -167,10 +225,10 @@ def _run_shard(ctx: JobContext, kind: str, index: int, work: Callable[[Any, Sani
         config = _sanitize_config(job)
         path = _shard_path(ctx, kind, index)
         work(job, config, path)
-        with ctx.db() as db:
-            s = crud.get_shard(db, ctx.job_id, kind, index)
-            assert s is not None
-            s.state, s.path = "done", ctx.storage.rel(path)
+        rel = ctx.storage.rel(path)
+        if not ctx.run(lambda db: crud.complete_shard(db, ctx.job_id, kind, index, ctx.owner, rel), what="shard done"):
+            log.warning("job %s: %s shard %d was taken over by another execution", ctx.job_id, kind, index)
+            return
     else:
         log.info("job %s: %s shard %d already done, skipping", ctx.job_id, kind, index)
     _after_shard(ctx, kind)
@@ -184,11 +242,11 @@ def sanitize_encode(job_id: str, index: int) -> None:
     def work(job: Any, config: SanitizeJobSettings, path: Path) -> None:
         from otcclip.models.sanitize import encode_shard
 
-        with ctx.db() as db:
-            shard = crud.get_shard(db, job_id, "encode", index)
-            assert shard is not None
-            start, stop = shard.start, shard.stop
-        bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model, pretrained=config.pretrained,
+        shard = ctx.run(lambda db: crud.get_shard(db, job_id, "encode", index))
+        assert shard is not None
+        start, stop = shard.start, shard.stop
+        bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model,
+                                pretrained=config.pretrained,
                                 seed=config.seed, device=config.device)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
@@ -197,7 +255,7 @@ def sanitize_encode(job_id: str, index: int) -> None:
             m.images.close()
         fs.save(path)
 
-    _guard(ctx, lambda: _run_shard(ctx, "encode", index, work))
+    _guard(ctx, lambda: _run_shard(ctx, "encode", index, work), shard=("encode", index))
 
 
 @shared_task(name="otcclip.sanitize.match")
@@ -208,15 +266,14 @@ def sanitize_match(job_id: str, index: int) -> None:
     def work(job: Any, config: SanitizeJobSettings, path: Path) -> None:
         from otcclip.models.sanitize import match_shard
 
-        with ctx.db() as db:
-            enc = crud.shards(db, job_id, "encode")
-            paths = [ctx.storage.path(s.path) for s in enc if s.path]
+        enc = ctx.run(lambda db: crud.shards(db, job_id, "encode"))
+        paths = [ctx.storage.path(s.path) for s in enc if s.path]
         if len(paths) != len(enc):
             raise LookupError(f"job {job_id}: feature shards are missing")
         score = match_shard(paths[index], paths, config=config, should_stop=ctx.should_stop)
         score.save(path)
 
-    _guard(ctx, lambda: _run_shard(ctx, "match", index, work))
+    _guard(ctx, lambda: _run_shard(ctx, "match", index, work), shard=("match", index))
 
 
 @shared_task(name="otcclip.sanitize.finalize")
@@ -233,8 +290,7 @@ def sanitize_finalize(job_id: str) -> None:
             return
         ctx.count_shard_attempt("finalize", 0)
         config = _sanitize_config(job)
-        with ctx.db() as db:
-            paths = [ctx.storage.path(s.path) for s in crud.shards(db, job_id, "match") if s.path]
+        paths = ctx.run(lambda db: [ctx.storage.path(s.path) for s in crud.shards(db, job_id, "match") if s.path])
         ctx.progress("finalize", 0, 1, force=True)
         decisions = decide(paths, config=config)
         m = open_manifest(ctx, ctx.dataset(job))
@@ -251,10 +307,16 @@ def sanitize_finalize(job_id: str) -> None:
                                         media_type="application/vnd.apache.parquet")
         ids["report_json"] = ctx.register(job, files.report_json, kind="report", name="report.json", media_type="application/json")
         ids["report_html"] = ctx.register(job, files.report_html, kind="report", name="report.html", media_type="text/html")
-        with ctx.db() as db:
+        if ctx.lease_lost.is_set():
+            return
+        rel = ctx.storage.rel(files.report_json)
+
+        def mark_done(db: Any) -> None:
             s = crud.get_shard(db, job_id, "finalize", 0)
             assert s is not None
-            s.state, s.path = "done", ctx.storage.rel(files.report_json)
+            s.state, s.path = "done", rel
+
+        ctx.run(mark_done, what="shard done")
         n = len(decisions.action)
         ctx.progress("finalize", n, n, force=True)
         ctx.finish("succeeded", result={"n_pairs": n, "counts": decisions.counts(), "artifacts": ids})
@@ -290,8 +352,8 @@ def train_job(job_id: str) -> None:
         m = open_manifest(ctx, ctx.dataset(job), columns=("image", "caption"))
 
         def on_epoch(metrics: dict[str, Any]) -> None:
-            with ctx.db() as db:
-                crud.upsert_metric(db, job_id, int(metrics.get("epoch", 0)), json.loads(json.dumps(metrics, default=str)))
+            row = json.loads(json.dumps(metrics, default=str))
+            ctx.run(lambda db: crud.upsert_metric(db, job_id, int(metrics.get("epoch", 0)), row), what="metrics")
 
         try:
             result = train(m, run_dir, config=config, resume=resume, progress=ctx.progress, should_stop=ctx.should_stop,

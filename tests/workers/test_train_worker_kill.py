@@ -32,7 +32,7 @@ def test_killed_train_worker_resumes_from_checkpoint(pg_database, clean_redis, t
     from otcclip.cli.embedded import run_service, start_worker, stop_process
 
     settings = Settings(data_dir=tmp_path / "data", database_url=pg_database, broker_url=clean_redis,
-                        progress_interval_s=0.2, stop_poll_interval_s=0.2, visibility_timeout_s=8,
+                        progress_interval_s=0.2, stop_poll_interval_s=0.2, visibility_timeout_s=8, lease_s=10, sweep_interval_s=2,
                         broker_transport_extra={"unacked_restore_interval": 2})
     with run_service(settings, worker=False) as svc:
         api = Api(svc.url, svc.create_key("kill-train"))

@@ -21,7 +21,7 @@ def test_killed_worker_job_still_succeeds(pg_database, clean_redis, tiny_dataset
     from otcclip.cli.embedded import run_service, start_worker, stop_process
 
     settings = Settings(data_dir=tmp_path / "data", database_url=pg_database, broker_url=clean_redis,
-                        progress_interval_s=0.2, stop_poll_interval_s=0.2, visibility_timeout_s=8,
+                        progress_interval_s=0.2, stop_poll_interval_s=0.2, visibility_timeout_s=8, lease_s=10, sweep_interval_s=2,
                         broker_transport_extra={"unacked_restore_interval": 2})
     settings_kw = {**SANITIZE, "shard_size": 4}  # 10 encode + 10 match shards
     with run_service(settings, worker=False) as svc:

@@ -34,9 +34,11 @@ class Settings(BaseSettings):
     max_archive_total_bytes, max_archive_members, max_archive_member_bytes, max_archive_ratio
         Zip-bomb guards applied when an uploaded archive is opened.
     visibility_timeout_s : int
-        Redis visibility timeout; must exceed the longest task.
+        Redis visibility timeout: when a dead worker's prefetched (not started) messages
+        are handed out again (started tasks are recovered by the lease sweeper).
     max_attempts : int
-        Deliveries of one task before the job is failed (worker lost each time).
+        Executions of one job (or shard) before it is failed (the worker was lost each time);
+        the sweeper fails a job with an expired lease that has used them all.
     progress_interval_s : float
         Minimum seconds between progress writes to the job row.
     stop_poll_interval_s : float
@@ -65,6 +67,15 @@ class Settings(BaseSettings):
     broker_transport_extra : dict
         More kombu transport options (e.g. ``{"unacked_restore_interval": 10}`` for Redis),
         JSON in ``OTCCLIP_BROKER_TRANSPORT_EXTRA``.
+    lease_s : float
+        Lifetime of a job's (or shard's) lease without a heartbeat; the running task
+        renews it every third of this, and the sweeper recovers a job whose lease is older.
+    sweep_interval_s : float
+        Seconds between two sweeps for expired leases (each worker and the embedded runner sweep).
+    outage_retry_s : float
+        How long a worker keeps retrying (with exponential backoff) to publish the next
+        stage or to write a state transition while the broker or database is unreachable;
+        past it the job is left to the sweeper.
     """
 
     model_config = SettingsConfigDict(env_prefix="OTCCLIP_", extra="ignore")
@@ -93,6 +104,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=64_000_000, ge=1)
     default_page_size: int = 50
     broker_transport_extra: dict[str, Any] = Field(default_factory=dict)
+    lease_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    outage_retry_s: float = Field(default=60.0, ge=0)
 
     @property
     def db_url(self) -> str:

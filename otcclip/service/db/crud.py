@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from otcclip.service.db.models import (
@@ -134,8 +135,8 @@ def advance_stage(db: Session, job_id: str, from_stage: str, to_stage: str) -> b
 
 
 def finish(db: Session, job_id: str, state: str, *, error: str | None = None, result: dict[str, Any] | None = None) -> None:
-    """Move a non-terminal job to a terminal ``state``."""
-    values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "updated_at": utcnow()}
+    """Move a non-terminal job to a terminal ``state`` (and drop its lease)."""
+    values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "updated_at": utcnow(), "lease_owner": None}
     if error is not None:
         values["error"] = error[:4000]
     if result is not None:
@@ -146,6 +147,124 @@ def finish(db: Session, job_id: str, state: str, *, error: str | None = None, re
 def cancel_requested(db: Session, job_id: str) -> bool:
     row = db.execute(select(Job.cancel_requested, Job.state).where(Job.id == job_id)).one_or_none()
     return row is None or bool(row[0]) or row[1] in TERMINAL_STATES
+
+
+# -- leases -------------------------------------------------------------------------------
+#
+# A lease is an owner (one task execution, ``host:pid:nonce``) and a heartbeat timestamp.
+# It is taken with one conditional UPDATE (free, already ours, or expired), so of two
+# executions racing for it exactly one wins on SQLite and PostgreSQL alike; renewals and
+# releases are conditional on the owner, so an execution whose lease was taken over
+# notices it at its next renewal. Timestamps come from the workers' clocks (kept in sync).
+
+LeaseResult = Literal["acquired", "held", "terminal"]
+
+
+def _expired(lease_s: float) -> Any:
+    return utcnow() - timedelta(seconds=lease_s)
+
+
+def acquire_job_lease(db: Session, job_id: str, owner: str, *, lease_s: float) -> LeaseResult:
+    """Take the job's lease for ``owner``.
+
+    Returns ``"acquired"`` (the recovery count restarts), ``"held"`` when another execution
+    renewed it within ``lease_s`` seconds, or ``"terminal"`` when the job is finished,
+    cancelled (a pending cancel request is applied) or gone.
+    """
+    res = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.not_in(TERMINAL_STATES), Job.cancel_requested.is_(False),
+               or_(Job.lease_owner.is_(None), Job.lease_owner == owner, Job.heartbeat_at.is_(None),
+                   Job.heartbeat_at < _expired(lease_s)))
+        .values(lease_owner=owner, heartbeat_at=utcnow(), recoveries=0)
+    )
+    if res.rowcount:  # type: ignore[attr-defined]
+        return "acquired"
+    row = db.execute(select(Job.state, Job.cancel_requested).where(Job.id == job_id)).one_or_none()
+    if row is None or row[0] in TERMINAL_STATES:
+        return "terminal"
+    if row[1]:
+        finish(db, job_id, "cancelled")
+        return "terminal"
+    return "held"
+
+
+def renew_job_lease(db: Session, job_id: str, owner: str) -> bool:
+    """Heartbeat of ``owner``'s lease; False when the lease is no longer ``owner``'s."""
+    res = db.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(heartbeat_at=utcnow()))
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def release_job_lease(db: Session, job_id: str, owner: str) -> None:
+    """Give the lease up (the heartbeat stays: the sweeper waits a full lease before acting)."""
+    db.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(lease_owner=None, heartbeat_at=utcnow()))
+
+
+def acquire_shard_lease(db: Session, job_id: str, kind: str, index: int, owner: str, *, lease_s: float) -> bool:
+    """Take the lease of one shard for ``owner``; False while another execution holds it."""
+    res = db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index,
+               or_(JobShard.lease_owner.is_(None), JobShard.lease_owner == owner, JobShard.heartbeat_at.is_(None),
+                   JobShard.heartbeat_at < _expired(lease_s)))
+        .values(lease_owner=owner, heartbeat_at=utcnow())
+    )
+    if res.rowcount:  # type: ignore[attr-defined]
+        db.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow(), recoveries=0))
+        return True
+    return False
+
+
+def renew_shard_lease(db: Session, job_id: str, kind: str, index: int, owner: str) -> bool:
+    """Heartbeat of a shard lease (and of its job); False when the lease was taken over."""
+    res = db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.lease_owner == owner)
+        .values(heartbeat_at=utcnow())
+    )
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return False
+    db.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow()))
+    return True
+
+
+def release_shard_lease(db: Session, job_id: str, kind: str, index: int, owner: str) -> None:
+    db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.lease_owner == owner)
+        .values(lease_owner=None)
+    )
+
+
+def complete_shard(db: Session, job_id: str, kind: str, index: int, owner: str, path: str) -> bool:
+    """Mark ``owner``'s shard done with its output ``path`` (the lease stays until the
+    execution ends); False when the lease was taken over (the other execution records it)."""
+    res = db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.lease_owner == owner)
+        .values(state="done", path=path, updated_at=utcnow())
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def stale_jobs(db: Session, *, lease_s: float) -> list[Job]:
+    """Queued or running jobs with no sign of life for ``lease_s`` seconds (sweeper candidates)."""
+    last = func.coalesce(Job.heartbeat_at, Job.updated_at)
+    q = select(Job).where(Job.state.in_(("queued", "running")), last < _expired(lease_s)).order_by(Job.created_at)
+    return list(db.scalars(q))
+
+
+def claim_recovery(db: Session, job_id: str, recoveries: int, *, lease_s: float) -> bool:
+    """Claim the recovery of a stale job for one sweeper: bumps the heartbeat and the
+    recovery count if the job is still stale and nobody claimed it since it was read."""
+    last = func.coalesce(Job.heartbeat_at, Job.updated_at)
+    res = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(("queued", "running")), Job.recoveries == recoveries,
+               last < _expired(lease_s))
+        .values(heartbeat_at=utcnow(), recoveries=recoveries + 1, lease_owner=None)
+    )
+    return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 # -- shards -------------------------------------------------------------------------------

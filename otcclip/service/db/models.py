@@ -92,6 +92,12 @@ class Job(Base):
     progress_done: Mapped[int] = mapped_column(BigInteger, default=0)
     progress_total: Mapped[int] = mapped_column(BigInteger, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Lease: the execution (``host:pid:nonce``) running a whole-job stage, None between them.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: Last sign of life of any task of the job (lease renewals, re-sends by the sweeper).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: Times the sweeper re-sent the job after its lease expired.
+    recoveries: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -104,7 +110,10 @@ class Job(Base):
 
 
 class JobShard(Base):
-    """One unit of sharded work (``kind`` encode|match) and its atomically written output."""
+    """One unit of sharded work (``kind`` encode|match|finalize) and its atomically written output.
+
+    ``lease_owner``/``heartbeat_at`` are the lease of the task executing the shard.
+    """
 
     __tablename__ = "job_shards"
     __table_args__ = (UniqueConstraint("job_id", "kind", "index", name="uq_job_shards_job_kind_index"),)
@@ -118,6 +127,8 @@ class JobShard(Base):
     state: Mapped[str] = mapped_column(String(20), default="pending")
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
