@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from otcclip.cli import CliError
+from otcclip.cli._columns import add_column_options, column_mapping
 from otcclip.cli.options import add_settings, settings_from_args
 from otcclip.models.config import SanitizeConfig
 
@@ -32,6 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--images", type=Path, default=None, help="image directory or .zip/.tar/.tar.gz archive (default: beside the manifest)")
     p.add_argument("--work-dir", type=Path, default=None, help="spill feature/score shards here (re-runs reuse them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_column_options(p)
     add_settings(p, SanitizeConfig)
     p.set_defaults(func=run)
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from e
     try:
-        manifest = read_manifest(args.manifest, images=args.images)
+        manifest = read_manifest(args.manifest, images=args.images, mapping=column_mapping(args))
     except ManifestError as e:
         raise CliError(str(e)) from e
     if len(manifest) == 0:

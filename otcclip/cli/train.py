@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from otcclip.cli import CliError
+from otcclip.cli._columns import add_column_options, column_mapping
 from otcclip.cli.options import add_settings, settings_from_args
 from otcclip.models.config import TrainConfig
 
@@ -23,6 +24,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_column_options(p)
     add_settings(p, TrainConfig, exclude=("num_threads",))
     p.set_defaults(func=run)
 
@@ -33,9 +35,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.manifest.exists():
         raise CliError(f"{args.manifest}: manifest not found")
     config = settings_from_args(args, TrainConfig)
+    manifest: Any = args.manifest
+    mapping = column_mapping(args)
+    if mapping.to_dict():
+        from otcclip.models.manifest import ManifestError, read_manifest
+
+        try:
+            manifest = read_manifest(args.manifest, mapping=mapping)
+        except ManifestError as e:
+            raise CliError(str(e)) from e
     bar = _ProgressBar(disable=args.no_progress)
     try:
-        result = train(args.manifest, args.out, config=config, resume=args.resume, progress=bar)
+        result = train(manifest, args.out, config=config, resume=args.resume, progress=bar)
     except ValueError as e:
         raise CliError(str(e)) from e
     finally:

@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 from otcclip.models.atomic import atomic_write, replace_dir
 from otcclip.models.images import UnsafePath, safe_relpath
 from otcclip.models.manifest import (
+    EMBEDDED_PREFIX,
     WDS_EXTS,
+    EmbeddedImageStore,
     Manifest,
     ManifestError,
     split_key,
@@ -95,8 +97,43 @@ def write_manifest(like: Manifest, table: pa.Table, out_path: str | Path) -> Pat
     return _write(like, table, out, image_bytes)
 
 
+def input_columns(like: Manifest, table: pa.Table) -> pa.Table:
+    """``table`` with the input's own columns back: embedded images as bytes, mapped names restored.
+
+    Parameters
+    ----------
+    like : Manifest
+        The manifest ``table`` derives from (its ``source_names`` and image store).
+    table : pyarrow.Table
+        Key columns ``id``/``image``/``caption`` as :func:`~otcclip.models.manifest.read_manifest` makes them.
+    """
+    store = like.images
+    if isinstance(store, EmbeddedImageStore) and "image" in table.column_names:
+        refs = table.column("image").to_pylist()
+        if store.kind == "binary":
+            arr = pa.array([None if r is None else store.read_bytes(r) for r in refs], pa.binary())
+        else:
+            def cell(r: str | None) -> dict[str, Any] | None:
+                if r is None:
+                    return None
+                if r.startswith(EMBEDDED_PREFIX):
+                    return {"bytes": store.read_bytes(r), "path": store.embedded_path(r)}
+                return {"bytes": None, "path": r}
+
+            arr = pa.array([cell(r) for r in refs], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        table = table.set_column(table.column_names.index("image"), "image", arr)
+        if store.column != "image":
+            table = table.rename_columns([store.column if c == "image" else c for c in table.column_names])
+    renames = {k: v for k, v in like.source_names.items() if k != "image" or not isinstance(store, EmbeddedImageStore)}
+    if renames:
+        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
+    return table
+
+
 def _write(like: Manifest, table: pa.Table, out: Path, image_bytes: Callable[[str], bytes]) -> Path:
     fmt = like.format
+    if fmt != "webdataset":
+        table = input_columns(like, table)
     if fmt == "csv":
         return _atomic_file(out, lambda t: _write_text_table(table, t, delimiter=","))
     if fmt == "tsv":

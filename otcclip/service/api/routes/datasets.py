@@ -29,7 +29,17 @@ def _suffix(name: str, allowed: tuple[str, ...]) -> str | None:
     return next((s for s in sorted(allowed, key=len, reverse=True) if low.endswith(s)), None)
 
 
-def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: UploadedFile | None) -> tuple[Any, dict[str, Any]]:
+#: Optional form fields naming the input columns that hold the key columns.
+MAPPING_FIELDS = {"image_col": "image", "caption_col": "caption", "id_col": "id"}
+
+
+def _mapping(fields: dict[str, str]) -> dict[str, str]:
+    """The column mapping given in the upload's form fields (``image_col``, ``caption_col``, ``id_col``)."""
+    return {key: fields[f].strip() for f, key in MAPPING_FIELDS.items() if (fields.get(f) or "").strip()}
+
+
+def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: UploadedFile | None,
+              mapping: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
     from otcclip.models.manifest import ManifestError, read_manifest
 
     msuf = _suffix(manifest.filename, MANIFEST_SUFFIXES)
@@ -45,14 +55,15 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
             raise _unprocessable(f"{images.filename}: images must be a .zip, .tar or .tar.gz archive", file=images.filename)
         ipath = ddir / f"images{isuf}"
         os.replace(images.path, ipath)
-    elif msuf != ".tar":
+    elif msuf not in (".tar", ".parquet"):
         raise _unprocessable("form field 'images' is required: a zip or tar archive holding the manifest's images",
                              file=manifest.filename)
     names = {str(mpath): manifest.filename}
     if ipath is not None and images is not None:
         names[str(ipath)] = images.filename
     try:
-        m = read_manifest(mpath, images=ipath, columns=("image",), limits=archive_limits(settings), check_images=True)
+        m = read_manifest(mpath, images=ipath, columns=("image",), mapping=mapping, limits=archive_limits(settings),
+                          check_images=True)
     except ManifestError as e:
         raise _unprocessable(
             f"{names.get(e.file, Path(e.file).name)}{'' if e.row is None else f':row {e.row}'}: {_scrub(e.reason, names)}",
@@ -62,7 +73,8 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
         cols = list(m.table.column_names)
         if "caption" not in cols and "label" not in cols:
             raise _unprocessable(f"{manifest.filename}: needs a 'caption' or 'label' column", file=manifest.filename)
-        info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath}
+        info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath,
+                "mapping": mapping or {}}
     finally:
         m.images.close()
     return m, info
@@ -82,7 +94,12 @@ def _unprocessable(message: str, **extra: Any) -> HTTPException:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
 async def upload_dataset(request: Request, response: Response, db: DbDep, owner: OwnerDep, settings: SettingsDep,
                          storage: StorageDep) -> Any:
-    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive."""
+    """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive.
+
+    Optional form fields ``image_col``, ``caption_col`` and ``id_col`` name the manifest's
+    columns that hold the image, the caption and the id (default ``image``, ``caption``, ``id``).
+    A Parquet manifest whose images are embedded as bytes needs no ``images`` archive.
+    """
     dataset_id = new_id()
     ddir = storage.dataset_dir(dataset_id)
     ddir.mkdir(parents=True, exist_ok=True)
@@ -93,12 +110,12 @@ async def upload_dataset(request: Request, response: Response, db: DbDep, owner:
             form.cleanup()
             raise _unprocessable("form field 'manifest' (a file) is required")
         mf, imf = form.files["manifest"], form.files.get("images")
-        _, info = await run_in_threadpool(_validate, settings, ddir, mf, imf)
+        _, info = await run_in_threadpool(_validate, settings, ddir, mf, imf, _mapping(form.fields))
         ds = Dataset(
             id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:300],
             format=info["format"], manifest_path=storage.rel(info["manifest"]),
             images_path=storage.rel(info["images"]) if info["images"] else None, n_rows=info["n_rows"],
-            columns={"names": info["columns"]}, sha256=mf.sha256, images_sha256=imf.sha256 if imf else None,
+            columns={"names": info["columns"], **({"mapping": info["mapping"]} if info["mapping"] else {})}, sha256=mf.sha256, images_sha256=imf.sha256 if imf else None,
             size_bytes=mf.size + (imf.size if imf else 0),
         )
         db.add(ds)
