@@ -33,6 +33,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--images", type=Path, default=None, help="image directory or .zip/.tar/.tar.gz archive (default: beside the manifest)")
     p.add_argument("--work-dir", type=Path, default=None, help="spill feature/score shards here (re-runs reuse them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-provenance", action="store_true",
+                   help="no original_caption / otcclip_action / otcclip_reason / otcclip_p_clean columns in the cleaned manifest")
+    p.add_argument("--copy-images", action="store_true",
+                   help="copy the kept images below OUT/images (default: reference them relative to --out)")
     add_column_options(p)
     add_settings(p, SanitizeConfig)
     p.set_defaults(func=run)
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from e
     try:
-        manifest = read_manifest(args.manifest, images=args.images, mapping=column_mapping(args))
+        manifest = read_manifest(args.manifest, images=args.images, mapping=column_mapping(args), local=True)
     except ManifestError as e:
         raise CliError(str(e)) from e
     if len(manifest) == 0:
@@ -106,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                   "pretrained": args.pretrained if args.model else None,
                   "embed_dim": bundle.model_cfg.get("embed_dim"), "device": str(device)}
     files = write_outputs(manifest, result.decisions, args.out, config=config, model_info=model_info,
-                          timings=result.timings, progress=progress)
+                          timings=result.timings, progress=progress, provenance=not args.no_provenance,
+                          copy_images=args.copy_images)
     for bar in bars.values():
         bar.close()
     secs = time.perf_counter() - t0

@@ -35,15 +35,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.manifest.exists():
         raise CliError(f"{args.manifest}: manifest not found")
     config = settings_from_args(args, TrainConfig)
-    manifest: Any = args.manifest
-    mapping = column_mapping(args)
-    if mapping.to_dict():
-        from otcclip.models.manifest import ManifestError, read_manifest
+    from otcclip.models.manifest import ManifestError, read_manifest
 
-        try:
-            manifest = read_manifest(args.manifest, mapping=mapping)
-        except ManifestError as e:
-            raise CliError(str(e)) from e
+    try:
+        manifest = read_manifest(args.manifest, mapping=column_mapping(args), local=True)
+    except ManifestError as e:
+        raise CliError(str(e)) from e
     bar = _ProgressBar(disable=args.no_progress)
     try:
         result = train(manifest, args.out, config=config, resume=args.resume, progress=bar)

@@ -22,7 +22,9 @@ import csv
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +45,7 @@ from otcclip.models.images import (
     safe_relpath,
 )
 from otcclip.models.stores import (
+    DirImageStore,
     ImageStore,
     ShardImageStore,
     TarImageStore,
@@ -268,6 +271,29 @@ class EmbeddedImageStore(ImageStore):
         self.fallback.close()
 
 
+class LocalDirImageStore(DirImageStore):
+    """A directory store that also follows references up from its root (``../images/x.jpg``).
+
+    For the command line only, reading the user's own files (e.g. a cleaned manifest in an
+    output folder pointing back at the input's images); never for uploads. URLs, absolute
+    paths and NUL bytes are still refused.
+    """
+
+    def _key(self, ref: str) -> str:
+        if ".." not in ref.replace("\\", "/").split("/"):
+            return safe_relpath(ref)
+        safe_relpath(ref.replace("..", "_"))  # everything but the '..' components is checked
+        return posixpath.normpath(ref.replace("\\", "/"))
+
+    def _path(self, key: str) -> str:
+        return os.path.realpath(os.path.join(self._real, key))
+
+    def _has(self, key: str) -> bool:
+        if key.startswith("../"):
+            return os.path.isfile(self._path(key))
+        return super()._has(key)
+
+
 def read_manifest(
     path: str | Path,
     *,
@@ -276,6 +302,7 @@ def read_manifest(
     mapping: ColumnMapping | Mapping[str, str | None] | None = None,
     limits: ArchiveLimits = DEFAULT_LIMITS,
     check_images: bool = True,
+    local: bool = False,
 ) -> Manifest:
     """Read and validate a manifest.
 
@@ -297,6 +324,10 @@ def read_manifest(
         Caps for archives (zip bombs).
     check_images : bool
         Check that every image exists (no decoding).
+    local : bool
+        The user's own files (the command line): image paths in a directory may go up
+        from it with ``..`` (a cleaned manifest in an output folder points back at the
+        input's images that way). Never set it for uploaded data.
 
     Notes
     -----
@@ -323,7 +354,7 @@ def read_manifest(
         return _read_webdataset(p, columns=columns, mapping=cmap, limits=limits, check_images=check_images)
     root = images if images is not None else (p if p.is_dir() else p.parent)
     try:
-        store = open_store(Path(root), limits=limits)
+        store = LocalDirImageStore(root) if local and Path(root).is_dir() else open_store(Path(root), limits=limits)
     except (ArchiveError, FileNotFoundError) as e:
         raise ManifestError(images if images is not None else p, None, str(e)) from e
     files = [p]
@@ -335,7 +366,8 @@ def read_manifest(
         cols, locs, files = _read_parquet(p)
     cols, locs = _successful(cols, locs)
     cols, renamed, store = _map_columns(p, cols, locs, cmap, store=store, files=files)
-    table = _build_table(p, cols, locs, columns=columns, store=store if check_images else None)
+    table = _build_table(p, cols, locs, columns=columns, store=store if check_images else None,
+                         keycheck=store._key if local else safe_relpath)
     return Manifest(table, fmt, p, store, _sha256(files), source_names=renamed)
 
 
@@ -573,6 +605,7 @@ def _build_table(
     *,
     columns: Sequence[str],
     store: ImageStore | None,
+    keycheck: Callable[[str], str] = safe_relpath,
 ) -> pa.Table:
     """Validate rows and assemble the Arrow table (string key columns first, extras after)."""
     missing = [c for c in columns if c not in cols]
@@ -614,7 +647,7 @@ def _build_table(
     if "image" in out:
         for i, ref in enumerate(out["image"].to_pylist()):
             try:
-                safe_relpath(ref)
+                keycheck(ref)
                 if store is not None and not store.exists(ref):
                     raise err(i, f"image {ref!r} not found in {store.source}")
             except UnsafePath as e:

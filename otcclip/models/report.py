@@ -1,9 +1,12 @@
 """Writing the outputs of a sanitization pass (DESIGN 3).
 
 ``OUT_DIR/``
-    ``cleaned.<ext>`` (or ``cleaned/`` shards for WebDataset): the input manifest in its
-    own format, extra columns kept, dropped pairs removed, re-assigned captions replaced.
-    ``image`` paths stay relative to the input's image root.
+    ``cleaned.<ext>`` (or ``cleaned/`` shards for WebDataset, with the input's shard and
+    member names): the input manifest in its own format and column names, extra columns
+    kept, dropped pairs removed, re-assigned captions replaced, provenance columns added
+    (``original_caption``, ``otcclip_action``, ``otcclip_reason``, ``otcclip_p_clean``;
+    WebDataset: keys of the ``.json`` member). ``image`` paths resolve from ``OUT_DIR``
+    (relative to it, or copied below ``OUT_DIR/images``).
     ``decisions.parquet``: one row per input pair with every score.
     ``report.json``: counts per action and reason, score statistics, GMM, model and
     settings, library versions, the input's sha256, seconds per stage.
@@ -31,6 +34,7 @@ import pyarrow.parquet as pq
 
 from otcclip.models.atomic import atomic_write
 from otcclip.models.decisions import ACTIONS, Decisions
+from otcclip.models.manifest_writer import PROVENANCE
 from otcclip.models.progress import ProgressFn
 
 LIBRARIES = ("otcclip", "torch", "open_clip_torch", "POT", "faiss-cpu", "faiss-gpu", "numpy",
@@ -81,13 +85,31 @@ def decisions_table(manifest: Any, decisions: Decisions) -> pa.Table:
     return pa.table(cols)
 
 
-def cleaned_table(manifest: Any, decisions: Decisions) -> pa.Table:
-    """Input table minus dropped rows, with re-assigned captions replaced."""
+def cleaned_table(manifest: Any, decisions: Decisions, *, provenance: bool = True) -> pa.Table:
+    """Input table minus dropped rows, with re-assigned captions replaced.
+
+    With ``provenance`` the columns ``original_caption``, ``otcclip_action``,
+    ``otcclip_reason`` and ``otcclip_p_clean`` are added (replaced if the input has them,
+    e.g. a manifest cleaned before).
+    """
     table: pa.Table = manifest.table
     caps = manifest.captions
     new = [caps[j] if j >= 0 else c for j, c in zip(decisions.new_caption_index.tolist(), caps, strict=True)]
     idx = table.column_names.index("caption")
     table = table.set_column(idx, "caption", pa.array(new, pa.string()))
+    if provenance:
+        p_clean = np.asarray(decisions.p_clean, dtype=np.float64)
+        values = {
+            "original_caption": pa.array(caps, pa.string()),
+            "otcclip_action": pa.array([str(a) for a in decisions.action.tolist()], pa.string()),
+            "otcclip_reason": pa.array([str(r) for r in decisions.reason.tolist()], pa.string()),
+            "otcclip_p_clean": pa.array(np.round(p_clean, 6), pa.float64(), mask=~np.isfinite(p_clean)),
+        }
+        for name in PROVENANCE:
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, values[name])
+            else:
+                table = table.append_column(name, values[name])
     keep = pa.array(decisions.action != "drop")
     return table.filter(keep)
 
@@ -234,6 +256,8 @@ def cleaned_name(manifest: Any) -> str:
     p = Path(manifest.path)
     if manifest.format == "webdataset":
         return "cleaned.tar" if p.suffix == ".tar" else "cleaned"
+    if p.is_dir():  # a directory of Parquet files
+        return "cleaned.parquet"
     return f"cleaned{p.suffix}"
 
 
@@ -247,6 +271,8 @@ def write_outputs(
     timings: dict[str, float] | None = None,
     progress: ProgressFn | None = None,
     examples: int = 12,
+    provenance: bool = True,
+    copy_images: bool = False,
 ) -> OutputFiles:
     """Write the cleaned manifest, ``decisions.parquet``, ``report.json`` and ``report.html``.
 
@@ -264,8 +290,13 @@ def write_outputs(
         E.g. ``{"name": ..., "checkpoint": ...}``, recorded in the report.
     timings : dict, optional
         Seconds per stage; ``write`` is added.
+    provenance : bool
+        Add the provenance columns to the cleaned manifest (:func:`cleaned_table`).
+    copy_images : bool
+        Copy the kept images below ``out_dir/images`` instead of referencing them relative
+        to ``out_dir`` (:func:`~otcclip.models.manifest_writer.relocate_images`).
     """
-    from otcclip.models.manifest_writer import write_manifest
+    from otcclip.models.manifest_writer import relocate_images, write_manifest
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -274,7 +305,8 @@ def write_outputs(
     dec_path = atomic_write(out / "decisions.parquet", lambda t: pq.write_table(dtab, t))
     if progress is not None:
         progress("write", 1, 4)
-    man_path = write_manifest(manifest, cleaned_table(manifest, decisions), out / cleaned_name(manifest))
+    cleaned = relocate_images(manifest, cleaned_table(manifest, decisions, provenance=provenance), out, copy=copy_images)
+    man_path = write_manifest(manifest, cleaned, out / cleaned_name(manifest))
     if progress is not None:
         progress("write", 2, 4)
     tim = dict(timings or {})

@@ -113,3 +113,34 @@ def test_parquet_folder_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as ei:
         read_manifest(root)
     assert ei.value.file.endswith("00001.parquet") and ei.value.row == 3
+
+
+def test_webdataset_keeps_shards_members_and_both_captions(tmp_path: Path) -> None:
+    import json
+    import tarfile
+
+    root = img2dataset(tmp_path / "wds", 12, fmt="webdataset")
+    m = read_manifest(root)
+    t = m.table
+    caps = m.captions
+    caps[0] = "a brand new caption"
+    t = t.set_column(t.column_names.index("caption"), "caption", pa.array(caps))
+    t = t.append_column("otcclip_action", pa.array(["reassign"] + ["keep"] * (len(m) - 1)))
+    t = t.filter(pa.array([i != 1 for i in range(len(m))]))
+    out = write_manifest(m, t, tmp_path / "cleaned")
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar"]
+
+    def members(p: Path) -> dict[str, bytes]:
+        with tarfile.open(p) as tf:
+            return {i.name: tf.extractfile(i).read() for i in tf.getmembers()}  # type: ignore[union-attr]
+
+    before = {n for s in ("00000.tar", "00001.tar") for n in members(root / s)}
+    after = {n: b for s in ("00000.tar", "00001.tar") for n, b in members(out / s).items()}
+    key0, key1 = m.ids[0], m.ids[1]
+    assert set(after) == before - {f"{key1}.jpg", f"{key1}.txt", f"{key1}.json"}
+    assert after[f"{key0}.txt"].decode() == "a brand new caption"
+    meta = json.loads(after[f"{key0}.json"])
+    assert meta["caption"] == "a brand new caption" and meta["otcclip_action"] == "reassign" and meta["url"]
+    assert after[f"{key0}.jpg"] == m.images.read_bytes(m.image_paths[0])
+    assert all((out / s).stat().st_mode & 0o777 == 0o644 for s in ("00000.tar", "00001.tar"))
+    assert read_manifest(out).captions[0] == "a brand new caption"
