@@ -52,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(*, verbose: bool) -> None:
-    """INFO for otcclip, libraries' chatter off (:data:`QUIET_LOGGERS`); everything at DEBUG with ``verbose``."""
+    """INFO for otcclip, WARNING for the libraries (some quieter: :data:`QUIET_LOGGERS`); all at DEBUG with ``verbose``."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)  # also when handlers existed
+    # otcclip's INFO lines; the libraries' (open_clip logs on the root logger) only from WARNING up
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("otcclip").setLevel(logging.DEBUG if verbose else logging.INFO)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
 

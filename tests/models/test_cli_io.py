@@ -33,6 +33,7 @@ def test_library_logs_quiet_unless_verbose() -> None:
             assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
         assert not logging.getLogger("kombu").isEnabledFor(logging.WARNING)
         assert logging.getLogger("otcclip.models.sanitize").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("open_clip_on_root").isEnabledFor(logging.INFO)
         configure_logging(verbose=True)
         assert logging.getLogger("faiss.loader").isEnabledFor(logging.DEBUG)
     finally:
