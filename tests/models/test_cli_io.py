@@ -94,3 +94,14 @@ def test_demo_prints_one_line_per_stage_change(capsys: pytest.CaptureFixture[str
         log({"state": state, "stage": stage, "progress": {"done": done, "total": 100}})
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[1] == "  sanitize: running encode (100 to do)" and "succeeded" in lines[-1]
+
+
+def test_train_reads_through_the_column_mapping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.models.layouts import mapped_csv
+
+    path = mapped_csv(tmp_path / "d", 4)
+    out = ["--out", str(tmp_path / "run"), "--epochs", "1"]
+    assert main(["train", str(path), *out]) == 2
+    assert "missing required column(s) 'image', 'caption'" in capsys.readouterr().err
+    assert main(["train", str(path), "--image-col", "filepath", "--caption-col", "nope", *out]) == 2
+    assert "--caption-col 'nope': no such column" in capsys.readouterr().err
