@@ -577,8 +577,10 @@ def _read_parquet(path: Path) -> tuple[dict[str, Any], Locs, list[Path]]:
     try:
         if path.is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix in (".parquet", ".pq") and f.is_file())
-            dataset = pads.dataset([str(f) for f in files], format="parquet")
-            parts = [(Path(frag.path), frag.to_table(schema=dataset.schema)) for frag in dataset.get_fragments()]
+            # one schema for all files (a column that is all-null in one shard is typed null there)
+            schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+            dataset = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
+            parts = [(Path(frag.path), frag.to_table(schema=schema)) for frag in dataset.get_fragments()]
         else:
             files = [path]
             parts = [(path, pq.read_table(path))]

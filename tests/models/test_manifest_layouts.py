@@ -144,3 +144,13 @@ def test_webdataset_keeps_shards_members_and_both_captions(tmp_path: Path) -> No
     assert after[f"{key0}.jpg"] == m.images.read_bytes(m.image_paths[0])
     assert all((out / s).stat().st_mode & 0o777 == 0o644 for s in ("00000.tar", "00001.tar"))
     assert read_manifest(out).captions[0] == "a brand new caption"
+
+
+def test_parquet_folder_with_differing_shard_schemas(tmp_path: Path) -> None:
+    root = img2dataset(tmp_path / "o", 14, fmt="parquet")
+    t = pq.read_table(root / "00001.parquet")  # error_message all null there: typed null
+    pq.write_table(t.set_column(t.column_names.index("error_message"), "error_message", pa.nulls(t.num_rows)),
+                   root / "00001.parquet")
+    assert pa.types.is_null(pq.read_schema(root / "00001.parquet").field("error_message").type)
+    m = read_manifest(root)
+    assert len(m) == sum(not failed(i) for i in range(14)) and m.table.schema.field("error_message").type == pa.string()
