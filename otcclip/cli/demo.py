@@ -83,18 +83,16 @@ class _Client:
         return str(self.check(r, 202).json()["id"])
 
     def wait(self, job_id: str, label: str) -> dict[str, Any]:
-        last = ""
+        log = StageLog(label)
         while True:
             job = self.check(self.http.get(f"/v1/jobs/{job_id}"), 200).json()
-            line = f"  {label}: {job['state']} {job['stage'] or ''} {job['progress']['done']}/{job['progress']['total']}"
-            if line != last:
-                print(line, flush=True)
-                last = line
+            log(job)
             if job["state"] in ("succeeded", "failed", "cancelled"):
                 if job["state"] != "succeeded":
                     raise CliError(f"{label} job {job_id} {job['state']}: {job['error']}")
                 return dict(job)
             time.sleep(1.0)
+
 
     def download(self, artifact_id: str) -> bytes:
         return bytes(self.check(self.http.get(f"/v1/artifacts/{artifact_id}"), 200).content)
@@ -102,6 +100,30 @@ class _Client:
     def artifacts(self, job_id: str) -> dict[str, str]:
         items = self.check(self.http.get(f"/v1/jobs/{job_id}/artifacts"), 200).json()
         return {a["name"]: a["id"] for a in items}
+
+
+class StageLog:
+    """Prints one line per change of a job's state or stage (not per poll):
+    ``  label: running encode (0/2100)``, then ``  label: succeeded in 42 s``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.last: tuple[str, str | None] | None = None
+        self.t0 = time.monotonic()
+
+    def __call__(self, job: dict[str, Any]) -> str | None:
+        key = (str(job["state"]), job.get("stage"))
+        if key == self.last:
+            return None
+        self.last = key
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            line = f"  {self.label}: {job['state']} in {time.monotonic() - self.t0:.0f} s"
+        else:
+            prog = job.get("progress") or {}
+            total = f" ({prog.get('total')} to do)" if prog.get("total") else ""
+            line = f"  {self.label}: {job['state']} {job.get('stage') or ''}{total}".rstrip()
+        print(line, flush=True)
+        return line
 
 
 def run_demo(work: Path, *, model: str = "otc-micro", epochs: int = 30, seed: int = 0) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from otcclip.cli import CliError
+from otcclip.cli._columns import add_column_options, column_mapping
+from otcclip.cli._progress import StageBars
 from otcclip.cli.options import add_settings, settings_from_args
 from otcclip.models.config import TrainConfig
 
@@ -23,6 +25,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_column_options(p)
     add_settings(p, TrainConfig, exclude=("num_threads",))
     p.set_defaults(func=run)
 
@@ -33,39 +36,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.manifest.exists():
         raise CliError(f"{args.manifest}: manifest not found")
     config = settings_from_args(args, TrainConfig)
-    bar = _ProgressBar(disable=args.no_progress)
+    from otcclip.models.manifest import ManifestError, read_manifest
+
     try:
-        result = train(args.manifest, args.out, config=config, resume=args.resume, progress=bar)
+        manifest = read_manifest(args.manifest, mapping=column_mapping(args), local=True)
+    except ManifestError as e:
+        raise CliError(str(e)) from e
+    bar = StageBars(disable=args.no_progress)
+    try:
+        result = train(manifest, args.out, config=config, resume=args.resume, progress=bar)
     except ValueError as e:
         raise CliError(str(e)) from e
     finally:
         bar.close()
     print(json.dumps({"final_checkpoint": str(result.final_checkpoint), "metrics": str(result.metrics_path), "epochs": result.epochs_done}))
     return 0
-
-
-class _ProgressBar:
-    """tqdm bar per stage, fed by the core's ``progress(stage, done, total)`` callback."""
-
-    def __init__(self, *, disable: bool) -> None:
-        self.disable = disable
-        self.stage: str | None = None
-        self.bar: Any = None
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.disable:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=total or None, desc=stage, unit="it", leave=False)
-        assert self.bar is not None
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None

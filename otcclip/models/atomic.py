@@ -9,6 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The process umask at import: files get ``0o666 & ~umask`` (0644 usually), directories ``0o777 & ~umask``.
+UMASK = _umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it to ``path``.
 
@@ -20,6 +30,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -34,6 +45,7 @@ def replace_dir(staged: str | Path, path: str | Path) -> Path:
     old directory or the new one, never a half-written mix; the old one is removed after.
     """
     staged, path = Path(staged), Path(path)
+    os.chmod(staged, 0o777 & ~UMASK)  # mkdtemp makes 0700
     if path.exists():
         graveyard = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
         os.replace(path, graveyard / "old")

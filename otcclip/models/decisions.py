@@ -96,7 +96,8 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
     higher-mean component. When one Gaussian explains the scores better (lower BIC) or
     there are fewer than 10 scores, every score counts as clean (``p_clean = 1``).
     """
-    x = own[np.isfinite(own)].astype(np.float64)
+    # sorted first: the sample and the fit depend on the scores, not on the rows' order
+    x = np.sort(own[np.isfinite(own)].astype(np.float64))
     if len(x) > sample:
         x = np.random.default_rng(seed).choice(x, size=sample, replace=False)
     if len(x) < 10 or float(x.std()) < 1e-8:

@@ -22,8 +22,10 @@ import csv
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import os
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from otcclip.models.images import (
     safe_relpath,
 )
 from otcclip.models.stores import (
+    DirImageStore,
     ImageStore,
     ShardImageStore,
     TarImageStore,
@@ -115,6 +118,9 @@ class Manifest:
         Resolves the ``image`` column.
     sha256 : str
         Hex digest of the manifest file(s).
+    source_names : mapping of str to str
+        Input column name of each renamed key column (``{"caption": "text"}``), so that the
+        writer gives the columns their input names back.
     """
 
     table: pa.Table
@@ -122,6 +128,7 @@ class Manifest:
     path: Path
     images: ImageStore
     sha256: str
+    source_names: Mapping[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
@@ -153,7 +160,11 @@ def detect_format(path: str | Path) -> str:
     """The manifest format of ``path`` from its suffix (a directory means WebDataset shards)."""
     p = Path(path)
     if p.is_dir():
-        return "webdataset"
+        if any(f.suffix == ".tar" for f in p.iterdir()):
+            return "webdataset"
+        if any(f.suffix in (".parquet", ".pq") for f in p.iterdir()):
+            return "parquet"
+        raise ManifestError(p, None, "directory holds no .tar shards (WebDataset) and no .parquet files")
     fmt = _SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise ManifestError(p, None, f"unknown manifest format {p.suffix!r} (expected one of "
@@ -161,30 +172,169 @@ def detect_format(path: str | Path) -> str:
     return fmt
 
 
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which input columns hold the key columns (``--image-col``, ``--caption-col``, ``--id-col``).
+
+    A column given here is renamed to its key name when read and gets its input name back
+    when the cleaned manifest is written. Columns left None are found by the usual names,
+    then by the layouts of known exporters: ``text`` for the caption (Hugging Face), ``key``
+    for the id and ``{shard}/{key}.jpg`` or a ``jpg`` bytes column for the image
+    (img2dataset).
+    """
+
+    image: str | None = None
+    caption: str | None = None
+    id: str | None = None
+
+    @classmethod
+    def of(cls, value: ColumnMapping | Mapping[str, str | None] | None) -> ColumnMapping:
+        """A mapping from ``value`` (a ColumnMapping, a dict with keys image/caption/id, or None)."""
+        if value is None:
+            return cls()
+        if isinstance(value, ColumnMapping):
+            return value
+        unknown = set(value) - {"image", "caption", "id"}
+        if unknown:
+            raise ValueError(f"unknown key column(s) {sorted(unknown)} in the column mapping (expected image, caption, id)")
+        return cls(**{k: (v or None) for k, v in value.items()})
+
+    def to_dict(self) -> dict[str, str]:
+        """The columns given (JSON-ready, empty when none)."""
+        return {k: v for k, v in (("image", self.image), ("caption", self.caption), ("id", self.id)) if v}
+
+
+#: img2dataset marks downloaded rows with this ``status``; other rows have no image.
+IMG2DATASET_SUCCESS = "success"
+#: Prefix of the references of images stored inside the manifest (Parquet bytes).
+EMBEDDED_PREFIX = "@embedded/"
+
+
+class EmbeddedImageStore(ImageStore):
+    """Images stored as bytes in a manifest column (Hugging Face ``image`` struct, img2dataset ``jpg``).
+
+    References are ``"@embedded/<row>"``; other references are resolved by ``fallback``
+    (e.g. the ``path`` of a struct whose ``bytes`` are null).
+
+    Attributes
+    ----------
+    column : str
+        The input column holding the bytes.
+    kind : str
+        ``"struct"`` (``{bytes, path}``) or ``"binary"``.
+    """
+
+    def __init__(self, data: Sequence[bytes | None], paths: Sequence[str | None], *, column: str, kind: str,
+                 fallback: ImageStore, source: str) -> None:
+        self._data = list(data)
+        self._paths = list(paths)
+        self.column = column
+        self.kind = kind
+        self.fallback = fallback
+        self.source = source
+
+    @staticmethod
+    def ref(row: int) -> str:
+        """The reference of embedded image ``row``."""
+        return f"{EMBEDDED_PREFIX}{row}"
+
+    def _index(self, ref: str) -> int | None:
+        if not ref.startswith(EMBEDDED_PREFIX):
+            return None
+        try:
+            i = int(ref[len(EMBEDDED_PREFIX):])
+        except ValueError:
+            return None
+        return i if 0 <= i < len(self._data) and self._data[i] is not None else None
+
+    def exists(self, ref: str) -> bool:
+        if ref.startswith(EMBEDDED_PREFIX):
+            return self._index(ref) is not None
+        return self.fallback.exists(ref)
+
+    def read_bytes(self, ref: str) -> bytes:
+        if ref.startswith(EMBEDDED_PREFIX):
+            i = self._index(ref)
+            if i is None:
+                raise FileNotFoundError(f"{self.source}: no embedded image {ref!r}")
+            data = self._data[i]
+            assert data is not None
+            return data
+        return self.fallback.read_bytes(ref)
+
+    def embedded_path(self, ref: str) -> str | None:
+        """The ``path`` field stored beside embedded image ``ref`` (None if none)."""
+        i = self._index(ref)
+        return None if i is None else self._paths[i]
+
+    def close(self) -> None:
+        self.fallback.close()
+
+
+class LocalDirImageStore(DirImageStore):
+    """A directory store that also follows references up from its root (``../images/x.jpg``).
+
+    For the command line only, reading the user's own files (e.g. a cleaned manifest in an
+    output folder pointing back at the input's images); never for uploads. URLs, absolute
+    paths and NUL bytes are still refused.
+    """
+
+    def _key(self, ref: str) -> str:
+        if ".." not in ref.replace("\\", "/").split("/"):
+            return safe_relpath(ref)
+        safe_relpath(ref.replace("..", "_"))  # everything but the '..' components is checked
+        return posixpath.normpath(ref.replace("\\", "/"))
+
+    def _path(self, key: str) -> str:
+        return os.path.realpath(os.path.join(self._real, key))
+
+    def _has(self, key: str) -> bool:
+        if key.startswith("../"):
+            return os.path.isfile(self._path(key))
+        return super()._has(key)
+
+
 def read_manifest(
     path: str | Path,
     *,
     images: str | Path | None = None,
     columns: Sequence[str] = ("image", "caption"),
+    mapping: ColumnMapping | Mapping[str, str | None] | None = None,
     limits: ArchiveLimits = DEFAULT_LIMITS,
     check_images: bool = True,
+    local: bool = False,
 ) -> Manifest:
     """Read and validate a manifest.
 
     Parameters
     ----------
     path : path
-        A ``.csv``, ``.tsv``, ``.jsonl``, ``.parquet`` file, a WebDataset ``.tar`` shard or
-        a directory of ``*.tar`` shards.
+        A ``.csv``, ``.tsv``, ``.jsonl``, ``.parquet`` file, a WebDataset ``.tar`` shard, a
+        directory of ``*.tar`` shards, or a directory of ``*.parquet`` files (read as one
+        table with ``pyarrow.dataset``; an img2dataset output folder is either of the two).
     images : path, optional
-        Where the ``image`` paths are resolved: None -> the manifest's directory; a
-        directory; or a ``.zip`` / ``.tar`` / ``.tar.gz`` archive. Ignored for WebDataset.
+        Where the ``image`` paths are resolved: None -> the manifest's directory (the
+        directory itself for a directory of Parquet files); a directory; or a ``.zip`` /
+        ``.tar`` / ``.tar.gz`` archive. Ignored for WebDataset.
     columns : sequence of str
         Required columns, e.g. ``("image", "caption")`` or ``("image", "label")``.
+    mapping : ColumnMapping or dict, optional
+        Input columns holding ``image``, ``caption`` and ``id`` (see :class:`ColumnMapping`).
     limits : ArchiveLimits
         Caps for archives (zip bombs).
     check_images : bool
         Check that every image exists (no decoding).
+    local : bool
+        The user's own files (the command line): image paths in a directory may go up
+        from it with ``..`` (a cleaned manifest in an output folder points back at the
+        input's images that way). Never set it for uploaded data.
+
+    Notes
+    -----
+    Rows with a ``status`` other than ``"success"`` in a table with ``key`` and ``status``
+    columns (img2dataset's failed downloads) are skipped. An ``image`` column of Parquet
+    binary or ``{bytes, path}`` structs holds the images themselves: they are served by an
+    :class:`EmbeddedImageStore`. A ``caption`` column must be non-empty on every row.
 
     Raises
     ------
@@ -195,27 +345,164 @@ def read_manifest(
     p = Path(path)
     if not p.exists():
         raise ManifestError(p, None, "manifest not found")
+    try:
+        cmap = ColumnMapping.of(mapping)
+    except (TypeError, ValueError) as e:
+        raise ManifestError(p, None, str(e)) from e
     fmt = detect_format(p)
     if fmt == "webdataset":
-        return _read_webdataset(p, columns=columns, limits=limits, check_images=check_images)
+        return _read_webdataset(p, columns=columns, mapping=cmap, limits=limits, check_images=check_images)
+    root = images if images is not None else (p if p.is_dir() else p.parent)
     try:
-        store = open_store(p.parent if images is None else Path(images), limits=limits)
+        store = LocalDirImageStore(root) if local and Path(root).is_dir() else open_store(Path(root), limits=limits)
     except (ArchiveError, FileNotFoundError) as e:
         raise ManifestError(images if images is not None else p, None, str(e)) from e
+    files = [p]
     if fmt in ("csv", "tsv"):
-        cols, rownums = _read_csv(p, delimiter="\t" if fmt == "tsv" else ",")
+        cols, locs = _read_csv(p, delimiter="\t" if fmt == "tsv" else ",")
     elif fmt == "jsonl":
-        cols, rownums = _read_jsonl(p)
+        cols, locs = _read_jsonl(p)
     else:
-        cols, rownums = _read_parquet(p), None
-    table = _build_table(p, cols, rownums, columns=columns, store=store if check_images else None)
-    return Manifest(table, fmt, p, store, _sha256([p]))
+        cols, locs, files = _read_parquet(p)
+    cols, locs = _successful(cols, locs)
+    cols, renamed, store = _map_columns(p, cols, locs, cmap, store=store, files=files)
+    table = _build_table(p, cols, locs, columns=columns, store=store if check_images else None,
+                         keycheck=store._key if local else safe_relpath)
+    return Manifest(table, fmt, p, store, _sha256(files), source_names=renamed)
+
+
+#: Where a row came from: ``(file, row number)`` as :class:`ManifestError` reports it.
+Locs = list[tuple[Path, int]]
+
+
+def _take(values: Any, keep: Sequence[int]) -> Any:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.take(pa.array(keep, pa.int64()))
+    return [values[i] for i in keep]
+
+
+def _successful(cols: dict[str, Any], locs: Locs) -> tuple[dict[str, Any], Locs]:
+    """Drop img2dataset rows whose download failed (``key`` and ``status`` columns, status not success)."""
+    if "key" not in cols or "status" not in cols:
+        return cols, locs
+    status = cols["status"]
+    values = status.to_pylist() if isinstance(status, (pa.Array, pa.ChunkedArray)) else status
+    keep = [i for i, v in enumerate(values) if v == IMG2DATASET_SUCCESS]
+    if len(keep) == len(values):
+        return cols, locs
+    log.info("skipping %d of %d rows whose status is not %r", len(values) - len(keep), len(values), IMG2DATASET_SUCCESS)
+    return {k: _take(v, keep) for k, v in cols.items()}, [locs[i] for i in keep]
+
+
+def _is_bytes_type(t: pa.DataType) -> bool:
+    return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t))
+
+
+def _embedded_kind(values: Any) -> str | None:
+    """``"struct"`` / ``"binary"`` when an Arrow column holds image bytes, else None."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return None
+    t = values.type
+    if _is_bytes_type(t):
+        return "binary"
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_bytes_type(t.field("bytes").type):
+        return "struct"
+    return None
+
+
+def _map_columns(
+    path: Path, cols: dict[str, Any], locs: Locs, cmap: ColumnMapping, *, store: ImageStore, files: Sequence[Path]
+) -> tuple[dict[str, Any], dict[str, str], ImageStore]:
+    """Rename mapped (or recognised) input columns to ``id``/``image``/``caption``; embedded images to refs."""
+    names = list(cols)
+    given = {"image": cmap.image, "caption": cmap.caption, "id": cmap.id}
+    flag = {"image": "--image-col", "caption": "--caption-col", "id": "--id-col"}
+    for key, src in given.items():
+        if src is None:
+            continue
+        if src not in cols:
+            found = ", ".join(repr(c) for c in names) or "none"
+            raise ManifestError(path, None, f"{flag[key]} {src!r}: no such column (found: {found})")
+        if src != key and key in cols:
+            raise ManifestError(path, None, f"{flag[key]} {src!r}: the manifest already has a column {key!r}; "
+                                            f"rename one of them")
+    # recognised layouts when not mapped explicitly
+    if given["caption"] is None and "caption" not in cols and "text" in cols:
+        given["caption"] = "text"
+    if given["id"] is None and "id" not in cols and "key" in cols:
+        given["id"] = "key"
+    if given["image"] is None and "image" not in cols:
+        if "jpg" in cols and _embedded_kind(cols["jpg"]) is not None:
+            given["image"] = "jpg"
+        elif "key" in cols:
+            cols = dict(cols)
+            cols["image"] = _img2dataset_paths(cols["key"], locs, files, store)
+    out: dict[str, Any] = {}
+    renamed: dict[str, str] = {}
+    for name, values in cols.items():
+        key = next((k for k, v in given.items() if v == name), name)
+        if key != name:
+            renamed[key] = name
+        out[key] = values
+    image = out.get("image")
+    kind = _embedded_kind(image)
+    if kind is not None:
+        out["image"], store = _embed(path, image, kind, locs, column=renamed.get("image", "image"), fallback=store)
+    elif isinstance(image, (pa.Array, pa.ChunkedArray)):
+        out["image"] = image.to_pylist()
+    return out, renamed, store
+
+
+def _img2dataset_paths(keys: Any, locs: Locs, files: Sequence[Path], store: ImageStore) -> list[str | None]:
+    """img2dataset ``files`` layout: ``{shard}/{key}.jpg`` beside ``{shard}.parquet`` (or ``{key}.jpg``)."""
+    values = keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else keys
+    out: list[str | None] = []
+    for key, (f, _) in zip(values, locs, strict=True):
+        if key is None:
+            out.append(None)
+            continue
+        cands = [f"{f.stem}/{key}.jpg", f"{key}.jpg"]
+        ref = next((c for c in cands if _exists(store, c)), cands[0])
+        out.append(ref)
+    return out
+
+
+def _exists(store: ImageStore, ref: str) -> bool:
+    try:
+        return store.exists(ref)
+    except UnsafePath:
+        return False
+
+
+def _embed(path: Path, values: Any, kind: str, locs: Locs, *, column: str,
+           fallback: ImageStore) -> tuple[list[str | None], EmbeddedImageStore]:
+    """References for an image-bytes column and the store that serves them."""
+    rows = values.to_pylist()
+    data: list[bytes | None] = []
+    paths: list[str | None] = []
+    refs: list[str | None] = []
+    for i, v in enumerate(rows):
+        if kind == "binary":
+            b, ref_path = v, None
+        else:
+            b, ref_path = (v or {}).get("bytes"), (v or {}).get("path")
+        data.append(b if b else None)
+        paths.append(ref_path)
+        if b:
+            refs.append(EmbeddedImageStore.ref(i))
+        elif ref_path:
+            refs.append(ref_path)
+        else:
+            f, row = locs[i]
+            raise ManifestError(f, row, f"empty image (column {column!r} has neither bytes nor a path)")
+    store = EmbeddedImageStore(data, paths, column=column, kind=kind, fallback=fallback, source=str(path))
+    return refs, store
 
 
 # ---------------------------------------------------------------- readers
 
 
-def _read_csv(path: Path, *, delimiter: str) -> tuple[dict[str, list[Any]], list[int]]:
+def _read_csv(path: Path, *, delimiter: str) -> tuple[dict[str, Any], Locs]:
     try:
         f = path.open(encoding="utf-8-sig", newline="")
     except OSError as e:
@@ -248,10 +535,10 @@ def _read_csv(path: Path, *, delimiter: str) -> tuple[dict[str, list[Any]], list
             raise ManifestError(path, reader.line_num, f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from e
         except UnicodeDecodeError as e:
             raise ManifestError(path, reader.line_num + 1, f"not UTF-8 text ({e.reason})") from e
-    return cols, rownums
+    return cols, [(path, r) for r in rownums]
 
 
-def _read_jsonl(path: Path) -> tuple[dict[str, list[Any]], list[int]]:
+def _read_jsonl(path: Path) -> tuple[dict[str, Any], Locs]:
     cols: dict[str, list[Any]] = {}
     rownums: list[int] = []
     n = 0
@@ -280,18 +567,33 @@ def _read_jsonl(path: Path) -> tuple[dict[str, list[Any]], list[int]]:
                 if len(lst) < n:
                     lst.append(None)
             rownums.append(lineno)
-    return cols, rownums
+    return cols, [(path, r) for r in rownums]
 
 
-def _read_parquet(path: Path) -> dict[str, list[Any]]:
+def _read_parquet(path: Path) -> tuple[dict[str, Any], Locs, list[Path]]:
+    """A Parquet file or a directory of them (``pyarrow.dataset``, files in name order)."""
+    import pyarrow.dataset as pads
+
     try:
-        table = pq.read_table(path)
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix in (".parquet", ".pq") and f.is_file())
+            # one schema for all files (a column that is all-null in one shard is typed null there)
+            schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+            dataset = pads.dataset([str(f) for f in files], format="parquet", schema=schema)
+            parts = [(Path(frag.path), frag.to_table(schema=schema)) for frag in dataset.get_fragments()]
+        else:
+            files = [path]
+            parts = [(path, pq.read_table(path))]
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(path, None, f"not a readable Parquet file ({e})") from e
+    parts.sort(key=lambda fp: str(fp[0]))
+    table = pa.concat_tables([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+    locs: Locs = [(f, r) for f, t in parts for r in range(1, t.num_rows + 1)]
     cols: dict[str, Any] = {}
     for name in table.column_names:
-        cols[name] = table.column(name).to_pylist() if name in _STRING_COLUMNS else table.column(name)
-    return cols
+        col = table.column(name)
+        cols[name] = col.to_pylist() if name in _STRING_COLUMNS and _embedded_kind(col) is None else col
+    return cols, locs, files
 
 
 def _empty(v: Any) -> bool:
@@ -301,10 +603,11 @@ def _empty(v: Any) -> bool:
 def _build_table(
     path: Path,
     cols: Mapping[str, Any],
-    rownums: Sequence[int] | None,
+    locs: Locs,
     *,
     columns: Sequence[str],
     store: ImageStore | None,
+    keycheck: Callable[[str], str] = safe_relpath,
 ) -> pa.Table:
     """Validate rows and assemble the Arrow table (string key columns first, extras after)."""
     missing = [c for c in columns if c not in cols]
@@ -315,20 +618,22 @@ def _build_table(
     if n == 0:
         raise ManifestError(path, None, "manifest has no rows")
 
-    def row(i: int) -> int:
-        return rownums[i] if rownums is not None else i + 1
+    def err(i: int, reason: str) -> ManifestError:
+        return ManifestError(locs[i][0], locs[i][1], reason)
 
     out: dict[str, pa.Array] = {}
     for name in _STRING_COLUMNS:
         if name not in cols:
             continue
         values = cols[name]
-        required = name in columns or name in ("id", "image")
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            values = values.to_pylist()
+        required = name in columns or name in ("id", "image", "caption")
         strs: list[str | None] = []
         for i, v in enumerate(values):
             if _empty(v):
                 if required:
-                    raise ManifestError(path, row(i), f"empty {name}")
+                    raise err(i, f"empty {name}" + (" (every pair needs a caption)" if name == "caption" else ""))
                 strs.append(None)
             else:
                 strs.append(v if isinstance(v, str) else to_str(v))
@@ -339,16 +644,16 @@ def _build_table(
     seen: dict[str, int] = {}
     for i, key in enumerate(ids):
         if key in seen:
-            raise ManifestError(path, row(i), f"duplicate id {key!r} (first at row {seen[key]})")
-        seen[key] = row(i)
+            raise err(i, f"duplicate id {key!r} (first at row {seen[key]})")
+        seen[key] = locs[i][1]
     if "image" in out:
         for i, ref in enumerate(out["image"].to_pylist()):
             try:
-                safe_relpath(ref)
+                keycheck(ref)
                 if store is not None and not store.exists(ref):
-                    raise ManifestError(path, row(i), f"image {ref!r} not found in {store.source}")
+                    raise err(i, f"image {ref!r} not found in {store.source}")
             except UnsafePath as e:
-                raise ManifestError(path, row(i), str(e)) from e
+                raise err(i, str(e)) from e
     for name, values in cols.items():
         if name in out:
             continue
@@ -399,7 +704,7 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def _read_webdataset(
-    path: Path, *, columns: Sequence[str], limits: ArchiveLimits, check_images: bool
+    path: Path, *, columns: Sequence[str], mapping: ColumnMapping, limits: ArchiveLimits, check_images: bool
 ) -> Manifest:
     files = _shard_files(path)
     shards: dict[str, TarImageStore] = {}
@@ -410,7 +715,7 @@ def _read_webdataset(
             raise ManifestError(f, None, str(e)) from e
     store = ShardImageStore(shards, source=str(path))
     cols: dict[str, list[Any]] = {"id": [], "image": []}
-    shard_of: list[str] = []
+    locs: Locs = []
     n = 0
     for shard_name, shard in shards.items():
         samples: dict[str, dict[str, str]] = {}
@@ -420,12 +725,12 @@ def _read_webdataset(
                 samples.setdefault(key, {})[ext] = member
         for key, members in samples.items():
             n += 1
+            locs.append((path, n))
             img_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
             if img_ext is None:
                 raise ManifestError(shard.path, n, f"sample {key!r} has no image member (.{'/.'.join(IMAGE_EXTENSIONS)})")
             cols["id"].append(key)
             cols["image"].append(f"{shard_name}#{members[img_ext]}")
-            shard_of.append(shard_name)
             for ext, member in members.items():
                 if ext == img_ext:
                     continue
@@ -445,9 +750,14 @@ def _read_webdataset(
                     lst.append(None)
     if n == 0:
         raise ManifestError(path, None, "no samples in the shards")
+    if mapping.caption is not None:
+        if mapping.caption not in cols:
+            raise ManifestError(path, None, f"--caption-col {mapping.caption!r}: no sample has a .{mapping.caption} member")
+        cols["caption"] = [None if v is None else v.rstrip("\r\n") for v in cols.pop(mapping.caption)]
     if "caption" in columns and "caption" not in cols:
         raise ManifestError(path, None, "no sample has a .txt caption")
     if "label" in columns and "label" not in cols:
         raise ManifestError(path, None, "no sample has a .cls label")
-    table = _build_table(path, cols, None, columns=columns, store=store if check_images else None)
-    return Manifest(table, "webdataset", path, store, _sha256(files))
+    table = _build_table(path, cols, locs, columns=columns, store=store if check_images else None)
+    renamed = {"caption": mapping.caption} if mapping.caption is not None else {}
+    return Manifest(table, "webdataset", path, store, _sha256(files), source_names=renamed)

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -21,18 +22,26 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from otcclip.models.atomic import atomic_write, replace_dir
+from otcclip.models.atomic import UMASK, atomic_write, replace_dir
 from otcclip.models.images import UnsafePath, safe_relpath
 from otcclip.models.manifest import (
+    EMBEDDED_PREFIX,
     WDS_EXTS,
+    EmbeddedImageStore,
     Manifest,
     ManifestError,
     split_key,
     to_str,
 )
-from otcclip.models.stores import DirImageStore
+from otcclip.models.stores import DirImageStore, ShardImageStore
 
 log = logging.getLogger(__name__)
+
+#: Provenance columns a cleaned manifest carries (written by :mod:`otcclip.models.report`).
+#: WebDataset samples carry them as keys of their ``.json`` member (no new members).
+PROVENANCE = ("original_caption", "otcclip_action", "otcclip_reason", "otcclip_p_clean")
+#: Folder of the output directory that ``--copy-images`` copies images to.
+COPIED_IMAGES = "images"
 
 
 def _atomic_file(out: Path, write: Callable[[Path], None]) -> Path:
@@ -95,8 +104,43 @@ def write_manifest(like: Manifest, table: pa.Table, out_path: str | Path) -> Pat
     return _write(like, table, out, image_bytes)
 
 
+def input_columns(like: Manifest, table: pa.Table) -> pa.Table:
+    """``table`` with the input's own columns back: embedded images as bytes, mapped names restored.
+
+    Parameters
+    ----------
+    like : Manifest
+        The manifest ``table`` derives from (its ``source_names`` and image store).
+    table : pyarrow.Table
+        Key columns ``id``/``image``/``caption`` as :func:`~otcclip.models.manifest.read_manifest` makes them.
+    """
+    store = like.images
+    if isinstance(store, EmbeddedImageStore) and "image" in table.column_names:
+        refs = table.column("image").to_pylist()
+        if store.kind == "binary":
+            arr = pa.array([None if r is None else store.read_bytes(r) for r in refs], pa.binary())
+        else:
+            def cell(r: str | None) -> dict[str, Any] | None:
+                if r is None:
+                    return None
+                if r.startswith(EMBEDDED_PREFIX):
+                    return {"bytes": store.read_bytes(r), "path": store.embedded_path(r)}
+                return {"bytes": None, "path": r}
+
+            arr = pa.array([cell(r) for r in refs], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        table = table.set_column(table.column_names.index("image"), "image", arr)
+        if store.column != "image":
+            table = table.rename_columns([store.column if c == "image" else c for c in table.column_names])
+    renames = {k: v for k, v in like.source_names.items() if k != "image" or not isinstance(store, EmbeddedImageStore)}
+    if renames:
+        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
+    return table
+
+
 def _write(like: Manifest, table: pa.Table, out: Path, image_bytes: Callable[[str], bytes]) -> Path:
     fmt = like.format
+    if fmt != "webdataset":
+        table = input_columns(like, table)
     if fmt == "csv":
         return _atomic_file(out, lambda t: _write_text_table(table, t, delimiter=","))
     if fmt == "tsv":
@@ -106,7 +150,8 @@ def _write(like: Manifest, table: pa.Table, out: Path, image_bytes: Callable[[st
     if fmt == "parquet":
         return _atomic_file(out, lambda t: pq.write_table(table, t))
     if fmt == "webdataset":
-        return _write_webdataset(table, out, image_bytes)
+        names = sorted(like.images.shards) if isinstance(like.images, ShardImageStore) else None
+        return _write_webdataset(table, out, image_bytes, shard_names=names)
     raise ManifestError(like.path, None, f"cannot write format {fmt!r}")
 
 
@@ -128,29 +173,60 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(table: pa.Table, rows: range, tmp: Path, out: Path, image_bytes: Callable[[str], bytes]) -> None:
+def _json_member(text: str, row: dict[str, Any]) -> str:
+    """A sample's ``.json`` with its ``caption`` (when it has one) and the provenance keys set from ``row``."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(obj, dict):
+        return text
+    if "caption" in obj and row.get("caption") is not None:
+        obj["caption"] = row["caption"]
+    for c in PROVENANCE:
+        if c in row:
+            obj[c] = row[c]
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _write_shard(table: pa.Table, rows: range | list[int], tmp: Path, out: Path, image_bytes: Callable[[str], bytes]) -> None:
     names = table.column_names
-    extras = [c for c in names if c not in ("id", "image")]
-    cols = {c: table.column(c).to_pylist()[rows.start : rows.stop] for c in names}
+    extras = [c for c in names if c not in ("id", "image") and c not in PROVENANCE]
+    data = {c: table.column(c).to_pylist() for c in names}
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        for j, i in enumerate(rows):
-            key = _wds_key(out, i + 1, cols["id"][j])
-            ref = cols["image"][j]
+        for i in rows:
+            key = _wds_key(out, i + 1, data["id"][i])
+            ref = data["image"][i]
             member = ref.partition("#")[2] if "#" in ref else ref
             try:
-                ext = split_key(safe_relpath(member))[1].rsplit(".", 1)[-1] or "jpg"
-                data = image_bytes(ref)
+                ext = split_key(safe_relpath(member))[1] or "jpg"
+                blob = image_bytes(ref)
             except (FileNotFoundError, UnsafePath, OSError) as e:
                 raise ManifestError(out, i + 1, f"cannot copy image {ref!r}: {e}") from e
-            _add(tf, f"{key}.{ext}", data)
+            _add(tf, f"{key}.{ext}", blob)
             for c in extras:
-                v = cols[c][j]
+                v = data[c][i]
                 if v is None:
                     continue
-                _add(tf, f"{key}.{WDS_EXTS.get(c, c)}", _cell(v).encode("utf-8"))
+                text = _cell(v)
+                if c == "json":
+                    text = _json_member(text, {k: data[k][i] for k in ("caption", *PROVENANCE) if k in data})
+                _add(tf, f"{key}.{WDS_EXTS.get(c, c)}", text.encode("utf-8"))
 
 
-def _write_webdataset(table: pa.Table, out: Path, image_bytes: Callable[[str], bytes], shard_size: int = 10_000) -> Path:
+def _input_shards(table: pa.Table) -> dict[str, list[int]] | None:
+    """Rows grouped by the input shard their image comes from (``shard.tar#member``), or None if any is not."""
+    groups: dict[str, list[int]] = {}
+    for i, ref in enumerate(table.column("image").to_pylist()):
+        shard, sep, _ = (ref or "").partition("#")
+        if not sep or "/" in shard or not shard.endswith(".tar"):
+            return None
+        groups.setdefault(shard, []).append(i)
+    return groups
+
+
+def _write_webdataset(table: pa.Table, out: Path, image_bytes: Callable[[str], bytes], shard_size: int = 10_000,
+                      shard_names: list[str] | None = None) -> Path:
     for c in ("id", "image"):
         if c not in table.column_names:
             raise ManifestError(out, None, f"table has no {c!r} column")
@@ -160,14 +236,69 @@ def _write_webdataset(table: pa.Table, out: Path, image_bytes: Callable[[str], b
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for s, start in enumerate(range(0, max(n, 1), shard_size)):
-            shard = tmpdir / f"shard-{s:06d}.tar"
-            _write_shard(table, range(start, min(n, start + shard_size)), shard, out, image_bytes)
+        groups = _input_shards(table)
+        if groups is not None:  # keep the input's shard names (shards left empty are written empty)
+            for name in shard_names or []:
+                groups.setdefault(name, [])
+            for name, rows in groups.items():
+                _write_shard(table, rows, tmpdir / name, out, image_bytes)
+        else:
+            for s, start in enumerate(range(0, max(n, 1), shard_size)):
+                shard = tmpdir / f"shard-{s:06d}.tar"
+                _write_shard(table, range(start, min(n, start + shard_size)), shard, out, image_bytes)
+        for f in tmpdir.iterdir():
+            os.chmod(f, 0o666 & ~UMASK)
         replace_dir(tmpdir, out)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return out
+
+
+def relocate_images(like: Manifest, table: pa.Table, out_dir: str | Path, *, copy: bool = False) -> pa.Table:
+    """``table`` with image references that resolve from ``out_dir`` (a cleaned manifest's folder).
+
+    WebDataset images travel inside the shards and embedded images inside the table, so
+    those references stay. Otherwise, with ``copy`` each image is copied to
+    ``out_dir/images/<ref>`` and referenced there; without it, images in a directory are
+    referenced by their path relative to ``out_dir`` (``../data/img/1.jpg``, read back on the
+    command line, which allows ``..``), and images in an archive keep their references (read
+    the cleaned manifest with ``images=`` the archive, or copy).
+    """
+    if like.format == "webdataset" or "image" not in table.column_names:
+        return table
+    out = Path(out_dir)
+    store = like.images
+    fallback = store.fallback if isinstance(store, EmbeddedImageStore) else store
+    refs = table.column("image").to_pylist()
+    new: list[str | None] = []
+    if copy:
+        for ref in refs:
+            if ref is None or ref.startswith(EMBEDDED_PREFIX):
+                new.append(ref)
+                continue
+            try:
+                data = fallback.read_bytes(ref)
+            except (FileNotFoundError, OSError, UnsafePath) as e:
+                log.warning("cannot copy image %s: %s", ref, e)
+                new.append(ref)
+                continue
+            rel = f"{COPIED_IMAGES}/{posixpath.normpath(ref).replace('../', '')}"
+            atomic_write(out / rel, lambda t, d=data: Path(t).write_bytes(d))  # type: ignore[misc]
+            new.append(rel)
+    elif isinstance(fallback, DirImageStore):
+        root = os.path.abspath(fallback.root)
+        base = os.path.abspath(out)
+        for ref in refs:
+            if ref is None or ref.startswith(EMBEDDED_PREFIX):
+                new.append(ref)
+            else:
+                new.append(Path(os.path.relpath(os.path.join(root, ref), base)).as_posix())
+    else:
+        log.info("images stay in %s: read the cleaned manifest with images=%s (or copy the images)",
+                 fallback.source, fallback.source)
+        return table
+    return table.set_column(table.column_names.index("image"), "image", pa.array(new, pa.string()))
 
 
 def write_dataset(

@@ -1,9 +1,12 @@
 """Writing the outputs of a sanitization pass (DESIGN 3).
 
 ``OUT_DIR/``
-    ``cleaned.<ext>`` (or ``cleaned/`` shards for WebDataset): the input manifest in its
-    own format, extra columns kept, dropped pairs removed, re-assigned captions replaced.
-    ``image`` paths stay relative to the input's image root.
+    ``cleaned.<ext>`` (or ``cleaned/`` shards for WebDataset, with the input's shard and
+    member names): the input manifest in its own format and column names, extra columns
+    kept, dropped pairs removed, re-assigned captions replaced, provenance columns added
+    (``original_caption``, ``otcclip_action``, ``otcclip_reason``, ``otcclip_p_clean``;
+    WebDataset: keys of the ``.json`` member). ``image`` paths resolve from ``OUT_DIR``
+    (relative to it, or copied below ``OUT_DIR/images``).
     ``decisions.parquet``: one row per input pair with every score.
     ``report.json``: counts per action and reason, score statistics, GMM, model and
     settings, library versions, the input's sha256, seconds per stage.
@@ -31,6 +34,7 @@ import pyarrow.parquet as pq
 
 from otcclip.models.atomic import atomic_write
 from otcclip.models.decisions import ACTIONS, Decisions
+from otcclip.models.manifest_writer import PROVENANCE
 from otcclip.models.progress import ProgressFn
 
 LIBRARIES = ("otcclip", "torch", "open_clip_torch", "POT", "faiss-cpu", "faiss-gpu", "numpy",
@@ -81,13 +85,31 @@ def decisions_table(manifest: Any, decisions: Decisions) -> pa.Table:
     return pa.table(cols)
 
 
-def cleaned_table(manifest: Any, decisions: Decisions) -> pa.Table:
-    """Input table minus dropped rows, with re-assigned captions replaced."""
+def cleaned_table(manifest: Any, decisions: Decisions, *, provenance: bool = True) -> pa.Table:
+    """Input table minus dropped rows, with re-assigned captions replaced.
+
+    With ``provenance`` the columns ``original_caption``, ``otcclip_action``,
+    ``otcclip_reason`` and ``otcclip_p_clean`` are added (replaced if the input has them,
+    e.g. a manifest cleaned before).
+    """
     table: pa.Table = manifest.table
     caps = manifest.captions
     new = [caps[j] if j >= 0 else c for j, c in zip(decisions.new_caption_index.tolist(), caps, strict=True)]
     idx = table.column_names.index("caption")
     table = table.set_column(idx, "caption", pa.array(new, pa.string()))
+    if provenance:
+        p_clean = np.asarray(decisions.p_clean, dtype=np.float64)
+        values = {
+            "original_caption": pa.array(caps, pa.string()),
+            "otcclip_action": pa.array([str(a) for a in decisions.action.tolist()], pa.string()),
+            "otcclip_reason": pa.array([str(r) for r in decisions.reason.tolist()], pa.string()),
+            "otcclip_p_clean": pa.array(np.round(p_clean, 6), pa.float64(), mask=~np.isfinite(p_clean)),
+        }
+        for name in PROVENANCE:
+            if name in table.column_names:
+                table = table.set_column(table.column_names.index(name), name, values[name])
+            else:
+                table = table.append_column(name, values[name])
     keep = pa.array(decisions.action != "drop")
     return table.filter(keep)
 
@@ -166,42 +188,154 @@ def _svg_histogram(values: dict[str, np.ndarray], title: str, bins: int = 40) ->
     return "".join(parts)
 
 
-def _thumbnail(manifest: Any, row: int, size: int = 96) -> str:
+#: What each reason code means (shown as the report's legend, for the codes that occur).
+REASON_LEGEND: dict[str, str] = {
+    "own_best": "kept: its own caption scores best among the shortlisted captions",
+    "clean_score": "kept: another caption scores higher, but not by an unusual margin",
+    "low_own_score": "re-assigned: own score is not clean-like and a clean-like caption beats it",
+    "better_caption": "re-assigned: a clean-like caption beats its own by an unusual margin",
+    "no_plausible_caption": "dropped: suspicious and no clean-like caption fits the image",
+    "unreadable_image": "dropped: the image cannot be decoded",
+    "image_burst": "detector: one (near-duplicate) image under many distinct captions (targeted poisoning)",
+    "density": "detector: the pair is unlike the rest of the data (sparse neighbourhood)",
+    "caption_burst": "detector: one caption on many images, this image an outlier among them",
+    "trigger_sensitivity": "detector: the score collapses when a possible trigger is removed (backdoor); always dropped",
+}
+#: Rows with thumbnails in report.html (the most suspicious first); the rest show none.
+MAX_THUMBNAILS = 1000
+#: Rows of the review table in report.html (the most suspicious first).
+MAX_REVIEW_ROWS = 20_000
+
+
+def _thumbnail_uri(manifest: Any, row: int, size: int = 64) -> str | None:
     try:
         img = manifest.images.open(manifest.image_paths[row])
         img.thumbnail((size, size))
         buf = io.BytesIO()
-        img.convert("RGB").save(buf, format="JPEG", quality=85)
-        return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+        img.convert("RGB").save(buf, format="JPEG", quality=80)
+        return f"data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}"
     except Exception:  # unreadable images are expected here (reason unreadable_image)
-        return "<span>(unreadable)</span>"
+        return None
 
 
-def _examples(manifest: Any, decisions: Decisions, per_action: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
+def review_rows(manifest: Any, decisions: Decisions, *, thumbnails: int = MAX_THUMBNAILS,
+                limit: int = MAX_REVIEW_ROWS) -> list[dict[str, Any]]:
+    """The changed or flagged pairs, most suspicious first, as JSON-ready dicts.
+
+    Suspicion orders by ``p_clean`` ascending (NaN, e.g. unreadable, first), then by the
+    margin of the best caption over the pair's own (``best_fused - own fused``) descending.
+    The first ``thumbnails`` rows carry a small JPEG data URI (``thumb``).
+    """
+    n = len(decisions)
+    flagged = np.array([bool(str(d)) for d in decisions.detectors.tolist()], dtype=bool) if n else np.zeros(0, bool)
+    rows = np.nonzero((decisions.action != "keep") | flagged)[0]
+    p = np.asarray(decisions.p_clean, dtype=np.float64)[rows]
+    margin = (np.asarray(decisions.best_fused_score, np.float64) - np.asarray(decisions.fused_score, np.float64))[rows]
+    order = np.lexsort((-np.nan_to_num(margin, nan=np.inf), np.nan_to_num(p, nan=-1.0)))
+    rows = rows[order][:limit]
     caps, ids = manifest.captions, manifest.ids
-    rows_html = []
-    for a in ("reassign", "drop", "keep"):
-        rows = np.nonzero(decisions.action == a)[0]
-        if len(rows) > per_action:
-            rows = np.sort(rng.choice(rows, size=per_action, replace=False))
-        for r in rows.tolist():
-            j = int(decisions.new_caption_index[r])
-            new = caps[j] if j >= 0 else ""
-            rows_html.append(
-                f"<tr><td>{_thumbnail(manifest, r)}</td><td>{html.escape(str(ids[r]))}</td>"
-                f'<td style="color:{COLORS[a]}">{a}<br><small>{html.escape(str(decisions.reason[r]))}</small></td>'
-                f"<td>{html.escape(caps[r])}</td><td>{html.escape(new)}</td>"
-                f"<td>{decisions.fused_score[r]:.3f}</td><td>{decisions.best_fused_score[r]:.3f}</td>"
-                f"<td>{decisions.p_clean[r]:.2f}</td></tr>")
-    head = ("<tr><th>image</th><th>id</th><th>action</th><th>original caption</th><th>new caption</th>"
-            "<th>own fused</th><th>best fused</th><th>p_clean</th></tr>")
-    return f"<table>{head}{''.join(rows_html)}</table>"
+    labels = manifest.labels if "label" in manifest.table.column_names else None
+
+    def num(x: Any) -> float | None:
+        v = float(x)
+        return round(v, 4) if np.isfinite(v) else None
+
+    out = []
+    for rank, r in enumerate(rows.tolist()):
+        j = int(decisions.new_caption_index[r])
+        out.append({
+            "id": str(ids[r]), "action": str(decisions.action[r]), "reason": str(decisions.reason[r]),
+            "detectors": str(decisions.detectors[r]), "caption": caps[r], "new_caption": caps[j] if j >= 0 else None,
+            "label": None if labels is None else labels[r],
+            "p_clean": num(decisions.p_clean[r]), "own": num(decisions.fused_score[r]),
+            "best": num(decisions.best_fused_score[r]),
+            "thumb": _thumbnail_uri(manifest, r) if rank < thumbnails else None,
+        })
+    return out
 
 
-def render_html(manifest: Any, decisions: Decisions, report: dict[str, Any], *, examples: int = 12,
-                seed: int = 0) -> str:
-    """A self-contained HTML report (no external resources)."""
+def _transitions(decisions: Decisions, captions: list[str], top: int = 50) -> list[tuple[str, str, int]]:
+    """The most frequent ``original caption -> new caption`` re-assignments."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in np.nonzero(decisions.action == "reassign")[0].tolist():
+        j = int(decisions.new_caption_index[r])
+        if j >= 0:
+            key = (captions[r], captions[j])
+            counts[key] = counts.get(key, 0) + 1
+    return [(a, b, c) for (a, b), c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+
+
+def _kv_table(obj: Any) -> str:
+    """A small key/value table of a JSON-like object (nested values as JSON)."""
+    if not isinstance(obj, dict):
+        return f"<p>{html.escape(str(obj))}</p>"
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(v if isinstance(v, str) else json.dumps(v, default=str))}</td></tr>"
+                    for k, v in obj.items())
+    return f"<table class=kv>{cells}</table>"
+
+
+_APP_JS = r"""
+const DATA = JSON.parse(document.getElementById('review-data').textContent);
+const PAGE = 50;
+let page = 0;
+const $ = (id) => document.getElementById(id);
+function esc(s) { return s == null ? '' : String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c])); }
+function fill(sel, values) {
+  for (const v of [...new Set(values)].filter(v => v != null && v !== '').sort()) {
+    const o = document.createElement('option'); o.value = v; o.textContent = v; sel.appendChild(o);
+  }
+}
+fill($('f-action'), DATA.map(r => r.action));
+fill($('f-reason'), DATA.flatMap(r => [r.reason, ...r.detectors.split(',')]));
+fill($('f-label'), DATA.map(r => r.label));
+if (!DATA.some(r => r.label != null)) $('f-label-box').style.display = 'none';
+function selected() {
+  const a = $('f-action').value, re = $('f-reason').value, l = $('f-label').value, q = $('f-text').value.toLowerCase();
+  return DATA.filter(r => (!a || r.action === a)
+    && (!re || r.reason === re || r.detectors.split(',').includes(re))
+    && (!l || String(r.label) === l)
+    && (!q || (r.caption + ' ' + (r.new_caption || '') + ' ' + r.id).toLowerCase().includes(q)));
+}
+function render() {
+  const rows = selected();
+  const pages = Math.max(1, Math.ceil(rows.length / PAGE));
+  page = Math.min(page, pages - 1);
+  const part = rows.slice(page * PAGE, page * PAGE + PAGE);
+  $('review-body').innerHTML = part.map(r => `<tr class="row" data-id="${esc(r.id)}">
+    <td>${r.thumb ? `<img class="thumb" alt="" src="${r.thumb}">` : '<span class="muted">-</span>'}</td>
+    <td>${esc(r.id)}</td><td class="act-${esc(r.action)}">${esc(r.action)}</td>
+    <td><code>${esc(r.reason)}</code>${r.detectors ? `<br><small>${esc(r.detectors)}</small>` : ''}</td>
+    <td>${esc(r.caption)}</td><td>${esc(r.new_caption)}</td>
+    <td>${r.p_clean == null ? '' : r.p_clean.toFixed(3)}</td><td>${r.own == null ? '' : r.own.toFixed(3)}</td>
+    <td>${r.best == null ? '' : r.best.toFixed(3)}</td></tr>`).join('');
+  $('page-info').textContent = rows.length ? `${page * PAGE + 1}-${page * PAGE + part.length} of ${rows.length}` : '0 pairs';
+  $('prev').disabled = page === 0; $('next').disabled = page >= pages - 1;
+}
+function csv(rows) {
+  const cols = ['id', 'action', 'reason', 'detectors', 'label', 'caption', 'new_caption', 'p_clean', 'own', 'best'];
+  const q = v => v == null ? '' : /[",\n\r]/.test(String(v)) ? '"' + String(v).replace(/"/g, '""') + '"' : String(v);
+  return [cols.join(','), ...rows.map(r => cols.map(c => q(r[c])).join(','))].join('\n') + '\n';
+}
+for (const id of ['f-action', 'f-reason', 'f-label']) $(id).addEventListener('change', () => { page = 0; render(); });
+$('f-text').addEventListener('input', () => { page = 0; render(); });
+$('prev').addEventListener('click', () => { page--; render(); });
+$('next').addEventListener('click', () => { page++; render(); });
+$('export').addEventListener('click', () => {
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(new Blob([csv(selected())], {type: 'text/csv'}));
+  a.download = 'otcclip-review.csv'; document.body.appendChild(a); a.click(); a.remove();
+});
+render();
+"""
+
+
+def render_html(manifest: Any, decisions: Decisions, report: dict[str, Any], *, examples: int = MAX_THUMBNAILS) -> str:
+    """A self-contained HTML report (no external resources): summary, legend, histograms and a
+    review table of the changed and flagged pairs (filters, paging, thumbnails, CSV export).
+
+    ``examples`` caps the thumbnails. Fields other parts add to ``report`` (a model-quality
+    verdict, review decisions) are shown when present.
+    """
     by_action = {a: decisions.fused_score[decisions.action == a] for a in ACTIONS}
     hists = [
         _svg_histogram(by_action, "own-pair fused score by action"),
@@ -211,21 +345,53 @@ def render_html(manifest: Any, decisions: Decisions, report: dict[str, Any], *, 
     ]
     counts = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>"
                      for k, v in report["counts"]["reason"].items())
-    acts = " · ".join(f"{a}: {n}" for a, n in report["counts"]["action"].items())
+    acts = " · ".join(f'<b class="act-{html.escape(a)}">{a}</b>: {n}' for a, n in report["counts"]["action"].items())
+    used = {k.split("/", 1)[1] for k in report["counts"]["reason"]} | set(report.get("detector_flags", {}))
+    legend = "".join(f"<tr><td><code>{html.escape(c)}</code></td><td>{html.escape(t)}</td></tr>"
+                     for c, t in REASON_LEGEND.items() if c in used)
+    extra = ""
+    for key, title in (("model_quality", "Model quality"), ("quality", "Model quality"), ("verdict", "Verdict"),
+                       ("review", "Review")):
+        if key in report and report[key] not in (None, {}, []):
+            extra += f"<h2>{title}</h2>{_kv_table(report[key])}"
+    trans = _transitions(decisions, manifest.captions)
+    trans_html = ("".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{c}</td></tr>" for a, b, c in trans)
+                  or "<tr><td colspan=3>no re-assignments</td></tr>")
+    data = json.dumps(review_rows(manifest, decisions, thumbnails=examples), ensure_ascii=False).replace("</", "<\\/")
     meta = html.escape(json.dumps({k: report[k] for k in ("input", "model", "settings", "versions", "gmm",
-                                                          "timings_s")}, indent=2, default=str))
+                                                          "timings_s") if k in report}, indent=2, default=str))
+    src = Path(str(report["input"]["path"])).name
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>otcclip sanitize report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}}img{{image-rendering:pixelated;width:96px}}
-pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px;text-align:left}}
+img.thumb{{image-rendering:pixelated;width:64px;height:64px;object-fit:contain}}
+.act-keep{{color:{COLORS['keep']}}}.act-reassign{{color:{COLORS['reassign']}}}.act-drop{{color:{COLORS['drop']}}}
+.muted{{color:#999}}.controls{{margin:.5em 0;display:flex;gap:1em;flex-wrap:wrap;align-items:center}}
+pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}table.kv th{{background:#f6f6f6}}</style></head><body>
 <h1>Sanitization report</h1>
-<p>{html.escape(str(report['input']['path']))} ({report['input']['rows']} pairs, {html.escape(report['input']['format'])},
+<p>{html.escape(src)} ({report['input']['rows']} pairs, {html.escape(report['input']['format'])},
 sha256 <code>{report['input']['sha256'][:16]}…</code>)</p>
-<h2>Decisions</h2><p>{acts}</p><table><tr><th>action/reason</th><th>pairs</th></tr>{counts}</table>
+<h2>Summary</h2><p>{acts}</p>
+{extra}
+<h2>Reasons</h2><table><tr><th>action/reason</th><th>pairs</th></tr>{counts}</table>
+<h3>Legend</h3><table id="legend">{legend}</table>
+<h2>Pairs to review</h2>
+<p>Changed or flagged pairs, most suspicious first (lowest <code>p_clean</code>, then the widest margin of the best caption over the own one).</p>
+<div class="controls">
+<label>action <select id="f-action"><option value="">all</option></select></label>
+<label>reason <select id="f-reason"><option value="">all</option></select></label>
+<label id="f-label-box">class <select id="f-label"><option value="">all</option></select></label>
+<label>text <input id="f-text" type="search" placeholder="caption or id"></label>
+<button id="prev">‹ prev</button><span id="page-info"></span><button id="next">next ›</button>
+<button id="export">export CSV</button></div>
+<table id="review"><thead><tr><th>image</th><th>id</th><th>action</th><th>reason</th><th>caption</th><th>new caption</th>
+<th>p_clean</th><th>own fused</th><th>best fused</th></tr></thead><tbody id="review-body"></tbody></table>
+<h2>Caption transitions</h2><table id="transitions"><tr><th>caption</th><th>re-assigned to</th><th>pairs</th></tr>{trans_html}</table>
 <h2>Scores</h2>{''.join(hists)}
-<h2>Example pairs</h2>{_examples(manifest, decisions, examples, seed)}
 <h2>Model, settings, versions</h2><pre>{meta}</pre>
+<script type="application/json" id="review-data">{data}</script>
+<script>{_APP_JS}</script>
 </body></html>"""
 
 
@@ -234,6 +400,8 @@ def cleaned_name(manifest: Any) -> str:
     p = Path(manifest.path)
     if manifest.format == "webdataset":
         return "cleaned.tar" if p.suffix == ".tar" else "cleaned"
+    if p.is_dir():  # a directory of Parquet files
+        return "cleaned.parquet"
     return f"cleaned{p.suffix}"
 
 
@@ -246,7 +414,9 @@ def write_outputs(
     model_info: dict[str, Any],
     timings: dict[str, float] | None = None,
     progress: ProgressFn | None = None,
-    examples: int = 12,
+    examples: int = MAX_THUMBNAILS,
+    provenance: bool = True,
+    copy_images: bool = False,
 ) -> OutputFiles:
     """Write the cleaned manifest, ``decisions.parquet``, ``report.json`` and ``report.html``.
 
@@ -264,8 +434,13 @@ def write_outputs(
         E.g. ``{"name": ..., "checkpoint": ...}``, recorded in the report.
     timings : dict, optional
         Seconds per stage; ``write`` is added.
+    provenance : bool
+        Add the provenance columns to the cleaned manifest (:func:`cleaned_table`).
+    copy_images : bool
+        Copy the kept images below ``out_dir/images`` instead of referencing them relative
+        to ``out_dir`` (:func:`~otcclip.models.manifest_writer.relocate_images`).
     """
-    from otcclip.models.manifest_writer import write_manifest
+    from otcclip.models.manifest_writer import relocate_images, write_manifest
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -274,12 +449,13 @@ def write_outputs(
     dec_path = atomic_write(out / "decisions.parquet", lambda t: pq.write_table(dtab, t))
     if progress is not None:
         progress("write", 1, 4)
-    man_path = write_manifest(manifest, cleaned_table(manifest, decisions), out / cleaned_name(manifest))
+    cleaned = relocate_images(manifest, cleaned_table(manifest, decisions, provenance=provenance), out, copy=copy_images)
+    man_path = write_manifest(manifest, cleaned, out / cleaned_name(manifest))
     if progress is not None:
         progress("write", 2, 4)
     tim = dict(timings or {})
     report = build_report(manifest, decisions, config=config, model_info=model_info, timings=tim)
-    page = render_html(manifest, decisions, report, examples=examples, seed=int(getattr(config, "seed", 0)))
+    page = render_html(manifest, decisions, report, examples=examples)
     html_path = atomic_write(out / "report.html", lambda t: Path(t).write_text(page, encoding="utf-8"))
     if progress is not None:
         progress("write", 3, 4)

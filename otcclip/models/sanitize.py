@@ -278,7 +278,8 @@ def sanitize(
         ``scores_NNNNNN.npz``); shards already there are reused. Without it, shards
         stay in memory.
     progress : ProgressFn, optional
-        Called with stages ``encode``, ``match``, ``decide`` (done/total in pairs).
+        Called with stages ``encode``, ``match``, ``decide`` (done/total in pairs; ``match``
+        per OT batch).
     """
     n = len(manifest)
     if n == 0:
@@ -309,7 +310,8 @@ def sanitize(
         if path is not None and path.exists():
             scores.append(ScoreShard.load(path))
         else:
-            sc = match_shard(ref, cidx, config=config, should_stop=should_stop)
+            sc = match_shard(ref, cidx, config=config, should_stop=should_stop,
+                             progress=_scaled(progress, "match", s, e, n))
             for k, v in sc.timings.items():
                 timings[k] += v
             if path is not None:
@@ -334,6 +336,18 @@ def _offset(progress: ProgressFn | None, stage: str, offset: int, total: int) ->
 
     def report(_stage: str, done: int, _total: int) -> None:
         cb(stage, offset + done, total)
+
+    return report
+
+
+def _scaled(progress: ProgressFn | None, stage: str, start: int, stop: int, total: int) -> ProgressFn | None:
+    """Report a shard's per-batch progress in another unit (shortlisted candidates) as pairs of the dataset."""
+    if progress is None:
+        return None
+    cb = progress
+
+    def report(_stage: str, done: int, of: int) -> None:
+        cb(stage, start + ((stop - start) * done) // max(of, 1), total)
 
     return report
 

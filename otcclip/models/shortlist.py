@@ -45,6 +45,21 @@ def gpu_available() -> bool:
         return False
 
 
+def content_order(x: np.ndarray, *, seed: int = 0, chunk: int = 65_536) -> np.ndarray:
+    """Row indices of ``x`` sorted by content (the same rows in any order give the same sequence).
+
+    Rows are ordered by their projection on a fixed random direction (drawn from ``seed``),
+    computed row by row in float64 so that a row's key never depends on its position;
+    identical rows tie and are interchangeable.
+    """
+    x = np.asarray(x)
+    direction = np.random.default_rng(seed).standard_normal(x.shape[1])
+    keys = np.empty(x.shape[0], dtype=np.float64)
+    for s in range(0, x.shape[0], chunk):
+        keys[s : s + chunk] = (x[s : s + chunk].astype(np.float64) * direction).sum(axis=1)
+    return np.argsort(keys, kind="stable")
+
+
 def build_index(
     caption_globals: np.ndarray,
     *,
@@ -83,7 +98,10 @@ def build_index(
         quant = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = xb[rng.choice(m, size=min(m, nl * 64), replace=False)]
+        # the training sample is drawn from the rows in a canonical order (by content), so
+        # the same vectors in any row order train the same quantiser
+        canon = content_order(xb, seed=seed)
+        sample = xb[canon[np.sort(rng.choice(m, size=min(m, nl * 64), replace=False))]]
         index.train(sample)
         index.nprobe = nprobe
         log.info("IVF index: %d captions, nlist=%d, nprobe=%d", m, nl, nprobe)

@@ -26,4 +26,6 @@ def open_dataset(settings: Settings, root: Path, ds: Any, *, columns: tuple[str,
 
     manifest = root / ds.manifest_path
     images = root / ds.images_path if ds.images_path else None
-    return read_manifest(manifest, images=images, columns=columns, limits=archive_limits(settings), check_images=check_images)
+    mapping = (ds.columns or {}).get("mapping") if isinstance(ds.columns, dict) else None
+    return read_manifest(manifest, images=images, columns=columns, mapping=mapping, limits=archive_limits(settings),
+                         check_images=check_images)

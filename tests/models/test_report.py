@@ -28,13 +28,27 @@ def test_write_outputs(tmp_path: Path, tiny_bundle) -> None:
     d.action[0], d.new_caption_index[0] = "reassign", 1
     files = write_outputs(man, d, tmp_path / "out", config=CFG, model_info={"name": "otc-micro"}, timings=res.timings)
 
-    cleaned = read_manifest(files.manifest, images=tmp_path)
+    cleaned = read_manifest(files.manifest, local=True)  # images resolve from the output folder
     assert files.manifest.name == "cleaned.csv"
     keep = d.action != "drop"
     assert len(cleaned) == int(keep.sum())
     assert "source" in cleaned.table.column_names  # extra columns kept
     assert cleaned.ids == [i for i, k in zip(man.ids, keep, strict=True) if k]
     assert cleaned.captions[0] == man.captions[1]
+    assert cleaned.images.read_bytes(cleaned.image_paths[0]) == man.images.read_bytes(man.image_paths[0])
+    prov = cleaned.table.select(["original_caption", "otcclip_action", "otcclip_reason", "otcclip_p_clean"]).to_pylist()
+    assert prov[0]["original_caption"] == man.captions[0] and prov[0]["otcclip_action"] == "reassign"
+    kept = [r for r, k in enumerate(keep) if k]
+    assert [p["otcclip_reason"] for p in prov] == [str(d.reason[r]) for r in kept]
+    assert all(abs(float(p["otcclip_p_clean"]) - float(d.p_clean[r])) < 1e-5 for p, r in zip(prov, kept, strict=True))
+    for f in (tmp_path / "out").iterdir():  # normal modes, not mkstemp's 0600
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+    bare = write_outputs(man, d, tmp_path / "bare", config=CFG, model_info={}, provenance=False, copy_images=True)
+    again = read_manifest(bare.manifest)  # copied images: no '..' needed
+    assert "otcclip_action" not in again.table.column_names
+    assert all(p.startswith("images/") for p in again.image_paths)
+    assert again.images.read_bytes(again.image_paths[1]) == man.images.read_bytes(man.image_paths[1])
 
     tab = pq.read_table(files.decisions)
     assert tab.num_rows == len(man)

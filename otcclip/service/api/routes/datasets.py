@@ -34,6 +34,10 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ShortTr
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".tar")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MAX_NAME_CHARS = 300
+#: Optional form fields naming the input columns that hold the key columns.
+MAPPING_FIELDS = {"image_col": "image", "caption_col": "caption", "id_col": "id"}
+
+
 UPLOAD_BODY: dict[str, Any] = {
     "required": True,
     "content": {"multipart/form-data": {
@@ -46,6 +50,8 @@ UPLOAD_BODY: dict[str, Any] = {
                 "images": {"type": "string", "format": "binary",
                            "description": f"The images the manifest names ({', '.join(ARCHIVE_SUFFIXES)})"},
                 "name": {"type": "string", "maxLength": MAX_NAME_CHARS, "description": "A display name (default: the manifest's file name)"},
+                **{f: {"type": "string", "maxLength": 200, "description": f"The manifest's column holding the {key} (default {key!r})"}
+                   for f, key in MAPPING_FIELDS.items()},
             },
         },
     }},
@@ -57,7 +63,13 @@ def _suffix(name: str, allowed: tuple[str, ...]) -> str | None:
     return next((s for s in sorted(allowed, key=len, reverse=True) if low.endswith(s)), None)
 
 
-def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: UploadedFile | None) -> tuple[Any, dict[str, Any]]:
+def _mapping(fields: dict[str, str]) -> dict[str, str]:
+    """The column mapping given in the upload's form fields (``image_col``, ``caption_col``, ``id_col``)."""
+    return {key: fields[f].strip() for f, key in MAPPING_FIELDS.items() if (fields.get(f) or "").strip()}
+
+
+def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: UploadedFile | None,
+              mapping: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
     from otcclip.models.manifest import ManifestError, read_manifest
 
     msuf = _suffix(manifest.filename, MANIFEST_SUFFIXES)
@@ -74,14 +86,15 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
         ipath = ddir / f"images{isuf}"
         os.replace(images.path, ipath)
         ipath = _plain_tar(settings, ipath, images.filename)
-    elif msuf != ".tar":
+    elif msuf not in (".tar", ".parquet"):
         raise _unprocessable("form field 'images' is required: a zip or tar archive holding the manifest's images",
                              file=manifest.filename)
     names = {str(mpath): manifest.filename}
     if ipath is not None and images is not None:
         names[str(ipath)] = images.filename
     try:
-        m = read_manifest(mpath, images=ipath, columns=("image",), limits=archive_limits(settings), check_images=True)
+        m = read_manifest(mpath, images=ipath, columns=("image",), mapping=mapping, limits=archive_limits(settings),
+                          check_images=True)
     except ManifestError as e:
         raise _unprocessable(
             f"{names.get(e.file, Path(e.file).name)}{'' if e.row is None else f':row {e.row}'}: {_scrub(e.reason, names)}",
@@ -91,7 +104,8 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
         cols = list(m.table.column_names)
         if "caption" not in cols and "label" not in cols:
             raise _unprocessable(f"{manifest.filename}: needs a 'caption' or 'label' column", file=manifest.filename)
-        info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath}
+        info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath,
+                "mapping": mapping or {}}
     finally:
         m.images.close()
     return m, info
@@ -139,6 +153,10 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
     The body is streamed into a staging folder (no database connection is held), checked
     in a worker thread, moved to ``datasets/<id>/`` and recorded in one short transaction.
     Past ``max_concurrent_uploads`` uploads in progress the answer is 503 + ``Retry-After``.
+
+    Optional form fields ``image_col``, ``caption_col`` and ``id_col`` name the manifest's
+    columns that hold the image, the caption and the id (default ``image``, ``caption``, ``id``).
+    A Parquet manifest whose images are embedded as bytes needs no ``images`` archive.
     """
     async with upload_slot(request):
         dataset_id = new_id()
@@ -154,12 +172,13 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
             if len(form.fields.get("name", "")) > MAX_NAME_CHARS:
                 form.cleanup()
                 raise _unprocessable(f"form field 'name' is longer than {MAX_NAME_CHARS} characters")
-            _, info = await run_in_threadpool(_validate, settings, staging, mf, imf)
+            _, info = await run_in_threadpool(_validate, settings, staging, mf, imf, _mapping(form.fields))
             ds = Dataset(
                 id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:MAX_NAME_CHARS],
                 format=info["format"], manifest_path=f"datasets/{dataset_id}/{info['manifest'].name}",
                 images_path=f"datasets/{dataset_id}/{info['images'].name}" if info["images"] else None,
-                n_rows=info["n_rows"], columns={"names": info["columns"]}, sha256=mf.sha256,
+                n_rows=info["n_rows"], sha256=mf.sha256,
+                columns={"names": info["columns"], **({"mapping": info["mapping"]} if info["mapping"] else {})},
                 images_sha256=imf.sha256 if imf else None, size_bytes=mf.size + (imf.size if imf else 0),
             )
             out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
