@@ -62,8 +62,8 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SANITIZE = {"model": "otc-micro", "k": 4, "shard_size": 20, "device": "cpu", "batch_size": 64}
-TRAIN = {"model": "otc-micro", "defense": "none", "epochs": 8, "batch_size": 16, "device": "cpu",
+SANITIZE = {"model": "otc-micro", "random_init": True, "k": 4, "shard_size": 20, "device": "cpu", "batch_size": 64}
+TRAIN = {"model": "otc-micro", "defence": "none", "epochs": 8, "batch_size": 16, "device": "cpu",
          "lr_warmup_steps": 1, "checkpoint_every": 2}
 SCENARIOS = ("redis-restart", "postgres-restart", "kill-encode", "kill-match", "kill-train")
 #: Lease settings of the rig: a lease longer than the outages, so a healthy execution
