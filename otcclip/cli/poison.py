@@ -1,7 +1,7 @@
 """``otcclip poison``: plant targeted / backdoor attacks in a manifest, with ground truth.
 
 Attacks: ``targeted``, ``targeted-augmented`` (each poisoned pair an augmented copy of its
-target), ``backdoor-patch``, ``backdoor-blend``, ``backdoor-hue`` (low-frequency colour
+target), ``targeted-repeated`` (one caption text per target), ``backdoor-patch``, ``backdoor-blend``, ``backdoor-hue`` (low-frequency colour
 shift) and ``backdoor-warp`` (WaNet); see :mod:`otcclip.models.attacks`.
 """
 
@@ -16,7 +16,10 @@ from otcclip.cli import CliError
 
 #: :data:`otcclip.models.attacks.ATTACKS`, named here so the parser loads no model code
 #: (a test checks they agree).
-ATTACKS = ("targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented")
+ATTACKS = (
+    "targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented",
+    "targeted-repeated",
+)
 
 
 #: Trigger options passed to PoisonConfig only when given (its defaults stay the one definition).

@@ -17,6 +17,8 @@ Families held out from tuning the defences (``bench/defence.py``):
 - ``targeted-augmented``: targeted poisoning where every poisoned pair carries its own
   augmented copy of the target (random resized crop, flip, rotation, colour jitter), so no
   two poisoned images are identical.
+- ``targeted-repeated``: targeted poisoning where all poisoned pairs of a target carry one
+  caption text (a burst of one image needs distinct captions to be seen as one).
 
 :func:`poison` writes, in ``out_dir``: the poisoned manifest (input format where the IO
 module is available, else CSV) whose new images lie under ``out_dir/poison/``,
@@ -48,13 +50,14 @@ from otcclip.models.training.data import ManifestRows, read_rows
 
 ATTACKS: tuple[str, ...] = (
     "targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented",
+    "targeted-repeated",
 )
 #: The attacks whose poisoned images share a trigger (evaluated by backdoor ASR).
 BACKDOORS: dict[str, str] = {
     "backdoor-patch": "patch", "backdoor-blend": "blend", "backdoor-hue": "hue", "backdoor-warp": "warp",
 }
 #: The attacks that pair a few target images with adversarial captions (targeted ASR).
-TARGETED: tuple[str, ...] = ("targeted", "targeted-augmented")
+TARGETED: tuple[str, ...] = ("targeted", "targeted-augmented", "targeted-repeated")
 #: Side of the random WaNet control grid.
 WARP_GRID = 4
 
@@ -329,15 +332,17 @@ def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig])
         k = cfg.count(n)
         if cfg.attack in TARGETED:
             augment = cfg.attack == "targeted-augmented"
+            repeat = cfg.attack == "targeted-repeated"
             targets = _pick_targets(rows, cfg, rng, removed, truth)
             tdir = tmp / "poison" / "targets"
             tdir.mkdir(parents=True, exist_ok=True)
             for t, (img, label, tid) in enumerate(targets):
-                tid = f"{tid}-augmented" if augment else tid
+                tid = tid if cfg.attack == "targeted" else f"{tid}-{cfg.attack.removeprefix('targeted-')}"
                 rel = f"poison/targets/{tid}.png"
                 img.save(tmp / rel)
                 trows.append({"id": tid, "image": rel, "label": label, "target_class": cfg.target_class, "attack": cfg.attack})
                 share = k // len(targets) + (1 if t < k % len(targets) else 0)
+                one = rng.choice(cfg.templates).format(cfg.target_class) if repeat else ""
                 for j in range(share):
                     r = {c: "" for c in cols}
                     prel = rel
@@ -345,7 +350,8 @@ def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig])
                         prel = f"poison/{cfg.attack}/{tid}-{j}.png"
                         (tmp / prel).parent.mkdir(parents=True, exist_ok=True)
                         augmented_copy(img, rng).save(tmp / prel)
-                    r.update(id=f"poison-{cfg.attack}-{t}-{j}", image=prel, caption=rng.choice(cfg.templates).format(cfg.target_class))
+                    caption = one if repeat else rng.choice(cfg.templates).format(cfg.target_class)
+                    r.update(id=f"poison-{cfg.attack}-{t}-{j}", image=prel, caption=caption)
                     if labels is not None:
                         r["label"] = label
                     r["__attack"] = cfg.attack

@@ -147,3 +147,17 @@ def test_cli_plants_the_new_families(clean: Path, tmp_path: Path, capsys: pytest
     assert info["n_poisoned"] == 10
     trig = {Trigger.load(p).kind: Trigger.load(p) for p in info["triggers"]}
     assert trig["hue"].alpha == pytest.approx(0.1) and trig["warp"].alpha == pytest.approx(2.0)
+
+
+def test_targeted_poisoning_with_one_repeated_caption(clean: Path, tmp_path: Path) -> None:
+    from otcclip.models.datasets import digits_manifest
+
+    pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
+    res = poison(clean, tmp_path / "p", config=PoisonConfig("targeted-repeated", "seven", n_poison=12, n_targets=2, target_pool=pool))
+    truth = {r["id"]: r for r in _csv(res.truth_path)}
+    rows = [r for r in _csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-repeated"]
+    assert len(rows) == 12
+    by_image: dict[str, set[str]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], set()).add(r["caption"])
+    assert len(by_image) == 2 and all(len(c) == 1 and "seven" in next(iter(c)) for c in by_image.values())
