@@ -229,7 +229,9 @@ class RoClip(Defence):
       the matched captions in those epochs;
     - every other epoch is plain CLIP and leaves the bank as it is;
     - ``cross_aug``: each caption is trained in one EDA-augmented form fixed at start
-      (``augment_caption``), each image with a random augmentation per step.
+      (``augment_caption``; the official ``data.py`` augments each caption once when the
+      dataset loads), each image with the trainer's random crop and flip per step (the
+      official ``augment_image.py`` also applies colour jitter, grayscale and blur).
 
     ``matched`` holds, for each image, the caption index of the bank entry its last RoCLIP
     step paired it with (-1: a random initial entry, -2: never queried).
