@@ -1,19 +1,34 @@
-"""Defence benchmark: none / roclip / safeclip / otcclip against three attacks at once.
+"""Defence benchmark: none / roclip / safeclip / otcclip / otcclip+ on two attack splits.
 
-One poisoned CIFAR-10 set (from ``../shared/data/cifar10-jpg.zip``) carries a targeted
-attack, a backdoor patch and a backdoor blend, each with its own target class. Every
-defence is trained once on it with the same model, data and seed; ``none`` is also
-trained on the clean data (the base rate) and, as ``oracle``, on the poisoned data without
-its poisoned rows (what a perfect detector that drops them leaves: the backdoor images
-replaced clean ones, so this is less data than the clean set). Each model is evaluated
-on a held-out test slice: zero-shot top-1, linear probe, the three ASRs, and (for the
-re-matching defences) detection precision/recall of the last re-match pass against
-``poison_truth.csv``.
+Two poisoned CIFAR-10 sets (from ``../shared/data/cifar10-jpg.zip``), built from the same
+clean training slice, each carry three attacks at once, each with its own target class:
 
-    python bench/defence.py --quick            # CPU size (~30 min on 2 cores)
-    python bench/defence.py --device cuda      # full size, for a GPU
+- ``validation``: targeted poisoning, a noise-patch backdoor and a blended-noise backdoor.
+  These are the attacks every default of the defences was chosen on.
+- ``heldout``: targeted poisoning with an augmented near-copy per poisoned pair, a
+  low-frequency colour-shift backdoor and a WaNet warp. No default was chosen on them;
+  report them, never tune on them.
 
-Prints one table and writes ``WORK/results.json``.
+Rows (:data:`ROWS`; ``NAME:field=value`` adds TrainConfig overrides, e.g. ablations):
+
+- ``none``: plain CLIP; ``clean``: ``none`` on the clean data (the base rate); ``oracle``:
+  ``none`` on the poisoned data without its poisoned rows;
+- ``roclip``, ``safeclip``: the peers (:mod:`otcclip.models.training.defences`);
+- ``otcclip``: the paper's mechanism alone: OT-based score re-assignment at every pass
+  (``score_rematch``), no detectors, no trigger-template search, no restart, no unlikelihood;
+- ``otcclip+``: the trainer's default: image-burst and trigger-sensitivity detectors,
+  template search, restart and unlikelihood on quarantined pairs, score proposals ignored.
+
+Each model is evaluated on a held-out test slice: zero-shot top-1, linear probe, each
+attack's ASR (and, for backdoors, the clean base rate: the share of untriggered test
+images already predicted as the target), and, for the defences that write re-match
+decisions, detection precision/recall of the last pass against ``poison_truth.csv``.
+
+    python bench/defence.py --quick                      # CPU size (see docs/benchmarks.md)
+    python bench/defence.py --quick --splits validation  # only the validation attacks
+    python bench/defence.py --device cuda                # full size, for a GPU
+
+Prints one table per split and writes ``WORK/results.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from otcclip.models.attacks import PoisonConfig, poison_many  # noqa: E402
+from otcclip.models.attacks import TARGETED, PoisonConfig, poison_many  # noqa: E402
 from otcclip.models.checkpoint import load_checkpoint  # noqa: E402
 from otcclip.models.config import from_dict  # noqa: E402
 from otcclip.models.datasets import cifar10_manifest  # noqa: E402
@@ -44,7 +59,17 @@ from otcclip.models.evaluation import EvalConfig, evaluate  # noqa: E402
 from otcclip.models.training import TrainConfig, train  # noqa: E402
 
 ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.zip"
-DEFENCES = ("none", "roclip", "safeclip", "otcclip")
+#: TrainConfig overrides of each benchmark row (the defence's own schedule unless overridden).
+ROWS: dict[str, dict[str, Any]] = {
+    "none": {"defence": "none"},
+    "roclip": {"defence": "roclip"},
+    "safeclip": {"defence": "safeclip"},
+    "otcclip": {
+        "defence": "otcclip", "score_rematch": True, "template_search": False, "restart": False, "lam_unlearn": 0.0,
+        "drop_reasons": [], "sticky_reasons": [], "sanitize": {"decisions": {"detectors": []}},
+    },
+    "otcclip+": {"defence": "otcclip"},
+}
 
 
 @dataclass(frozen=True)
@@ -65,27 +90,46 @@ class Size:
 
 QUICK = Size(per_class=300, test_per_class=200, epochs=10, n_targets=4, targeted_per_target=25, patch_rate=0.08, blend_rate=0.08, model="otc-tiny", batch_size=128, blend_alpha=0.3)
 FULL = Size(per_class=5000, test_per_class=1000, epochs=30, n_targets=16, targeted_per_target=100, patch_rate=0.01, blend_rate=0.01, model="otc-small", batch_size=256)
-ATTACKS = (("targeted", "truck"), ("backdoor-patch", "airplane"), ("backdoor-blend", "frog"))
+#: Attack splits: (attack, target class). Defaults are chosen on ``validation`` only.
+SPLITS: dict[str, tuple[tuple[str, str], ...]] = {
+    "validation": (("targeted", "truck"), ("backdoor-patch", "airplane"), ("backdoor-blend", "frog")),
+    "heldout": (("targeted-augmented", "ship"), ("backdoor-hue", "cat"), ("backdoor-warp", "deer")),
+}
 
 
-def build_data(work: Path, size: Size, seed: int) -> dict[str, Path]:
+def build_clean(work: Path, size: Size, seed: int) -> dict[str, Path]:
+    """The clean training, test and target-pool slices shared by both splits."""
     data = work / "data"
+    if (data / "clean.json").is_file():
+        return {k: Path(v) for k, v in json.loads((data / "clean.json").read_text()).items()}
+    for d in ("train", "test", "pool"):
+        shutil.rmtree(data / d, ignore_errors=True)
+    paths = {
+        "train": cifar10_manifest(ZIP, data / "train", per_class=size.per_class, seed=seed),
+        "test": cifar10_manifest(ZIP, data / "test", split="test", per_class=size.test_per_class, seed=seed),
+        "pool": cifar10_manifest(ZIP, data / "pool", split="test", per_class=10, seed=seed, offset=size.test_per_class),
+    }
+    (data / "clean.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
+
+
+def build_split(work: Path, clean: dict[str, Path], size: Size, seed: int, split: str) -> dict[str, Path]:
+    """The poisoned set of one attack split (cached under ``WORK/data/<split>``)."""
+    data = work / "data" / split
     if (data / "done.json").is_file():
         return {k: Path(v) for k, v in json.loads((data / "done.json").read_text()).items()}
     shutil.rmtree(data, ignore_errors=True)
-    train_m = cifar10_manifest(ZIP, data / "train", per_class=size.per_class, seed=seed)
-    test_m = cifar10_manifest(ZIP, data / "test", split="test", per_class=size.test_per_class, seed=seed)
-    pool_m = cifar10_manifest(ZIP, data / "pool", split="test", per_class=10, seed=seed, offset=size.test_per_class)
     n = size.per_class * 10
     cfgs = []
-    for attack, target in ATTACKS:
-        if attack == "targeted":
-            cfgs.append(PoisonConfig(attack, target, n_poison=size.n_targets * size.targeted_per_target, n_targets=size.n_targets, target_pool=pool_m, seed=seed))
+    for attack, target in SPLITS[split]:
+        if attack in TARGETED:
+            cfgs.append(PoisonConfig(attack, target, n_poison=size.n_targets * size.targeted_per_target, n_targets=size.n_targets, target_pool=clean["pool"], seed=seed))
         else:
             rate = size.patch_rate if attack == "backdoor-patch" else size.blend_rate
             cfgs.append(PoisonConfig(attack, target, n_poison=max(1, round(rate * n)), seed=seed, patch_frac=size.patch_frac, blend_alpha=size.blend_alpha))
-    res = poison_many(train_m, data / "poisoned", configs=cfgs)
-    paths = {"train": train_m, "test": test_m, "poisoned": res.manifest_path, "truth": res.truth_path, "dir": data / "poisoned"}
+    res = poison_many(clean["train"], data / "poisoned", configs=cfgs)
+    paths = {**clean, "poisoned": res.manifest_path, "truth": res.truth_path, "dir": data / "poisoned"}
+    data.mkdir(parents=True, exist_ok=True)
     (data / "done.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
 
@@ -111,7 +155,7 @@ def oracle_manifest(paths: dict[str, Path]) -> Path:
     return write_manifest(like, like.table.filter(keep), out)
 
 
-def detection(run_dir: Path, truth: Path) -> dict[str, Any]:
+def detection(run_dir: Path, truth: Path, attacks: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """Precision over all flagged pairs and recall per attack, from the last re-match pass."""
     import pyarrow.parquet as pq
 
@@ -125,29 +169,43 @@ def detection(run_dir: Path, truth: Path) -> dict[str, Any]:
     poisoned = {r["id"]: r["attack"] for r in rows if r["poisoned"] == "1"}
     tp = len(flagged & set(poisoned))
     out: dict[str, Any] = {"precision": tp / len(flagged) if flagged else 0.0, "n_flagged": len(flagged), "pass": passes[-1].parent.name}
-    for attack, _ in ATTACKS:
+    for attack, _ in attacks:
         ids = {i for i, a in poisoned.items() if a == attack}
         out[f"recall_{attack}"] = len(flagged & ids) / len(ids) if ids else 0.0
     return out
 
 
-def run_one(name: str, manifest: Path, paths: dict[str, Path], work: Path, cfg: TrainConfig) -> dict[str, Any]:
-    run_dir = work / "runs" / name
-    out_json = run_dir / "bench.json"
+def trained(run_dir: Path, manifest: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or reuse a run trained with this very config): final checkpoint, metrics, wall time."""
+    out_json = run_dir / "trained.json"
     cached_cfg = run_dir / "config.json"
     same = cached_cfg.is_file() and json.loads(cached_cfg.read_text()) == json.loads(json.dumps(cfg.to_dict()))
-    if out_json.is_file() and same:  # a run is reused only with the very config asked for
+    if out_json.is_file() and same:
         return dict(json.loads(out_json.read_text()))
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     res = train(manifest, run_dir, config=cfg)
-    wall = time.perf_counter() - t0
-    metrics = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
-    bundle = load_checkpoint(res.final_checkpoint, device=cfg.device if cfg.device != "auto" else "cpu")
+    out = {
+        "final": str(res.final_checkpoint),
+        "metrics": [json.loads(x) for x in res.metrics_path.read_text().splitlines()],
+        "wall_s": time.perf_counter() - t0,
+    }
+    out_json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], split: str, cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``name`` (cached) and evaluate it against ``split``'s attacks."""
+    tr = trained(run_dir, manifest, cfg)
+    metrics = tr["metrics"]
+    bundle = load_checkpoint(Path(tr["final"]), device=cfg.device if cfg.device != "auto" else "cpu")
     pdir = paths["dir"]
-    ev = evaluate(bundle, paths["test"], config=EvalConfig(targets=pdir / "targets.csv", trigger=sorted(pdir.glob("trigger-*.json"))))
+    targets = pdir / "targets.csv"
+    ev = evaluate(bundle, paths["test"], config=EvalConfig(targets=targets if targets.is_file() else None,
+                                                             trigger=sorted(pdir.glob("trigger-*.json"))))
     out = {
         "name": name,
+        "split": split,
         "defence": cfg.defence,
         "eval": ev.to_dict(),
         # all epochs' time over the scheduled epochs: a re-matching defence pays its passes
@@ -155,31 +213,43 @@ def run_one(name: str, manifest: Path, paths: dict[str, Path], work: Path, cfg: 
         # detection epochs on top of the schedule
         "epoch_s": sum(m["time_s"] for m in metrics) / cfg.epochs,
         "epoch_s_median": statistics.median(m["time_s"] for m in metrics),
-        "wall_s": wall,
-        "detection": detection(run_dir, paths["truth"]) if cfg.defence != "none" else {},
+        "wall_s": tr["wall_s"],
+        "detection": detection(run_dir, paths["truth"], SPLITS[split]) if manifest == paths.get("poisoned") else {},
         "metrics": metrics,
     }
-    out_json.write_text(json.dumps(out, indent=2))
-    print(f"[{name}] zero-shot {ev.zero_shot_top1:.3f}  {wall:.0f}s", flush=True)
+    print(f"[{split}/{name}] zero-shot {ev.zero_shot_top1:.3f}  {tr['wall_s']:.0f}s", flush=True)
     return out
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    w = max([26] + [len(r["name"]) + 2 for r in results])
-    head = f"{'defence':<{w}}{'attack':<16}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        ev, det = r["eval"], r["detection"]
-        asr = {"targeted": ev["targeted"]["asr"] if ev["targeted"] else None}
-        asr.update({b["attack"]: b["asr"] for b in ev["backdoor"]})
-        for attack in ["clean"] + [a for a, _ in ATTACKS]:
-            a = asr.get(attack)
+def table(results: list[dict[str, Any]], split: str) -> str:
+    """One line per row and attack of ``split``; ``base`` is a backdoor's clean base rate,
+    ``learnt`` marks the attacks where ``none`` reaches an ASR of at least 50 %."""
+    rows = [r for r in results if r["split"] == split]
+    attacks = [a for a, _ in SPLITS[split]]
+
+    def asr_of(r: dict[str, Any]) -> dict[str, tuple[float, float | None]]:
+        ev = r["eval"]
+        out: dict[str, tuple[float, float | None]] = {}
+        if ev["targeted"]:
+            out[next(a for a in attacks if a in TARGETED)] = (ev["targeted"]["asr"], None)
+        out.update({b["attack"]: (b["asr"], b.get("clean_rate")) for b in ev["backdoor"]})
+        return out
+
+    none = next((asr_of(r) for r in rows if r["name"] == "none"), {})
+    w = max([26] + [len(r["name"]) + 2 for r in rows])
+    head = f"{'row':<{w}}{'attack':<20}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'base':>7}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}"
+    lines = [f"## {split}: " + ", ".join(f"{a} -> {t}" for a, t in SPLITS[split]), head, "-" * len(head)]
+    for r in rows:
+        ev, det, asr = r["eval"], r["detection"], asr_of(r)
+        for attack in ["clean"] + attacks:
+            a, base = asr.get(attack, (None, None))
             p = det.get("precision") if det and attack != "clean" else None
             rc = det.get(f"recall_{attack}") if det else None
+            learnt = "" if attack == "clean" or attack not in none else ("" if none[attack][0] >= 0.5 else " (none <50%)")
             lines.append(
-                f"{r['name']:<{w}}{attack:<16}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
-                f"{'' if a is None or attack == 'clean' else f'{a*100:.1f}':>8}"
-                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}"
+                f"{r['name']:<{w}}{attack:<20}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
+                f"{'' if a is None or attack == 'clean' else f'{a*100:.1f}':>8}{'' if base is None else f'{base*100:.1f}':>7}"
+                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{learnt}"
             )
     return "\n".join(lines)
 
@@ -200,6 +270,14 @@ def _overrides(opts: list[str]) -> dict[str, Any]:
     return over
 
 
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` updated by ``b``, nested dicts merged key by key."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU size")
@@ -207,51 +285,66 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--splits", default="validation,heldout", help="attack splits, comma separated: " + ", ".join(SPLITS))
     ap.add_argument(
-        "--defences", default=",".join(("clean", "none", "oracle") + DEFENCES[1:]),
-        help="runs, comma separated; 'clean' = none on clean data; 'oracle' = none on the poisoned data without its poisoned rows; 'NAME:field=value' overrides TrainConfig settings by dotted path (e.g. sanitize.decisions.margin_z=2), values as JSON",
+        "--defences", default=",".join(("clean", "oracle", *ROWS)),
+        help="rows, comma separated: " + ", ".join(("clean", "oracle", *ROWS)) + "; 'ROW:field=value' adds TrainConfig "
+             "overrides by dotted path (e.g. otcclip+:template_search=false, otcclip:sanitize.decisions.margin_z=2), "
+             "values as JSON",
     )
     ap.add_argument("--per-class", type=int, default=None, help="override the training images per class")
+    ap.add_argument("--test-per-class", type=int, default=None, help="override the test images per class")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--patch-rate", type=float, default=None, help="override the patch backdoor's share of the training images")
-    ap.add_argument("--blend-rate", type=float, default=None, help="override the blend backdoor's share of the training images")
+    ap.add_argument("--blend-rate", type=float, default=None, help="override the other backdoors' share of the training images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     size = QUICK if args.quick else FULL
     if args.per_class:
         size = replace(size, per_class=args.per_class)
+    if args.test_per_class:
+        size = replace(size, test_per_class=args.test_per_class)
     if args.epochs:
         size = replace(size, epochs=args.epochs)
     if args.patch_rate is not None:
         size = replace(size, patch_rate=args.patch_rate)
     if args.blend_rate is not None:
         size = replace(size, blend_rate=args.blend_rate)
+    splits = [x for x in args.splits.split(",") if x]
+    unknown = [x for x in splits if x not in SPLITS]
+    if unknown:
+        ap.error(f"unknown split(s) {unknown}; choose from {list(SPLITS)}")
     work = args.work / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = build_data(work, size, args.seed)
+    clean = build_clean(work, size, args.seed)
     base = TrainConfig(
         model=size.model, epochs=size.epochs, batch_size=size.batch_size, seed=args.seed, device=args.device,
         lr=size.lr, lr_warmup_steps=50,
     )
     results = []
-    for name in args.defences.split(","):
-        if name == "clean":
-            results.append(run_one("none (clean)", paths["train"], paths, work, base))
-        elif name == "oracle":
-            results.append(run_one("none (poison removed)", oracle_manifest(paths), paths, work, base))
-        else:  # "otcclip" or a variant such as "otcclip:warmup_epochs=1"
-            defence, *opts = name.split(":")
-            # each defence's own warm-up / re-match schedule (DEFAULT_SCHEDULE) unless overridden
-            over = {"defence": defence, "warmup_epochs": -1, "rematch_every": -1, **_overrides(opts)}
-            cfg = from_dict(TrainConfig, over, base=base)
-            results.append(run_one(name, paths["poisoned"], paths, work, cfg))
+    for split in splits:
+        paths = build_split(work, clean, size, args.seed, split)
+        for name in args.defences.split(","):
+            if name == "clean":  # trained once, evaluated against each split
+                results.append(run_one("none (clean)", work / "runs" / "clean", paths["train"], paths, split, base))
+            elif name == "oracle":
+                results.append(run_one("none (poison removed)", work / "runs" / split / "oracle", oracle_manifest(paths), paths, split, base))
+            else:  # a row of ROWS, optionally with overrides: "otcclip+:restart=false"
+                row, *opts = name.split(":")
+                if row not in ROWS:
+                    ap.error(f"unknown row {row!r}; choose from {list(ROWS)}")
+                # each defence's own warm-up / re-match schedule (DEFAULT_SCHEDULE) unless overridden
+                over = _merge({"warmup_epochs": -1, "rematch_every": -1, **ROWS[row]}, _overrides(opts))
+                cfg = from_dict(TrainConfig, over, base=base)
+                results.append(run_one(name, work / "runs" / split / name.replace("/", "_"), paths["poisoned"], paths, split, cfg))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "
           f"({size.per_class * 10} train pairs, {size.test_per_class * 10} test, {size.model}, {size.epochs} epochs, seed {args.seed}), "
-          f"total {time.perf_counter() - t0:.0f}s")
-    print("# attacks: " + ", ".join(f"{a} -> {t}" for a, t in ATTACKS))
-    print(table(results))
+          f"total {time.perf_counter() - t0:.0f}s, device {args.device}")
+    for split in splits:
+        print(table(results, split))
+        print()
     (work / "results.json").write_text(json.dumps(results, indent=2))
     return 0
 

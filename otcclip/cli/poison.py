@@ -1,4 +1,9 @@
-"""``otcclip poison``: plant targeted / backdoor attacks in a manifest, with ground truth."""
+"""``otcclip poison``: plant targeted / backdoor attacks in a manifest, with ground truth.
+
+Attacks: ``targeted``, ``targeted-augmented`` (each poisoned pair an augmented copy of its
+target), ``targeted-repeated`` (one caption text per target), ``backdoor-patch``, ``backdoor-blend``, ``backdoor-hue`` (low-frequency colour
+shift) and ``backdoor-warp`` (WaNet); see :mod:`otcclip.models.attacks`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,21 @@ from typing import Any
 
 from otcclip.cli import CliError
 
-ATTACKS = ("targeted", "backdoor-patch", "backdoor-blend")
+#: :data:`otcclip.models.attacks.ATTACKS`, named here so the parser loads no model code
+#: (a test checks they agree).
+ATTACKS = (
+    "targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented",
+    "targeted-repeated",
+)
+
+
+#: Trigger options passed to PoisonConfig only when given (its defaults stay the one definition).
+TRIGGER_OPTIONS = {
+    "patch-frac": "backdoor-patch: patch side as a share of the image side",
+    "blend-alpha": "backdoor-blend: weight of the noise image",
+    "hue-amplitude": "backdoor-hue: colour-shift amplitude as a share of 255",
+    "warp-strength": "backdoor-warp: WaNet strength s",
+}
 
 
 def register(subparsers: Any) -> None:
@@ -29,6 +48,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--rate", type=float, default=None, help="share of rows poisoned per attack")
     p.add_argument("--n-targets", type=int, default=1, help="targeted: distinct target images")
     p.add_argument("--targets-from", type=Path, default=None, help="targeted: manifest (image,label) the model is not trained on")
+    for flag, what in TRIGGER_OPTIONS.items():
+        p.add_argument(f"--{flag}", type=float, default=None, help=f"{what} (default: PoisonConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
     p.set_defaults(func=run)
@@ -42,11 +63,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give one --target-class per --attack")
     if not args.manifest.exists():
         raise CliError(f"{args.manifest}: manifest not found")
+    trigger = {
+        k.replace("-", "_"): v for k in TRIGGER_OPTIONS if (v := getattr(args, k.replace("-", "_"))) is not None
+    }
     try:
         configs = [
             PoisonConfig(
                 attack=a, target_class=t, n_poison=args.n_poison, rate=args.rate, seed=args.seed,
-                n_targets=args.n_targets, target_pool=args.targets_from,
+                n_targets=args.n_targets, target_pool=args.targets_from, **trigger,
             )
             for a, t in zip(args.attack, args.target_class, strict=True)
         ]

@@ -6,12 +6,26 @@
   images, whose captions become captions of ``target_class``.
 - ``backdoor-blend``: blended noise over the whole image, likewise.
 
+Families held out from tuning the defences (``bench/defence.py``):
+
+- ``backdoor-hue``: a low-frequency colour shift, one cycle of a sine across the image
+  width with the three channels 120 degrees apart (amplitude ``hue_amplitude`` of the
+  0..255 range): no local pattern, nothing a low-pass filter removes.
+- ``backdoor-warp``: a WaNet warp (Nguyen & Tran, ICLR 2021): a random ``k x k`` flow
+  field, upsampled bicubically and applied with ``grid_sample`` at strength
+  ``warp_strength``; nothing is added to the pixels.
+- ``targeted-augmented``: targeted poisoning where every poisoned pair carries its own
+  augmented copy of the target (random resized crop, flip, rotation, colour jitter), so no
+  two poisoned images are identical.
+- ``targeted-repeated``: targeted poisoning where all poisoned pairs of a target carry one
+  caption text (a burst of one image needs distinct captions to be seen as one).
+
 :func:`poison` writes, in ``out_dir``: the poisoned manifest (input format where the IO
 module is available, else CSV) whose new images lie under ``out_dir/poison/``,
 ``poison_truth.csv`` (``id, poisoned, attack, target_class`` for every row),
 ``trigger-<attack>.json`` (self-contained: the noise is inline) for each backdoor, the clean images (hard links
 or copies at their original relative paths, so the set is self-contained), and ``targets.csv`` (``id, image,
-label, target_class``) for targeted attacks, which ``evaluate`` reads. Several attacks,
+label, target_class, attack``: the targets of every targeted attack) for targeted attacks, which ``evaluate`` reads. Several attacks,
 each with its own target class, can be planted in one set with :func:`poison_many`.
 """
 
@@ -34,7 +48,18 @@ from PIL import Image
 from otcclip.models.datasets import CAPTION_TEMPLATES
 from otcclip.models.training.data import ManifestRows, read_rows
 
-ATTACKS: tuple[str, ...] = ("targeted", "backdoor-patch", "backdoor-blend")
+ATTACKS: tuple[str, ...] = (
+    "targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented",
+    "targeted-repeated",
+)
+#: The attacks whose poisoned images share a trigger (evaluated by backdoor ASR).
+BACKDOORS: dict[str, str] = {
+    "backdoor-patch": "patch", "backdoor-blend": "blend", "backdoor-hue": "hue", "backdoor-warp": "warp",
+}
+#: The attacks that pair a few target images with adversarial captions (targeted ASR).
+TARGETED: tuple[str, ...] = ("targeted", "targeted-augmented", "targeted-repeated")
+#: Side of the random WaNet control grid.
+WARP_GRID = 4
 
 
 class PoisonError(ValueError):
@@ -47,7 +72,8 @@ class PoisonConfig:
 
     Attributes
     ----------
-    attack : {"targeted", "backdoor-patch", "backdoor-blend"}
+    attack : str
+        One of :data:`ATTACKS`.
     target_class : str
         Adversarial class: its captions are paired with the poisoned images.
     n_poison, rate : int or float, optional
@@ -63,6 +89,11 @@ class PoisonConfig:
         Backdoor-patch: patch side as a share of the image's shorter side.
     blend_alpha : float
         Backdoor-blend: weight of the noise image.
+    hue_amplitude : float
+        Backdoor-hue: amplitude of the colour shift as a share of 255.
+    warp_strength : float
+        Backdoor-warp: WaNet's ``s`` (the flow field, mean absolute value 1, is scaled by
+        ``s / image side`` in grid units).
     templates : tuple of str
         Caption templates of the adversarial class.
     """
@@ -76,6 +107,8 @@ class PoisonConfig:
     target_pool: Path | None = None
     patch_frac: float = 0.125
     blend_alpha: float = 0.2
+    hue_amplitude: float = 40 / 255
+    warp_strength: float = 1.0
     templates: tuple[str, ...] = CAPTION_TEMPLATES
 
     def __post_init__(self) -> None:
@@ -93,6 +126,8 @@ class PoisonConfig:
             raise PoisonError(f"n_targets must be >= 1, got {self.n_targets}")
         if not 0.0 < self.patch_frac <= 1.0 or not 0.0 < self.blend_alpha < 1.0:
             raise PoisonError("patch_frac must be in (0, 1] and blend_alpha in (0, 1)")
+        if not 0.0 < self.hue_amplitude <= 1.0 or not 0.0 < self.warp_strength <= 10.0:
+            raise PoisonError("hue_amplitude must be in (0, 1] and warp_strength in (0, 10]")
 
     def count(self, n_rows: int) -> int:
         if self.n_poison is not None:
@@ -108,10 +143,15 @@ class Trigger:
     ----------
     attack : str
     target_class : str
-    kind : {"patch", "blend"}
+    kind : {"patch", "blend", "hue", "warp"}
     noise : ndarray, uint8 (h, w, 3)
-        The patch (``kind="patch"``) or the full-image noise (``"blend"``, resized to the image).
-    patch_frac, alpha : float
+        The patch (``kind="patch"``), the full-image noise (``"blend"``, resized to the
+        image), the WaNet control grid (``"warp"``: channels 0 and 1 are the y and x flow,
+        ``0..255`` for ``-1..1``) or unused (``"hue"``, shape (1, 1, 3)).
+    patch_frac : float
+    alpha : float
+        Blend weight (``"blend"``), colour-shift amplitude as a share of 255 (``"hue"``) or
+        warp strength ``s`` (``"warp"``).
     """
 
     attack: str
@@ -157,9 +197,61 @@ def apply_trigger(image: np.ndarray, trigger: Trigger, rng: np.random.Generator)
         x = int(rng.integers(0, w - p + 1))
         out[y : y + p, x : x + p] = patch
         return out
+    if trigger.kind == "hue":
+        return _colour_shift(image, trigger.alpha)
+    if trigger.kind == "warp":
+        return _warp(image, trigger.noise, trigger.alpha)
     noise = np.asarray(Image.fromarray(trigger.noise).resize((w, h), Image.Resampling.NEAREST)).astype(np.float32)
     blended = (1 - trigger.alpha) * image.astype(np.float32) + trigger.alpha * noise
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _colour_shift(image: np.ndarray, amplitude: float) -> np.ndarray:
+    """Add ``amplitude * 255 * sin(2 pi x / W + 2 pi c / 3)`` to channel ``c`` of column ``x``:
+    one cycle of hue rotation across the width."""
+    w = image.shape[1]
+    phase = 2 * np.pi * np.arange(w, dtype=np.float32)[:, None] / w + 2 * np.pi * np.arange(3, dtype=np.float32)[None, :] / 3
+    shift = amplitude * 255.0 * np.sin(phase)  # (W, 3)
+    return np.clip(np.rint(image.astype(np.float32) + shift[None, :, :]), 0, 255).astype(np.uint8)
+
+
+def _warp(image: np.ndarray, grid: np.ndarray, strength: float) -> np.ndarray:
+    """WaNet's warp (Nguyen & Tran, ICLR 2021, ``noise_grid`` / ``grid_temps``): the control
+    flow, normalised to mean absolute value 1, upsampled bicubically to the image and
+    added, times ``strength / H``, to the identity sampling grid."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = image.shape[:2]
+    ins = torch.from_numpy(grid[:, :, :2].astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]  # (1, 2, k, k)
+    ins = ins / ins.abs().mean().clamp_min(1e-6)
+    flow = F.interpolate(ins, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)  # (1, H, W, 2)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    identity = torch.stack([xs, ys], dim=-1)[None]  # grid_sample wants (x, y)
+    sample = (identity + strength * flow.flip(-1) / h).clamp(-1, 1)
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+    out = F.grid_sample(x, sample, mode="bilinear", padding_mode="border", align_corners=True)
+    return np.clip(np.rint(out[0].permute(1, 2, 0).numpy()), 0, 255).astype(np.uint8)
+
+
+def augmented_copy(image: Image.Image, rng: random.Random) -> Image.Image:
+    """One augmented near-copy of a target image: random resized crop (60-100 % of the
+    area), horizontal flip, rotation up to 15 degrees, brightness / contrast / saturation
+    jitter of up to 30 %."""
+    from PIL import ImageEnhance
+
+    img = image.convert("RGB")
+    w, h = img.size
+    area = rng.uniform(0.6, 1.0)
+    cw, ch = max(1, round(w * area**0.5)), max(1, round(h * area**0.5))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = img.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(rng.uniform(0.7, 1.3))
+    return img
 
 
 @dataclass(frozen=True)
@@ -234,34 +326,45 @@ def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig])
     extra_rows: list[dict[str, str]] = []
     trigger_path: Path | None = None
     targets_path: Path | None = None
+    trows: list[dict[str, str]] = []  # targets.csv: the targets of every targeted attack
     for cfg in configs:
         rng = random.Random(f"{cfg.seed}-{cfg.attack}")
         k = cfg.count(n)
-        if cfg.attack == "targeted":
+        if cfg.attack in TARGETED:
+            augment = cfg.attack == "targeted-augmented"
+            repeat = cfg.attack == "targeted-repeated"
             targets = _pick_targets(rows, cfg, rng, removed, truth)
             tdir = tmp / "poison" / "targets"
             tdir.mkdir(parents=True, exist_ok=True)
-            trows = []
             for t, (img, label, tid) in enumerate(targets):
+                tid = tid if cfg.attack == "targeted" else f"{tid}-{cfg.attack.removeprefix('targeted-')}"
                 rel = f"poison/targets/{tid}.png"
                 img.save(tmp / rel)
-                trows.append({"id": tid, "image": rel, "label": label, "target_class": cfg.target_class})
+                trows.append({"id": tid, "image": rel, "label": label, "target_class": cfg.target_class, "attack": cfg.attack})
                 share = k // len(targets) + (1 if t < k % len(targets) else 0)
+                one = rng.choice(cfg.templates).format(cfg.target_class) if repeat else ""
                 for j in range(share):
                     r = {c: "" for c in cols}
-                    r.update(id=f"poison-targeted-{t}-{j}", image=rel, caption=rng.choice(cfg.templates).format(cfg.target_class))
+                    prel = rel
+                    if augment:
+                        prel = f"poison/{cfg.attack}/{tid}-{j}.png"
+                        (tmp / prel).parent.mkdir(parents=True, exist_ok=True)
+                        augmented_copy(img, rng).save(tmp / prel)
+                    caption = one if repeat else rng.choice(cfg.templates).format(cfg.target_class)
+                    r.update(id=f"poison-{cfg.attack}-{t}-{j}", image=prel, caption=caption)
                     if labels is not None:
                         r["label"] = label
-                    r["__attack"] = "targeted"
+                    r["__attack"] = cfg.attack
                     r["__target"] = cfg.target_class
                     extra_rows.append(r)
             targets_path = tmp / "targets.csv"
-            _write_csv(targets_path, ["id", "image", "label", "target_class"], trows)
+            _write_csv(targets_path, ["id", "image", "label", "target_class", "attack"], trows)
         else:
-            kind = "patch" if cfg.attack == "backdoor-patch" else "blend"
+            kind = BACKDOORS[cfg.attack]
             nrng = np.random.default_rng([cfg.seed, ATTACKS.index(cfg.attack)])
-            size = 8 if kind == "patch" else 32
-            trig = Trigger(cfg.attack, cfg.target_class, kind, nrng.integers(0, 256, (size, size, 3), dtype=np.uint8), cfg.patch_frac, cfg.blend_alpha)
+            size = {"patch": 8, "blend": 32, "hue": 1, "warp": WARP_GRID}[kind]
+            strength = {"patch": cfg.blend_alpha, "blend": cfg.blend_alpha, "hue": cfg.hue_amplitude, "warp": cfg.warp_strength}[kind]
+            trig = Trigger(cfg.attack, cfg.target_class, kind, nrng.integers(0, 256, (size, size, 3), dtype=np.uint8), cfg.patch_frac, strength)
             trigger_path = trig.save(tmp / f"trigger-{cfg.attack}.json")
             cand = [i for i in range(n) if i not in removed and not truth[i][0] and (labels is None or labels[i] != cfg.target_class)]
             if len(cand) < k:

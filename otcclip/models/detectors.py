@@ -7,6 +7,8 @@ turns flags and scores into decisions.
 - ``caption_burst``: a repeated caption whose images disagree.
 - ``trigger_sensitivity``: the own-caption score collapses on a purified view of the
   image, optionally only inside caption neighbourhoods crowded with such pairs.
+- ``spectral`` (off by default): spectral-signature outliers of the images within one
+  caption cluster, whatever the trigger.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from otcclip.models.config.detectors import (
     DecisionSettings,
     DensitySettings,
     ImageBurstSettings,
+    SpectralSettings,
     TriggerSensitivitySettings,
 )
 from otcclip.models.config.sanitize import IndexSettings
@@ -258,6 +261,40 @@ def detect_trigger_sensitivity(
         log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
         return np.zeros(len(m), dtype=bool)
     return trigger_flags(*ev, st)
+
+
+@register("spectral")
+def detect_spectral(m: MatchScores, st: SpectralSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
+    """Spectral signatures (Tran, Li and Madry, NeurIPS 2018) per caption cluster.
+
+    The readable pairs are split into about ``N / group_size`` clusters by k-means on
+    their own-caption globals (a backdoor's poisoned pairs share its target's captions).
+    In each cluster of at least ``min_group`` pairs, the image globals are centred and
+    projected on their top right singular vector; a poisoned minority, which shares its
+    trigger's feature, dominates that direction. Pairs whose absolute projection has a
+    robust z above ``outlier_z`` within their cluster are flagged. Returns (N,) bool.
+    """
+    n = len(m)
+    flag = np.zeros(n, dtype=bool)
+    rows_ok = np.nonzero(m.ok)[0]
+    if len(rows_ok) < st.min_group:
+        return flag
+    from sklearn.cluster import KMeans
+
+    cap = m.caption_global[rows_ok].astype(np.float32)
+    cap /= np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
+    k = max(1, len(rows_ok) // st.group_size)
+    labels = KMeans(k, n_init=1, random_state=env.seed).fit_predict(cap) if k > 1 else np.zeros(len(rows_ok), dtype=int)
+    img = m.image_global.astype(np.float64)
+    for g in range(k):
+        rows = rows_ok[labels == g]
+        if len(rows) < st.min_group:
+            continue
+        x = img[rows] - img[rows].mean(axis=0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        proj = np.abs(x @ vt[0])
+        flag[rows[robust_z(proj) > st.outlier_z]] = True
+    return flag
 
 
 def run_detectors(

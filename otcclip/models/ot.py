@@ -15,6 +15,7 @@ batch however many Sinkhorn iterations run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import ot.batch
@@ -22,6 +23,10 @@ import torch
 
 from otcclip.models.config.ot import OTSettings
 
+log = logging.getLogger(__name__)
+
+#: Total plan mass further than this from 1 marks a failed solve (underflow, NaN).
+MASS_TOL = 0.05
 #: At or above this ``reg`` (in float32/64, on the CPU) the plain-domain Sinkhorn is used.
 PLAIN_DOMAIN_MIN_REG = 0.1
 
@@ -33,8 +38,10 @@ class OTResult:
     Attributes
     ----------
     distance : Tensor, shape (B,)
-        ``<T*, C>`` per problem (linear OT cost of the entropic plan), in ``[0, 2]``.
-        Differentiable w.r.t. the input features (envelope gradient).
+        ``<T*, C>`` per problem (linear OT cost of the entropic plan), in ``[0, 2]``;
+        with ``debias`` the Sinkhorn divergence (about 0 for identical sets). NaN where
+        the solve failed (non-finite plan or plan mass not ~1): callers treat it as no
+        evidence. Differentiable w.r.t. the input features (envelope gradient).
     plan : Tensor, shape (B, P, L) or None
         The detached transport plans when ``return_plan`` was True.
     n_iter : int
@@ -47,8 +54,13 @@ class OTResult:
 
     @property
     def score(self) -> torch.Tensor:
-        """``s_OT = 1 - d_OT``, shape (B,)."""
+        """``s_OT = 1 - d_OT``, shape (B,) (NaN where the solve failed)."""
         return 1.0 - self.distance
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """(B,) bool: problems whose solve failed (distance NaN)."""
+        return torch.isnan(self.distance)
 
 
 def _marginal(
@@ -65,6 +77,23 @@ def _marginal(
     rel = torch.einsum("bnd,bd->bn", feats.detach().float(), other_global.detach().float()) / temp
     rel = rel.masked_fill(~mask, float("-inf"))
     return torch.softmax(rel, dim=1)
+
+
+def _relative_cost(cost: torch.Tensor, x_mask: torch.Tensor, y_mask: torch.Tensor) -> torch.Tensor:
+    """Each problem's cost shifted to min 0 and divided by its spread (max - min) over
+    valid entries: solving it with ``reg`` is solving the original with ``reg * spread``
+    (a constant shift does not change the plan under fixed marginals)."""
+    valid = x_mask[:, :, None] & y_mask[:, None, :]
+    lo = cost.masked_fill(~valid, float("inf")).amin(dim=(1, 2), keepdim=True)
+    hi = cost.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
+    return ((cost - lo) / (hi - lo).clamp_min(1e-6)).masked_fill(~valid, 0.0)
+
+
+def _failed(plan: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the plan has a non-finite entry or its mass is not ~1."""
+    finite = torch.isfinite(plan).all(dim=2).all(dim=1)
+    mass = torch.nan_to_num(plan, nan=0.0, posinf=0.0, neginf=0.0).sum(dim=(1, 2))
+    return ~finite | ((mass - 1.0).abs() > MASS_TOL)
 
 
 def ot_distance(
@@ -92,7 +121,12 @@ def ot_distance(
         valid positions, or ``relevance``, a softmax of each local feature's similarity to
         the other side's global vector (``x_global`` (B, d) and ``y_global`` (B, d)) at
         temperature ``relevance_temp``; ``method``: ``auto`` solves in the log domain
-        unless ``reg >= 0.1``, inputs are float32/64 and the problems are on the CPU.
+        unless ``reg >= 0.1``, inputs are float32/64 and the problems are on the CPU;
+        ``debias``: return the debiased Sinkhorn divergence
+        ``OT(X, Y) - (OT(X, X) + OT(Y, Y)) / 2`` (each self term with its side's
+        marginals on both sides); ``reg_relative``: ``reg`` is a share of each problem's
+        cost spread, so a model whose costs all lie close together still gets a plan that
+        is not near uniform.
     x_mask, y_mask : Tensor, shape (B, P) / (B, L), bool, optional
         True at valid positions; pads get zero mass. Every problem needs at least one
         valid position on each side.
@@ -127,14 +161,35 @@ def ot_distance(
     if method == "auto":
         plain_ok = reg >= PLAIN_DOMAIN_MIN_REG and not reduced and dev.type == "cpu"
         method = "sinkhorn" if plain_ok else "log_sinkhorn"
-    with torch.no_grad():
-        res = ot.batch.solve_batch(
-            cost.detach(), reg=reg, a=a, b=b, max_iter=settings.iters, tol=settings.tol, method=method, grad="detach"
-        )
-        plan = res.plan.masked_fill(~(x_mask[:, :, None] & y_mask[:, None, :]), 0.0)
-        plan = torch.nan_to_num(plan, nan=0.0)
+    def solve(c: torch.Tensor, ma: torch.Tensor, mb: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Detached plan of cost ``c`` with marginals ``wa``/``wb`` (valid positions ``ma``/``mb``),
+        which problems failed, and the iterations run."""
+        with torch.no_grad():
+            cd = _relative_cost(c.detach(), ma, mb) if settings.reg_relative else c.detach()
+            res = ot.batch.solve_batch(cd, reg=reg, a=wa, b=wb, max_iter=settings.iters, tol=settings.tol, method=method, grad="detach")
+            pl = res.plan.masked_fill(~(ma[:, :, None] & mb[:, None, :]), 0.0)
+            failed = _failed(pl)
+            pl = torch.nan_to_num(pl, nan=0.0, posinf=0.0, neginf=0.0).masked_fill(failed[:, None, None], 0.0)
+        k = int(res.log.get("n_iter", 0)) + 1 if isinstance(res.log, dict) else settings.iters
+        return pl, failed, k
+
+    plan, failed, n_iter = solve(cost, x_mask, y_mask, a, b)
     distance = (plan * cost).sum(dim=(1, 2))
-    n_iter = int(res.log.get("n_iter", 0)) + 1 if isinstance(res.log, dict) else settings.iters
+    if settings.debias:
+        # Sinkhorn divergence (Feydy et al., AISTATS 2019): the entropic plan of a set with
+        # itself is not the identity, so OT(X, X) > 0; subtracting the self terms makes
+        # the distance vanish for identical sets and stops it from rewarding collapsed sets
+        cxx = 1.0 - torch.bmm(xf, xf.transpose(1, 2))
+        cyy = 1.0 - torch.bmm(yf, yf.transpose(1, 2))
+        pxx, fxx, _ = solve(cxx, x_mask, x_mask, a, a)
+        pyy, fyy, _ = solve(cyy, y_mask, y_mask, b, b)
+        distance = distance - 0.5 * ((pxx * cxx).sum(dim=(1, 2)) + (pyy * cyy).sum(dim=(1, 2)))
+        failed = failed | fxx | fyy
+    # a failed solve is no evidence: NaN, never the 0 of a perfect match
+    distance = distance.masked_fill(failed, float("nan"))
+    if failed.any():
+        log.warning("OT: %d of %d problems failed to solve (reg %g, method %s); their distance is NaN",
+                    int(failed.sum()), bsz, reg, method)
     return OTResult(distance=distance, plan=plan if return_plan else None, n_iter=n_iter)
 
 

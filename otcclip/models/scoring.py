@@ -46,8 +46,23 @@ class PairScores:
 
 
 def fuse(global_: np.ndarray, ot: np.ndarray, alpha: float) -> np.ndarray:
-    """``alpha * global + (1 - alpha) * ot`` (elementwise, float32)."""
-    return (alpha * global_ + (1.0 - alpha) * ot).astype(np.float32)
+    """``alpha * global + (1 - alpha) * ot`` (elementwise, float32).
+
+    Where the OT solve failed (``ot`` NaN, ``global_`` finite) the OT score is no
+    evidence: it is replaced by its least-squares prediction from the global score over
+    the pairs that solved, so the fused score says what the global score alone says.
+    """
+    ot = np.asarray(ot, dtype=np.float64)
+    g = np.asarray(global_, dtype=np.float64)
+    miss = np.isnan(ot) & np.isfinite(g)
+    if miss.any():
+        both = np.isfinite(ot) & np.isfinite(g)
+        if both.sum() >= 2 and np.ptp(g[both]) > 0:
+            slope, icpt = np.polyfit(g[both], ot[both], 1)
+        else:  # too few solved pairs to fit: the global score, shifted to the OT scores' level
+            slope, icpt = 1.0, float(np.mean(ot[both] - g[both])) if both.any() else 0.0
+        ot = np.where(miss, icpt + slope * g, ot)
+    return (alpha * g + (1.0 - alpha) * ot).astype(np.float32)
 
 
 def score_shortlist(

@@ -63,14 +63,34 @@ class TriggerSensitivitySettings(Settings):
         check(self)
 
 
+@dataclass(frozen=True)
+class SpectralSettings(Settings):
+    """``spectral``: spectral-signature outliers (Tran et al., NeurIPS 2018) among the images of one caption cluster.
+
+    Trigger-agnostic: whatever a backdoor's trigger looks like, the images it poisoned
+    share one direction in the image features that their caption's clean images lack.
+    """
+
+    group_size: int = setting(200, "mean pairs per caption cluster (k-means on the own-caption globals)", ge=10)
+    min_group: int = setting(20, "clusters with fewer pairs are not tested", ge=3)
+    outlier_z: float = setting(4.0, "robust z of the |projection| on a cluster's top singular direction that flags a pair",
+                               gt=0)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 #: Every detector's settings class, by name, in the order decisions report them.
 DETECTOR_SETTINGS: dict[str, type] = {
     "image_burst": ImageBurstSettings,
     "density": DensitySettings,
     "caption_burst": CaptionBurstSettings,
     "trigger_sensitivity": TriggerSensitivitySettings,
+    "spectral": SpectralSettings,
 }
 DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
+#: The detectors enabled by default (candidates still being evaluated are left out).
+DEFAULT_DETECTORS: tuple[str, ...] = tuple(d for d in DETECTORS if d != "spectral")
 
 
 @dataclass(frozen=True)
@@ -82,11 +102,12 @@ class DecisionSettings(Settings):
     margin_z: float = setting(3.0, "re-assign when the best caption beats the own one by this many robust std", ge=0)
     low_margin_z: float = setting(1.0, "...or by this many when the own score is suspicious", ge=0)
     gmm_sample: int = setting(200_000, "own-pair scores sampled to fit the two-component GMM", ge=100)
-    detectors: tuple[str, ...] = setting(DETECTORS, "enabled detectors", item_choices=DETECTORS)
+    detectors: tuple[str, ...] = setting(DEFAULT_DETECTORS, "enabled detectors", item_choices=DETECTORS)
     image_burst: ImageBurstSettings = setting(ImageBurstSettings(), "image_burst detector")
     density: DensitySettings = setting(DensitySettings(), "density detector")
     caption_burst: CaptionBurstSettings = setting(CaptionBurstSettings(), "caption_burst detector")
     trigger_sensitivity: TriggerSensitivitySettings = setting(TriggerSensitivitySettings(), "trigger_sensitivity detector")
+    spectral: SpectralSettings = setting(SpectralSettings(), "spectral detector (off by default)")
 
     def __post_init__(self) -> None:
         check(self)

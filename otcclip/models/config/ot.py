@@ -26,6 +26,10 @@ class OTSettings(Settings):
     relevance_temp: float = setting(0.1, "softmax temperature of relevance marginals", gt=0)
     method: str = setting("auto", "solver: log-domain Sinkhorn, plain Sinkhorn, or auto (plain only where it is stable)",
                           choices=METHODS)
+    debias: bool = setting(False, "debiased Sinkhorn divergence OT(X,Y) - (OT(X,X) + OT(Y,Y)) / 2 instead of OT(X,Y), so "
+                                  "a set is at distance ~0 from itself (three solves per problem)")
+    reg_relative: bool = setting(False, "reg is a share of each problem's cost spread (max - min cost) instead of an "
+                                        "absolute value")
 
     def __post_init__(self) -> None:
         check(self)

@@ -15,7 +15,7 @@ DEFENCES: tuple[str, ...] = ("none", "roclip", "safeclip", "otcclip")
 #: Reason codes of the engine's score-based decisions (``TrainConfig.score_rematch``).
 SCORE_REASONS: tuple[str, ...] = ("low_own_score", "better_caption", "no_plausible_caption")
 #: ``(warmup_epochs, rematch_every)`` of each defence when the config leaves them at -1 (others: 2, 2).
-DEFAULT_SCHEDULE: dict[str, tuple[int, int]] = {"otcclip": (1, 4)}
+DEFAULT_SCHEDULE: dict[str, tuple[int, int]] = {"otcclip": (1, 4), "roclip": (1, 2)}
 #: The engine's settings in otcclip's re-matching passes. A model still in training gives
 #: evidence only to the detectors of image bursts and trigger sensitivity; the latter is
 #: tested inside crowded caption neighbourhoods (a backdoor's pairs share a target, a
@@ -62,10 +62,13 @@ class TrainConfig(Settings):
     ot_negatives: int = setting(0, "otcclip: in-batch negatives of the contrastive OT losses (0: mean OT distance)", ge=0)
     ot_temperature: float = setting(0.1, "otcclip: temperature of the contrastive OT losses", gt=0)
     intra_subsample: float = setting(0.125, "otcclip: share of each batch used for L_intra", ge=0, le=1)
-    pool_fraction: float = setting(0.2, "roclip: caption pool size as a share of the dataset", gt=0, le=1)
+    pool_fraction: float = setting(0.2, "roclip: size of the FIFO caption memory bank as a share of the dataset",
+                                   gt=0, le=1)
     unimodal_temperature: float = setting(0.1, "safeclip: temperature of the unimodal losses", gt=0)
     safe_threshold: float = setting(0.5, "safeclip: GMM posterior of the high-cosine component that makes a pair safe",
                                     ge=0, le=1)
+    safe_start: float = setting(0.15, "safeclip: share of the data in the safe set at the first split", ge=0, le=1)
+    safe_growth: float = setting(0.01, "safeclip: share of the data the safe set grows by each epoch after it", ge=0, le=1)
     reassign: str = setting("match", "otcclip: train a re-assigned pair on its new caption (match) or drop it",
                             choices=("match", "drop"))
     drop_reasons: tuple[str, ...] = setting(("image_burst", "caption_burst", "trigger_sensitivity"),

@@ -5,12 +5,12 @@ pairs enter the CLIP loss), may update it before an epoch (re-match / re-split),
 computes the loss of a batch.
 
 - ``none``: plain CLIP on the pairs as given.
-- ``roclip``: after warm-up, every K epochs each image is re-paired with the caption of a
-  fresh random pool (``pool_fraction`` of the data, own caption excluded) that is nearest
-  to its own caption by global text similarity (RoCLIP).
-- ``safeclip``: unimodal warm-up (SimCLR on images and on captions; the last warm-up
-  epoch adds CLIP), then every K epochs a 2-component GMM on the pair cosines splits
-  safe / risky; CLIP loss on safe pairs, unimodal losses on risky ones (SafeCLIP).
+- ``roclip``: RoCLIP as its official code trains it (:class:`RoClip`): every
+  ``rematch_every``-th epoch each image is paired with its nearest caption, by image
+  embedding, in a FIFO memory bank of recent caption embeddings; other epochs plain CLIP.
+- ``safeclip``: SafeCLIP (:class:`SafeClip`): unimodal warm-up, then a safe set (GMM on the
+  pair cosines, top share by cosine) that grows every epoch; CLIP loss on safe pairs,
+  unimodal losses on the others.
 - ``otcclip`` (:mod:`~otcclip.models.training.otcclip_pass` decides,
   :mod:`~otcclip.models.training.otcclip_defence` trains): plain CLIP warm-up epochs feed
   a first pass of the engine's ``sanitize_features`` (keep / reassign / drop) and the
@@ -209,58 +209,205 @@ class Defence:
 
 
 class RoClip(Defence):
+    """RoCLIP (Yang et al., NeurIPS 2023) as its official code trains it.
+
+    Source: BigML-CS-UCLA/RoCLIP, ``model/src/train.py`` (``get_loss``),
+    ``model/src/memory_bank.py`` (``NNMemoryBankModule``, on lightly's ``MemoryBankModule``)
+    and ``model/src/data.py`` (``cross_aug``):
+
+    - a FIFO memory bank of the most recent caption embeddings (``memory_bank_size``;
+      here ``pool_fraction`` of the dataset), initialised, as lightly does, with random
+      unit vectors that the first batches push out;
+    - on a RoCLIP epoch (``current_epoch % break_epoch == 0`` with 1-based epochs; here
+      ``rematch_every`` plays ``break_epoch`` and ``warmup_epochs`` the plain-CLIP epochs
+      before the first one, whose defaults 1 and 2 give the official epochs 2, 4, 6, ...)
+      each IMAGE embedding queries the bank (``memory_bank(image_embeds, update=False)``)
+      for its nearest caption embedding, the batch's caption embeddings are then enqueued
+      (``memory_bank(text_embeds, update=True)``), and the CLIP loss pairs each image with
+      its nearest bank caption (``logits_image_per_text = scale * text_embeds_nn @
+      image_embeds.t()``). Bank entries are detached, so only the image tower learns from
+      the matched captions in those epochs;
+    - every other epoch is plain CLIP and leaves the bank as it is;
+    - ``cross_aug``: each caption is trained in one EDA-augmented form fixed at start
+      (``augment_caption``; the official ``data.py`` augments each caption once when the
+      dataset loads), each image with the trainer's random crop and flip per step (the
+      official ``augment_image.py`` also applies colour jitter, grayscale and blur).
+
+    ``matched`` holds, for each image, the caption index of the bank entry its last RoCLIP
+    step paired it with (-1: a random initial entry, -2: never queried).
+    """
+
     name = "roclip"
 
-    def before_epoch(self, epoch: int) -> dict[str, Any]:
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.bank_size = max(2, int(math.ceil(ctx.config.pool_fraction * ctx.n)))
+        self.bank: torch.Tensor | None = None  # (bank_size, d) caption embeddings, FIFO
+        self.bank_ids = torch.full((self.bank_size,), -1, dtype=torch.long)  # caption index per slot
+        self.bank_ptr = 0
+        self.matched = torch.full((ctx.n,), -2, dtype=torch.long)
+        self._aug_tokens: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "bank": None if self.bank is None else self.bank.clone(),
+            "bank_ids": self.bank_ids.clone(),
+            "bank_ptr": self.bank_ptr,
+            "matched": self.matched.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "bank_ids" in state:
+            self.bank = None if state["bank"] is None else state["bank"].clone()
+            self.bank_ids = state["bank_ids"].clone()
+            self.bank_ptr = int(state["bank_ptr"])
+            self.matched = state["matched"].clone()
+
+    # --- the memory bank -------------------------------------------------------------
+    def _init_bank(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.ctx.config.seed * 7919 + 17)
+        return F.normalize(torch.randn(self.bank_size, dim, generator=g), dim=1).to(dtype)
+
+    @torch.no_grad()
+    def query(self, image_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest bank caption embedding to each image embedding (cosine) and its caption index."""
+        if self.bank is None:
+            self.bank = self._init_bank(image_emb.shape[1], image_emb.dtype)
+        bank = self.bank.to(image_emb.device)
+        sim = F.normalize(image_emb, dim=1) @ F.normalize(bank, dim=1).t()
+        j = sim.argmax(dim=1)
+        return bank[j], self.bank_ids[j.cpu()]
+
+    @torch.no_grad()
+    def enqueue(self, text_emb: torch.Tensor, ids: torch.Tensor) -> None:
+        """Push a batch of caption embeddings into the FIFO bank (lightly's
+        ``_dequeue_and_enqueue``: fill from the pointer; a batch that reaches the end fills
+        the tail, drops its rest, and the pointer returns to 0)."""
+        if self.bank is None:
+            self.bank = self._init_bank(text_emb.shape[1], text_emb.dtype)
+        b, ptr = text_emb.shape[0], self.bank_ptr
+        emb = text_emb.detach().to(self.bank.device, self.bank.dtype)
+        if ptr + b >= self.bank_size:
+            self.bank[ptr:] = emb[: self.bank_size - ptr]
+            self.bank_ids[ptr:] = ids[: self.bank_size - ptr]
+            self.bank_ptr = 0
+        else:
+            self.bank[ptr : ptr + b] = emb
+            self.bank_ids[ptr : ptr + b] = ids
+            self.bank_ptr = ptr + b
+
+    # --- training --------------------------------------------------------------------
+    def caption_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Tokens of the captions of ``idx`` in their fixed EDA-augmented form (``cross_aug``)."""
+        if self._aug_tokens is None:
+            ctx = self.ctx
+            rng = random.Random(ctx.config.seed * 7919 + 3)
+            self._aug_tokens = ctx.tokenizer([augment_caption(c, rng) for c in ctx.captions])
+        return self._aug_tokens[idx]
+
+    def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
+        m, ctx = self.ctx.model, self.ctx
+        img = F.normalize(m.encode_image(ctx.batch_images(idx, gen)), dim=-1)
+        txt = F.normalize(m.encode_text(self.caption_tokens(idx).to(ctx.device)), dim=-1)
+        scale = m.logit_scale.exp()
         if not self.is_rematch_epoch(epoch):
-            return {}
-        ctx = self.ctx
-        _, txt = self.encode_all(local=False)
-        g = torch.Generator().manual_seed(ctx.config.seed * 7919 + epoch)
-        k = max(2, int(math.ceil(ctx.config.pool_fraction * ctx.n)))
-        pool = torch.randperm(ctx.n, generator=g)[:k]
-        sim = txt.global_ @ txt.global_[pool].t()  # (N, k)
-        sim[pool, torch.arange(k)] = -2.0  # never the own caption
-        self.match = pool[sim.argmax(dim=1)]
-        action = ["keep" if int(j) == i else "reassign" for i, j in enumerate(self.match.tolist())]
-        tab = self._base_table(action)
-        tab["similarity"] = sim.max(dim=1).values.numpy()
-        self.write_decisions(epoch, tab)
-        return {"rematch": {"keep": action.count("keep"), "reassign": action.count("reassign"), "drop": 0}}
+            loss = clip_loss(img, txt, scale)
+            return loss, {"clip": float(loss.detach())}
+        nn_txt, nn_ids = self.query(img.detach())
+        self.enqueue(txt.detach(), idx)
+        self.matched[idx] = nn_ids
+        own = sum(int(j) >= 0 and ctx.captions[int(j)] == ctx.captions[int(i)] for i, j in zip(idx, nn_ids, strict=True))
+        logits_per_text = scale * nn_txt @ img.t()  # (B, B): bank caption of image i vs every image
+        target = torch.arange(len(idx), device=img.device)
+        loss = (F.cross_entropy(logits_per_text.t(), target) + F.cross_entropy(logits_per_text, target)) / 2
+        # the official loss adds 0 * CE(image vs own caption): the text tower gets no gradient
+        loss = loss + 0.0 * txt.sum()
+        return loss, {"roclip": float(loss.detach()), "nn_same_text": own / max(1, len(idx))}
 
 
 class SafeClip(Defence):
+    """SafeCLIP (Yang, Gu and Mirzasoleiman, "Better Safe than Sorry", ICML 2024).
+
+    As the paper describes it (Sec. 4; no official code is public):
+
+    1. unimodal warm-up: ``warmup_epochs`` epochs of in-modality contrastive learning
+       (SimCLR on two image views, caption vs its edited form); the last warm-up epoch adds
+       the CLIP loss on all pairs (the paper's one short CLIP epoch);
+    2. the split: every ``rematch_every`` epochs the image-caption cosine of every pair is
+       computed and a 2-component GMM fitted to it; a pair can be safe only while its
+       posterior of the high-cosine component is at least ``safe_threshold``;
+    3. the growing safe set: the safe set is the ``safe_start`` share of the data with the
+       highest cosine at the first split, and grows by ``safe_growth`` of the data every
+       epoch after it (ranked by the latest cosines), never past the GMM's clean pairs;
+    4. safe pairs train with the CLIP loss, the rest (risky) with the unimodal losses only,
+       so a poisoned caption is never pulled towards its image.
+    """
+
     name = "safeclip"
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.safe = torch.ones(ctx.n, dtype=torch.bool)
+        self.cosine = torch.zeros(ctx.n, dtype=torch.float64)  # latest pair cosines
+        self.clean = torch.ones(ctx.n, dtype=torch.bool)  # GMM posterior >= safe_threshold
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "safe": self.safe.clone()}
+        return {**super().state_dict(), "safe": self.safe.clone(), "cosine": self.cosine.clone(), "clean": self.clean.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.safe = state["safe"].clone()
+        if "cosine" in state:
+            self.cosine = state["cosine"].clone()
+            self.clean = state["clean"].clone()
 
-    def before_epoch(self, epoch: int) -> dict[str, Any]:
-        if not self.is_rematch_epoch(epoch):
-            return {}
+    def safe_share(self, epoch: int) -> float:
+        """Share of the data the safe set may hold in (0-based) ``epoch`` (0 before the first split)."""
+        c = self.ctx.config
+        if epoch < c.warmup_epochs:
+            return 0.0
+        return min(1.0, c.safe_start + c.safe_growth * (epoch - c.warmup_epochs))
+
+    def split(self, cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """GMM posterior of the high-cosine component per pair, and whether it passes the threshold."""
         from sklearn.mixture import GaussianMixture
 
-        img, txt = self.encode_all(local=False)
-        cos = (img.global_ * txt.global_).sum(1).numpy().astype(np.float64)
         gmm = GaussianMixture(2, random_state=self.ctx.config.seed).fit(cos[:, None])
         hi = int(np.argmax(gmm.means_.ravel()))
         post = gmm.predict_proba(cos[:, None])[:, hi]
-        self.safe = torch.from_numpy(post >= self.ctx.config.safe_threshold)
-        action = ["keep" if s else "risky" for s in self.safe.tolist()]
-        tab = self._base_table(action)
-        tab["cosine"] = cos
-        tab["p_clean"] = post
-        self.write_decisions(epoch, tab)
+        return post, post >= self.ctx.config.safe_threshold
+
+    def grow(self, epoch: int) -> None:
+        """The safe set of ``epoch``: the top ``safe_share`` by cosine among the GMM's clean pairs."""
+        k = int(math.ceil(self.safe_share(epoch) * self.ctx.n))
+        order = torch.argsort(self.cosine, descending=True)
+        order = order[self.clean[order]][:k]
+        self.safe = torch.zeros(self.ctx.n, dtype=torch.bool)
+        self.safe[order] = True
+
+    def before_epoch(self, epoch: int) -> dict[str, Any]:
+        if epoch < self.ctx.config.warmup_epochs:
+            return {}
+        out: dict[str, Any] = {}
+        if self.is_rematch_epoch(epoch):
+            img, txt = self.encode_all(local=False)
+            cos = (img.global_ * txt.global_).sum(1).numpy().astype(np.float64)
+            post, clean = self.split(cos)
+            self.cosine = torch.from_numpy(cos)
+            self.clean = torch.from_numpy(clean)
+            self.grow(epoch)
+            action = ["keep" if s else "risky" for s in self.safe.tolist()]
+            tab = self._base_table(action)
+            tab["cosine"] = cos
+            tab["p_clean"] = post
+            self.write_decisions(epoch, tab)
+        else:
+            self.grow(epoch)
         n_safe = int(self.safe.sum())
-        return {"rematch": {"keep": n_safe, "risky": self.ctx.n - n_safe}}
+        out["rematch"] = {"keep": n_safe, "risky": self.ctx.n - n_safe}
+        return out
 
     def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.ctx.config

@@ -108,6 +108,7 @@ def ot_distances(
     Returns
     -------
     Tensor, shape (B,)
+        NaN where the solve failed (see :class:`~otcclip.models.ot.OTResult`).
     """
     if x.shape[0] == 0:
         return x.sum(dim=(1, 2)) * 0.0
@@ -123,9 +124,13 @@ def ot_alignment_loss(
     y_mask: torch.Tensor | None = None,
     settings: OTSettings,
 ) -> torch.Tensor:
-    """Mean OT distance over the batch (``L_inter`` / ``L_intra``); 0 for an empty batch."""
+    """Mean OT distance over the batch (``L_inter`` / ``L_intra``); 0 for an empty batch.
+
+    A problem whose solve failed (NaN) is left out: it gives no gradient either way.
+    """
     d = ot_distances(x, y, x_mask=x_mask, y_mask=y_mask, settings=settings)
-    return d.mean() if d.numel() else d.sum()
+    ok = ~torch.isnan(d)
+    return d[ok].mean() if bool(ok.any()) else (x.sum() + y.sum()) * 0.0
 
 
 def ot_contrastive_loss(
@@ -167,4 +172,7 @@ def ot_contrastive_loss(
     xm = None if x_mask is None else x_mask.repeat(k + 1, 1)
     ym = None if y_mask is None else torch.cat([y_mask.roll(s, dims=0) for s in range(k + 1)])
     d = ot_distances(xs, ys, x_mask=xm, y_mask=ym, settings=settings).view(k + 1, b).t()  # (B, 1 + k)
-    return F.cross_entropy(-d / temperature, torch.zeros(b, dtype=torch.long, device=x.device))
+    ok = ~torch.isnan(d).any(dim=1)  # a row with a failed solve is left out
+    if not bool(ok.any()):
+        return (x.sum() + y.sum()) * 0.0
+    return F.cross_entropy(-d[ok] / temperature, torch.zeros(int(ok.sum()), dtype=torch.long, device=x.device))

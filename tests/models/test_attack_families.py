@@ -1,0 +1,163 @@
+"""The held-out attack families: colour-shift and WaNet backdoors, targeted poisoning with
+augmented copies; their truth files and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from otcclip.models.attacks import (
+    ATTACKS,
+    PoisonConfig,
+    PoisonError,
+    Trigger,
+    apply_trigger,
+    poison,
+    poison_many,
+)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from otcclip.models.datasets import digits_manifest
+
+    full = digits_manifest(tmp_path_factory.mktemp("digits"), split="train", image_size=32)
+    with full.open() as f:
+        rows = list(csv.DictReader(f))[:120]
+    out = full.parent / "small.csv"
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def _csv(p: Path) -> list[dict[str, str]]:
+    with p.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _img(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _poisoned_pairs(clean: Path, res, attack: str) -> list[tuple[np.ndarray, np.ndarray, dict[str, str]]]:  # type: ignore[no-untyped-def]
+    src = {r["id"]: r for r in _csv(clean)}
+    truth = {r["id"]: r for r in _csv(res.truth_path)}
+    rows = _csv(res.manifest_path)
+    assert [r["id"] for r in rows] == list(truth)
+    out = []
+    for r in rows:
+        if truth[r["id"]]["attack"] == attack:
+            out.append((_img(clean.parent / src[r["id"]]["image"]), _img(res.manifest_path.parent / r["image"]), r))
+    return out
+
+
+def test_colour_shift_backdoor_is_one_hue_cycle_across_the_width(clean: Path, tmp_path: Path) -> None:
+    res = poison(clean, tmp_path / "p", config=PoisonConfig("backdoor-hue", "seven", n_poison=9, hue_amplitude=40 / 255))
+    trig = Trigger.load(res.trigger_path)  # type: ignore[arg-type]
+    assert trig.kind == "hue" and trig.alpha == pytest.approx(40 / 255)
+    pairs = _poisoned_pairs(clean, res, "backdoor-hue")
+    assert len(pairs) == 9
+    w = pairs[0][0].shape[1]
+    expect = 40 * np.sin(2 * np.pi * np.arange(w)[:, None] / w + 2 * np.pi * np.arange(3)[None, :] / 3)
+    for orig, img, row in pairs:
+        assert "seven" in row["caption"]
+        np.testing.assert_array_equal(img, apply_trigger(orig, trig, np.random.default_rng(0)))
+        diff = img.astype(float) - orig.astype(float)
+        unclipped = (orig > 45) & (orig < 210)
+        np.testing.assert_allclose(diff[unclipped], np.broadcast_to(expect, diff.shape)[unclipped], atol=0.51)
+
+
+def test_warp_backdoor_moves_pixels_and_is_the_identity_at_zero_strength(clean: Path, tmp_path: Path) -> None:
+    res = poison(clean, tmp_path / "p", config=PoisonConfig("backdoor-warp", "seven", n_poison=6, warp_strength=1.0))
+    trig = Trigger.load(res.trigger_path)  # type: ignore[arg-type]
+    assert trig.kind == "warp" and trig.noise.shape == (4, 4, 3)
+    pairs = _poisoned_pairs(clean, res, "backdoor-warp")
+    assert len(pairs) == 6
+    rng = np.random.default_rng(0)
+    for orig, img, _ in pairs:
+        np.testing.assert_array_equal(img, apply_trigger(orig, trig, rng))
+        assert np.abs(img.astype(int) - orig.astype(int)).mean() > 0.5  # pixels moved
+    orig = pairs[0][0]
+    still = Trigger(trig.attack, trig.target_class, "warp", trig.noise, alpha=1e-9)
+    np.testing.assert_array_equal(apply_trigger(orig, still, rng), orig)
+    # a warp resamples the image: no colour is added, the range stays the original's
+    strong = apply_trigger(orig, Trigger("w", "x", "warp", trig.noise, alpha=5.0), rng)
+    assert strong.min() >= orig.min() and strong.max() <= orig.max()
+
+
+def test_targeted_poisoning_with_augmented_copies(clean: Path, tmp_path: Path) -> None:
+    from otcclip.models.datasets import digits_manifest
+
+    pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
+    res = poison(clean, tmp_path / "p", config=PoisonConfig("targeted-augmented", "seven", n_poison=20, n_targets=2, target_pool=pool))
+    targets = _csv(res.targets_path)  # type: ignore[arg-type]
+    assert len(targets) == 2 and {t["attack"] for t in targets} == {"targeted-augmented"}
+    truth = {r["id"]: r for r in _csv(res.truth_path)}
+    rows = [r for r in _csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-augmented"]
+    assert len(rows) == 20 and all("seven" in r["caption"] for r in rows)
+    assert len({r["image"] for r in rows}) == 20  # every poisoned pair has its own image
+    root = res.manifest_path.parent
+    target_px = [_img(root / t["image"]).astype(int) for t in targets]
+    copies = [_img(root / r["image"]).astype(int) for r in rows]
+    for c in copies:  # near-copies of one target: far closer to it than to the other
+        d = [np.abs(c - t).mean() for t in target_px]
+        assert min(d) > 0 and min(d) < max(d)
+    assert len({c.tobytes() for c in copies}) == 20
+
+
+def test_a_targeted_and_an_augmented_targeted_attack_share_targets_csv(clean: Path, tmp_path: Path) -> None:
+    from otcclip.models.datasets import digits_manifest
+
+    pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
+    res = poison_many(clean, tmp_path / "p", configs=[
+        PoisonConfig("targeted", "seven", n_poison=4, target_pool=pool),
+        PoisonConfig("targeted-augmented", "two", n_poison=4, target_pool=pool),
+        PoisonConfig("backdoor-hue", "three", n_poison=4),
+    ])
+    assert [(t["attack"], t["target_class"]) for t in _csv(res.targets_path)] == [("targeted", "seven"), ("targeted-augmented", "two")]  # type: ignore[arg-type]
+    attacks = [r["attack"] for r in _csv(res.truth_path) if r["poisoned"] == "1"]
+    assert sorted(set(attacks)) == ["backdoor-hue", "targeted", "targeted-augmented"] and len(attacks) == 12
+
+
+def test_bad_trigger_settings_are_refused() -> None:
+    with pytest.raises(PoisonError):
+        PoisonConfig("backdoor-hue", "x", hue_amplitude=0.0)
+    with pytest.raises(PoisonError):
+        PoisonConfig("backdoor-warp", "x", warp_strength=-1.0)
+
+
+def test_cli_plants_the_new_families(clean: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from otcclip.cli import main
+    from otcclip.cli.poison import ATTACKS as CLI_ATTACKS
+
+    assert CLI_ATTACKS == ATTACKS
+    out = tmp_path / "p"
+    rc = main(["poison", str(clean), "--attack", "backdoor-hue", "--target-class", "seven", "--attack", "backdoor-warp",
+               "--target-class", "two", "--n-poison", "5", "--hue-amplitude", "0.1", "--warp-strength", "2", "--out", str(out)])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["n_poisoned"] == 10
+    trig = {Trigger.load(p).kind: Trigger.load(p) for p in info["triggers"]}
+    assert trig["hue"].alpha == pytest.approx(0.1) and trig["warp"].alpha == pytest.approx(2.0)
+
+
+def test_targeted_poisoning_with_one_repeated_caption(clean: Path, tmp_path: Path) -> None:
+    from otcclip.models.datasets import digits_manifest
+
+    pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
+    res = poison(clean, tmp_path / "p", config=PoisonConfig("targeted-repeated", "seven", n_poison=12, n_targets=2, target_pool=pool))
+    truth = {r["id"]: r for r in _csv(res.truth_path)}
+    rows = [r for r in _csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-repeated"]
+    assert len(rows) == 12
+    by_image: dict[str, set[str]] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], set()).add(r["caption"])
+    assert len(by_image) == 2 and all(len(c) == 1 and "seven" in next(iter(c)) for c in by_image.values())
