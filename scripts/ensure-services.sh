@@ -13,3 +13,10 @@ if ! redis_up && command -v redis-server >/dev/null; then
 fi
 pg_up && echo "postgres: up" || echo "postgres: NOT reachable (tests marked postgres will skip)"
 redis_up && echo "redis: up" || echo "redis: NOT reachable (tests marked redis will skip)"
+# The browser tests (report.html, /docs) use Debian's chromium: install it once where apt can.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "chromium: installing Debian's package for the browser tests (once)"
+  timeout 300 apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { timeout 120 apt-get update -q >/dev/null 2>&1 && timeout 300 apt-get install -y -q chromium >/dev/null 2>&1; } || true
+fi
+command -v chromium >/dev/null && echo "chromium: $(command -v chromium)" || echo "chromium: missing (browser tests will skip)"
