@@ -102,7 +102,6 @@ class Settings(BaseSettings):
     max_form_parts: int = Field(default=8, ge=2)
     orphan_upload_grace_s: float = Field(default=3600.0, ge=0)
     max_image_pixels: int = Field(default=64_000_000, ge=1)
-    default_page_size: int = 50
     broker_transport_extra: dict[str, Any] = Field(default_factory=dict)
     lease_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=10.0, gt=0)
