@@ -5,8 +5,11 @@
     own format, extra columns kept, dropped pairs removed, re-assigned captions replaced.
     ``image`` paths stay relative to the input's image root.
     ``decisions.parquet``: one row per input pair with every score.
-    ``report.json``: counts per action and reason, score statistics, GMM, model and
-    settings, library versions, the input's sha256, seconds per stage.
+    ``report.json``: first the model-quality verdict (``model_quality``: ``verdict``,
+    a one-sentence ``message``, the metrics) and the pairs kept for review (``review``:
+    count and the change proposed for each), then counts per action and reason, score
+    statistics, GMM, model and settings, library versions, the input's sha256, seconds
+    per stage.
     ``report.html``: the same, self-contained (inline SVG histograms, base64 thumbnails).
 
 Every file is written to a temporary name in ``OUT_DIR`` and renamed into place.
@@ -117,7 +120,12 @@ def build_report(manifest: Any, decisions: Decisions, *, config: Any, model_info
     for s in decisions.detectors.tolist():
         for name in filter(None, str(s).split(",")):
             det[name] = det.get(name, 0) + 1
+    review: dict[str, int] = {}
+    for r in decisions.review_reason[decisions.review].tolist():
+        review[str(r)] = review.get(str(r), 0) + 1
     return {
+        "model_quality": decisions.model_quality,
+        "review": {"pairs": int(decisions.review.sum()), "proposed": dict(sorted(review.items()))},
         "input": {"path": str(manifest.path), "format": manifest.format, "rows": len(manifest),
                   "sha256": manifest.sha256},
         "counts": counts,
@@ -220,6 +228,7 @@ def render_html(manifest: Any, decisions: Decisions, report: dict[str, Any], *, 
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}}img{{image-rendering:pixelated;width:96px}}
 pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}</style></head><body>
 <h1>Sanitization report</h1>
+<p><strong>Model: {html.escape(str(report.get('model_quality', {}).get('verdict', 'not judged')))}.</strong> {html.escape(str(report.get('model_quality', {}).get('message', '')))} {report.get('review', {}).get('pairs', 0)} pairs kept for review.</p>
 <p>{html.escape(str(report['input']['path']))} ({report['input']['rows']} pairs, {html.escape(report['input']['format'])},
 sha256 <code>{report['input']['sha256'][:16]}…</code>)</p>
 <h2>Decisions</h2><p>{acts}</p><table><tr><th>action/reason</th><th>pairs</th></tr>{counts}</table>
