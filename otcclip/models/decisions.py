@@ -18,7 +18,8 @@ drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clea
           alternative), ``<detector>`` when a detector flagged it and nothing better exists,
           and always ``trigger_sensitivity``: the pair's score rests on a trigger (it
           collapses on a purified view of the image), so the captions the image scores
-          best with are the trigger's as well
+          best with are the trigger's as well; ``trigger_template``: the image carries a
+          trigger pattern found by :func:`~otcclip.models.triggers.apply_templates`
 keep      ``review`` (with ``review=True`` and ``review_reason``): a change the engine is
           not sure of, see below
 
@@ -77,7 +78,9 @@ class Decisions:
     captions (:func:`sensitivity_enrichment`; NaN when that test is off). ``review`` marks
     pairs kept because the engine was not sure of the change it would have made
     (``review_reason``: ``"<action>/<reason>: <why>"``, empty elsewhere);
-    ``model_quality`` is :func:`assess_model`'s verdict.
+    ``model_quality`` is :func:`assess_model`'s verdict; ``template_z`` the largest match
+    z with a found trigger template (0 until
+    :func:`~otcclip.models.triggers.apply_templates` runs).
     """
 
     row: np.ndarray
@@ -99,6 +102,7 @@ class Decisions:
     sensitivity_enrichment: np.ndarray
     review: np.ndarray
     review_reason: np.ndarray
+    template_z: np.ndarray
     gmm: dict[str, float] = field(default_factory=dict)
     model_quality: dict[str, Any] = field(default_factory=dict)
 
@@ -380,6 +384,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         sensitivity_enrichment=enrich,
         review=review,
         review_reason=review_reason,
+        template_z=np.zeros(n, dtype=np.float32),
         gmm=info,
         model_quality=quality,
     )

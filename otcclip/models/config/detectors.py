@@ -89,6 +89,11 @@ class DecisionSettings(Settings):
     min_quality_pairs: int = setting(50, "readable pairs needed to judge the model (fewer: judged weak)", ge=2)
     evidence_z: float = setting(3.0, "score-based re-assign / drop only when the own fused score lies this many robust "
                                      "std below the median own score (else kept for review)", ge=0)
+    template_search: bool = setting(True, "with trigger_sensitivity and purified views: look for the trigger pattern the "
+                                          "sensitive images share and drop every image that carries it (CLI and job)")
+    template_seed_z: float = setting(2.0, "trigger-sensitivity z above which a pair seeds the template search", gt=0)
+    template_pool: float = setting(0.15, "share of the most sensitive pairs per purified view that also seed it",
+                                   ge=0, le=1)
     weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags still drop pairs when the "
                                                     "model is weak (the others' are kept for review)",
                                                     item_choices=DETECTORS)
