@@ -86,6 +86,8 @@ class DecisionSettings(Settings):
                                   "(off: act on every proposal)")
     min_control_auc: float = setting(0.8, "a model is weak when a true pair outscores a shuffled-caption pair less often "
                                           "than this (global cosine; nothing score-based is changed then)", ge=0.5, le=1)
+    min_control_separation: float = setting(2.0, "...or when the median own and shuffled-caption cosines lie fewer than "
+                                                 "this many pooled robust std apart (d')", ge=0)
     min_quality_pairs: int = setting(50, "readable pairs needed to judge the model (fewer: judged weak)", ge=2)
     evidence_z: float = setting(3.0, "score-based re-assign / drop only when the own fused score lies this many robust "
                                      "std below the median own score (else kept for review)", ge=0)
