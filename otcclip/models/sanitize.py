@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SanitizeConfig", "FeatureShard", "ScoreShard", "SanitizeResult", "Decisions",
-    "plan_shards", "encode_shard", "match_shard", "decide", "search_trigger_templates", "sanitize", "sanitize_features",
+    "plan_shards", "encode_shard", "match_shard", "decide", "needs_template_search", "search_trigger_templates", "sanitize", "sanitize_features",
 ]
 
 
@@ -335,6 +335,13 @@ def sanitize(
 TEMPLATE_CACHE_BYTES = 1 << 30
 
 
+def needs_template_search(decisions: Decisions, *, config: SanitizeConfig = SanitizeConfig()) -> bool:
+    """Whether :func:`search_trigger_templates` would search (so a job loads the model only then)."""
+    st = config.decisions
+    return bool(st.template_search and "trigger_sensitivity" in st.detectors
+                and (np.asarray(decisions.purified_view) >= 0).any())
+
+
 def search_trigger_templates(manifest: Any, bundle: Any, decisions: Decisions, *,
                              config: SanitizeConfig = SanitizeConfig()) -> Decisions:
     """The decide stage's last step: the trigger-template search
@@ -349,8 +356,7 @@ def search_trigger_templates(manifest: Any, bundle: Any, decisions: Decisions, *
     from otcclip.models.triggers import apply_templates
 
     st = config.decisions
-    if not (st.template_search and "trigger_sensitivity" in st.detectors
-            and (np.asarray(decisions.purified_view) >= 0).any()):
+    if not needs_template_search(decisions, config=config):
         return decisions
     n = len(manifest)
     first = load_image_batch(manifest, [0], bundle.preprocess).pixels
