@@ -18,13 +18,37 @@ drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clea
           alternative), ``<detector>`` when a detector flagged it and nothing better exists,
           and always ``trigger_sensitivity``: the pair's score rests on a trigger (it
           collapses on a purified view of the image), so the captions the image scores
-          best with are the trigger's as well
+          best with are the trigger's as well; ``trigger_template``: the image carries a
+          trigger pattern found by :func:`~otcclip.models.triggers.apply_templates`
+keep      ``review`` (with ``review=True`` and ``review_reason``): a change the engine is
+          not sure of, see below
+
+Knowing when it does not know (``DecisionSettings.abstain``)
+-------------------------------------------------------------
+Before deciding, :func:`assess_model` measures whether the model separates matched from
+mismatched pairs *on this data*: a shuffled-caption control scores every image against
+the caption of another, random pair, and the AUC of own-pair against shuffled-pair global
+cosines is the probability that a true pair outscores a random one. That is the property
+every score-based decision relies on, it needs no labels, and a minority of wrong
+captions lowers it only in proportion to their share. The AUC alone lets a mediocre
+model pass (on CIFAR-10 an ``otc-tiny`` at AUC 0.8 re-pairs 80 % of its proposals to a
+wrong class, ``docs/benchmarks.md``), so the verdict also asks for a separation: the
+median own and shuffled cosines ``min_control_separation`` pooled robust std apart (d',
+unmoved by a minority of wrong captions). Below either (or with fewer than
+``min_quality_pairs`` readable pairs) the model is *weak*: every
+score-based change and every detector drop outside ``weak_model_detectors`` becomes
+``review``. Otherwise a score-based change needs a calibrated margin as well: the own
+fused score lies ``evidence_z`` robust std below the median own score (a correctly
+captioned pair scores that low with probability ~0.1 % under a normal tail), else the
+pair is kept for review. The verdict, one plain sentence and the metrics are
+``Decisions.model_quality``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,11 +58,16 @@ from otcclip.models.config.detectors import DecisionSettings
 from otcclip.models.detectors import DetectorEnv, run_detectors, trigger_evidence, trigger_flags
 from otcclip.models.scores import MatchScores
 
-__all__ = ["ACTIONS", "DROP_DETECTORS", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores", "decide_pairs", "fit_p_clean"]
+__all__ = ["ACTIONS", "DROP_DETECTORS", "REVIEW", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores",
+           "assess_model", "decide_pairs", "fit_p_clean"]
 
 ACTIONS = ("keep", "reassign", "drop")
 #: Detectors whose flagged pairs are dropped even when a clean-like alternative exists.
 DROP_DETECTORS = ("trigger_sensitivity",)
+#: Reason code of a pair kept because the engine was not sure of the change it proposed.
+REVIEW = "review"
+#: Shuffled-caption draws of the model-quality control.
+CONTROL_DRAWS = 3
 
 
 @dataclass(frozen=True)
@@ -50,7 +79,12 @@ class Decisions:
     the largest trigger-sensitivity z over the purified views and ``purified_view`` the
     view that gave it (NaN / -1 without purified views); ``sensitivity_enrichment`` the
     largest z over the views of the share of sensitive pairs among the pair's nearest
-    captions (:func:`sensitivity_enrichment`; NaN when that test is off).
+    captions (:func:`sensitivity_enrichment`; NaN when that test is off). ``review`` marks
+    pairs kept because the engine was not sure of the change it would have made
+    (``review_reason``: ``"<action>/<reason>: <why>"``, empty elsewhere);
+    ``model_quality`` is :func:`assess_model`'s verdict; ``template_z`` the largest match
+    z with a found trigger template (0 until
+    :func:`~otcclip.models.triggers.apply_templates` runs).
     """
 
     row: np.ndarray
@@ -70,7 +104,11 @@ class Decisions:
     sensitivity_z: np.ndarray
     purified_view: np.ndarray
     sensitivity_enrichment: np.ndarray
+    review: np.ndarray
+    review_reason: np.ndarray
+    template_z: np.ndarray
     gmm: dict[str, float] = field(default_factory=dict)
+    model_quality: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
@@ -111,6 +149,8 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
         "mean_clean": float(g2.means_[hi, 0]),
         "mean_noisy": float(g2.means_[1 - hi, 0]),
         "weight_clean": float(g2.weights_[hi]),
+        "std_clean": float(np.sqrt(g2.covariances_.reshape(-1)[hi])),
+        "std_noisy": float(np.sqrt(g2.covariances_.reshape(-1)[1 - hi])),
         "bic_1": float(g1.bic(x2)),
         "bic_2": float(g2.bic(x2)),
     }
@@ -130,6 +170,96 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
         return out
 
     return p_clean, info
+
+
+def _robust(x: np.ndarray) -> tuple[float, float]:
+    """``(median, 1.4826 MAD)`` of ``x``."""
+    med = float(np.median(x))
+    return med, float(np.median(np.abs(x - med))) * 1.4826 + 1e-6
+
+
+def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), seed: int = 0) -> dict[str, Any]:
+    """Does the model separate matched from mismatched pairs on this data?
+
+    A shuffled-caption control: every readable image is scored (global cosine) against
+    its own caption and against the captions of ``CONTROL_DRAWS`` random other pairs
+    (a derangement each; pairs whose captions share the text are left out).
+
+    Parameters
+    ----------
+    m : MatchScores
+        Uses ``image_global``, ``caption_global``, ``caption_hash``, ``ok`` and the
+        fused shortlist scores.
+    settings : DecisionSettings
+        ``min_control_auc`` and ``min_quality_pairs`` decide the verdict.
+    seed : int
+        Seeds the shuffles.
+
+    Returns
+    -------
+    dict
+        ``verdict`` (``"ok"`` or ``"weak"``), ``message`` (one plain sentence),
+        ``pairs``, ``control_auc`` (share of (own, shuffled) score pairs where the own
+        pair scores higher, ties half), ``control_d_prime`` (median gap between own
+        and shuffled cosines over their pooled robust std), ``own_top1`` (share of
+        pairs whose best-scored shortlisted caption has the own caption's text) and
+        ``gmm_separation`` (filled in by :func:`decide_pairs`).
+    """
+    ok = np.nonzero(m.ok)[0]
+    n = len(ok)
+    out: dict[str, Any] = {"pairs": int(n), "min_control_auc": settings.min_control_auc,
+                           "min_control_separation": settings.min_control_separation}
+    if n >= 2:
+        img = m.image_global[ok].astype(np.float32)
+        cap = m.caption_global[ok].astype(np.float32)
+        img /= np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+        cap /= np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
+        own = (img * cap).sum(axis=1)
+        rng = np.random.default_rng(seed)
+        shuf = []
+        for _ in range(CONTROL_DRAWS):
+            p = rng.permutation(n)
+            q = np.empty(n, dtype=np.int64)
+            q[p] = np.roll(p, -1)  # a derangement: pair p[j] gets the caption of p[j+1]
+            keep = m.caption_hash[ok] != m.caption_hash[ok][q]
+            shuf.append((img[keep] * cap[q[keep]]).sum(axis=1))
+        sh = np.concatenate(shuf) if shuf else np.zeros(0, np.float32)
+        if len(sh):
+            allv = np.concatenate([own, sh]).astype(np.float64)
+            order = np.argsort(allv, kind="stable")
+            ranks = np.empty(len(allv))
+            ranks[order] = np.arange(1, len(allv) + 1)
+            # average ranks of ties
+            _, inv, cnt = np.unique(allv, return_inverse=True, return_counts=True)
+            sums = np.bincount(inv, weights=ranks)
+            ranks = (sums / cnt)[inv]
+            r_own = ranks[: len(own)].sum()
+            auc = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
+            (mo, so), (ms, ss) = _robust(own), _robust(sh)
+            out["control_auc"] = float(auc)
+            out["control_d_prime"] = float((mo - ms) / np.sqrt((so**2 + ss**2) / 2))
+        rows = np.arange(len(m))[ok]
+        fused = np.where(m.candidates[ok] >= 0, m.fused[ok], -np.inf)
+        fused = np.where(np.isfinite(fused), fused, -np.inf)
+        best = m.candidates[rows, np.argmax(fused, axis=1)]
+        out["own_top1"] = float((m.caption_hash[best] == m.caption_hash[rows]).mean())
+    auc = out.get("control_auc")
+    if n < settings.min_quality_pairs or auc is None:
+        out["verdict"] = "weak"
+        out["message"] = (f"Too few readable pairs ({n}, at least {settings.min_quality_pairs} needed) to judge whether "
+                          f"the model tells matched from mismatched pairs: no score-based change was made.")
+    elif auc < settings.min_control_auc or out["control_d_prime"] < settings.min_control_separation:
+        out["verdict"] = "weak"
+        out["message"] = (f"The model is too weak for this data: it scores a true pair above a random one only "
+                          f"{100 * auc:.0f} % of the time, with typical scores {out['control_d_prime']:.1f} std apart "
+                          f"(at least {100 * settings.min_control_auc:.0f} % and {settings.min_control_separation:g} "
+                          f"needed), so no caption was changed on its scores and its proposals are marked for review.")
+    else:
+        out["verdict"] = "ok"
+        out["message"] = (f"The model separates matched from mismatched pairs on this data (a true pair scores above "
+                          f"a random one {100 * auc:.0f} % of the time); captions were changed only on a calibrated "
+                          f"margin, the rest marked for review.")
+    return out
 
 
 def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv()) -> Decisions:
@@ -193,8 +323,42 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
             hit = flags[name]
             action[hit] = "drop"
             reason[hit] = name
+    review = np.zeros(n, dtype=bool)
+    review_reason = np.full(n, "", dtype=object)
+    quality: dict[str, Any] = {}
+    if settings.abstain:
+        quality = assess_model(m, settings=settings, seed=env.seed)
+        if info.get("bimodal"):
+            quality["gmm_separation"] = float(abs(info["mean_clean"] - info["mean_noisy"])
+                                              / np.sqrt((info["std_clean"] ** 2 + info["std_noisy"] ** 2) / 2 + 1e-12))
+        weak = quality["verdict"] == "weak"
+        own_z = np.zeros(n)
+        if m.ok.any():
+            o = own_f[m.ok & np.isfinite(own_f)]
+            if len(o):
+                med, sd = _robust(o)
+                own_z = (own_f - med) / sd
+        score_based = (action != "keep") & ~any_flag
+        strong = own_z < -settings.evidence_z
+        trusted = np.array([bool(f) and all(x in settings.weak_model_detectors for x in str(f).split(","))
+                            for f in flag_names], dtype=bool)
+        if weak:
+            unsure = score_based | ((action != "keep") & any_flag & ~trusted)
+            why = "weak model"
+            # a trusted detector still drops, but a weak model's best caption is no repair
+            sure_flag = (action != "keep") & any_flag & trusted
+            action[sure_flag & (action == "reassign")] = "drop"
+        else:
+            unsure = score_based & ~strong
+            why = "margin not calibrated-strong"
+        review_reason[unsure] = [f"{a}/{r}: {why}" for a, r in zip(action[unsure], reason[unsure], strict=True)]
+        review[unsure] = True
+        action[unsure] = "keep"
+        reason[unsure] = REVIEW
     action[~m.ok] = "drop"
     reason[~m.ok] = "unreadable_image"
+    review[~m.ok] = False
+    review_reason[~m.ok] = ""
     p_own = np.where(m.ok, p_own, 0.0).astype(np.float32)
     enrich = np.full(n, np.nan, dtype=np.float32)
     if ev is None or ev[0].shape[1] == 0:
@@ -225,5 +389,9 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         sensitivity_z=sens,
         purified_view=view,
         sensitivity_enrichment=enrich,
+        review=review,
+        review_reason=review_reason,
+        template_z=np.zeros(n, dtype=np.float32),
         gmm=info,
+        model_quality=quality,
     )

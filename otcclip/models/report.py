@@ -8,8 +8,11 @@
     WebDataset: keys of the ``.json`` member). ``image`` paths resolve from ``OUT_DIR``
     (relative to it, or copied below ``OUT_DIR/images``).
     ``decisions.parquet``: one row per input pair with every score.
-    ``report.json``: counts per action and reason, score statistics, GMM, model and
-    settings, library versions, the input's sha256, seconds per stage.
+    ``report.json``: first the model-quality verdict (``model_quality``: ``verdict``,
+    a one-sentence ``message``, the metrics) and the pairs kept for review (``review``:
+    count and the change proposed for each), then counts per action and reason, score
+    statistics, GMM, model and settings, library versions, the input's sha256, seconds
+    per stage.
     ``report.html``: the same, self-contained (inline SVG histograms, base64 thumbnails).
 
 Every file is written to a temporary name in ``OUT_DIR`` and renamed into place.
@@ -139,7 +142,12 @@ def build_report(manifest: Any, decisions: Decisions, *, config: Any, model_info
     for s in decisions.detectors.tolist():
         for name in filter(None, str(s).split(",")):
             det[name] = det.get(name, 0) + 1
+    review: dict[str, int] = {}
+    for r in decisions.review_reason[decisions.review].tolist():
+        review[str(r)] = review.get(str(r), 0) + 1
     return {
+        "model_quality": decisions.model_quality,
+        "review": {"pairs": int(decisions.review.sum()), "proposed": dict(sorted(review.items()))},
         "input": {"path": str(manifest.path), "format": manifest.format, "rows": len(manifest),
                   "sha256": manifest.sha256},
         "counts": counts,

@@ -6,6 +6,7 @@ Stages (each a pure function; the Celery workers fan out the first two)::
     encode_shard(manifest, bundle, start, stop)     -> FeatureShard   (.save / .load, atomic)
     match_shard(image_shard, caption_shards)        -> ScoreShard     (.save / .load, atomic)
     decide(score_shards)                            -> Decisions
+    search_trigger_templates(manifest, bundle, d)   -> Decisions      (pixels; with purified views)
     report.write_outputs(manifest, decisions, out)  -> OutputFiles
 
 :func:`sanitize` runs them all in one process (optionally spilling shards to a work
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SanitizeConfig", "FeatureShard", "ScoreShard", "SanitizeResult", "Decisions",
-    "plan_shards", "encode_shard", "match_shard", "decide", "sanitize", "sanitize_features",
+    "plan_shards", "encode_shard", "match_shard", "decide", "needs_template_search", "search_trigger_templates", "sanitize", "sanitize_features",
 ]
 
 
@@ -323,9 +324,58 @@ def sanitize(
     check_stop(should_stop)
     decisions = decide(scores, config=config)
     timings["decide"] = time.perf_counter() - t0
+    check_stop(should_stop)
+    t0 = time.perf_counter()
+    decisions = search_trigger_templates(manifest, bundle, decisions, config=config)
+    timings["templates"] = time.perf_counter() - t0
     if progress is not None:
         progress("decide", n, n)
     return SanitizeResult(decisions=decisions, timings=timings, n_pairs=n)
+
+
+#: Decoded images kept in memory for the template search up to this many bytes (else decoded per chunk).
+TEMPLATE_CACHE_BYTES = 1 << 30
+
+
+def needs_template_search(decisions: Decisions, *, config: SanitizeConfig = SanitizeConfig()) -> bool:
+    """Whether :func:`search_trigger_templates` would search (so a job loads the model only then)."""
+    st = config.decisions
+    return bool(st.template_search and "trigger_sensitivity" in st.detectors
+                and (np.asarray(decisions.purified_view) >= 0).any())
+
+
+def search_trigger_templates(manifest: Any, bundle: Any, decisions: Decisions, *,
+                             config: SanitizeConfig = SanitizeConfig()) -> Decisions:
+    """The decide stage's last step: the trigger-template search
+    (:func:`~otcclip.models.triggers.apply_templates`) on the manifest's images.
+
+    Runs when ``trigger_sensitivity`` is enabled, ``config.decisions.template_search`` is
+    on and the features carry purified views; otherwise returns ``decisions`` unchanged.
+    Images are decoded with the bundle's eval transform (the space the purified views
+    were scored in), all at once when they fit :data:`TEMPLATE_CACHE_BYTES`.
+    """
+    from otcclip.models.images import load_image_batch
+    from otcclip.models.triggers import apply_templates
+
+    st = config.decisions
+    if not needs_template_search(decisions, config=config):
+        return decisions
+    n = len(manifest)
+    first = load_image_batch(manifest, [0], bundle.preprocess).pixels
+    cache: torch.Tensor | None = None
+    if n * first[0].numel() * 4 <= TEMPLATE_CACHE_BYTES:
+        cache = torch.cat([load_image_batch(manifest, range(s, min(s + config.batch_size, n)), bundle.preprocess).pixels
+                           for s in range(0, n, config.batch_size)])
+
+    def images(idx: torch.Tensor) -> torch.Tensor:
+        if cache is not None:
+            return cache[idx]
+        return load_image_batch(manifest, idx.tolist(), bundle.preprocess).pixels
+
+    out, found = apply_templates(decisions, images, settings=st, seed=config.seed)
+    if found:
+        log.info("trigger templates: %d found, %d pairs dropped", len(found), int((out.reason == "trigger_template").sum()))
+    return out
 
 
 def _offset(progress: ProgressFn | None, stage: str, offset: int, total: int) -> ProgressFn | None:

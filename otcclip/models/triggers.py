@@ -26,8 +26,10 @@ the next round's seeds.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +37,15 @@ import torch.nn.functional as F
 
 from otcclip.models.detectors import robust_z
 from otcclip.models.features import PURIFIERS, low_pass
+
+if TYPE_CHECKING:
+    from otcclip.models.config.detectors import DecisionSettings
+    from otcclip.models.decisions import Decisions
+
+log = logging.getLogger(__name__)
+
+#: Reason code of pairs whose image carries a found trigger template.
+TEMPLATE_REASON = "trigger_template"
 
 #: Template kind per purified view, in the order of ``PURIFIERS``.
 TEMPLATE_KINDS: tuple[str, ...] = ("additive", "patch")
@@ -376,3 +387,79 @@ def stamp(
     for i, (y, x) in enumerate(zip(ys, xs, strict=True)):
         out[i, :, y : y + side, x : x + side] = pattern
     return out
+
+
+def template_seeds(decisions: Decisions, view: int, *, pool: float, seed_z: float) -> np.ndarray:
+    """(N,) bool seeds of the template search on purified view ``view``.
+
+    The ``pool`` share of pairs most trigger-sensitive on that view, pairs whose
+    sensitivity z there exceeds ``seed_z``, and pairs the detector flagged through it;
+    image bursts and unreadable images are left out (their pattern is not a trigger's).
+    """
+    n = len(decisions)
+    z = np.nan_to_num(np.asarray(decisions.sensitivity_z, dtype=np.float64), nan=-np.inf)
+    on_view = np.where(np.asarray(decisions.purified_view) == view, z, -np.inf)
+    seeds = on_view > seed_z
+    top = np.argsort(-on_view, kind="stable")[: int(round(pool * n))]
+    seeds[top[np.isfinite(on_view[top])]] = True
+    flags = [str(f).split(",") for f in decisions.detectors.tolist()]
+    seeds |= np.array(["trigger_sensitivity" in f for f in flags], dtype=bool) & (on_view > -np.inf)
+    seeds &= ~np.array(["image_burst" in f for f in flags], dtype=bool)
+    seeds &= decisions.reason != "unreadable_image"
+    return seeds
+
+
+def apply_templates(
+    decisions: Decisions,
+    images: ImageGetter,
+    *,
+    settings: DecisionSettings,
+    seed: int = 0,
+    config: TemplateConfig | None = None,
+) -> tuple[Decisions, list[TemplateSearch]]:
+    """Search the trigger templates behind the trigger-sensitivity evidence and drop every
+    image that carries one (reason and detector ``trigger_template``).
+
+    A template match is pixel evidence (tens of robust std above the rest of the data),
+    independent of how well the model scores pairs, so it drops whatever the model
+    verdict. Without purified views (``purified_view`` all -1) nothing is searched.
+
+    Parameters
+    ----------
+    decisions : Decisions
+        From :func:`~otcclip.models.decisions.decide_pairs` with ``trigger_sensitivity``.
+    images : callable
+        ``images(idx)`` -> normalised images (len(idx), C, H, W) of rows ``idx``.
+    settings : DecisionSettings
+        ``template_seed_z`` and ``template_pool`` choose the seeds.
+
+    Returns
+    -------
+    (Decisions, list of TemplateSearch)
+        New decisions (``template_z`` filled: the largest match z over the templates
+        found) and the searches that found a template.
+    """
+    n = len(decisions)
+    if n == 0 or not (np.asarray(decisions.purified_view) >= 0).any():
+        return decisions, []
+    gen = torch.Generator().manual_seed(seed)
+    found: list[TemplateSearch] = []
+    best = np.zeros(n)
+    for v, kind in enumerate(TEMPLATE_KINDS):
+        seeds = template_seeds(decisions, v, pool=settings.template_pool, seed_z=settings.template_seed_z)
+        for res in search_templates(images, n, seeds, kind=kind, config=config, generator=gen):
+            log.info("%s trigger template matches %d images", kind, int(res.flagged.sum()))
+            found.append(res)
+            best = np.maximum(best, res.z)
+    if not found:
+        return replace(decisions, template_z=best.astype(np.float32)), []
+    hit = np.logical_or.reduce([r.flagged for r in found]) & (decisions.reason != "unreadable_image")
+    action, reason = decisions.action.copy(), decisions.reason.copy()
+    det = decisions.detectors.copy()
+    review, review_reason = decisions.review.copy(), decisions.review_reason.copy()
+    new_idx = decisions.new_caption_index.copy()
+    action[hit], reason[hit], new_idx[hit] = "drop", TEMPLATE_REASON, -1
+    review[hit], review_reason[hit] = False, ""
+    det[hit] = [",".join(x for x in (str(f), TEMPLATE_REASON) if x) for f in det[hit]]
+    return replace(decisions, action=action, reason=reason, detectors=det, new_caption_index=new_idx,
+                   review=review, review_reason=review_reason, template_z=best.astype(np.float32)), found

@@ -283,7 +283,7 @@ def sanitize_finalize(job_id: str) -> None:
 
     def body() -> None:
         from otcclip.models.report import write_outputs
-        from otcclip.models.sanitize import decide
+        from otcclip.models.sanitize import decide, needs_template_search, search_trigger_templates
 
         job = ctx.job()
         if not ctx.start():
@@ -295,6 +295,10 @@ def sanitize_finalize(job_id: str) -> None:
         decisions = decide(paths, config=config)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
+            if needs_template_search(decisions, config=config):
+                bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model,
+                                        pretrained=config.pretrained, seed=config.seed, device=config.device)
+                decisions = search_trigger_templates(m, bundle, decisions, config=config)
             model_info = {"name": None if config.checkpoint else config.model, "checkpoint": config.checkpoint,
                           "pretrained": config.pretrained, "random_init": config.random_init}
             files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info)
@@ -319,7 +323,8 @@ def sanitize_finalize(job_id: str) -> None:
         ctx.run(mark_done, what="shard done")
         n = len(decisions.action)
         ctx.progress("finalize", n, n, force=True)
-        ctx.finish("succeeded", result={"n_pairs": n, "counts": decisions.counts(), "artifacts": ids})
+        ctx.finish("succeeded", result={"model_quality": decisions.model_quality, "n_pairs": n,
+                                        "counts": decisions.counts(), "artifacts": ids})
 
     _guard(ctx, body)
 

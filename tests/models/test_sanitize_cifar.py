@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,11 @@ def test_swapped_captions_are_reassigned_to_their_true_class(tmp_path: Path, cif
     swapped_ids = _swap_captions(clean, tmp_path / "data" / "swapped.csv", rate=0.1, seed=0)
     man = read_manifest(tmp_path / "data" / "swapped.csv")
     bundle = load_checkpoint(run.final_checkpoint, device=torch.device("cpu"))
-    d = sanitize(man, bundle, config=SanitizeConfig(k=16, device="cpu")).decisions
+    # the model's own proposals (abstain off); the default run, on the same shards, judges the model first
+    cfg = SanitizeConfig(k=16, device="cpu")
+    d = sanitize(man, bundle, config=replace(cfg, decisions=replace(cfg.decisions, abstain=False)),
+                 work_dir=tmp_path / "work").decisions
+    judged = sanitize(man, bundle, config=cfg, work_dir=tmp_path / "work").decisions
 
     labels, caps, ids = man.labels, man.captions, man.ids
     sw = [i for i, x in enumerate(ids) if x in swapped_ids]
@@ -66,3 +71,11 @@ def test_swapped_captions_are_reassigned_to_their_true_class(tmp_path: Path, cif
     assert (len(fixed) + len(removed)) / len(sw) > 0.55
     assert right_rate > 0.6
     assert kept_rate > 0.8
+    # judged: a change is made only by a model judged ok, on a calibrated margin; a weak
+    # model's proposals for the swapped pairs are kept and marked for review
+    q = judged.model_quality
+    print(f"verdict {q['verdict']}: {q['message']}")
+    changed = {i for i, a in enumerate(judged.action) if a == "reassign"}
+    assert changed <= {i for i, a in enumerate(d.action) if a == "reassign"}
+    if q["verdict"] == "weak":
+        assert not changed and all(judged.review[i] for i in moved)

@@ -138,3 +138,44 @@ def test_copies_of_one_whole_image_are_not_taken_for_a_shared_trigger() -> None:
 
     cores = _near_copy_cores(lambda i: x[i], np.flatnonzero(seeds), "patch", 8, TemplateConfig())
     assert cores and all(not set(c.tolist()) & set(copies.tolist()) for c in cores)
+
+
+def test_apply_templates_drops_every_image_with_the_trigger_whatever_the_model_verdict() -> None:
+    """The decide stage's template search: seeds from the trigger-sensitivity evidence of
+    a weak model (a third of the patched images, many false alarms), every patched image
+    dropped with reason ``trigger_template``, nothing else touched."""
+    from otcclip.models.config import DecisionSettings
+    from otcclip.models.decisions import MatchScores, decide_pairs
+    from otcclip.models.triggers import apply_templates
+
+    x, truth, _ = _patched(seed=3)
+    rng = np.random.default_rng(3)
+    own = rng.normal(0.3, 0.02, N).astype(np.float32)
+    purified = np.stack([own - rng.normal(0.02, 0.01, N), own - rng.normal(0.02, 0.01, N)], axis=1)
+    sensitive = np.zeros(N, dtype=bool)
+    sensitive[rng.choice(np.flatnonzero(truth), 10, replace=False)] = True
+    sensitive[rng.choice(np.flatnonzero(~truth), 20, replace=False)] = True
+    purified[sensitive, 1] = own[sensitive] - 0.3  # the fill_local view (patch triggers)
+    fused = np.stack([own, own - 0.05], axis=1)
+    m = MatchScores(
+        candidates=np.stack([np.arange(N), (np.arange(N) + 1) % N], axis=1).astype(np.int64),
+        global_=fused, ot=fused, fused=fused, ok=np.ones(N, dtype=bool),
+        image_global=rng.standard_normal((N, 16)).astype(np.float32),  # no relation: a weak model
+        caption_global=rng.standard_normal((N, 16)).astype(np.float32),
+        caption_hash=np.arange(N, dtype=np.int64), purified_own=purified.astype(np.float32),
+    )
+    st = DecisionSettings(detectors=("trigger_sensitivity",))
+    d = decide_pairs(m, settings=st)
+    assert d.model_quality["verdict"] == "weak" and not (d.action == "drop").any()
+    out, found = apply_templates(d, lambda i: x[i], settings=st)
+    assert [f.kind for f in found] == ["patch"]
+    dropped = out.action == "drop"
+    assert dropped.tolist() == truth.tolist()
+    assert set(out.reason[dropped]) == {"trigger_template"} and (out.new_caption_index[dropped] == -1).all()
+    assert all("trigger_template" in s for s in out.detectors[dropped]) and not out.review[dropped].any()
+    assert out.template_z[truth].min() > 12 > out.template_z[~truth].max()
+    # false alarms the template does not explain stay for review; without purified views nothing is searched
+    assert out.review[sensitive & ~truth].all()
+    plain = decide_pairs(MatchScores(m.candidates, fused, fused, fused, m.ok, m.image_global, m.caption_global,
+                                     m.caption_hash), settings=st)
+    assert apply_templates(plain, lambda i: x[i], settings=st)[1] == []

@@ -57,6 +57,8 @@ def test_upload_sanitize_download(service, tiny_dataset):
     assert job["progress"] == {"done": 40, "total": 40} and job["attempts"] == 1 and job["started_at"]
     counts = job["result"]["counts"]["action"]
     assert sum(counts.values()) == 40
+    # a random model on 40 pairs: judged weak, and the job result says so
+    assert job["result"]["model_quality"]["verdict"] == "weak" and job["result"]["model_quality"]["message"]
     listed = api.http.get("/v1/jobs", params={"limit": 1}).json()
     assert listed["total"] >= 1 and len(listed["items"]) == 1
 

@@ -102,6 +102,23 @@ class DecisionSettings(Settings):
     margin_z: float = setting(3.0, "re-assign when the best caption beats the own one by this many robust std", ge=0)
     low_margin_z: float = setting(1.0, "...or by this many when the own score is suspicious", ge=0)
     gmm_sample: int = setting(200_000, "own-pair scores sampled to fit the two-component GMM", ge=100)
+    abstain: bool = setting(True, "judge the model on this data first and keep for review what it is not sure of "
+                                  "(off: act on every proposal)")
+    min_control_auc: float = setting(0.8, "a model is weak when a true pair outscores a shuffled-caption pair less often "
+                                          "than this (global cosine; nothing score-based is changed then)", ge=0.5, le=1)
+    min_control_separation: float = setting(2.0, "...or when the median own and shuffled-caption cosines lie fewer than "
+                                                 "this many pooled robust std apart (d')", ge=0)
+    min_quality_pairs: int = setting(50, "readable pairs needed to judge the model (fewer: judged weak)", ge=2)
+    evidence_z: float = setting(3.0, "score-based re-assign / drop only when the own fused score lies this many robust "
+                                     "std below the median own score (else kept for review)", ge=0)
+    template_search: bool = setting(True, "with trigger_sensitivity and purified views: look for the trigger pattern the "
+                                          "sensitive images share and drop every image that carries it (CLI and job)")
+    template_seed_z: float = setting(2.0, "trigger-sensitivity z above which a pair seeds the template search", gt=0)
+    template_pool: float = setting(0.15, "share of the most sensitive pairs per purified view that also seed it",
+                                   ge=0, le=1)
+    weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags still drop pairs when the "
+                                                    "model is weak (the others' are kept for review)",
+                                                    item_choices=DETECTORS)
     detectors: tuple[str, ...] = setting(DEFAULT_DETECTORS, "enabled detectors", item_choices=DETECTORS)
     image_burst: ImageBurstSettings = setting(ImageBurstSettings(), "image_burst detector")
     density: DensitySettings = setting(DensitySettings(), "density detector")

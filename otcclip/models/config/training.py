@@ -24,6 +24,7 @@ DEFAULT_SCHEDULE: dict[str, tuple[int, int]] = {"otcclip": (1, 4), "roclip": (1,
 TRAINER_SANITIZE = SanitizeConfig(
     k=8,
     decisions=DecisionSettings(
+        abstain=False,  # a model in training is weak by design; the trainer applies its own policy
         detectors=("image_burst", "trigger_sensitivity"),
         trigger_sensitivity=TriggerSensitivitySettings(z=3.0, knn=100, region_z=3.0),
     ),

@@ -1,0 +1,127 @@
+"""The decision step abstains when unsure: a weak model's scores change nothing, a strong
+model's clear re-assignments are kept, and doubtful proposals are marked for review."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from otcclip.models.decisions import (
+    REVIEW,
+    DecisionSettings,
+    MatchScores,
+    assess_model,
+    decide_pairs,
+)
+from tests.models.test_decisions import _scores
+
+
+def _weak(m: MatchScores, seed: int = 0) -> MatchScores:
+    """The same shortlist scores, but image and caption embeddings that do not match
+    (a model that does not tell a true pair from a random one)."""
+    rng = np.random.default_rng(seed)
+    n, d = m.image_global.shape
+    return MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok,
+                       rng.standard_normal((n, d)).astype(np.float32),
+                       rng.standard_normal((n, d)).astype(np.float32), m.caption_hash)
+
+
+def test_a_weak_model_reassigns_nothing_and_says_so() -> None:
+    m, bad, _ = _scores(n=400, seed=2)
+    d = decide_pairs(_weak(m), settings=DecisionSettings(detectors=()))
+    q = d.model_quality
+    assert q["verdict"] == "weak" and abs(q["control_auc"] - 0.5) < 0.1
+    assert "weak" in q["message"] and q["message"].endswith(".") and ". " not in q["message"]
+    assert (d.action == "keep").all()
+    np.testing.assert_array_equal(d.new_caption_index, np.arange(len(m)))
+    # what it would have changed is visible, with the proposal
+    assert d.review[bad].all() and set(d.reason[bad]) == {REVIEW}
+    assert all(str(r).startswith("reassign/") and "weak model" in str(r) for r in d.review_reason[bad])
+    assert d.review[~bad].mean() < 0.05 and (d.review_reason[~d.review] == "").all()
+    tab = d.to_arrow()
+    assert {"review", "review_reason"} <= set(tab.column_names)
+
+
+def test_a_strong_model_keeps_its_clear_reassignments() -> None:
+    m, bad, _ = _scores(n=400, seed=2)
+    d = decide_pairs(m, settings=DecisionSettings(detectors=()))
+    q = d.model_quality
+    assert q["verdict"] == "ok" and q["control_auc"] > 0.8 and q["gmm_separation"] > 3
+    assert (d.action[bad] == "reassign").mean() > 0.95
+    assert (d.action[~bad] == "keep").mean() > 0.95
+    assert not d.review[bad].any()
+
+
+def test_a_margin_without_calibrated_evidence_is_marked_for_review() -> None:
+    m, bad, _ = _scores(n=400, seed=8, poison=0.0)
+    fused = m.fused.copy()
+    rng = np.random.default_rng(8)
+    odd = rng.choice(len(m), 12, replace=False)
+    # own score ordinary for a matched pair, yet another caption scores far higher
+    fused[odd, 0] = np.median(fused[:, 0])
+    fused[odd, 1] = fused[odd, 0] + 0.3
+    m2 = MatchScores(m.candidates, fused, fused, fused, m.ok, m.image_global, m.caption_global, m.caption_hash)
+    d = decide_pairs(m2, settings=DecisionSettings(detectors=()))
+    assert d.model_quality["verdict"] == "ok"
+    assert (d.action == "keep").all() and d.review[odd].all()
+    assert all(str(r).startswith("reassign/better_caption") for r in d.review_reason[odd])
+    # without abstaining the engine acts on the margin alone, and judges nothing
+    d2 = decide_pairs(m2, settings=DecisionSettings(detectors=(), abstain=False))
+    assert (d2.action[odd] == "reassign").all() and not d2.review.any() and d2.model_quality == {}
+
+
+def test_a_weak_model_drops_only_on_trusted_detectors() -> None:
+    m, _, _ = _scores(n=200, seed=4, poison=0.0)
+    img = m.image_global.copy()
+    rng = np.random.default_rng(5)
+    target = img[0] / np.linalg.norm(img[0])
+    for r in range(1, 9):  # an image burst: 8 near-copies of image 0 under distinct captions
+        img[r] = target + 1e-4 * rng.standard_normal(16)
+    weak = _weak(m, seed=1)
+    img_w = weak.image_global.copy()
+    img_w[:9] = img[:9]
+    m2 = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, img_w, weak.caption_global, m.caption_hash)
+    d = decide_pairs(m2, settings=DecisionSettings(detectors=("image_burst", "density")))
+    assert d.model_quality["verdict"] == "weak"
+    assert (d.action[:9] == "drop").all() and set(d.reason[:9]) == {"image_burst"}
+    # other detectors' flags and every score-based proposal are kept for review
+    rest = np.arange(9, len(m))
+    assert (d.action[rest] == "keep").all()
+    d2 = decide_pairs(m2, settings=DecisionSettings(detectors=("image_burst", "density"), weak_model_detectors=()))
+    assert (d2.action == "keep").all() and d2.review[:9].all()
+    assert all("image_burst" in str(r) for r in d2.review_reason[:9])
+
+
+def test_too_few_pairs_to_judge_count_as_weak() -> None:
+    m, _, _ = _scores(n=30, seed=1)
+    q = assess_model(m, settings=DecisionSettings())
+    assert q["verdict"] == "weak" and "Too few" in q["message"]
+    assert assess_model(m, settings=DecisionSettings(min_quality_pairs=20))["verdict"] == "ok"
+
+
+def test_a_random_model_changes_nothing_score_based_and_the_report_says_why(tmp_path: Path, tiny_bundle) -> None:
+    """End to end on a randomly initialised model: the verdict opens report.json and the
+    HTML summary; decisions.parquet carries the review columns."""
+    from otcclip.models.config import OTSettings
+    from otcclip.models.manifest import read_manifest
+    from otcclip.models.report import write_outputs
+    from otcclip.models.sanitize import SanitizeConfig, sanitize
+    from tests.models.test_sanitize import make_manifest
+
+    man = read_manifest(make_manifest(tmp_path, n=60))
+    cfg = SanitizeConfig(k=4, batch_size=16, device="cpu", ot=OTSettings(iters=20),
+                         decisions=DecisionSettings(detectors=("density",), min_quality_pairs=20))
+    d = sanitize(man, tiny_bundle, config=cfg).decisions
+    assert d.model_quality["verdict"] == "weak"
+    assert set(d.action[d.reason != "unreadable_image"]) == {"keep"}
+    files = write_outputs(man, d, tmp_path / "out", config=cfg, model_info={"name": "otc-micro"})
+    rep = json.loads(files.report_json.read_text())
+    assert list(rep)[:2] == ["model_quality", "review"]
+    assert rep["model_quality"]["verdict"] == "weak" and rep["review"]["pairs"] == int(d.review.sum())
+    assert sum(rep["review"]["proposed"].values()) == rep["review"]["pairs"]
+    tab = pq.read_table(files.decisions)
+    assert tab.column("review").to_pylist() == d.review.tolist()
+    assert rep["model_quality"]["message"] in files.report_html.read_text()
