@@ -233,7 +233,7 @@ def match_shard(
     dev = _device(config.device)
     ps = score_shortlist(
         img.image_local, sl.indices, sl.scores, cidx.blocks, alpha=config.alpha, ot_settings=config.ot,
-        batch_size=config.batch_size, image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
+        batch_size=config.batch_size, k_ot=config.k_ot, margin=config.ot_margin, image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
     )
     t2 = time.perf_counter()
     scores = MatchScores(

@@ -40,6 +40,10 @@ class SanitizeConfig(Settings):
     """
 
     k: int = setting(32, "shortlisted captions per image (plus its own)", ge=1, le=1024)
+    k_ot: int = setting(8, "shortlisted captions per image that get an OT score besides its own (at most k); "
+                        "the others cannot be chosen for a re-assignment", ge=0, le=1024)
+    ot_margin: float = setting(0.15, "only candidates whose global cosine is within this of the image's best "
+                               "candidate's get an OT score", ge=0, le=2)
     alpha: float = setting(0.5, "weight of the global cosine in the fused score (1 - alpha on the OT score)", ge=0, le=1)
     batch_size: int = setting(256, "images/captions per encoder forward, OT problems per solver call", ge=1, le=65_536)
     shard_size: int = setting(4096, "pairs per feature/score shard (one task each in a job)", ge=4, le=10_000_000)
