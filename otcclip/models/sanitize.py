@@ -197,7 +197,7 @@ def build_caption_index(caption_shards: Sequence[ShardRef], *, config: SanitizeC
         return load
 
     blocks = tuple(CaptionBlock(s, e, loader(ref)) for s, e, ref, _ in metas)
-    index = build_index(glob, exact_threshold=config.index.exact_threshold, nprobe=config.index.nprobe, seed=config.seed)
+    index = build_index(glob, settings=config.index, seed=config.seed)
     return CaptionIndex(index=index, globals_=glob, blocks=blocks, seconds=time.perf_counter() - t0)
 
 
