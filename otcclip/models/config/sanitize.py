@@ -24,8 +24,8 @@ class IndexSettings(Settings):
     """The FAISS index of caption (and detector neighbour) searches."""
 
     exact_threshold: int = setting(20_000, "exact inner-product index up to this many vectors, `factory` above", ge=1)
-    factory: str = setting("HNSW32", "FAISS index_factory string of the index above exact_threshold (inner product), "
-                           "e.g. HNSW32 (per-query cost ~log N) or IVF4096,Flat (GPU-friendly)")
+    factory: str = setting("IVF1024,Flat", "FAISS index_factory string of the index above exact_threshold (inner "
+                           "product): IVF with a fixed list count (trained on train_sample vectors), HNSW32, ...")
     nprobe: int = setting(32, "IVF lists probed per query (IVF factories)", ge=1, le=4096)
     ef_search: int = setting(64, "HNSW candidate list per query (HNSW factories; raised to k when smaller)", ge=1,
                              le=65_536)
