@@ -13,9 +13,16 @@
 3. Scaling on synthetic features at the default settings: ms per pair for match and
    decide, and peak memory, per size.
 
+``--gpu N`` instead runs the whole engine on a CUDA device (``bench/gpu.sh`` installs and
+calls it): ``ViT-B-32`` with random weights encodes ``N`` synthetic images (random
+pixels, no decoding) and captions in float16, OT on the device, the FAISS shortlist on
+the GPU when faiss has GPU support, decisions with the detectors that need no purified
+views; pairs/s per stage and end to end.
+
 Usage::
 
     .venv/bin/python bench/sanitize.py [--quick] [--million] [--threads 2]
+    python bench/sanitize.py --gpu 100000
 """
 
 from __future__ import annotations
@@ -208,6 +215,87 @@ def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
         del shards, scores, cidx
 
 
+def bench_gpu(n: int, *, model_name: str = "ViT-B-32", batch: int = 1024, device: str = "cuda") -> None:
+    from otcclip.models.config import DecisionSettings
+    from otcclip.models.decisions import DetectorEnv, MatchScores, decide_pairs
+    from otcclip.models.factory import create_model
+    from otcclip.models.features import image_features, text_features
+    from otcclip.models.sanitize import (
+        FeatureShard,
+        SanitizeConfig,
+        build_caption_index,
+        match_shard,
+    )
+    from otcclip.models.shortlist import gpu_available
+
+    dev = torch.device(device)
+    cfg = SanitizeConfig(device=device, batch_size=batch, shard_size=16_384,
+                         decisions=DecisionSettings(detectors=("image_burst", "density", "caption_burst")))
+    bundle = create_model(model_name, device=dev, seed=0)
+    model = bundle.model.half().eval()
+    size = int(bundle.preprocess_cfg["size"][0] if isinstance(bundle.preprocess_cfg["size"], (list, tuple))
+               else bundle.preprocess_cfg["size"])
+    names = ["dog", "cat", "ship", "truck", "horse", "bird", "frog", "deer", "plane", "car"]
+    adj = ["small", "large", "red", "blue", "old", "new", "dark", "bright", "wet", "dry"]
+    place = ["on grass", "in water", "at night", "in snow", "on a road", "indoors", "in a field", "by the sea"]
+    texts = [f"a photo of a {a} {c} {p}" for c in names for a in adj for p in place]
+    tokens = bundle.tokenizer(texts)
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+    print(f"\n## GPU run: {model_name} (random weights, fp16), {n:,} synthetic pairs, {gpu_name}, "
+          f"faiss GPU: {gpu_available()}, torch {torch.__version__}\n", flush=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    shards = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(0, n, cfg.shard_size):
+        e = min(n, s + cfg.shard_size)
+        igs, ils, tgs, tls, tms = [], [], [], [], []
+        for b in range(s, e, batch):
+            m = min(batch, e - b)
+            pix = torch.randn(m, 3, size, size, device=dev, generator=g, dtype=torch.float16)
+            tok = tokens[torch.arange(b, b + m) % len(texts)].to(dev)
+            with torch.no_grad():
+                fi = image_features(model, pix)
+                ft = text_features(model, tok)
+            igs.append(fi.global_.float().cpu())
+            ils.append(fi.local.half().cpu())
+            tgs.append(ft.global_.float().cpu())
+            tls.append(F.pad(ft.local.half(), (0, 0, 0, 24 - ft.local.shape[1])).cpu())
+            tms.append(F.pad(ft.mask, (0, 24 - ft.mask.shape[1]), value=False).cpu())
+        shards.append(FeatureShard(
+            start=s, stop=e, ok=torch.ones(e - s, dtype=torch.bool), image_global=torch.cat(igs),
+            image_local=torch.cat(ils), caption_global=torch.cat(tgs), caption_local=torch.cat(tls),
+            caption_mask=torch.cat(tms), caption_hash=torch.arange(s, e, dtype=torch.int64) % len(texts)))
+    sync()
+    t_enc = time.perf_counter() - t0
+    print(f"encode done: {n / t_enc:,.0f} pairs/s", flush=True)
+    t0 = time.perf_counter()
+    cidx = build_caption_index(shards, config=cfg)
+    t_index = time.perf_counter() - t0
+    tim = {"index": t_index, "ot": 0.0}
+    scores = []
+    for sh in shards:
+        sc = match_shard(sh, cidx, config=cfg)
+        tim["index"] += sc.timings["index"]
+        tim["ot"] += sc.timings["ot"]
+        scores.append(sc.scores)
+    print(f"match done: OT {n / tim['ot']:,.0f} pairs/s", flush=True)
+    t0 = time.perf_counter()
+    decide_pairs(MatchScores.concat(scores), settings=cfg.decisions, env=DetectorEnv(index=cfg.index, seed=cfg.seed))
+    t_dec = time.perf_counter() - t0
+    stages = {"encode (image + caption, fp16)": t_enc, "index + shortlist": tim["index"], "OT": tim["ot"],
+              "decide": t_dec}
+    print("\n| stage | seconds | pairs/s |")
+    print("|---|---|---|")
+    for k, v in stages.items():
+        print(f"| {k} | {v:.1f} | {n / v:,.0f} |")
+    total = sum(stages.values())
+    print(f"| end to end | {total:.1f} | {n / total:,.0f} |")
+    print(f"\nOT / encode: {100 * tim['ot'] / t_enc:.0f}%; peak GPU memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.1f} GiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer OT problems and a smaller CIFAR-10 slice")
@@ -215,7 +303,14 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="comma-separated pair counts for table 3 (default 10000,100000)")
     ap.add_argument("--skip", default="", help="comma-separated tables to skip: ot, e2e, scale")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gpu", type=int, default=0, metavar="N", help="run the GPU benchmark on N synthetic pairs instead")
+    ap.add_argument("--gpu-model", default="ViT-B-32", help="model of the GPU benchmark (random weights)")
+    ap.add_argument("--gpu-batch", type=int, default=1024, help="encoder batch and OT problems per solver call")
+    ap.add_argument("--gpu-device", default="cuda", help="device of the GPU benchmark (cpu: a smoke test)")
     args = ap.parse_args()
+    if args.gpu:
+        bench_gpu(args.gpu, model_name=args.gpu_model, batch=args.gpu_batch, device=args.gpu_device)
+        return
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [10_000, 100_000]
