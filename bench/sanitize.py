@@ -21,7 +21,7 @@ views; pairs/s per stage and end to end.
 
 Usage::
 
-    .venv/bin/python bench/sanitize.py [--quick] [--million] [--threads 2]
+    .venv/bin/python bench/sanitize.py [--quick] [--million] [--threads 1]
     python bench/sanitize.py --gpu 100000
 """
 
@@ -118,6 +118,10 @@ def _swap_captions(src: Path, dst: Path, rate: float, seed: int) -> set[str]:
     return {rows[i]["id"] for i in swapped}
 
 
+#: Classes of the end-to-end slice (as in tests/models/test_sanitize_cifar.py).
+CLASSES = ("airplane", "automobile", "frog", "horse", "ship")
+
+
 def bench_end_to_end(per_class: int, epochs: int) -> None:
     import otcclip.models.scoring as scoring
     from otcclip.models.checkpoint import load_checkpoint
@@ -132,9 +136,9 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        clean = cifar10_manifest(zip_path, root / "data", split="train", per_class=per_class, seed=0)
-        run = train(read_manifest(clean), root / "run", config=TrainConfig(model="otc-tiny", defence="none", epochs=epochs,
-                                                                            batch_size=128, device="cpu"))
+        clean = cifar10_manifest(zip_path, root / "data", split="train", per_class=per_class, seed=0, classes=CLASSES)
+        run = train(read_manifest(clean), root / "run", config=TrainConfig(
+            model="otc-tiny", defence="none", epochs=epochs, batch_size=64, lr=2e-3, device="cpu", seed=0))
         swapped = _swap_captions(clean, root / "data" / "poisoned.csv", 0.1, 0)
         man = read_manifest(root / "data" / "poisoned.csv")
         bundle = load_checkpoint(run.final_checkpoint, device=torch.device("cpu"))
@@ -155,7 +159,8 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
             rows.append((name, res.timings, res.decisions))
     enc = rows[0][1]
     n = len(man)
-    print(f"\n## 2. End to end: otc-tiny, poisoned CIFAR-10 slice of {n} pairs ({len(swapped)} captions swapped), "
+    print(f"\n## 2. End to end: otc-tiny ({epochs} epochs on the clean slice), poisoned CIFAR-10 slice of {n} pairs "
+          f"({len(CLASSES)} classes, {len(swapped)} captions swapped), "
           f"k={cfg.k}, k_ot={cfg.k_ot}, ot_margin={cfg.ot_margin}, CPU\n")
     print("| path | decode s | encode s | index s | OT s | decide s | OT / encode | pairs/s | recall | precision |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -302,7 +307,8 @@ def main() -> None:
     ap.add_argument("--million", action="store_true", help="add 1,000,000 pairs to the scaling table (long, ~4 GB)")
     ap.add_argument("--sizes", default=None, help="comma-separated pair counts for table 3 (default 10000,100000)")
     ap.add_argument("--skip", default="", help="comma-separated tables to skip: ot, e2e, scale")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and faiss threads (1 on a shared machine: more threads than free cores stall)")
     ap.add_argument("--gpu", type=int, default=0, metavar="N", help="run the GPU benchmark on N synthetic pairs instead")
     ap.add_argument("--gpu-model", default="ViT-B-32", help="model of the GPU benchmark (random weights)")
     ap.add_argument("--gpu-batch", type=int, default=1024, help="encoder batch and OT problems per solver call")
@@ -322,7 +328,7 @@ def main() -> None:
     if "ot" not in skip:
         bench_ot(1024 if args.quick else 4096, 64, 16, 64)
     if "e2e" not in skip:
-        bench_end_to_end(50 if args.quick else 100, 2 if args.quick else 3)
+        bench_end_to_end(100 if args.quick else 200, 10 if args.quick else 20)
     if "scale" not in skip:
         bench_scaling(sizes, p=16, length=12, d=64)
 
