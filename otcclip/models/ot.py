@@ -214,7 +214,7 @@ def ot_distance(
         row_min = c.masked_fill(~valid, big).amin(dim=2, keepdim=True)
         row_min = torch.where(x_mask[:, :, None], row_min, torch.zeros_like(row_min))
         shifted = (c - row_min).masked_fill(~valid, 0.0)  # same plan; 0 at pads
-        span = shifted.amax(dim=(1, 2))  # cost range of each problem's valid part (>= row spread)
+        span = shifted.amax(dim=(1, 2))  # largest row spread of each problem (at most its cost range)
         if method == "sinkhorn":
             use_log = torch.zeros(bsz, dtype=torch.bool, device=dev)
         elif method == "log_sinkhorn":

@@ -236,6 +236,9 @@ def match_shard(
         batch_size=config.batch_size, k_ot=config.k_ot, margin=config.ot_margin, image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
     )
     t2 = time.perf_counter()
+    n_ot = int(np.isfinite(ps.ot).sum())
+    log.info("rows %d-%d: OT on %d of %d shortlisted pairs in %.2f s (%.0f problems/s)", img.start, img.stop, n_ot,
+             int((sl.indices >= 0).sum()), t2 - t1, n_ot / max(t2 - t1, 1e-9))
     scores = MatchScores(
         candidates=sl.indices, global_=ps.global_, ot=ps.ot, fused=ps.fused,
         ok=img.ok.numpy().astype(bool), image_global=img.image_global.numpy().astype(np.float16),
