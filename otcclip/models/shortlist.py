@@ -3,13 +3,13 @@
 Caption globals are L2-normalised, so inner product is cosine similarity. Up to
 ``exact_threshold`` captions the index is exact (``IndexFlatIP``); above it the index is
 built from a FAISS ``index_factory`` string (:class:`IndexSettings`), by default
-``IVF1024,Flat`` probed at ``nprobe`` lists and trained on a fixed-size sample: its
-training cost does not grow with ``N`` and a query scans ``nprobe / 1024`` of the
-vectors, linear in ``N`` with a small constant (the former ``sqrt(N)`` lists trained on
-``64 sqrt(N)`` vectors made the detectors' neighbour searches grow about as ``N^1.5``).
-``HNSW32`` has a per-query cost ~``log N`` but a build cost of about a millisecond per
-vector on a 2-core CPU. When faiss was built with GPU support and a GPU is visible, flat
-and IVF indexes are moved there (HNSW stays on the CPU).
+``IVF{nlist},Flat`` with ``nlist = N / list_size`` lists (256 vectors each, capped by the
+training sample), ``nprobe`` of them probed: a query scans about ``nprobe * list_size``
+vectors plus the list centroids whatever ``N``, and the index is trained on a sample of
+at most ``train_sample`` vectors. ``HNSW32`` (per-query cost ~``log N``, build about a
+millisecond per vector on a 2-core CPU) and other factories are chosen by name. When
+faiss was built with GPU support and a GPU is visible, flat and IVF indexes are moved
+there (HNSW stays on the CPU).
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ def build_index(
     if m <= settings.exact_threshold:
         index = faiss.IndexFlatIP(d)
     else:
-        index = faiss.index_factory(d, settings.factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, factory_string(settings, m), faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(seed)
             index.train(xb[np.sort(rng.choice(m, size=min(m, settings.train_sample), replace=False))])
         set_search_params(index, settings, 1)
-        log.info("index %s: %d captions", settings.factory, m)
+        log.info("index %s: %d captions", factory_string(settings, m), m)
     if use_gpu is None:
         use_gpu = gpu_available()
     if use_gpu and _hnsw(index) is None:
@@ -110,6 +110,13 @@ def _gpu_resources() -> Any:
     if not _GPU_RESOURCES:
         _GPU_RESOURCES.append(faiss.StandardGpuResources())
     return _GPU_RESOURCES[0]
+
+
+def factory_string(settings: IndexSettings, n: int) -> str:
+    """``settings.factory`` with ``{nlist}`` replaced by ``n // list_size``, between 16 and
+    ``train_sample // 39`` (k-means wants about 39 training vectors per list)."""
+    nlist = max(16, min(n // settings.list_size, settings.train_sample // 39))
+    return settings.factory.replace("{nlist}", str(nlist))
 
 
 def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from otcclip.models.config.sanitize import IndexSettings
-from otcclip.models.shortlist import build_index, shortlist
+from otcclip.models.shortlist import build_index, factory_string, shortlist
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -64,3 +64,11 @@ def test_bad_input() -> None:
     caps = _unit(np.random.default_rng(2), 10, 4)
     with pytest.raises(ValueError, match="caption_globals"):
         shortlist(build_index(caps, use_gpu=False), caps, 3, own=np.arange(10))
+
+
+def test_list_count_follows_n_so_a_query_scans_a_fixed_number_of_vectors() -> None:
+    st = IndexSettings()
+    assert factory_string(st, 100_000) == f"IVF{100_000 // st.list_size},Flat"
+    assert factory_string(st, 1_000) == "IVF16,Flat"
+    assert factory_string(st, 10**9) == f"IVF{st.train_sample // 39},Flat"  # k-means needs ~39 vectors per list
+    assert factory_string(IndexSettings(factory="HNSW32"), 10**6) == "HNSW32"

@@ -24,8 +24,10 @@ class IndexSettings(Settings):
     """The FAISS index of caption (and detector neighbour) searches."""
 
     exact_threshold: int = setting(20_000, "exact inner-product index up to this many vectors, `factory` above", ge=1)
-    factory: str = setting("IVF1024,Flat", "FAISS index_factory string of the index above exact_threshold (inner "
-                           "product): IVF with a fixed list count (trained on train_sample vectors), HNSW32, ...")
+    factory: str = setting("IVF{nlist},Flat", "FAISS index_factory string of the index above exact_threshold (inner "
+                           "product); {nlist} becomes N // list_size (16 to train_sample // 39); e.g. HNSW32")
+    list_size: int = setting(256, "vectors per IVF list aimed at by {nlist}: a query scans about nprobe * list_size "
+                             "vectors whatever N", ge=1, le=1_000_000)
     nprobe: int = setting(32, "IVF lists probed per query (IVF factories)", ge=1, le=4096)
     ef_search: int = setting(64, "HNSW candidate list per query (HNSW factories; raised to k when smaller)", ge=1,
                              le=65_536)
@@ -34,8 +36,8 @@ class IndexSettings(Settings):
 
     def __post_init__(self) -> None:
         check(self)
-        if not self.factory or len(self.factory) > 200 or not re.fullmatch(r"[A-Za-z0-9_,.=+-]+", self.factory):
-            raise ValueError(f"factory must be a FAISS index_factory string such as HNSW32 or IVF4096,Flat; got {self.factory!r}")
+        if not self.factory or len(self.factory) > 200 or not re.fullmatch(r"[A-Za-z0-9_,.=+{}-]+", self.factory):
+            raise ValueError(f"factory must be a FAISS index_factory string such as HNSW32 or IVF{{nlist}},Flat; got {self.factory!r}")
 
 
 @dataclass(frozen=True)
