@@ -90,7 +90,10 @@ def build_index(
         index = faiss.index_factory(d, factory_string(settings, m), faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             rng = np.random.default_rng(seed)
-            index.train(xb[np.sort(rng.choice(m, size=min(m, settings.train_sample), replace=False))])
+            ivf = _ivf(index)
+            # k-means costs ~ sample * nlist: 64 vectors per list are enough for the lists
+            size = min(m, settings.train_sample, 64 * ivf.nlist if ivf is not None else m)
+            index.train(xb[np.sort(rng.choice(m, size=size, replace=False))])
         set_search_params(index, settings, 1)
         log.info("index %s: %d captions", factory_string(settings, m), m)
     if use_gpu is None:
@@ -133,11 +136,17 @@ def set_search_params(index: faiss.Index, settings: IndexSettings, k: int) -> No
     if hnsw is not None:
         hnsw.hnsw.efSearch = max(settings.ef_search, k)
         return
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = settings.nprobe
+
+
+def _ivf(index: faiss.Index) -> Any:
+    """The IVF index inside ``index``, or None."""
     try:
-        ivf = faiss.extract_index_ivf(index)
+        return faiss.extract_index_ivf(index)
     except (RuntimeError, TypeError):  # not an IVF index
-        return
-    ivf.nprobe = settings.nprobe
+        return None
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, *, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
