@@ -1,61 +1,133 @@
 """Benchmarks of the sanitization engine; prints three tables.
 
-1. OT throughput: POT's batched solver (``ot.batch`` via ``ot_distance``) against a plain
-   loop over ``ot.sinkhorn2`` on the same problems.
-2. End-to-end ``otcclip sanitize`` on a CIFAR-10 slice with an ``otc-tiny`` model:
-   pairs/s and the share of time per stage (decode, encode, index, OT, decide, write).
-3. Scaling on synthetic features at fixed k: time per pair and peak memory per size.
+1. The OT stage, old path against new path on the same problems: the engine's former
+   solver (POT's ``ot.batch.solve_batch`` in the log domain below ``reg = 0.1``, one
+   convergence test for the whole batch) against :func:`otcclip.models.ot.ot_distance`
+   (plain-domain float32 where the cost range allows it, per-problem stopping).
+2. End to end on a poisoned CIFAR-10 slice (10 % of the captions swapped to another
+   class) with an ``otc-tiny`` model trained on the clean slice, at the default settings
+   (k = 32): seconds per stage, the OT stage as a share of the encode stage, and the
+   decisions (recall and precision of the swapped pairs among the pairs not kept). The
+   same features are matched again with the old path (old solver, no pruning) for the
+   comparison.
+3. Scaling on synthetic features at the default settings: ms per pair for match and
+   decide, and peak memory, per size.
+
+``--gpu N`` instead runs the whole engine on a CUDA device (``bench/gpu.sh`` installs and
+calls it): ``ViT-B-32`` with random weights encodes ``N`` synthetic images (random
+pixels, no decoding) and captions in float16, OT on the device, the FAISS shortlist on
+the GPU when faiss has GPU support, decisions with the detectors that need no purified
+views; pairs/s per stage and end to end.
 
 Usage::
 
-    .venv/bin/python bench/sanitize.py [--quick] [--sizes 10000,50000,200000] [--threads 2]
+    .venv/bin/python bench/sanitize.py [--quick] [--million] [--threads 1]
+    python bench/sanitize.py --gpu 100000
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import random
 import resource
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import faiss
 import numpy as np
 import ot
+import ot.batch
 import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_ot(n: int, p: int, length: int, d: int, reg: float, iters: int) -> None:
-    from otcclip.models.config import OTSettings
-    from otcclip.models.ot import ot_distance
+def old_ot_scores(x: torch.Tensor, y: torch.Tensor, *, settings: Any, y_mask: torch.Tensor | None = None,
+                  x_mask: torch.Tensor | None = None, batch_size: int = 256, **_: Any) -> torch.Tensor:
+    """``1 - <T, C>`` as the engine computed it before: POT's batched solver, uniform
+    marginals, log domain unless ``reg >= 0.1``, the batch stops when all converged."""
+    out = []
+    method = "sinkhorn" if settings.reg >= 0.1 else "log_sinkhorn"
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch_size):
+            xf, yf = x[s:s + batch_size].float(), y[s:s + batch_size].float()
+            xm = torch.ones(xf.shape[:2], dtype=torch.bool) if x_mask is None else x_mask[s:s + batch_size]
+            ym = torch.ones(yf.shape[:2], dtype=torch.bool) if y_mask is None else y_mask[s:s + batch_size]
+            cost = 1.0 - torch.bmm(xf, yf.transpose(1, 2))
+            a = xm.float() / xm.float().sum(1, keepdim=True)
+            b = ym.float() / ym.float().sum(1, keepdim=True)
+            res = ot.batch.solve_batch(cost, reg=settings.reg, a=a, b=b, max_iter=settings.iters, tol=settings.tol,
+                                       method=method, grad="detach")
+            plan = torch.nan_to_num(res.plan.masked_fill(~(xm[:, :, None] & ym[:, None, :]), 0.0), nan=0.0)
+            out.append(1.0 - (plan * cost).sum(dim=(1, 2)))
+    return torch.cat(out)
 
+
+def _problems(n: int, p: int, length: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the problems unrelated sets, half a caption whose tokens are noisy copies of
+    some of the image's patches (a matching pair)."""
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(n, p, d, generator=g), dim=-1)
     y = F.normalize(torch.randn(n, length, d, generator=g), dim=-1)
-    t0 = time.perf_counter()
-    for s in range(0, n, 256):
-        ot_distance(x[s:s + 256], y[s:s + 256], settings=OTSettings(reg=reg, iters=iters, tol=0.0))
-    t_batch = time.perf_counter() - t0
-    xs, ys = x.double().numpy(), y.double().numpy()
-    a, b = np.full(p, 1 / p), np.full(length, 1 / length)
-    t0 = time.perf_counter()
-    for i in range(n):
-        ot.sinkhorn2(a, b, 1 - xs[i] @ ys[i].T, reg, method="sinkhorn_log", numItermax=iters, stopThr=0.0)
-    t_loop = time.perf_counter() - t0
-    print(f"\n## 1. OT throughput ({n} problems, {p}x{length}, d={d}, reg={reg}, {iters} iterations, log domain)\n")
-    print("| solver | problems/s |")
-    print("|---|---|")
-    print(f"| ot.batch (torch, batches of 256) | {n / t_batch:,.0f} |")
-    print(f"| loop over ot.sinkhorn2 | {n / t_loop:,.0f} |")
-    print(f"| ratio | {t_loop / t_batch:.1f}x |")
+    half = n // 2
+    pick = torch.randint(0, p, (half, length), generator=g)
+    y[:half] = F.normalize(x[:half][torch.arange(half)[:, None], pick] + 0.7 * y[:half], dim=-1)
+    return x, y
+
+
+def bench_ot(n: int, p: int, length: int, d: int) -> None:
+    from otcclip.models.config import OTSettings
+    from otcclip.models.ot import ot_scores_chunked
+
+    x, y = _problems(n, p, length, d)
+    print(f"\n## 1. The OT stage: old path vs new path ({n} problems of {p}x{length}, d={d}, reg=0.05)\n")
+    print("| iterations | old path problems/s | new path problems/s | ratio | max abs diff of s_OT |")
+    print("|---|---|---|---|---|")
+    for label, st in (("50 (tol 0)", OTSettings(iters=50, tol=0.0)), ("default (cap 100, tol 1e-5)", OTSettings())):
+        runs: dict[str, tuple[float, torch.Tensor]] = {}
+        for name, fn in (("old", old_ot_scores), ("new", ot_scores_chunked)):
+            fn(x[:256], y[:256], settings=st)  # warm-up
+            t0 = time.perf_counter()
+            s = fn(x, y, settings=st, batch_size=256)
+            runs[name] = (time.perf_counter() - t0, s)
+        (t_old, s_old), (t_new, s_new) = runs["old"], runs["new"]
+        print(f"| {label} | {n / t_old:,.0f} | {n / t_new:,.0f} | {t_old / t_new:.1f}x "
+              f"| {float((s_old - s_new).abs().max()):.1e} |")
+
+
+def _swap_captions(src: Path, dst: Path, rate: float, seed: int) -> set[str]:
+    rows = list(csv.DictReader(src.open()))
+    rng = random.Random(seed)
+    by_class: dict[str, list[str]] = {}
+    for r in rows:
+        by_class.setdefault(r["label"], []).append(r["caption"])
+    swapped = rng.sample(range(len(rows)), int(len(rows) * rate))
+    for i in swapped:
+        other = rng.choice(sorted(c for c in by_class if c != rows[i]["label"]))
+        rows[i]["caption"] = rng.choice(by_class[other])
+    with dst.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return {rows[i]["id"] for i in swapped}
+
+
+#: Classes of the end-to-end slice (as in tests/models/test_sanitize_cifar.py).
+CLASSES = ("airplane", "automobile", "frog", "horse", "ship")
 
 
 def bench_end_to_end(per_class: int, epochs: int) -> None:
-    from otcclip.cli import main
+    import otcclip.models.scoring as scoring
+    from otcclip.models.checkpoint import load_checkpoint
     from otcclip.models.datasets import cifar10_manifest
+    from otcclip.models.manifest import read_manifest
+    from otcclip.models.sanitize import SanitizeConfig, sanitize
     from otcclip.models.training import TrainConfig, train
 
     zip_path = REPO.parent / "shared" / "data" / "cifar10-jpg.zip"
@@ -64,32 +136,47 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        man = cifar10_manifest(zip_path, root / "data", split="train", per_class=per_class, seed=0)
-        from otcclip.models.manifest import read_manifest
+        clean = cifar10_manifest(zip_path, root / "data", split="train", per_class=per_class, seed=0, classes=CLASSES)
+        run = train(read_manifest(clean), root / "run", config=TrainConfig(
+            model="otc-tiny", defence="none", epochs=epochs, batch_size=64, lr=2e-3, device="cpu", seed=0))
+        swapped = _swap_captions(clean, root / "data" / "poisoned.csv", 0.1, 0)
+        man = read_manifest(root / "data" / "poisoned.csv")
+        bundle = load_checkpoint(run.final_checkpoint, device=torch.device("cpu"))
+        cfg = SanitizeConfig(device="cpu")
+        work = root / "work"
+        rows: list[tuple[str, dict[str, float], Any]] = []
+        new_ot: Callable[..., torch.Tensor] = scoring.ot_scores_chunked
+        for name, fn, c in (("new path (defaults)", new_ot, cfg),
+                            ("old path (old solver, no pruning)", old_ot_scores,
+                             SanitizeConfig(device="cpu", k_ot=cfg.k, ot_margin=2.0))):
+            for f in work.glob("scores_*.npz"):
+                f.unlink()
+            scoring.ot_scores_chunked = fn  # type: ignore[assignment]
+            try:
+                res = sanitize(man, bundle, config=c, work_dir=work)
+            finally:
+                scoring.ot_scores_chunked = new_ot  # type: ignore[assignment]
+            rows.append((name, res.timings, res.decisions))
+    enc = rows[0][1]
+    n = len(man)
+    print(f"\n## 2. End to end: otc-tiny ({epochs} epochs on the clean slice), poisoned CIFAR-10 slice of {n} pairs "
+          f"({len(CLASSES)} classes, {len(swapped)} captions swapped), "
+          f"k={cfg.k}, k_ot={cfg.k_ot}, ot_margin={cfg.ot_margin}, CPU\n")
+    print("| path | decode s | encode s | index s | OT s | decide s | OT / encode | pairs/s | recall | precision |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ids = man.ids
+    for name, tim, d in rows:
+        t = {k: enc[k] if k in ("decode", "encode") else tim[k] for k in ("decode", "encode", "index", "ot", "decide")}
+        flagged = d.action != "keep"
+        truth = np.array([i in swapped for i in ids])
+        rec = (flagged & truth).sum() / max(1, truth.sum())
+        prec = (flagged & truth).sum() / max(1, flagged.sum())
+        print(f"| {name} | {t['decode']:.2f} | {t['encode']:.2f} | {t['index']:.2f} | {t['ot']:.2f} | {t['decide']:.2f} "
+              f"| {100 * t['ot'] / t['encode']:.0f}% | {n / sum(t.values()):.0f} | {rec:.2f} | {prec:.2f} |")
 
-        run = train(read_manifest(man), root / "run", config=TrainConfig(model="otc-tiny", defence="none", epochs=epochs,
-                                                                          batch_size=128, device="cpu"))
-        t0 = time.perf_counter()
-        rc = main(["sanitize", str(man), "--checkpoint", str(run.final_checkpoint), "--out", str(root / "out"),
-                   "--device", "cpu", "--no-progress"])
-        wall = time.perf_counter() - t0
-        assert rc == 0
-        import json
 
-        rep = json.loads((root / "out" / "report.json").read_text())
-    tim = rep["timings_s"]
-    n = rep["input"]["rows"]
-    total = sum(tim.values())
-    print(f"\n## 2. End to end: otcclip sanitize, otc-tiny, CIFAR-10 slice of {n} pairs, k=32, CPU\n")
-    print(f"{n / wall:.1f} pairs/s ({wall:.1f} s wall, including model load)\n")
-    print("| stage | seconds | share |")
-    print("|---|---|---|")
-    for k in ("decode", "encode", "index", "ot", "decide", "write"):
-        print(f"| {k} | {tim.get(k, 0.0):.2f} | {100 * tim.get(k, 0.0) / total:.0f}% |")
-
-
-def bench_scaling(sizes: list[int], k: int, p: int, length: int, d: int, iters: int) -> None:
-    from otcclip.models.config import DecisionSettings, OTSettings
+def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
+    from otcclip.models.config import DecisionSettings
     from otcclip.models.decisions import DetectorEnv, MatchScores, decide_pairs
     from otcclip.models.sanitize import (
         FeatureShard,
@@ -98,11 +185,12 @@ def bench_scaling(sizes: list[int], k: int, p: int, length: int, d: int, iters: 
         match_shard,
     )
 
-    cfg = SanitizeConfig(k=k, device="cpu", ot=OTSettings(iters=iters), shard_size=4096,
-                         decisions=DecisionSettings(detectors=("density", "caption_burst")))
-    print(f"\n## 3. Scaling on synthetic features (k={k}, P={p}, L={length}, d={d}, {iters} OT iterations, CPU)\n")
-    print("| pairs | match s | decide s | total s | ms/pair | peak traced MB | max RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=("density", "caption_burst")))
+    print(f"\n## 3. Scaling on synthetic features (defaults: k={cfg.k}, k_ot={cfg.k_ot}, ot_margin={cfg.ot_margin}, "
+          f"index {cfg.index.factory} above {cfg.index.exact_threshold:,}; P={p}, L={length}, d={d}; "
+          f"detectors density, caption_burst; CPU)\n")
+    print("| pairs | match s | decide s | match ms/pair | decide ms/pair | total ms/pair | peak traced MB | max RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in sizes:
         rng = torch.Generator().manual_seed(n)
         shards = []
@@ -127,23 +215,122 @@ def bench_scaling(sizes: list[int], k: int, p: int, length: int, d: int, iters: 
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"| {n:,} | {t1 - t0:.1f} | {t2 - t1:.1f} | {t2 - t0:.1f} | {1000 * (t2 - t0) / n:.2f} | {peak / 2**20:.0f} | {rss:.0f} |")
+        print(f"| {n:,} | {t1 - t0:.1f} | {t2 - t1:.1f} | {1000 * (t1 - t0) / n:.3f} | {1000 * (t2 - t1) / n:.3f} "
+              f"| {1000 * (t2 - t0) / n:.3f} | {peak / 2**20:.0f} | {rss:.0f} |", flush=True)
         del shards, scores, cidx
+
+
+def bench_gpu(n: int, *, model_name: str = "ViT-B-32", batch: int = 1024, device: str = "cuda") -> None:
+    from otcclip.models.config import DecisionSettings
+    from otcclip.models.decisions import DetectorEnv, MatchScores, decide_pairs
+    from otcclip.models.factory import create_model
+    from otcclip.models.features import image_features, text_features
+    from otcclip.models.sanitize import (
+        FeatureShard,
+        SanitizeConfig,
+        build_caption_index,
+        match_shard,
+    )
+    from otcclip.models.shortlist import gpu_available
+
+    dev = torch.device(device)
+    cfg = SanitizeConfig(device=device, batch_size=batch, shard_size=16_384,
+                         decisions=DecisionSettings(detectors=("image_burst", "density", "caption_burst")))
+    bundle = create_model(model_name, device=dev, seed=0)
+    model = bundle.model.half().eval()
+    size = int(bundle.preprocess_cfg["size"][0] if isinstance(bundle.preprocess_cfg["size"], (list, tuple))
+               else bundle.preprocess_cfg["size"])
+    names = ["dog", "cat", "ship", "truck", "horse", "bird", "frog", "deer", "plane", "car"]
+    adj = ["small", "large", "red", "blue", "old", "new", "dark", "bright", "wet", "dry"]
+    place = ["on grass", "in water", "at night", "in snow", "on a road", "indoors", "in a field", "by the sea"]
+    texts = [f"a photo of a {a} {c} {p}" for c in names for a in adj for p in place]
+    tokens = bundle.tokenizer(texts)
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+    print(f"\n## GPU run: {model_name} (random weights, fp16), {n:,} synthetic pairs, {gpu_name}, "
+          f"faiss GPU: {gpu_available()}, torch {torch.__version__}\n", flush=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    shards = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(0, n, cfg.shard_size):
+        e = min(n, s + cfg.shard_size)
+        igs, ils, tgs, tls, tms = [], [], [], [], []
+        for b in range(s, e, batch):
+            m = min(batch, e - b)
+            pix = torch.randn(m, 3, size, size, device=dev, generator=g, dtype=torch.float16)
+            tok = tokens[torch.arange(b, b + m) % len(texts)].to(dev)
+            with torch.no_grad():
+                fi = image_features(model, pix)
+                ft = text_features(model, tok)
+            igs.append(fi.global_.float().cpu())
+            ils.append(fi.local.half().cpu())
+            tgs.append(ft.global_.float().cpu())
+            tls.append(F.pad(ft.local.half(), (0, 0, 0, 24 - ft.local.shape[1])).cpu())
+            tms.append(F.pad(ft.mask, (0, 24 - ft.mask.shape[1]), value=False).cpu())
+        shards.append(FeatureShard(
+            start=s, stop=e, ok=torch.ones(e - s, dtype=torch.bool), image_global=torch.cat(igs),
+            image_local=torch.cat(ils), caption_global=torch.cat(tgs), caption_local=torch.cat(tls),
+            caption_mask=torch.cat(tms), caption_hash=torch.arange(s, e, dtype=torch.int64) % len(texts)))
+    sync()
+    t_enc = time.perf_counter() - t0
+    print(f"encode done: {n / t_enc:,.0f} pairs/s", flush=True)
+    t0 = time.perf_counter()
+    cidx = build_caption_index(shards, config=cfg)
+    t_index = time.perf_counter() - t0
+    tim = {"index": t_index, "ot": 0.0}
+    scores = []
+    for sh in shards:
+        sc = match_shard(sh, cidx, config=cfg)
+        tim["index"] += sc.timings["index"]
+        tim["ot"] += sc.timings["ot"]
+        scores.append(sc.scores)
+    print(f"match done: OT {n / tim['ot']:,.0f} pairs/s", flush=True)
+    t0 = time.perf_counter()
+    decide_pairs(MatchScores.concat(scores), settings=cfg.decisions, env=DetectorEnv(index=cfg.index, seed=cfg.seed))
+    t_dec = time.perf_counter() - t0
+    stages = {"encode (image + caption, fp16)": t_enc, "index + shortlist": tim["index"], "OT": tim["ot"],
+              "decide": t_dec}
+    print("\n| stage | seconds | pairs/s |")
+    print("|---|---|---|")
+    for k, v in stages.items():
+        print(f"| {k} | {v:.1f} | {n / v:,.0f} |")
+    total = sum(stages.values())
+    print(f"| end to end | {total:.1f} | {n / total:,.0f} |")
+    print(f"\nOT / encode: {100 * tim['ot'] / t_enc:.0f}%; peak GPU memory "
+          f"{torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.1f} GiB")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (shared / slow machines)")
-    ap.add_argument("--sizes", default=None, help="comma-separated pair counts for table 3")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer OT problems and a smaller CIFAR-10 slice")
+    ap.add_argument("--million", action="store_true", help="add 1,000,000 pairs to the scaling table (long, ~4 GB)")
+    ap.add_argument("--sizes", default=None, help="comma-separated pair counts for table 3 (default 10000,100000)")
+    ap.add_argument("--skip", default="", help="comma-separated tables to skip: ot, e2e, scale")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and faiss threads (1 on a shared machine: more threads than free cores stall)")
+    ap.add_argument("--gpu", type=int, default=0, metavar="N", help="run the GPU benchmark on N synthetic pairs instead")
+    ap.add_argument("--gpu-model", default="ViT-B-32", help="model of the GPU benchmark (random weights)")
+    ap.add_argument("--gpu-batch", type=int, default=1024, help="encoder batch and OT problems per solver call")
+    ap.add_argument("--gpu-device", default="cuda", help="device of the GPU benchmark (cpu: a smoke test)")
     args = ap.parse_args()
+    if args.gpu:
+        bench_gpu(args.gpu, model_name=args.gpu_model, batch=args.gpu_batch, device=args.gpu_device)
+        return
     torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
-        [10_000, 20_000, 40_000] if args.quick else [10_000, 50_000, 100_000, 200_000])
-    print(f"# bench/sanitize.py (torch threads: {args.threads}; torch {torch.__version__}, POT {ot.__version__})")
-    bench_ot(512 if args.quick else 2048, 64, 16, 64, 0.05, 50)
-    bench_end_to_end(50 if args.quick else 200, 2 if args.quick else 5)
-    bench_scaling(sizes, k=8 if args.quick else 32, p=16, length=12, d=64, iters=30)
+    faiss.omp_set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [10_000, 100_000]
+    if args.million:
+        sizes.append(1_000_000)
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"# bench/sanitize.py (threads: {args.threads}; torch {torch.__version__}, POT {ot.__version__}, "
+          f"faiss {faiss.__version__})")
+    if "ot" not in skip:
+        bench_ot(1024 if args.quick else 4096, 64, 16, 64)
+    if "e2e" not in skip:
+        bench_end_to_end(100 if args.quick else 200, 10 if args.quick else 20)
+    if "scale" not in skip:
+        bench_scaling(sizes, p=16, length=12, d=64)
 
 
 if __name__ == "__main__":

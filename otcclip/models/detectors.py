@@ -32,7 +32,7 @@ from otcclip.models.config.detectors import (
 )
 from otcclip.models.config.sanitize import IndexSettings
 from otcclip.models.scores import MatchScores
-from otcclip.models.shortlist import build_index
+from otcclip.models.shortlist import build_index, search
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def _knn(vectors: np.ndarray, k: int, env: DetectorEnv) -> tuple[np.ndarray, np.
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     kk = min(k + 1, len(v))
-    index = build_index(v, seed=env.seed, exact_threshold=env.index.exact_threshold, nprobe=env.index.nprobe)
-    sims, idx = index.search(v, kk)
+    index = build_index(v, settings=env.index, seed=env.seed)
+    sims, idx = search(index, v, kk)
     self_hit = idx == np.arange(len(v))[:, None]
     sims = np.where(self_hit, -np.inf, sims)
     order = np.argsort(-sims, axis=1, kind="stable")[:, : kk - 1]

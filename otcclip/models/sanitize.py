@@ -198,7 +198,7 @@ def build_caption_index(caption_shards: Sequence[ShardRef], *, config: SanitizeC
         return load
 
     blocks = tuple(CaptionBlock(s, e, loader(ref)) for s, e, ref, _ in metas)
-    index = build_index(glob, exact_threshold=config.index.exact_threshold, nprobe=config.index.nprobe, seed=config.seed)
+    index = build_index(glob, settings=config.index, seed=config.seed)
     return CaptionIndex(index=index, globals_=glob, blocks=blocks, seconds=time.perf_counter() - t0)
 
 
@@ -234,9 +234,12 @@ def match_shard(
     dev = _device(config.device)
     ps = score_shortlist(
         img.image_local, sl.indices, sl.scores, cidx.blocks, alpha=config.alpha, ot_settings=config.ot,
-        batch_size=config.batch_size, image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
+        batch_size=config.batch_size, k_ot=config.k_ot, margin=config.ot_margin, image_global=img.image_global, device=dev, progress=progress, should_stop=should_stop,
     )
     t2 = time.perf_counter()
+    n_ot = int(np.isfinite(ps.ot).sum())
+    log.info("rows %d-%d: OT on %d of %d shortlisted pairs in %.2f s (%.0f problems/s)", img.start, img.stop, n_ot,
+             int((sl.indices >= 0).sum()), t2 - t1, n_ot / max(t2 - t1, 1e-9))
     scores = MatchScores(
         candidates=sl.indices, global_=ps.global_, ot=ps.ot, fused=ps.fused,
         ok=img.ok.numpy().astype(bool), image_global=img.image_global.numpy().astype(np.float16),

@@ -4,6 +4,13 @@
 ``N * (k + 1)`` shortlisted pairs, never for all ``N^2``. Caption local sets may live in
 several blocks (feature shards, loaded one at a time), so memory stays at one image
 shard plus one caption block.
+
+Only part of the shortlist goes to OT (:func:`ot_candidates`): the own caption always,
+and the best ``k_ot`` other candidates whose global score is within ``margin`` of the
+image's best. The others keep their global score and get a NaN OT (and fused) score, so
+they are never chosen for a re-assignment. Each caption's token set is moved to the
+solver's device and precision once per batch of problems and shared by every image that
+shortlisted it; problems are ordered by caption length so that a batch pads little.
 """
 
 from __future__ import annotations
@@ -65,6 +72,38 @@ def fuse(global_: np.ndarray, ot: np.ndarray, alpha: float) -> np.ndarray:
     return (alpha * g + (1.0 - alpha) * ot).astype(np.float32)
 
 
+def ot_candidates(candidates: np.ndarray, global_scores: np.ndarray, *, k_ot: int | None = None,
+                  margin: float | None = None) -> np.ndarray:
+    """Which shortlisted candidates get an OT score.
+
+    Parameters
+    ----------
+    candidates : ndarray, shape (N, K), int64
+        Column 0 is the own caption, the others best-first by global score; ``-1`` none.
+    global_scores : ndarray, shape (N, K)
+    k_ot : int, optional
+        At most this many candidates besides column 0 (None: all).
+    margin : float, optional
+        Only candidates whose global score is at least the row's best minus ``margin``
+        (None: no margin).
+
+    Returns
+    -------
+    ndarray, shape (N, K), bool
+        Column 0 is True wherever it holds a candidate.
+    """
+    sel = candidates >= 0
+    if margin is not None:
+        g = np.where(sel, global_scores, -np.inf)
+        best = g.max(axis=1, keepdims=True)
+        sel &= g >= best - margin
+        sel[:, 0] = candidates[:, 0] >= 0
+    if k_ot is not None:
+        rank = np.cumsum(sel[:, 1:], axis=1)
+        sel[:, 1:] &= rank <= k_ot
+    return sel
+
+
 def score_shortlist(
     image_local: torch.Tensor,
     candidates: np.ndarray,
@@ -74,6 +113,8 @@ def score_shortlist(
     alpha: float = 0.5,
     ot_settings: OTSettings = OTSettings(),
     batch_size: int = 256,
+    k_ot: int | None = None,
+    margin: float | None = None,
     image_global: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: ProgressFn | None = None,
@@ -97,6 +138,8 @@ def score_shortlist(
         The OT solver's settings.
     batch_size : int
         OT problems per solver call.
+    k_ot, margin : optional
+        Which candidates get an OT score (:func:`ot_candidates`); None: all.
     image_global : Tensor, shape (N, d), optional
         Needed for ``marginals="relevance"``.
     device
@@ -105,10 +148,11 @@ def score_shortlist(
     Returns
     -------
     PairScores
+        ``ot`` and ``fused`` are NaN where no OT ran (no candidate, or pruned).
     """
     n, kk = candidates.shape
     ot = np.full((n, kk), np.nan, dtype=np.float32)
-    rows, cols = np.nonzero(candidates >= 0)
+    rows, cols = np.nonzero(ot_candidates(candidates, global_scores, k_ot=k_ot, margin=margin))
     cand = candidates[rows, cols]
     total, done = len(cand), 0
     dev = torch.device(device)
@@ -117,20 +161,25 @@ def score_shortlist(
         if len(sel) == 0:
             continue
         cap_local, cap_mask, cap_global = block.load()
+        # shortest captions first: each solver batch pads to its own longest caption
+        lengths = cap_mask.sum(dim=1).numpy()
+        sel = sel[np.argsort(lengths[cand[sel] - block.start], kind="stable")]
         for s in range(0, len(sel), batch_size * 8):
             check_stop(should_stop)
             part = sel[s : s + batch_size * 8]
             r = torch.from_numpy(rows[part])
-            c = torch.from_numpy(cand[part] - block.start)
+            uniq, inv = np.unique(cand[part] - block.start, return_inverse=True)
+            u = torch.from_numpy(uniq)
+            length = int(lengths[uniq].max())
+            # one copy per distinct caption, shared by every image that shortlisted it
+            yu = cap_local[u][:, :length].to(dev)
+            ymu = cap_mask[u][:, :length].to(dev)
+            iv = torch.from_numpy(inv.reshape(-1)).to(dev)
             x = image_local[r].to(dev)
-            y = cap_local[c].to(dev)
-            ym = cap_mask[c].to(dev)
-            length = int(ym.sum(dim=1).max().item())
-            y, ym = y[:, :length], ym[:, :length]
             xg = image_global[r].to(dev) if image_global is not None else None
-            yg = cap_global[c].to(dev) if ot_settings.marginals == "relevance" else None
+            yg = cap_global[u].to(dev, torch.float32)[iv] if ot_settings.marginals == "relevance" else None
             s_ot = ot_scores_chunked(
-                x, y, y_mask=ym, settings=ot_settings, batch_size=batch_size, x_global=xg, y_global=yg,
+                x, yu[iv], y_mask=ymu[iv], settings=ot_settings, batch_size=batch_size, x_global=xg, y_global=yg,
             )
             ot[rows[part], cols[part]] = s_ot.float().cpu().numpy()
             done += len(part)

@@ -1,20 +1,27 @@
 """FAISS shortlist of candidate captions per image (DESIGN 2.3 step 2).
 
-Caption globals are L2-normalised, so inner product is cosine similarity. Below
-``exact_threshold`` captions the index is exact (``IndexFlatIP``); above it an IVF index
-(``IndexIVFFlat``, inner product, ``nlist ~ sqrt(N)``, ``nprobe`` lists searched) is
-trained on a sample. When faiss was built with GPU support and a GPU is visible the
-index is moved there.
+Caption globals are L2-normalised, so inner product is cosine similarity. Up to
+``exact_threshold`` captions the index is exact (``IndexFlatIP``); above it the index is
+built from a FAISS ``index_factory`` string (:class:`IndexSettings`), by default
+``IVF{nlist},Flat`` with ``nlist = N / list_size`` lists (256 vectors each, capped by the
+training sample), ``nprobe`` of them probed: a query scans about ``nprobe * list_size``
+vectors plus the list centroids whatever ``N``, and the index is trained on a sample of
+at most ``train_sample`` vectors. ``HNSW32`` (per-query cost ~``log N``, build about a
+millisecond per vector on a 2-core CPU) and other factories are chosen by name. When
+faiss was built with GPU support and a GPU is visible, flat and IVF indexes are moved
+there (HNSW stays on the CPU).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
+
+from otcclip.models.config.sanitize import IndexSettings
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +70,7 @@ def content_order(x: np.ndarray, *, seed: int = 0, chunk: int = 65_536) -> np.nd
 def build_index(
     caption_globals: np.ndarray,
     *,
-    exact_threshold: int = 20_000,
-    nlist: int | None = None,
-    nprobe: int = 32,
+    settings: IndexSettings = IndexSettings(),
     use_gpu: bool | None = None,
     seed: int = 0,
 ) -> faiss.Index:
@@ -75,12 +80,15 @@ def build_index(
     ----------
     caption_globals : ndarray, shape (M, d)
         L2-normalised caption embeddings (any float dtype; copied to float32).
-    exact_threshold : int
-        Up to this many captions the index is exact (``IndexFlatIP``); above, IVF.
-    nlist, nprobe : int
-        IVF lists (default ``sqrt(M)``) and lists searched per query.
+    settings : IndexSettings
+        ``exact_threshold``: exact index up to this many vectors; above it
+        ``factory`` (a FAISS ``index_factory`` string, inner-product metric) with
+        ``nprobe`` (IVF) or ``ef_search`` (HNSW); ``train_sample``: vectors a trained
+        index is trained on.
     use_gpu : bool or None
-        None: on the GPU when :func:`gpu_available`.
+        None: on the GPU when :func:`gpu_available` (flat and IVF indexes only).
+    seed : int
+        Seed of the training sample.
 
     Returns
     -------
@@ -91,28 +99,89 @@ def build_index(
         raise ValueError(f"caption_globals must be a non-empty (M, d) array, got shape {xb.shape}")
     m, d = xb.shape
     index: faiss.Index
-    if m <= exact_threshold:
+    if m <= settings.exact_threshold:
         index = faiss.IndexFlatIP(d)
     else:
-        nl = nlist or max(16, int(math.sqrt(m)))
-        quant = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        # the training sample is drawn from the rows in a canonical order (by content), so
-        # the same vectors in any row order train the same quantiser
-        canon = content_order(xb, seed=seed)
-        sample = xb[canon[np.sort(rng.choice(m, size=min(m, nl * 64), replace=False))]]
-        index.train(sample)
-        index.nprobe = nprobe
-        log.info("IVF index: %d captions, nlist=%d, nprobe=%d", m, nl, nprobe)
+        index = faiss.index_factory(d, factory_string(settings, m), faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            ivf = _ivf(index)
+            # k-means costs ~ sample * nlist: 64 vectors per list are enough for the lists
+            size = min(m, settings.train_sample, 64 * ivf.nlist if ivf is not None else m)
+            # the training sample is drawn from the rows in a canonical order (by content), so
+            # the same vectors in any row order train the same quantiser
+            canon = content_order(xb, seed=seed)
+            index.train(xb[canon[np.sort(rng.choice(m, size=size, replace=False))]])
+        set_search_params(index, settings, 1)
+        log.info("index %s: %d captions", factory_string(settings, m), m)
     if use_gpu is None:
         use_gpu = gpu_available()
-    if use_gpu:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        index._otc_res = res  # type: ignore[attr-defined]  # keep the resources alive
+    if use_gpu and _hnsw(index) is None:
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(xb)
     return index
+
+
+_GPU_RESOURCES: list[Any] = []
+
+
+def _gpu_resources() -> Any:
+    """One ``StandardGpuResources`` per process, alive as long as the process (faiss
+    objects take no extra attributes to hold it, and every GPU index needs it alive)."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
+def factory_string(settings: IndexSettings, n: int) -> str:
+    """``settings.factory`` with ``{nlist}`` replaced by ``n // list_size``, between 16 and
+    ``train_sample // 39`` (k-means wants about 39 training vectors per list)."""
+    nlist = max(16, min(n // settings.list_size, settings.train_sample // 39))
+    return settings.factory.replace("{nlist}", str(nlist))
+
+
+def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW index inside ``index`` (itself or under a pre-transform), or None."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def set_search_params(index: faiss.Index, settings: IndexSettings, k: int) -> None:
+    """Apply ``nprobe`` (IVF) and ``max(ef_search, k)`` (HNSW) to a CPU ``index``."""
+    hnsw = _hnsw(index)
+    if hnsw is not None:
+        hnsw.hnsw.efSearch = max(settings.ef_search, k)
+        return
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = settings.nprobe
+
+
+def _ivf(index: faiss.Index) -> Any:
+    """The IVF index inside ``index``, or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):  # not an IVF index
+        return None
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, *, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` in batches; an HNSW index's ``efSearch`` is raised to ``k`` first.
+
+    Returns ``(scores (N, k) float32, indices (N, k) int64)``, ``-1`` where fewer were found.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    hnsw = _hnsw(index)
+    if hnsw is not None and hnsw.hnsw.efSearch < k:
+        hnsw.hnsw.efSearch = k
+    n = q.shape[0]
+    scores = np.empty((n, k), dtype=np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    for s in range(0, n, batch_size):
+        scores[s : s + batch_size], idx[s : s + batch_size] = index.search(q[s : s + batch_size], k)
+    return scores, idx
 
 
 def shortlist(
@@ -146,13 +215,8 @@ def shortlist(
     Shortlist
     """
     q = np.ascontiguousarray(image_globals, dtype=np.float32)
-    n = q.shape[0]
     kk = max(1, min(k, index.ntotal))
-    scores = np.empty((n, kk), dtype=np.float32)
-    idx = np.empty((n, kk), dtype=np.int64)
-    for s in range(0, n, batch_size):
-        sc, ix = index.search(q[s : s + batch_size], kk)
-        scores[s : s + batch_size], idx[s : s + batch_size] = sc, ix
+    scores, idx = search(index, q, kk, batch_size=batch_size)
     scores[idx < 0] = -np.inf
     if own is None:
         return Shortlist(indices=idx, scores=scores)

@@ -121,3 +121,36 @@ def test_ot_picks_the_right_caption_when_globals_tie() -> None:
     assert g[0] == g[1]  # the global-only score cannot tell them apart
     assert res.score[0] > res.score[1] + 0.5
     assert fused[0] > fused[1]
+
+
+def test_plain_and_log_domains_agree_and_auto_picks_by_range() -> None:
+    x, y, xm, ym = _problems(6, b=64, p=16, length=10, d=32)
+    x, y = x.float(), y.float()
+    runs = {m: ot_distance(x, y, x_mask=xm, y_mask=ym, settings=OTSettings(reg=0.05, iters=2000, tol=1e-7, method=m))
+            for m in ("auto", "sinkhorn", "log_sinkhorn")}
+    torch.testing.assert_close(runs["sinkhorn"].distance, runs["log_sinkhorn"].distance, atol=2e-5, rtol=0)
+    torch.testing.assert_close(runs["auto"].distance, runs["log_sinkhorn"].distance, atol=2e-5, rtol=0)
+    # cosine costs span < 2, so 2 / 0.05 = 40 <= PLAIN_MAX_RANGE_OVER_REG: all plain
+    assert runs["auto"].log_domain is not None and not bool(runs["auto"].log_domain.any())
+    # a tiny reg against the same costs: the log domain, and finite results
+    tiny = ot_distance(x, y, x_mask=xm, y_mask=ym, settings=OTSettings(reg=0.005, iters=300))
+    assert tiny.log_domain is not None and bool(tiny.log_domain.all())
+    assert torch.isfinite(tiny.distance).all()
+    forced = ot_distance(x, y, x_mask=xm, y_mask=ym, settings=OTSettings(reg=0.005, iters=300, method="log_sinkhorn"))
+    torch.testing.assert_close(tiny.distance, forced.distance)
+
+
+def test_each_problem_stops_when_it_has_converged() -> None:
+    """In a batch an easy problem gets exactly the iterations it gets alone (POT's batched
+    solver would run it until the hardest problem converged)."""
+    x, y, _, _ = _problems(7, b=2, p=12, length=8, d=16)
+    x, y = x.clone(), y.clone()
+    x[0] = F.normalize(x[0] * 0.3 + y[0, :1], dim=-1)  # patches near one token: a flatter cost, easier
+    st = OTSettings(reg=0.05, iters=2000, tol=1e-4, method="sinkhorn")
+    both = ot_distance(x, y, settings=st)
+    alone = [ot_distance(x[i:i + 1], y[i:i + 1], settings=st) for i in range(2)]
+    assert alone[0].n_iter < alone[1].n_iter == both.n_iter
+    longer = ot_distance(x[:1], y[:1], settings=OTSettings(reg=0.05, iters=both.n_iter, tol=0, method="sinkhorn"))
+    assert abs(float(longer.distance[0] - alone[0].distance[0])) > 1e-7  # more iterations would change it
+    for i in range(2):
+        torch.testing.assert_close(both.distance[i], alone[i].distance[0], atol=1e-12, rtol=0)

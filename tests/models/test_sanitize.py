@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from otcclip.models.config import DecisionSettings, OTSettings
@@ -126,3 +127,70 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="unknown detectors"):
         SanitizeConfig(decisions=DecisionSettings(detectors=("magic",)))
     assert SanitizeConfig(decisions=DecisionSettings(detectors=["density"])).to_dict()["decisions"]["detectors"] == ["density"]  # type: ignore[arg-type]
+
+
+def _class_features(n: int = 240, classes: int = 6, swap: float = 0.1, seed: int = 0):
+    """Synthetic features with class structure: each class has 4 patch and 3 token
+    prototypes; an image's patches and its caption's tokens are noisy prototypes of its
+    class; globals are noisy class centroids. ``swap`` of the captions come from another
+    class. Returns (ImageFeatures, TextFeatures, swapped row indices)."""
+    from otcclip.models.features import ImageFeatures, TextFeatures
+
+    g = torch.Generator().manual_seed(seed)
+    d, p, length = 32, 8, 6
+    proto = F.normalize(torch.randn(classes, 4, d, generator=g), dim=-1)
+    cent = F.normalize(proto.sum(1), dim=-1)
+    cls = torch.arange(n) % classes
+    cap_cls = cls.clone()
+    swapped = torch.randperm(n, generator=g)[: int(n * swap)]
+    cap_cls[swapped] = (cls[swapped] + 1 + torch.randint(0, classes - 1, (len(swapped),), generator=g)) % classes
+
+    def noisy(v: torch.Tensor, s: float) -> torch.Tensor:
+        return F.normalize(v + s * torch.randn(v.shape, generator=g), dim=-1)
+
+    pick_p = torch.randint(0, 4, (n, p), generator=g)
+    pick_t = torch.randint(0, 4, (n, length), generator=g)
+    img = ImageFeatures(noisy(cent[cls], 0.12), noisy(proto[cls[:, None], pick_p], 0.15))
+    mask = torch.arange(length)[None, :] < torch.randint(3, length + 1, (n, 1), generator=g)
+    tok = noisy(proto[cap_cls[:, None], pick_t], 0.15) * mask[:, :, None]
+    txt = TextFeatures(noisy(cent[cap_cls], 0.12), tok, mask)
+    return img, txt, swapped.numpy()
+
+
+def test_plain_and_log_domain_give_the_same_decisions() -> None:
+    img, txt, _ = _class_features()
+    out = {}
+    for method in ("auto", "log_sinkhorn"):
+        cfg = SanitizeConfig(k=8, device="cpu", ot=OTSettings(method=method))
+        out[method] = sanitize_features(img, txt, config=cfg)
+    np.testing.assert_array_equal(out["auto"].action, out["log_sinkhorn"].action)
+    np.testing.assert_array_equal(out["auto"].new_caption_index, out["log_sinkhorn"].new_caption_index)
+    np.testing.assert_allclose(out["auto"].ot_score, out["log_sinkhorn"].ot_score, atol=1e-4)
+
+
+def test_pruned_candidates_get_no_ot_and_are_never_chosen() -> None:
+    img, txt, swapped = _class_features(seed=1)
+    full = sanitize_features(img, txt, config=SanitizeConfig(k=12, k_ot=12, ot_margin=2.0, device="cpu"))
+    pruned_cfg = SanitizeConfig(k=12, k_ot=3, ot_margin=0.15, device="cpu")
+    pruned = sanitize_features(img, txt, config=pruned_cfg)
+    # the swapped pairs are found as well with OT on the best few candidates only
+    for d in (full, pruned):
+        assert (d.action[swapped] != "keep").mean() > 0.9
+        assert (np.delete(d.action, swapped) == "keep").mean() > 0.9
+    assert (pruned.action == full.action).mean() > 0.97
+    # the match stage's own view: pruned entries have a global score but NaN OT/fused
+    fi = FeatureShard(start=0, stop=240, ok=torch.ones(240, dtype=torch.bool),
+                      image_global=img.global_, image_local=img.local, caption_global=txt.global_,
+                      caption_local=txt.local, caption_mask=txt.mask,
+                      caption_hash=torch.arange(240, dtype=torch.int64))
+    m = match_shard(fi, [fi], config=pruned_cfg).scores
+    has_ot = np.isfinite(m.ot)
+    assert has_ot[:, 0].all() and (has_ot[:, 1:].sum(axis=1) <= 3).all() and np.isfinite(m.global_[m.candidates >= 0]).all()
+    assert (~has_ot[:, 1:]).any()
+    best = np.nanmax(np.where(m.candidates >= 0, m.global_, np.nan), axis=1, keepdims=True)
+    assert (m.global_[:, 1:][has_ot[:, 1:]] >= np.broadcast_to(best, has_ot[:, 1:].shape)[has_ot[:, 1:]] - 0.15 - 1e-6).all()
+    chosen = pruned.new_caption_index[pruned.action == "reassign"]
+    rows = np.nonzero(pruned.action == "reassign")[0]
+    for r, c in zip(rows, chosen, strict=True):
+        col = int(np.nonzero(m.candidates[r] == c)[0][0])
+        assert has_ot[r, col]

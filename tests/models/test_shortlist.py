@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
-from otcclip.models.shortlist import build_index, shortlist
+from otcclip.models.config.sanitize import IndexSettings
+from otcclip.models.shortlist import build_index, factory_string, shortlist
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -34,18 +36,26 @@ def test_exact_topk_matches_numpy_and_own_caption_comes_first() -> None:
         assert len(set(row.tolist())) == len(row)
 
 
-def test_ivf_above_threshold_has_high_recall() -> None:
+@pytest.mark.parametrize(("factory", "kind"), [("HNSW32", "HNSW"), ("IVF64,Flat", "IVF")])
+def test_factory_index_above_threshold_has_high_recall(factory: str, kind: str) -> None:
     rng = np.random.default_rng(1)
     centres = _unit(rng, 20, 32)
     caps = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 32)).astype(np.float32)
     caps /= np.linalg.norm(caps, axis=1, keepdims=True)
     imgs = caps[:200] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32)
-    index = build_index(caps, exact_threshold=1000, use_gpu=False)
-    assert "IVF" in type(index).__name__
+    index = build_index(caps, settings=IndexSettings(exact_threshold=1000, factory=factory, ef_search=8), use_gpu=False)
+    assert kind in type(faiss.downcast_index(index)).__name__
+    assert "Flat" in type(build_index(caps[:500], settings=IndexSettings(exact_threshold=1000), use_gpu=False)).__name__
     sl = shortlist(index, imgs, 10)
     truth = np.argsort(-(imgs @ caps.T), axis=1)[:, :10]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(sl.indices.tolist(), truth.tolist(), strict=True)])
     assert recall > 0.9
+
+
+def test_bad_factory_string_is_refused() -> None:
+    with pytest.raises(ValueError, match="factory"):
+        IndexSettings(factory="HNSW32; rm -rf")
+    assert IndexSettings(factory="IVF4096,Flat").factory == "IVF4096,Flat"
 
 
 def test_bad_input() -> None:
@@ -54,3 +64,11 @@ def test_bad_input() -> None:
     caps = _unit(np.random.default_rng(2), 10, 4)
     with pytest.raises(ValueError, match="caption_globals"):
         shortlist(build_index(caps, use_gpu=False), caps, 3, own=np.arange(10))
+
+
+def test_list_count_follows_n_so_a_query_scans_a_fixed_number_of_vectors() -> None:
+    st = IndexSettings()
+    assert factory_string(st, 100_000) == f"IVF{100_000 // st.list_size},Flat"
+    assert factory_string(st, 1_000) == "IVF16,Flat"
+    assert factory_string(st, 10**9) == f"IVF{st.train_sample // 39},Flat"  # k-means needs ~39 vectors per list
+    assert factory_string(IndexSettings(factory="HNSW32"), 10**6) == "HNSW32"

@@ -95,7 +95,8 @@ def test_otcclip_restarts_from_the_initial_weights_after_its_first_pass(small_ma
     pass the model, optimiser and schedule start again."""
     init = tmp_path / "init"
     train(small_manifest, init, config=_cfg(epochs=1, lr=1e-12, lr_warmup_steps=0))  # ~ the seed's initial weights
-    res = train(small_manifest, tmp_path / "r", config=_cfg(defence="otcclip", epochs=2, checkpoint_every=1))
+    res = train(small_manifest, tmp_path / "r", config=_cfg(defence="otcclip", epochs=2, checkpoint_every=1,
+                                                            keep_checkpoints=0))
     assert res.epochs_done == 3
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
@@ -163,6 +164,28 @@ def test_different_seed_differs(small_manifest: Path, tmp_path: Path) -> None:
     b = train(small_manifest, tmp_path / "b", config=_cfg(epochs=1, seed=1))
     wa, wb = _weights(a.final_checkpoint), _weights(b.final_checkpoint)
     assert not torch.equal(wa["visual.proj"], wb["visual.proj"])
+
+
+def test_only_final_and_the_last_epochs_are_kept_and_the_run_still_resumes(small_manifest: Path, tmp_path: Path) -> None:
+    cfg = _cfg(epochs=4)  # keep_checkpoints: default 2
+    full = train(small_manifest, tmp_path / "full", config=cfg)
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["epoch_003", "epoch_004"]
+    assert full.final_checkpoint.is_dir()
+    stop = {"now": False}
+
+    def on_epoch(rec: dict) -> None:
+        stop["now"] = rec["epoch"] == 3
+
+    with pytest.raises(Cancelled):
+        train(small_manifest, tmp_path / "cut", config=cfg, on_epoch=on_epoch, should_stop=lambda: stop["now"])
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["epoch_002", "epoch_003"]
+    resumed = train(small_manifest, tmp_path / "cut", config=cfg, resume=True)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["epoch_003", "epoch_004"]
+    a, b = _weights(full.final_checkpoint), _weights(resumed.final_checkpoint)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    every = train(small_manifest, tmp_path / "all", config=_cfg(epochs=3, keep_checkpoints=0))
+    assert every.epochs_done == 3 and len(list((tmp_path / "all" / "checkpoints").iterdir())) == 3
 
 
 def test_resume_rejects_changed_config(small_manifest: Path, tmp_path: Path) -> None:

@@ -23,11 +23,21 @@ def check_device(name: str) -> None:
 class IndexSettings(Settings):
     """The FAISS index of caption (and detector neighbour) searches."""
 
-    exact_threshold: int = setting(20_000, "exact inner-product index up to this many vectors, IVF above", ge=1)
-    nprobe: int = setting(32, "IVF lists probed per query above exact_threshold", ge=1, le=4096)
+    exact_threshold: int = setting(20_000, "exact inner-product index up to this many vectors, `factory` above", ge=1)
+    factory: str = setting("IVF{nlist},Flat", "FAISS index_factory string of the index above exact_threshold (inner "
+                           "product); {nlist} becomes N // list_size (16 to train_sample // 39); e.g. HNSW32")
+    list_size: int = setting(256, "vectors per IVF list aimed at by {nlist}: a query scans about nprobe * list_size "
+                             "vectors whatever N", ge=1, le=1_000_000)
+    nprobe: int = setting(32, "IVF lists probed per query (IVF factories)", ge=1, le=4096)
+    ef_search: int = setting(64, "HNSW candidate list per query (HNSW factories; raised to k when smaller)", ge=1,
+                             le=65_536)
+    train_sample: int = setting(100_000, "vectors an index that needs training (IVF, PQ) is trained on", ge=1_000,
+                                le=10_000_000)
 
     def __post_init__(self) -> None:
         check(self)
+        if not self.factory or len(self.factory) > 200 or not re.fullmatch(r"[A-Za-z0-9_,.=+{}-]+", self.factory):
+            raise ValueError(f"factory must be a FAISS index_factory string such as HNSW32 or IVF{{nlist}},Flat; got {self.factory!r}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,10 @@ class SanitizeConfig(Settings):
     """
 
     k: int = setting(32, "shortlisted captions per image (plus its own)", ge=1, le=1024)
+    k_ot: int = setting(16, "shortlisted captions per image that get an OT score besides its own (at most k); "
+                        "the others cannot be chosen for a re-assignment", ge=0, le=1024)
+    ot_margin: float = setting(0.15, "only candidates whose global cosine is within this of the image's best "
+                               "candidate's get an OT score", ge=0, le=2)
     alpha: float = setting(0.5, "weight of the global cosine in the fused score (1 - alpha on the OT score)", ge=0, le=1)
     batch_size: int = setting(256, "images/captions per encoder forward, OT problems per solver call", ge=1, le=65_536)
     shard_size: int = setting(4096, "pairs per feature/score shard (one task each in a job)", ge=4, le=10_000_000)

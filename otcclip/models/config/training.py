@@ -101,6 +101,8 @@ class TrainConfig(Settings):
     cache_images_bytes: int = setting(4 << 30, "decode all images once into memory when they fit in this many bytes",
                                       ge=0)
     checkpoint_every: int = setting(1, "write checkpoints/epoch_NNN every this many epochs (and at the end)", ge=1)
+    keep_checkpoints: int = setting(2, "epoch checkpoints kept besides final/, the newest (0: all); resume needs only "
+                                    "the newest", ge=0, le=100_000)
     num_threads: int | None = setting(None, "torch.set_num_threads for the run (None: leave it)", ge=1, le=1024)
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 Writes (``run_dir``)::
 
     config.json                      the TrainConfig of the run
-    checkpoints/epoch_NNN/           checkpoint format (DESIGN 3) + train_state.pt
+    checkpoints/epoch_NNN/           checkpoint format (DESIGN 3) + train_state.pt; only the
+                                     newest ``keep_checkpoints`` stay (resume reads the newest)
     final/                           checkpoint of the last epoch
     metrics.jsonl                    one JSON object per epoch
     rematch/epoch_NNN/decisions.parquet   per-pair decisions of each re-match pass
@@ -20,6 +21,7 @@ import logging
 import math
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
 #: Config fields that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes"})
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes",
+                               "keep_checkpoints"})
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -78,6 +81,22 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
         if (m := re.fullmatch(r"epoch_(\d+)", p.name)) and (p / STATE_NAME).is_file()
     )
     return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` ``checkpoints/epoch_NNN`` of a run (0: keep all).
+
+    Returns the removed directories. Called after a new epoch checkpoint is complete, so
+    the newest (the one a resume reads) is never among them.
+    """
+    ck = Path(run_dir) / "checkpoints"
+    if keep <= 0 or not ck.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := re.fullmatch(r"epoch_(\d+)", p.name)))
+    old = [p for _, p in found[:-keep]]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
 
 
 def _atomic_json_lines(path: Path, lines: list[dict[str, Any]]) -> None:
@@ -235,6 +254,7 @@ def train(
                 "defence": defence.state_dict(),
             }
             atomic_write(ck_dir / STATE_NAME, partial(torch.save, st))
+            prune_checkpoints(run_dir, config.keep_checkpoints)
         with metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         log.info("epoch %d/%d %s", done, total_epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
