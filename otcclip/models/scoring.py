@@ -152,7 +152,8 @@ def score_shortlist(
     """
     n, kk = candidates.shape
     ot = np.full((n, kk), np.nan, dtype=np.float32)
-    rows, cols = np.nonzero(ot_candidates(candidates, global_scores, k_ot=k_ot, margin=margin))
+    scored = ot_candidates(candidates, global_scores, k_ot=k_ot, margin=margin)
+    rows, cols = np.nonzero(scored)
     cand = candidates[rows, cols]
     total, done = len(cand), 0
     dev = torch.device(device)
@@ -188,4 +189,7 @@ def score_shortlist(
     if done != total:
         raise ValueError(f"{total - done} shortlisted captions lie outside every caption block")
     g = np.where(candidates >= 0, global_scores, np.nan).astype(np.float32)
-    return PairScores(global_=g, ot=ot, fused=fuse(g, ot, alpha))
+    # a failed solve (NaN among the scored) is imputed by fuse; a pruned candidate has no
+    # fused score, so it is never chosen
+    fused = np.where(scored, fuse(g, ot, alpha), np.nan).astype(np.float32)
+    return PairScores(global_=g, ot=ot, fused=fused)

@@ -32,9 +32,10 @@ def test_ivf_index_ignores_row_order() -> None:
     xb = rng.standard_normal((600, 16)).astype(np.float32)
     xb /= np.linalg.norm(xb, axis=1, keepdims=True)
     perm = rng.permutation(len(xb))
+    ivf = IndexSettings(exact_threshold=10, factory="IVF16,Flat", nprobe=2)
     np.testing.assert_array_equal(xb[content_order(xb)], xb[perm][content_order(xb[perm])])
-    a = build_index(xb, exact_threshold=10, nlist=16, nprobe=2, use_gpu=False, seed=0)
-    b = build_index(xb[perm], exact_threshold=10, nlist=16, nprobe=2, use_gpu=False, seed=0)
+    a = build_index(xb, settings=ivf, use_gpu=False, seed=0)
+    b = build_index(xb[perm], settings=ivf, use_gpu=False, seed=0)
     q = xb[:50]
     sa, ia = a.search(q, 5)
     sb, ib = b.search(q, 5)
