@@ -177,6 +177,7 @@ def run_demo(work: Path, *, model: str = "otc-micro", epochs: int = 30, seed: in
                 tf.extractall(work / "out" / f"ckpt-{d}", filter="data")
         print(f"   downloaded {cleaned_name}, decisions.parquet, report.json/html and both checkpoints to {work / 'out'}")
         results["sanitize_counts"] = san["result"]["counts"]
+        results["model_quality"] = san["result"].get("model_quality") or {}
 
     # 5. Evaluate the downloaded checkpoints.
     test = read_manifest(test_m, columns=("image", "label"))
@@ -190,6 +191,8 @@ def run_demo(work: Path, *, model: str = "otc-micro", epochs: int = 30, seed: in
     results["eval"] = evals
     results["detection"] = _detection(work / "out" / "decisions.parquet", truth)
     _print_table(evals, results["sanitize_counts"], results["detection"], len(truth))
+    if results["model_quality"].get("message"):
+        print(f"model check: {results['model_quality']['message']}")
     print(f"\ndone in {time.monotonic() - t0:.0f} s; report: {work / 'out' / 'report.html'}")
     (work / "out" / "demo_results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
