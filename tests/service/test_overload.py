@@ -36,7 +36,7 @@ def test_load_embedded_no_5xx_and_every_upload_created(tmp_path):
 def slow_service(tmp_path):
     from otcclip.cli.embedded import run_service
 
-    settings = Settings(data_dir=tmp_path / "data", max_concurrent_uploads=1, retry_after_s=3)
+    settings = Settings(data_dir=tmp_path / "data", max_concurrent_uploads=1, upload_queue_wait_s=0, retry_after_s=3)
     with run_service(settings, worker=False) as svc:
         yield svc
 
@@ -79,6 +79,37 @@ def test_uploads_past_the_cap_get_503_while_the_api_keeps_answering(slow_service
     assert api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).status_code == 201  # the slot is free again
     staging = slow_service.settings.storage_root / "uploads"
     assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_an_upload_past_the_cap_waits_for_a_slot(tmp_path, tiny_dataset):
+    """A burst a little above the cap queues: the second upload waits for the first's slot."""
+    from otcclip.cli.embedded import run_service
+
+    settings = Settings(data_dir=tmp_path / "data", max_concurrent_uploads=1, upload_queue_wait_s=60)
+    with run_service(settings, worker=False) as svc:
+        api = Api(svc.url, svc.create_key("queue"))
+        state = svc._server.config.app.state
+        peak: list[int] = []
+        watching = threading.Event()
+
+        def watch() -> None:
+            while not watching.is_set():
+                peak.append(state.uploads_active)
+                time.sleep(0.01)
+
+        w = threading.Thread(target=watch)
+        w.start()
+        results: list[int] = []
+        ups = [threading.Thread(target=lambda: results.append(
+            api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).status_code)) for _ in range(3)]
+        for u in ups:
+            u.start()
+        for u in ups:
+            u.join(120)
+        watching.set()
+        w.join(5)
+    assert results == [201, 201, 201]
+    assert max(peak) <= 1  # never more than the cap at once
 
 
 def test_pool_exhaustion_is_503_not_500(tmp_path):

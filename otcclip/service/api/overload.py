@@ -14,8 +14,10 @@ and ``Retry-After`` instead of queueing without bound:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -82,17 +84,22 @@ async def _send_503(send: Any, message: str, retry_after: int) -> None:
 
 @asynccontextmanager
 async def upload_slot(request: Request) -> AsyncIterator[None]:
-    """Hold one of the app's ``max_concurrent_uploads`` slots, or raise 503 at once.
+    """Hold one of the app's ``max_concurrent_uploads`` slots, waiting up to
+    ``upload_queue_wait_s`` for one (before the body is read), else raise 503.
 
-    The count lives on ``app.state`` and is only touched from the event loop, so no lock
-    is needed.
+    A burst of uploads a little above the cap queues instead of failing; a sustained
+    overload is shed. The count lives on ``app.state`` and is only touched from the event
+    loop, so no lock is needed.
     """
     state = request.app.state
     cap = state.settings.max_concurrent_uploads
-    if getattr(state, "uploads_active", 0) >= cap:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"{cap} uploads are already in progress; retry later",
-                            headers={"Retry-After": str(state.settings.retry_after_s)})
+    deadline = time.monotonic() + state.settings.upload_queue_wait_s
+    while getattr(state, "uploads_active", 0) >= cap:
+        if time.monotonic() >= deadline:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                f"{cap} uploads are already in progress; retry later",
+                                headers={"Retry-After": str(state.settings.retry_after_s)})
+        await asyncio.sleep(0.05)
     state.uploads_active = getattr(state, "uploads_active", 0) + 1
     try:
         yield

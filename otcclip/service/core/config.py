@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_concurrent_uploads : int
         Uploads streamed and validated at once per API process; more are answered 503
         with ``Retry-After`` before their body is read.
+    upload_queue_wait_s : float
+        How long an upload past ``max_concurrent_uploads`` waits for a slot (before its
+        body is read) before it is answered 503.
     max_inflight_requests : int
         Requests in progress per API process; more are answered 503 at once.
     retry_after_s : int
@@ -97,6 +100,7 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=40, ge=1, le=1000)
     db_pool_timeout_s: float = Field(default=5.0, gt=0)
     max_concurrent_uploads: int = Field(default=4, ge=1)
+    upload_queue_wait_s: float = Field(default=30.0, ge=0, le=3600)
     max_inflight_requests: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=1)
     max_form_parts: int = Field(default=8, ge=2)

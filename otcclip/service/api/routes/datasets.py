@@ -152,7 +152,8 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
 
     The body is streamed into a staging folder (no database connection is held), checked
     in a worker thread, moved to ``datasets/<id>/`` and recorded in one short transaction.
-    Past ``max_concurrent_uploads`` uploads in progress the answer is 503 + ``Retry-After``.
+    Past ``max_concurrent_uploads`` uploads in progress it waits up to ``upload_queue_wait_s``
+    for a slot, then answers 503 + ``Retry-After``.
 
     Optional form fields ``image_col``, ``caption_col`` and ``id_col`` name the manifest's
     columns that hold the image, the caption and the id (default ``image``, ``caption``, ``id``).
