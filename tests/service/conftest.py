@@ -47,11 +47,13 @@ class Api:
         self.key = key
         self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
-    def upload(self, manifest: Path, images: Path | None = None, *, manifest_name: str | None = None) -> httpx.Response:
+    def upload(self, manifest: Path, images: Path | None = None, *, manifest_name: str | None = None,
+               **headers: str) -> httpx.Response:
         files: dict[str, Any] = {"manifest": (manifest_name or manifest.name, manifest.read_bytes())}
         if images is not None:
             files["images"] = (images.name, images.read_bytes())
-        return self.http.post("/v1/datasets", files=files)
+        return self.http.post("/v1/datasets", files=files,
+                              headers={k.replace("_", "-"): v for k, v in headers.items()})
 
     def job(self, kind: str, dataset_id: str, settings: dict[str, Any], **headers: str) -> httpx.Response:
         return self.http.post("/v1/jobs", json={"kind": kind, "dataset_id": dataset_id, "settings": settings}, headers=headers)

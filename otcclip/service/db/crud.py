@@ -73,6 +73,10 @@ def get_job(db: Session, owner_id: str, job_id: str) -> Job | None:
     return db.scalar(select(Job).where(Job.id == job_id, Job.owner_id == owner_id))
 
 
+def dataset_by_idempotency(db: Session, owner_id: str, key: str) -> Dataset | None:
+    return db.scalar(select(Dataset).where(Dataset.owner_id == owner_id, Dataset.idempotency_key == key))
+
+
 def job_by_idempotency(db: Session, owner_id: str, key: str) -> Job | None:
     return db.scalar(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key))
 

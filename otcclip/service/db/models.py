@@ -63,6 +63,7 @@ class ApiKey(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("owner_id", "idempotency_key", name="uq_datasets_owner_idempotency"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
@@ -75,6 +76,9 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     images_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: ``Idempotency-Key`` of the upload and the sha256 of what it carried (files and fields).
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
 
 from otcclip.service.api.deps import (
     DbDep,
@@ -145,9 +148,13 @@ def _unprocessable(message: str, **extra: Any) -> HTTPException:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut,
-             responses=error_responses(401, 413, 415, 422, 503), openapi_extra={"requestBody": UPLOAD_BODY})
+             responses={200: {"model": DatasetOut, "description": "The dataset of an earlier upload with the same "
+                                                                   "Idempotency-Key and content"},
+                        **error_responses(401, 409, 413, 415, 422, 503)},
+             openapi_extra={"requestBody": UPLOAD_BODY})
 async def upload_dataset(request: Request, response: Response, owner: OwnerDep, settings: SettingsDep,
-                         storage: StorageDep) -> Any:
+                         storage: StorageDep,
+                         idempotency_key: str | None = Header(default=None, max_length=200)) -> Any:
     """Upload a manifest (form field ``manifest``) and optionally an ``images`` archive.
 
     The body is streamed into a staging folder (no database connection is held), checked
@@ -158,6 +165,9 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
     Optional form fields ``image_col``, ``caption_col`` and ``id_col`` name the manifest's
     columns that hold the image, the caption and the id (default ``image``, ``caption``, ``id``).
     A Parquet manifest whose images are embedded as bytes needs no ``images`` archive.
+
+    With ``Idempotency-Key`` a retried upload (same key, same files and fields) answers 200
+    with the dataset the first one created, and the same key with other content 409.
     """
     async with upload_slot(request):
         dataset_id = new_id()
@@ -173,6 +183,14 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
             if len(form.fields.get("name", "")) > MAX_NAME_CHARS:
                 form.cleanup()
                 raise _unprocessable(f"form field 'name' is longer than {MAX_NAME_CHARS} characters")
+            request_hash = _request_hash(mf, imf, form.fields)
+            if idempotency_key:
+                prior = await run_in_threadpool(_prior, request.app.state.sessions, owner.id, idempotency_key, request_hash)
+                if prior is not None:
+                    form.cleanup()
+                    response.status_code = status.HTTP_200_OK
+                    response.headers["Location"] = f"/v1/datasets/{prior.id}"
+                    return prior
             _, info = await run_in_threadpool(_validate, settings, staging, mf, imf, _mapping(form.fields))
             ds = Dataset(
                 id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:MAX_NAME_CHARS],
@@ -181,12 +199,40 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
                 n_rows=info["n_rows"], sha256=mf.sha256,
                 columns={"names": info["columns"], **({"mapping": info["mapping"]} if info["mapping"] else {})},
                 images_sha256=imf.sha256 if imf else None, size_bytes=mf.size + (imf.size if imf else 0),
+                idempotency_key=idempotency_key, request_hash=request_hash,
             )
-            out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
+            try:
+                out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
+            except IntegrityError:
+                # a concurrent upload with the same key won the insert: answer with its dataset
+                prior = await run_in_threadpool(_prior, request.app.state.sessions, owner.id, idempotency_key or "",
+                                                request_hash)
+                if prior is None:
+                    raise
+                response.status_code = status.HTTP_200_OK
+                response.headers["Location"] = f"/v1/datasets/{prior.id}"
+                return prior
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     response.headers["Location"] = f"/v1/datasets/{dataset_id}"
     return out
+
+
+def _request_hash(mf: UploadedFile, imf: UploadedFile | None, fields: dict[str, str]) -> str:
+    """sha256 over what an upload carried: its files' hashes and its form fields."""
+    parts = {"manifest": mf.sha256, "images": imf.sha256 if imf else None, "fields": dict(sorted(fields.items()))}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _prior(sessions: Any, owner_id: str, key: str, request_hash: str) -> DatasetOut | None:
+    """The dataset an earlier upload with ``key`` created (None: none); 409 when its content differed."""
+    with sessions() as db:
+        ds = crud.dataset_by_idempotency(db, owner_id, key)
+        if ds is None:
+            return None
+        if ds.request_hash != request_hash:
+            raise HTTPException(status.HTTP_409_CONFLICT, "Idempotency-Key was already used with a different upload")
+        return _out(ds)
 
 
 def _record(sessions: Any, storage: Any, staging: Path, ds: Dataset) -> DatasetOut:
