@@ -137,7 +137,10 @@ def run_service(settings: Settings, *, host: str = "127.0.0.1", port: int = 0, w
     app = create_app(settings)
     if settings.embedded_broker:
         recover_jobs(settings, app.state.celery)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    # keep-alive longer than a client's idle gaps under load (uvicorn's 5 s closes connections a busy
+    # client is about to reuse: "server disconnected without a response")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           timeout_keep_alive=75))
     thread = threading.Thread(target=server.run, name="otcclip-api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
