@@ -421,6 +421,14 @@ def mid_stage(stage: str, *, left: int | None = None) -> Callable[[dict[str, Any
     return trigger
 
 
+def in_stage(stage: str) -> Callable[[dict[str, Any]], bool]:
+    """Trigger: the job is in ``stage`` and the stage is not finished."""
+    def trigger(j: dict[str, Any]) -> bool:
+        return j.get("stage") == stage and j["progress"]["done"] < max(1, j["progress"]["total"])
+
+    return trigger
+
+
 def epochs_done(r: Rig, job_id: str, n: int) -> Callable[[dict[str, Any]], bool]:
     def trigger(j: dict[str, Any]) -> bool:
         if j.get("stage") != "train":
@@ -437,14 +445,14 @@ def run_scenario(r: Rig, name: str, *, down_s: float = 10.0, timeout: float = 24
     job_id = r.submit(kind, TRAIN if kind == "train" else SANITIZE)
     trigger: Callable[[dict[str, Any]], bool] | None = None
     fault: Callable[[], None] | None = None
-    # the outages start while the last encode shards run (one per worker process), so
-    # that they finish during the outage and the next stage is published (Redis) or
-    # recorded (PostgreSQL) then; the poller may catch the stage a little earlier
-    last = r.concurrency * int(SANITIZE["shard_size"])
+    # the outages start as soon as the encode stage is seen unfinished: the shards still
+    # running finish during the outage, so the next stage is published (Redis) or recorded
+    # (PostgreSQL) while it lasts (a model already loaded encodes a small set in well
+    # under a second, too fast to wait for its last shards)
     if name == "redis-restart":
-        trigger, fault = mid_stage("encode", left=last), outage(r.redis, down_s)
+        trigger, fault = in_stage("encode"), outage(r.redis, down_s)
     elif name == "postgres-restart":
-        trigger, fault = mid_stage("encode", left=last), outage(r.pg, down_s)
+        trigger, fault = in_stage("encode"), outage(r.pg, down_s)
     elif name in ("kill-encode", "kill-match"):
         trigger, fault = mid_stage(name.split("-")[1]), r.kill_worker
     elif name == "kill-train":
