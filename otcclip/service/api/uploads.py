@@ -11,7 +11,10 @@ beyond :data:`MAX_FIELD_BYTES` are refused as soon as they are seen.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -194,3 +197,28 @@ def _abort(state: dict[str, Any], form: ParsedForm) -> None:
         state["fh"].close()
         Path(state["tmp"]).unlink(missing_ok=True)
     form.cleanup()
+
+
+@asynccontextmanager
+async def staged_upload(request: Request, upload_id: str, *, file_fields: tuple[str, ...]) -> AsyncIterator[tuple[ParsedForm, Path]]:
+    """The shared first half of an upload route: an upload slot, the body streamed into a
+    fresh staging folder (no database connection held), and the parsed form.
+
+    Yields ``(form, staging)``. On exit the form's files still in place and the staging
+    folder are removed: what the route keeps it has moved out of the folder by then.
+    """
+    from otcclip.service.api.overload import upload_slot
+
+    settings, storage = request.app.state.settings, request.app.state.storage
+    async with upload_slot(request):
+        staging = storage.staging_dir(upload_id)
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            form = await parse_upload(request, staging, file_fields=file_fields,
+                                      max_bytes=settings.max_upload_bytes, max_parts=settings.max_form_parts)
+            try:
+                yield form, staging
+            finally:
+                form.cleanup()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

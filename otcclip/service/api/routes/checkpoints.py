@@ -29,8 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from otcclip.service.api.deps import DbDep, OwnerDep, SettingsDep, ShortTransactionRoute, StorageDep
 from otcclip.service.api.errors import error_responses
-from otcclip.service.api.overload import upload_slot
-from otcclip.service.api.uploads import UploadedFile, parse_upload
+from otcclip.service.api.uploads import UploadedFile, staged_upload
 from otcclip.service.db import crud
 from otcclip.service.db.models import Artifact, new_id
 from otcclip.service.schemas import ArtifactOut
@@ -169,23 +168,13 @@ async def upload_checkpoint(request: Request, response: Response, owner: OwnerDe
     connection held; then moved to ``checkpoints/<id>/`` and recorded in one short
     transaction (as dataset uploads are).
     """
-    async with upload_slot(request):
-        artifact_id = new_id()
-        staging = storage.staging_dir(artifact_id)
-        staging.mkdir(parents=True, exist_ok=True)
-        try:
-            form = await parse_upload(request, staging, file_fields=("checkpoint", "weights"),
-                                      max_bytes=settings.max_upload_bytes, max_parts=settings.max_form_parts)
-            try:
-                _, meta = await run_in_threadpool(_build, staging, form.files, form.fields,
-                                                  max_bytes=settings.max_upload_bytes)
-            finally:
-                form.cleanup()
-            name = (form.fields.get("name") or next(iter(form.files.values())).filename)[:300]
-            out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, artifact_id,
-                                          owner.id, name, meta)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    artifact_id = new_id()
+    async with staged_upload(request, artifact_id, file_fields=("checkpoint", "weights")) as (form, staging):
+        _, meta = await run_in_threadpool(_build, staging, form.files, form.fields,
+                                          max_bytes=settings.max_upload_bytes)
+        name = (form.fields.get("name") or next(iter(form.files.values())).filename)[:300]
+        out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, artifact_id,
+                                      owner.id, name, meta)
     log.info("checkpoint %s uploaded (%s, %d bytes)", artifact_id, meta.get("model"), out.size_bytes)
     response.headers["Location"] = f"/v1/artifacts/{artifact_id}/meta"
     return out

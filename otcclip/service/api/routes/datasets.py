@@ -24,8 +24,7 @@ from otcclip.service.api.deps import (
     as_utc,
 )
 from otcclip.service.api.errors import error_responses
-from otcclip.service.api.overload import upload_slot
-from otcclip.service.api.uploads import UploadedFile, parse_upload
+from otcclip.service.api.uploads import UploadedFile, staged_upload
 from otcclip.service.core.config import Settings
 from otcclip.service.db import crud
 from otcclip.service.db.models import Dataset, new_id
@@ -169,51 +168,41 @@ async def upload_dataset(request: Request, response: Response, owner: OwnerDep, 
     With ``Idempotency-Key`` a retried upload (same key, same files and fields) answers 200
     with the dataset the first one created, and the same key with other content 409.
     """
-    async with upload_slot(request):
-        dataset_id = new_id()
-        staging = storage.staging_dir(dataset_id)
-        staging.mkdir(parents=True, exist_ok=True)
-        try:
-            form = await parse_upload(request, staging, file_fields=("manifest", "images"),
-                                      max_bytes=settings.max_upload_bytes, max_parts=settings.max_form_parts)
-            if "manifest" not in form.files:
-                form.cleanup()
-                raise _unprocessable("form field 'manifest' (a file) is required")
-            mf, imf = form.files["manifest"], form.files.get("images")
-            if len(form.fields.get("name", "")) > MAX_NAME_CHARS:
-                form.cleanup()
-                raise _unprocessable(f"form field 'name' is longer than {MAX_NAME_CHARS} characters")
-            request_hash = _request_hash(mf, imf, form.fields)
-            if idempotency_key:
-                prior = await run_in_threadpool(_prior, request.app.state.sessions, owner.id, idempotency_key, request_hash)
-                if prior is not None:
-                    form.cleanup()
-                    response.status_code = status.HTTP_200_OK
-                    response.headers["Location"] = f"/v1/datasets/{prior.id}"
-                    return prior
-            _, info = await run_in_threadpool(_validate, settings, staging, mf, imf, _mapping(form.fields))
-            ds = Dataset(
-                id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:MAX_NAME_CHARS],
-                format=info["format"], manifest_path=f"datasets/{dataset_id}/{info['manifest'].name}",
-                images_path=f"datasets/{dataset_id}/{info['images'].name}" if info["images"] else None,
-                n_rows=info["n_rows"], sha256=mf.sha256,
-                columns={"names": info["columns"], **({"mapping": info["mapping"]} if info["mapping"] else {})},
-                images_sha256=imf.sha256 if imf else None, size_bytes=mf.size + (imf.size if imf else 0),
-                idempotency_key=idempotency_key, request_hash=request_hash,
-            )
-            try:
-                out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
-            except IntegrityError:
-                # a concurrent upload with the same key won the insert: answer with its dataset
-                prior = await run_in_threadpool(_prior, request.app.state.sessions, owner.id, idempotency_key or "",
-                                                request_hash)
-                if prior is None:
-                    raise
+    dataset_id = new_id()
+    async with staged_upload(request, dataset_id, file_fields=("manifest", "images")) as (form, staging):
+        if "manifest" not in form.files:
+            raise _unprocessable("form field 'manifest' (a file) is required")
+        mf, imf = form.files["manifest"], form.files.get("images")
+        if len(form.fields.get("name", "")) > MAX_NAME_CHARS:
+            raise _unprocessable(f"form field 'name' is longer than {MAX_NAME_CHARS} characters")
+        request_hash = _request_hash(mf, imf, form.fields)
+        if idempotency_key:
+            prior = await run_in_threadpool(_prior, request.app.state.sessions, owner.id, idempotency_key, request_hash)
+            if prior is not None:
                 response.status_code = status.HTTP_200_OK
                 response.headers["Location"] = f"/v1/datasets/{prior.id}"
                 return prior
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _, info = await run_in_threadpool(_validate, settings, staging, mf, imf, _mapping(form.fields))
+        ds = Dataset(
+            id=dataset_id, owner_id=owner.id, name=(form.fields.get("name") or mf.filename)[:MAX_NAME_CHARS],
+            format=info["format"], manifest_path=f"datasets/{dataset_id}/{info['manifest'].name}",
+            images_path=f"datasets/{dataset_id}/{info['images'].name}" if info["images"] else None,
+            n_rows=info["n_rows"], sha256=mf.sha256,
+            columns={"names": info["columns"], **({"mapping": info["mapping"]} if info["mapping"] else {})},
+            images_sha256=imf.sha256 if imf else None, size_bytes=mf.size + (imf.size if imf else 0),
+            idempotency_key=idempotency_key, request_hash=request_hash,
+        )
+        try:
+            out = await run_in_threadpool(_record, request.app.state.sessions, storage, staging, ds)
+        except IntegrityError:
+            # a concurrent upload with the same key won the insert: answer with its dataset
+            prior = await run_in_threadpool(_prior, request.app.state.sessions, owner.id, idempotency_key or "",
+                                            request_hash)
+            if prior is None:
+                raise
+            response.status_code = status.HTTP_200_OK
+            response.headers["Location"] = f"/v1/datasets/{prior.id}"
+            return prior
     response.headers["Location"] = f"/v1/datasets/{dataset_id}"
     return out
 
