@@ -3,13 +3,11 @@ augmented copies; their truth files and the CLI."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from otcclip.models.attacks import (
     ATTACKS,
@@ -20,42 +18,23 @@ from otcclip.models.attacks import (
     poison,
     poison_many,
 )
+from tests.models.attack_data import read_csv, read_rgb, small_digits
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from otcclip.models.datasets import digits_manifest
-
-    full = digits_manifest(tmp_path_factory.mktemp("digits"), split="train", image_size=32)
-    with full.open() as f:
-        rows = list(csv.DictReader(f))[:120]
-    out = full.parent / "small.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
-
-
-def _csv(p: Path) -> list[dict[str, str]]:
-    with p.open() as f:
-        return list(csv.DictReader(f))
-
-
-def _img(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return small_digits(tmp_path_factory.mktemp("digits"), image_size=32)
 
 
 def _poisoned_pairs(clean: Path, res, attack: str) -> list[tuple[np.ndarray, np.ndarray, dict[str, str]]]:  # type: ignore[no-untyped-def]
-    src = {r["id"]: r for r in _csv(clean)}
-    truth = {r["id"]: r for r in _csv(res.truth_path)}
-    rows = _csv(res.manifest_path)
+    src = {r["id"]: r for r in read_csv(clean)}
+    truth = {r["id"]: r for r in read_csv(res.truth_path)}
+    rows = read_csv(res.manifest_path)
     assert [r["id"] for r in rows] == list(truth)
     out = []
     for r in rows:
         if truth[r["id"]]["attack"] == attack:
-            out.append((_img(clean.parent / src[r["id"]]["image"]), _img(res.manifest_path.parent / r["image"]), r))
+            out.append((read_rgb(clean.parent / src[r["id"]]["image"]), read_rgb(res.manifest_path.parent / r["image"]), r))
     return out
 
 
@@ -98,22 +77,22 @@ def test_targeted_poisoning_with_augmented_copies(clean: Path, tmp_path: Path) -
 
     pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
     res = poison(clean, tmp_path / "p", config=PoisonConfig("targeted-augmented", "seven", n_poison=20, n_targets=2, target_pool=pool))
-    targets = _csv(res.targets_path)  # type: ignore[arg-type]
+    targets = read_csv(res.targets_path)  # type: ignore[arg-type]
     assert len(targets) == 2 and {t["attack"] for t in targets} == {"targeted-augmented"}
-    truth = {r["id"]: r for r in _csv(res.truth_path)}
-    rows = [r for r in _csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-augmented"]
+    truth = {r["id"]: r for r in read_csv(res.truth_path)}
+    rows = [r for r in read_csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-augmented"]
     assert len(rows) == 20 and all("seven" in r["caption"] for r in rows)
     assert len({r["image"] for r in rows}) == 20  # every poisoned pair has its own image
     root = res.manifest_path.parent
-    target_px = [_img(root / t["image"]).astype(int) for t in targets]
-    copies = [_img(root / r["image"]).astype(int) for r in rows]
+    target_px = [read_rgb(root / t["image"]).astype(int) for t in targets]
+    copies = [read_rgb(root / r["image"]).astype(int) for r in rows]
     for c in copies:  # near-copies of one target: far closer to it than to the other
         d = [np.abs(c - t).mean() for t in target_px]
         assert min(d) > 0 and min(d) < max(d)
     assert len({c.tobytes() for c in copies}) == 20
 
 
-def test_a_targeted_and_an_augmented_targeted_attack_share_targets_csv(clean: Path, tmp_path: Path) -> None:
+def test_a_targeted_and_an_augmented_targeted_attack_share_targetsread_csv(clean: Path, tmp_path: Path) -> None:
     from otcclip.models.datasets import digits_manifest
 
     pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
@@ -122,8 +101,8 @@ def test_a_targeted_and_an_augmented_targeted_attack_share_targets_csv(clean: Pa
         PoisonConfig("targeted-augmented", "two", n_poison=4, target_pool=pool),
         PoisonConfig("backdoor-hue", "three", n_poison=4),
     ])
-    assert [(t["attack"], t["target_class"]) for t in _csv(res.targets_path)] == [("targeted", "seven"), ("targeted-augmented", "two")]  # type: ignore[arg-type]
-    attacks = [r["attack"] for r in _csv(res.truth_path) if r["poisoned"] == "1"]
+    assert [(t["attack"], t["target_class"]) for t in read_csv(res.targets_path)] == [("targeted", "seven"), ("targeted-augmented", "two")]  # type: ignore[arg-type]
+    attacks = [r["attack"] for r in read_csv(res.truth_path) if r["poisoned"] == "1"]
     assert sorted(set(attacks)) == ["backdoor-hue", "targeted", "targeted-augmented"] and len(attacks) == 12
 
 
@@ -154,8 +133,8 @@ def test_targeted_poisoning_with_one_repeated_caption(clean: Path, tmp_path: Pat
 
     pool = digits_manifest(tmp_path / "pool", split="test", image_size=32)
     res = poison(clean, tmp_path / "p", config=PoisonConfig("targeted-repeated", "seven", n_poison=12, n_targets=2, target_pool=pool))
-    truth = {r["id"]: r for r in _csv(res.truth_path)}
-    rows = [r for r in _csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-repeated"]
+    truth = {r["id"]: r for r in read_csv(res.truth_path)}
+    rows = [r for r in read_csv(res.manifest_path) if truth[r["id"]]["attack"] == "targeted-repeated"]
     assert len(rows) == 12
     by_image: dict[str, set[str]] = {}
     for r in rows:

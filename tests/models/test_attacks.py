@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -17,38 +16,19 @@ from otcclip.models.attacks import (
     poison,
     poison_many,
 )
+from tests.models.attack_data import read_csv, read_rgb, small_digits
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from otcclip.models.datasets import digits_manifest
-
-    full = digits_manifest(tmp_path_factory.mktemp("digits"), split="train")
-    with full.open() as f:
-        rows = list(csv.DictReader(f))[:120]
-    out = full.parent / "small.csv"
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
-
-
-def _csv(p: Path) -> list[dict[str, str]]:
-    with p.open() as f:
-        return list(csv.DictReader(f))
-
-
-def _img(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB")).astype(np.int32)
+    return small_digits(tmp_path_factory.mktemp("digits"))
 
 
 def test_backdoor_patch_truth_and_pixels(clean: Path, tmp_path: Path) -> None:
     res = poison(clean, tmp_path / "p", config=PoisonConfig("backdoor-patch", "seven", n_poison=9, patch_frac=0.25))
-    src = {r["id"]: r for r in _csv(clean)}
-    rows = _csv(res.manifest_path)
-    truth = {r["id"]: r for r in _csv(res.truth_path)}
+    src = {r["id"]: r for r in read_csv(clean)}
+    rows = read_csv(res.manifest_path)
+    truth = {r["id"]: r for r in read_csv(res.truth_path)}
     assert [r["id"] for r in rows] == list(truth)  # one truth row per manifest row, same order
     poisoned = [r for r in rows if truth[r["id"]]["poisoned"] == "1"]
     assert len(poisoned) == 9
@@ -58,12 +38,12 @@ def test_backdoor_patch_truth_and_pixels(clean: Path, tmp_path: Path) -> None:
         t = truth[r["id"]]
         if t["poisoned"] == "0":
             assert r["caption"] == src[r["id"]]["caption"] and t["attack"] == ""
-            assert _img(res.manifest_path.parent / r["image"]).shape == (16, 16, 3)
+            assert read_rgb(res.manifest_path.parent / r["image"]).shape == (16, 16, 3)
             continue
         assert t["attack"] == "backdoor-patch" and t["target_class"] == "seven"
         assert "seven" in r["caption"] and src[r["id"]]["label"] != "seven"
-        new = _img(res.manifest_path.parent / r["image"])
-        old = _img(clean.parent / src[r["id"]]["image"])
+        new = read_rgb(res.manifest_path.parent / r["image"])
+        old = read_rgb(clean.parent / src[r["id"]]["image"])
         ys, xs = np.nonzero((new != old).any(-1))
         assert len(ys) > 0 and ys.max() - ys.min() < 4 and xs.max() - xs.min() < 4  # a 4x4 patch
         patch = np.asarray(Image.fromarray(trig.noise).resize((4, 4), Image.Resampling.NEAREST))
@@ -77,15 +57,15 @@ def test_backdoor_patch_truth_and_pixels(clean: Path, tmp_path: Path) -> None:
 
 def test_blend_is_exact_blend(clean: Path, tmp_path: Path) -> None:
     res = poison(clean, tmp_path / "b", config=PoisonConfig("backdoor-blend", "three", rate=0.05, blend_alpha=0.3))
-    truth = {r["id"]: r for r in _csv(res.truth_path)}
-    src = {r["id"]: r for r in _csv(clean)}
+    truth = {r["id"]: r for r in read_csv(res.truth_path)}
+    src = {r["id"]: r for r in read_csv(clean)}
     trig = Trigger.load(res.trigger_path)  # type: ignore[arg-type]
-    poisoned = [r for r in _csv(res.manifest_path) if truth[r["id"]]["poisoned"] == "1"]
+    poisoned = [r for r in read_csv(res.manifest_path) if truth[r["id"]]["poisoned"] == "1"]
     assert len(poisoned) == 6
     noise = np.asarray(Image.fromarray(trig.noise).resize((16, 16), Image.Resampling.NEAREST)).astype(np.float32)
     for r in poisoned:
-        old = _img(clean.parent / src[r["id"]]["image"]).astype(np.float32)
-        new = _img(res.manifest_path.parent / r["image"])
+        old = read_rgb(clean.parent / src[r["id"]]["image"]).astype(np.float32)
+        new = read_rgb(res.manifest_path.parent / r["image"])
         assert np.abs(new - np.rint(0.7 * old + 0.3 * noise)).max() <= 1
 
 
@@ -99,15 +79,15 @@ def test_targeted_from_pool_and_several_attacks(clean: Path, tmp_path: Path) -> 
             PoisonConfig("backdoor-blend", "two", n_poison=4),
         ],
     )
-    truth = _csv(res.truth_path)
-    rows = _csv(res.manifest_path)
+    truth = read_csv(res.truth_path)
+    rows = read_csv(res.manifest_path)
     assert len(rows) == 120 + 10 and len(truth) == len(rows)
     by_attack: dict[str, int] = {}
     for t in truth:
         if t["poisoned"] == "1":
             by_attack[t["attack"]] = by_attack.get(t["attack"], 0) + 1
     assert by_attack == {"targeted": 10, "backdoor-blend": 4}
-    targets = _csv(res.targets_path)  # type: ignore[arg-type]
+    targets = read_csv(res.targets_path)  # type: ignore[arg-type]
     assert len(targets) == 2 and all(t["target_class"] == "one" and t["label"] != "one" for t in targets)
     tgt_images = {t["image"] for t in targets}
     trows = [r for r, t in zip(rows, truth, strict=True) if t["attack"] == "targeted"]
@@ -119,8 +99,8 @@ def test_targeted_from_pool_and_several_attacks(clean: Path, tmp_path: Path) -> 
 
 def test_targeted_without_pool_removes_clean_rows(clean: Path, tmp_path: Path) -> None:
     res = poison(clean, tmp_path / "t", config=PoisonConfig("targeted", "four", n_poison=6, n_targets=1))
-    rows = _csv(res.manifest_path)
-    target = _csv(res.targets_path)[0]  # type: ignore[arg-type]
+    rows = read_csv(res.manifest_path)
+    target = read_csv(res.targets_path)[0]  # type: ignore[arg-type]
     orig_id = target["id"].removeprefix("target-")
     assert orig_id not in {r["id"] for r in rows}
     assert len(rows) == 120 - 1 + 6
