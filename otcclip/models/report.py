@@ -4,8 +4,9 @@
     ``cleaned.<ext>`` (or ``cleaned/`` shards for WebDataset, with the input's shard and
     member names): the input manifest in its own format and column names, extra columns
     kept, dropped pairs removed, re-assigned captions replaced, provenance columns added
-    (``original_caption``, ``otcclip_action``, ``otcclip_reason``, ``otcclip_p_clean``;
-    WebDataset: keys of the ``.json`` member). ``image`` paths resolve from ``OUT_DIR``
+    (``original_caption``, ``otcclip_action``, ``otcclip_reason``, ``otcclip_p_clean``,
+    ``otcclip_review``, ``otcclip_review_reason``; WebDataset: keys of the ``.json``
+    member). ``image`` paths resolve from ``OUT_DIR``
     (relative to it, or copied below ``OUT_DIR/images``).
     ``decisions.parquet``: one row per input pair with every score.
     ``report.json``: first the model-quality verdict (``model_quality``: ``verdict``,
@@ -92,8 +93,10 @@ def cleaned_table(manifest: Any, decisions: Decisions, *, provenance: bool = Tru
     """Input table minus dropped rows, with re-assigned captions replaced.
 
     With ``provenance`` the columns ``original_caption``, ``otcclip_action``,
-    ``otcclip_reason`` and ``otcclip_p_clean`` are added (replaced if the input has them,
-    e.g. a manifest cleaned before).
+    ``otcclip_reason``, ``otcclip_p_clean``, ``otcclip_review`` (bool: kept because the
+    engine was not sure of the change it proposed) and ``otcclip_review_reason`` (that
+    proposal, empty elsewhere) are added (replaced if the input has them, e.g. a manifest
+    cleaned before).
     """
     table: pa.Table = manifest.table
     caps = manifest.captions
@@ -107,6 +110,8 @@ def cleaned_table(manifest: Any, decisions: Decisions, *, provenance: bool = Tru
             "otcclip_action": pa.array([str(a) for a in decisions.action.tolist()], pa.string()),
             "otcclip_reason": pa.array([str(r) for r in decisions.reason.tolist()], pa.string()),
             "otcclip_p_clean": pa.array(np.round(p_clean, 6), pa.float64(), mask=~np.isfinite(p_clean)),
+            "otcclip_review": pa.array(np.asarray(decisions.review, dtype=bool), pa.bool_()),
+            "otcclip_review_reason": pa.array([str(r) for r in decisions.review_reason.tolist()], pa.string()),
         }
         for name in PROVENANCE:
             if name in table.column_names:
