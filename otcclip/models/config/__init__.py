@@ -24,6 +24,7 @@ from otcclip.models.config.jobs import (
     EvaluateJobSettings,
     SanitizeJobSettings,
     job_config,
+    normalise_job_settings,
 )
 from otcclip.models.config.ot import OTSettings
 from otcclip.models.config.sanitize import IndexSettings, SanitizeConfig, check_device
@@ -40,5 +41,5 @@ __all__ = [
     "TRAINER_SANITIZE", "ZERO_SHOT_TEMPLATES", "CaptionBurstSettings", "DecisionSettings", "DensitySettings",
     "EvalSettings", "EvaluateJobSettings", "ImageBurstSettings", "IndexSettings", "OTSettings", "SanitizeConfig",
     "SanitizeJobSettings", "TrainConfig", "TriggerSensitivitySettings", "check_device", "from_dict", "job_config",
-    "leaves", "setting", "to_dict",
+    "leaves", "normalise_job_settings", "setting", "to_dict",
 ]
