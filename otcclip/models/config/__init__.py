@@ -14,6 +14,7 @@ from otcclip.models.config.detectors import (
     CaptionBurstSettings,
     DecisionSettings,
     DensitySettings,
+    DuplicatesSettings,
     ImageBurstSettings,
     TriggerSensitivitySettings,
 )
@@ -39,6 +40,7 @@ from otcclip.models.config.training import (
 __all__ = [
     "DEFAULT_SCHEDULE", "DEFENCES", "DETECTORS", "DETECTOR_SETTINGS", "JOB_KINDS", "JOB_SETTINGS", "SCORE_REASONS",
     "TRAINER_SANITIZE", "ZERO_SHOT_TEMPLATES", "CaptionBurstSettings", "DecisionSettings", "DensitySettings",
+    "DuplicatesSettings",
     "EvalSettings", "EvaluateJobSettings", "ImageBurstSettings", "IndexSettings", "OTSettings", "SanitizeConfig",
     "SanitizeJobSettings", "TrainConfig", "TriggerSensitivitySettings", "check_device", "from_dict", "job_config",
     "leaves", "normalise_job_settings", "setting", "to_dict",
