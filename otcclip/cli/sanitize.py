@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (counts, outputs, seconds) on stdout instead of the text lines")
     p.add_argument("--no-provenance", action="store_true",
-                   help="no original_caption / otcclip_action / otcclip_reason / otcclip_p_clean columns in the cleaned manifest")
+                   help="no provenance columns (original_caption, otcclip_action, otcclip_reason, otcclip_p_clean, "
+                        "otcclip_review, otcclip_review_reason) in the cleaned manifest")
     p.add_argument("--copy-images", action="store_true",
                    help="copy the kept images below OUT/images (default: reference them relative to --out)")
     add_column_options(p)

@@ -19,7 +19,10 @@ drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clea
           and always ``trigger_sensitivity``: the pair's score rests on a trigger (it
           collapses on a purified view of the image), so the captions the image scores
           best with are the trigger's as well; ``trigger_template``: the image carries a
-          trigger pattern found by :func:`~otcclip.models.triggers.apply_templates`
+          trigger pattern found by :func:`~otcclip.models.triggers.apply_templates`;
+          ``duplicate``: a member of a group of repeated images that the ``duplicates``
+          check's action removes (``keep_one``: every member but the one whose caption
+          agrees best with the image; ``drop_all``: every member)
 keep      ``review`` (with ``review=True`` and ``review_reason``): a change the engine is
           not sure of, see below
 
@@ -54,11 +57,18 @@ import numpy as np
 import pyarrow as pa
 from sklearn.mixture import GaussianMixture
 
-from otcclip.models.config.detectors import DecisionSettings
-from otcclip.models.detectors import DetectorEnv, run_detectors, trigger_evidence, trigger_flags
+from otcclip.models.config.detectors import DecisionSettings, DuplicatesSettings
+from otcclip.models.detectors import (
+    DetectorEnv,
+    DuplicateGroups,
+    duplicate_groups,
+    run_detectors,
+    trigger_evidence,
+    trigger_flags,
+)
 from otcclip.models.scores import MatchScores
 
-__all__ = ["ACTIONS", "DROP_DETECTORS", "REVIEW", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores",
+__all__ = ["ACTIONS", "DROP_DETECTORS", "DUPLICATE", "REVIEW", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores",
            "assess_model", "decide_pairs", "fit_p_clean"]
 
 ACTIONS = ("keep", "reassign", "drop")
@@ -66,6 +76,8 @@ ACTIONS = ("keep", "reassign", "drop")
 DROP_DETECTORS = ("trigger_sensitivity",)
 #: Reason code of a pair kept because the engine was not sure of the change it proposed.
 REVIEW = "review"
+#: Reason code of a pair removed by the ``duplicates`` check's action.
+DUPLICATE = "duplicate"
 #: Shuffled-caption draws of the model-quality control.
 CONTROL_DRAWS = 3
 
@@ -84,7 +96,9 @@ class Decisions:
     (``review_reason``: ``"<action>/<reason>: <why>"``, empty elsewhere);
     ``model_quality`` is :func:`assess_model`'s verdict; ``template_z`` the largest match
     z with a found trigger template (0 until
-    :func:`~otcclip.models.triggers.apply_templates` runs).
+    :func:`~otcclip.models.triggers.apply_templates` runs); ``dup_group`` the group of
+    repeated images the pair belongs to (:func:`~otcclip.models.detectors.duplicate_groups`;
+    -1 for none, null in :meth:`to_arrow`).
     """
 
     row: np.ndarray
@@ -107,6 +121,7 @@ class Decisions:
     review: np.ndarray
     review_reason: np.ndarray
     template_z: np.ndarray
+    dup_group: np.ndarray
     gmm: dict[str, float] = field(default_factory=dict)
     model_quality: dict[str, Any] = field(default_factory=dict)
 
@@ -116,7 +131,8 @@ class Decisions:
     def to_arrow(self) -> pa.Table:
         """All per-pair columns as a pyarrow Table."""
         cols = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
-        return pa.table({k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()})
+        return pa.table({k: pa.array(v.tolist() if v.dtype == object else v, mask=(v < 0) if k == "dup_group" else None)
+                         for k, v in cols.items()})
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{"action": {...}, "reason": {"action/reason": n}}``."""
@@ -291,10 +307,16 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     p_best = p_fn(best_f)
     ts = settings.trigger_sensitivity
     ev = trigger_evidence(m, ts, env) if n else None
-    known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else None
+    known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else {}
+    dup = duplicate_groups(m, settings.duplicates, env) if n and "duplicates" in settings.detectors else None
+    if dup is not None:
+        known["duplicates"] = dup.member
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
     flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
-    any_flag = np.array([bool(s) for s in flag_names], dtype=bool)
+    # a duplicate is not a poisoning verdict: the group's action applies it, after the rest
+    verdicts = {k: v for k, v in flags.items() if k != "duplicates"}
+    verdict_names = np.array([",".join(k for k, v in verdicts.items() if v[i]) for i in range(n)], dtype=object)
+    any_flag = np.array([bool(s) for s in verdict_names], dtype=bool)
     margin = best_f - own_f
     # margins in units of the spread of own-pair scores (robust: MAD)
     zm = np.zeros(n)
@@ -312,12 +334,12 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     reason[best_col != 0] = "clean_score"
     action[re] = "reassign"
     reason[re & wide] = "better_caption"
-    reason[re & any_flag] = [s.split(",")[0] for s in flag_names[re & any_flag]]
+    reason[re & any_flag] = [s.split(",")[0] for s in verdict_names[re & any_flag]]
     reason[re & low] = "low_own_score"
     dr = (low | any_flag) & ~alt
     action[dr] = "drop"
     reason[dr] = "no_plausible_caption"
-    reason[dr & any_flag] = [s.split(",")[0] for s in flag_names[dr & any_flag]]
+    reason[dr & any_flag] = [s.split(",")[0] for s in verdict_names[dr & any_flag]]
     for name in DROP_DETECTORS:
         if name in flags:
             hit = flags[name]
@@ -326,6 +348,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     review = np.zeros(n, dtype=bool)
     review_reason = np.full(n, "", dtype=object)
     quality: dict[str, Any] = {}
+    weak = False
     if settings.abstain:
         quality = assess_model(m, settings=settings, seed=env.seed)
         if info.get("bimodal"):
@@ -341,7 +364,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         score_based = (action != "keep") & ~any_flag
         strong = own_z < -settings.evidence_z
         trusted = np.array([bool(f) and all(x in settings.weak_model_detectors for x in str(f).split(","))
-                            for f in flag_names], dtype=bool)
+                            for f in verdict_names], dtype=bool)
         if weak:
             unsure = score_based | ((action != "keep") & any_flag & ~trusted)
             why = "weak model"
@@ -355,6 +378,9 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         review[unsure] = True
         action[unsure] = "keep"
         reason[unsure] = REVIEW
+    if dup is not None:
+        kept_score = np.where(action == "reassign", best_f, own_f)
+        _apply_duplicates(m, dup, settings.duplicates, kept_score, action, reason, review, review_reason, weak=weak)
     action[~m.ok] = "drop"
     reason[~m.ok] = "unreadable_image"
     review[~m.ok] = False
@@ -392,6 +418,74 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         review=review,
         review_reason=review_reason,
         template_z=np.zeros(n, dtype=np.float32),
+        dup_group=(dup.group if dup is not None else np.full(n, -1)).astype(np.int64),
         gmm=info,
         model_quality=quality,
     )
+
+
+def _apply_duplicates(
+    m: MatchScores,
+    dup: DuplicateGroups,
+    st: DuplicatesSettings,
+    score: np.ndarray,
+    action: np.ndarray,
+    reason: np.ndarray,
+    review: np.ndarray,
+    review_reason: np.ndarray,
+    *,
+    weak: bool,
+) -> None:
+    """Apply each duplicate group's action in place (arrays of shape (N,)).
+
+    Members already dropped for another reason stay as they are. ``keep_one`` keeps, per
+    group, the member whose caption agrees best with the image: the pairs are first
+    pooled into units of identical content (image hash, caption text), a unit scores the
+    mean fused score of the caption its pairs keep (``score``), rounded to 1e-4, and the
+    best unit wins, ties going to the smaller image hash, then caption hash; within the
+    unit the pair with the smallest id key (``row_key``) is kept. Nothing here depends on
+    the rows' order. The other members (all of them with ``drop_all``) are dropped with
+    reason ``duplicate``; under a ``weak`` model only exact copies are (of the kept member,
+    or of another member for ``drop_all``): a near duplicate rests on the model's
+    embeddings, so it is kept for review.
+    """
+    n = len(action)
+    grp = dup.group
+    members = grp >= 0
+    if st.action == "keep_all" or not members.any():
+        return
+    alive = members & (action != "drop")
+    ih = np.zeros(n, dtype=np.int64) if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
+    ch = np.asarray(m.caption_hash, dtype=np.int64)
+    rk = np.arange(n, dtype=np.int64) if m.row_key is None else np.asarray(m.row_key, dtype=np.int64)
+    kept = np.zeros(n, dtype=bool)
+    kept_hash = np.zeros(int(grp.max()) + 1, dtype=np.int64)
+    if st.action == "keep_one" and alive.any():
+        cand = np.nonzero(alive)[0]
+        _, unit, cnt = np.unique(np.stack([grp[cand], ih[cand], ch[cand]], axis=1), axis=0, return_inverse=True,
+                                 return_counts=True)
+        unit = unit.reshape(-1)
+        sc = np.nan_to_num(np.asarray(score, dtype=np.float64)[cand], nan=-1e9, neginf=-1e9, posinf=1e9)
+        unit_score = np.round(np.bincount(unit, weights=sc) / cnt, 4)[unit]
+        order = cand[np.lexsort((rk[cand], ch[cand], ih[cand], -unit_score, grp[cand]))]
+        g = grp[order]
+        best = order[np.r_[True, g[1:] != g[:-1]]]
+        kept[best] = True
+        kept_hash[grp[best]] = ih[best]
+    target = alive & ~kept
+    if st.action == "keep_one":
+        has_kept = np.zeros(len(kept_hash), dtype=bool)
+        has_kept[grp[kept]] = True
+        certain = target & has_kept[np.maximum(grp, 0)] & (ih == kept_hash[np.maximum(grp, 0)]) & (m.image_hash is not None)
+    else:
+        certain = target & dup.exact
+    sure = target & (certain | (not weak))
+    unsure = target & ~sure
+    action[sure] = "drop"
+    reason[sure] = DUPLICATE
+    review[sure] = False
+    review_reason[sure] = ""
+    why = "drop/duplicate: weak model (near duplicate)"
+    review_reason[unsure] = [f"{r}; {why}" if r else why for r in review_reason[unsure]]
+    review[unsure] = True
+    reason[unsure & (action == "keep")] = REVIEW

@@ -9,6 +9,9 @@ turns flags and scores into decisions.
   image, optionally only inside caption neighbourhoods crowded with such pairs.
 - ``spectral`` (off by default): spectral-signature outliers of the images within one
   caption cluster, whatever the trigger.
+- ``duplicates``: groups of repeated images (exact and near duplicates); its flag marks
+  the members, and :func:`~otcclip.models.decisions.decide_pairs` applies the group's
+  action (:func:`duplicate_groups`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from otcclip.models.config.detectors import (
     CaptionBurstSettings,
     DecisionSettings,
     DensitySettings,
+    DuplicatesSettings,
     ImageBurstSettings,
     SpectralSettings,
     TriggerSensitivitySettings,
@@ -36,7 +40,8 @@ from otcclip.models.shortlist import build_index, search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "run_detectors", "register"]
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "duplicate_groups", "run_detectors",
+           "register"]
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,111 @@ def detect_spectral(m: MatchScores, st: SpectralSettings, env: DetectorEnv = Det
         proj = np.abs(x @ vt[0])
         flag[rows[robust_z(proj) > st.outlier_z]] = True
     return flag
+
+
+@dataclass(frozen=True)
+class DuplicateGroups:
+    """Groups of repeated images found by :func:`duplicate_groups`.
+
+    Attributes
+    ----------
+    group : ndarray, shape (N,), int64
+        Group id of each pair, -1 for none. Ids number the groups 0..G-1 in the order of
+        their content (smallest image hash, caption hash, id key of a member), so the same
+        pairs in any row order get the same ids.
+    exact : ndarray, shape (N,), bool
+        The member's decoded pixels equal another member's (same image hash).
+    threshold : float
+        The cosine at or above which two images counted as near duplicates here
+        (``near_threshold`` raised by the scale-free test); NaN without near search.
+    """
+
+    group: np.ndarray
+    exact: np.ndarray
+    threshold: float = float("nan")
+
+    @property
+    def member(self) -> np.ndarray:
+        """(N,) bool: the pair belongs to a group."""
+        return np.asarray(self.group >= 0)
+
+
+def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = DetectorEnv()) -> DuplicateGroups:
+    """Group repeated images: exact duplicates (the same ``image_hash``: identical decoded
+    pixels) and near duplicates (image-embedding cosine >= ``near_threshold`` among each
+    image's ``knn`` nearest, and a cosine distance at most ``near_relative`` x the median
+    distance of an image to its nearest *distinct* image: on a model whose embeddings
+    crowd together, nothing counts as near). Groups are the connected components of both
+    relations; unreadable images never join one.
+
+    Parameters
+    ----------
+    m : MatchScores
+        Uses ``image_global`` (N, d), ``ok`` and, when present, ``image_hash``,
+        ``caption_hash`` and ``row_key`` (group ids).
+
+    Returns
+    -------
+    DuplicateGroups
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(m)
+    ok = np.nonzero(m.ok)[0]
+    group = np.full(n, -1, dtype=np.int64)
+    exact = np.zeros(n, dtype=bool)
+    if len(ok) < 2:
+        return DuplicateGroups(group, exact)
+    src: list[np.ndarray] = []
+    dst: list[np.ndarray] = []
+    hashes = None if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
+    if hashes is not None:
+        _, first, inverse, counts = np.unique(hashes[ok], return_index=True, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        src.append(np.arange(len(ok)))
+        dst.append(first[inverse])
+        exact[ok] = counts[inverse] > 1
+    sims, idx = _knn(m.image_global[ok], min(st.knn, len(ok) - 1), env)
+    distinct = np.isfinite(sims) & (sims < 1.0 - 1e-6)
+    if hashes is not None:
+        distinct &= hashes[ok][idx] != hashes[ok][:, None]
+    nearest = np.where(distinct, sims, -np.inf).max(axis=1)
+    nearest = nearest[np.isfinite(nearest)]
+    typical = float(np.median(1.0 - nearest)) if len(nearest) else 0.0
+    thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
+    hit = np.isfinite(sims) & (sims >= thr)
+    rows = np.repeat(np.arange(len(ok)), hit.sum(axis=1))
+    src.append(rows)
+    dst.append(idx[hit])
+    a, b = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(ok), len(ok)))
+    _, label = connected_components(graph, directed=False)
+    sizes = np.bincount(label)
+    multi = sizes[label] > 1
+    if not multi.any():
+        return DuplicateGroups(group, exact, thr)
+    # number the groups by their content, not their rows
+    zero = np.zeros(len(ok), dtype=np.int64)
+    keys = np.stack([hashes[ok] if hashes is not None else zero, m.caption_hash[ok].astype(np.int64),
+                     m.row_key[ok] if m.row_key is not None else ok.astype(np.int64)], axis=1)
+    sel = np.nonzero(multi)[0]
+    by_group = sel[np.lexsort((keys[sel, 2], keys[sel, 1], keys[sel, 0], label[sel]))]
+    lab = label[by_group]
+    firsts = by_group[np.r_[True, lab[1:] != lab[:-1]]]  # each group's member with the smallest key
+    ranked = firsts[np.lexsort((keys[firsts, 2], keys[firsts, 1], keys[firsts, 0]))]
+    new_id = np.full(int(label.max()) + 1, -1, dtype=np.int64)
+    new_id[label[ranked]] = np.arange(len(ranked))
+    group[ok[multi]] = new_id[label[multi]]
+    exact &= group >= 0
+    return DuplicateGroups(group, exact, thr)
+
+
+@register("duplicates")
+def detect_duplicates(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
+    """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`); what
+    happens to them is the group's ``action``, applied by the decision step."""
+    return duplicate_groups(m, st, env).member
 
 
 def run_detectors(

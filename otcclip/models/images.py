@@ -13,6 +13,7 @@ header first: an image larger than ``max_pixels`` is refused before anything is 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -147,11 +148,24 @@ class ImageBatch:
         False where the image was missing, unreadable or truncated.
     errors : tuple of str
         One message per row (empty string where ok).
+    hashes : tuple of int
+        With ``content_hash``: per row, :func:`pixel_hash` of the decoded image (0 where
+        unreadable); else empty.
     """
 
     pixels: torch.Tensor
     ok: torch.Tensor
     errors: tuple[str, ...] = ()
+    hashes: tuple[int, ...] = ()
+
+
+def pixel_hash(img: Image.Image) -> int:
+    """Stable signed 64-bit hash of a decoded image's pixels (RGB) and size: equal for
+    byte-identical files and for any two encodings of the same pixels."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    h = hashlib.blake2b(f"{rgb.size[0]}x{rgb.size[1]}:".encode(), digest_size=8)
+    h.update(rgb.tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -170,19 +184,23 @@ def load_images(
     store: ImageOpener,
     refs: Sequence[str],
     transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    content_hash: bool = False,
 ) -> ImageBatch:
-    """Decode and transform ``refs`` from ``store`` in a small thread pool (order kept)."""
+    """Decode and transform ``refs`` from ``store`` in a small thread pool (order kept);
+    with ``content_hash`` also :func:`pixel_hash` each decoded image."""
 
-    def one(ref: str) -> tuple[torch.Tensor | None, str]:
+    def one(ref: str) -> tuple[torch.Tensor | None, str, int]:
         try:
-            return transform(store.open(ref)), ""
+            img = store.open(ref)
+            return transform(img), "", pixel_hash(img) if content_hash else 0
         except (UnreadableImage, UnsafePath, OSError) as e:
             log.debug("unreadable image %s: %s", ref, e)
-            return None, str(e)
+            return None, str(e), 0
 
-    results: Iterable[tuple[torch.Tensor | None, str]]
+    results: Iterable[tuple[torch.Tensor | None, str, int]]
     results = list(_pool().map(one, refs)) if len(refs) > 1 else [one(r) for r in refs]
-    tensors = [t for t, _ in results]
+    tensors = [t for t, _, _ in results]
     shape_src = next((t for t in tensors if t is not None), None)
     if shape_src is None:
         shape_src = transform(Image.new("RGB", (32, 32)))
@@ -192,13 +210,16 @@ def load_images(
         if t is not None:
             pixels[i] = t
             ok[i] = True
-    return ImageBatch(pixels, ok, tuple(err for _, err in results))
+    return ImageBatch(pixels, ok, tuple(err for _, err, _ in results),
+                      tuple(h for _, _, h in results) if content_hash else ())
 
 
 def load_image_batch(
     manifest: Any,
     rows: Sequence[int],
     transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    content_hash: bool = False,
 ) -> ImageBatch:
     """Decode and transform the images of ``manifest`` rows ``rows`` (a thread pool, order kept).
 
@@ -210,6 +231,8 @@ def load_image_batch(
         Row indices.
     transform : callable
         PIL RGB image -> tensor ``(3, H, W)`` (e.g. ``ClipBundle.preprocess``).
+    content_hash : bool
+        Also hash each decoded image's pixels (``ImageBatch.hashes``; exact duplicates).
 
     Returns
     -------
@@ -218,4 +241,4 @@ def load_image_batch(
         ``ok=False`` and zeros, so the caller drops them (reason ``unreadable_image``).
     """
     paths = manifest.image_paths
-    return load_images(manifest.images, [paths[int(r)] for r in rows], transform)
+    return load_images(manifest.images, [paths[int(r)] for r in rows], transform, content_hash=content_hash)

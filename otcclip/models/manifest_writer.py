@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Provenance columns a cleaned manifest carries (written by :mod:`otcclip.models.report`).
 #: WebDataset samples carry them as keys of their ``.json`` member (no new members).
-PROVENANCE = ("original_caption", "otcclip_action", "otcclip_reason", "otcclip_p_clean")
+PROVENANCE = ("original_caption", "otcclip_action", "otcclip_reason", "otcclip_p_clean", "otcclip_review",
+              "otcclip_review_reason")
 #: Folder of the output directory that ``--copy-images`` copies images to.
 COPIED_IMAGES = "images"
 

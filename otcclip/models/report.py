@@ -4,13 +4,16 @@
     ``cleaned.<ext>`` (or ``cleaned/`` shards for WebDataset, with the input's shard and
     member names): the input manifest in its own format and column names, extra columns
     kept, dropped pairs removed, re-assigned captions replaced, provenance columns added
-    (``original_caption``, ``otcclip_action``, ``otcclip_reason``, ``otcclip_p_clean``;
-    WebDataset: keys of the ``.json`` member). ``image`` paths resolve from ``OUT_DIR``
+    (``original_caption``, ``otcclip_action``, ``otcclip_reason``, ``otcclip_p_clean``,
+    ``otcclip_review``, ``otcclip_review_reason``; WebDataset: keys of the ``.json``
+    member). ``image`` paths resolve from ``OUT_DIR``
     (relative to it, or copied below ``OUT_DIR/images``).
     ``decisions.parquet``: one row per input pair with every score.
     ``report.json``: first the model-quality verdict (``model_quality``: ``verdict``,
     a one-sentence ``message``, the metrics) and the pairs kept for review (``review``:
-    count and the change proposed for each), then counts per action and reason, score
+    count and the change proposed for each), the groups of repeated images
+    (``duplicates``: the action, and per group its size, captions, members kept and what
+    happened to the rest), then counts per action and reason, score
     statistics, GMM, model and settings, library versions, the input's sha256, seconds
     per stage.
     ``report.html``: the same, self-contained (inline SVG histograms, base64 thumbnails).
@@ -92,8 +95,10 @@ def cleaned_table(manifest: Any, decisions: Decisions, *, provenance: bool = Tru
     """Input table minus dropped rows, with re-assigned captions replaced.
 
     With ``provenance`` the columns ``original_caption``, ``otcclip_action``,
-    ``otcclip_reason`` and ``otcclip_p_clean`` are added (replaced if the input has them,
-    e.g. a manifest cleaned before).
+    ``otcclip_reason``, ``otcclip_p_clean``, ``otcclip_review`` (bool: kept because the
+    engine was not sure of the change it proposed) and ``otcclip_review_reason`` (that
+    proposal, empty elsewhere) are added (replaced if the input has them, e.g. a manifest
+    cleaned before).
     """
     table: pa.Table = manifest.table
     caps = manifest.captions
@@ -107,6 +112,8 @@ def cleaned_table(manifest: Any, decisions: Decisions, *, provenance: bool = Tru
             "otcclip_action": pa.array([str(a) for a in decisions.action.tolist()], pa.string()),
             "otcclip_reason": pa.array([str(r) for r in decisions.reason.tolist()], pa.string()),
             "otcclip_p_clean": pa.array(np.round(p_clean, 6), pa.float64(), mask=~np.isfinite(p_clean)),
+            "otcclip_review": pa.array(np.asarray(decisions.review, dtype=bool), pa.bool_()),
+            "otcclip_review_reason": pa.array([str(r) for r in decisions.review_reason.tolist()], pa.string()),
         }
         for name in PROVENANCE:
             if name in table.column_names:
@@ -148,6 +155,7 @@ def build_report(manifest: Any, decisions: Decisions, *, config: Any, model_info
     return {
         "model_quality": decisions.model_quality,
         "review": {"pairs": int(decisions.review.sum()), "proposed": dict(sorted(review.items()))},
+        "duplicates": duplicates_report(manifest, decisions, config=config),
         "input": {"path": str(manifest.path), "format": manifest.format, "rows": len(manifest),
                   "sha256": manifest.sha256},
         "counts": counts,
@@ -160,6 +168,84 @@ def build_report(manifest: Any, decisions: Decisions, *, config: Any, model_info
         "timings_s": timings or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+#: Groups listed in report.json / report.html (the largest first), and those with thumbnails.
+MAX_DUP_GROUPS = 2000
+MAX_DUP_THUMB_GROUPS = 200
+#: Member ids and captions listed per group.
+MAX_DUP_MEMBERS = 50
+
+
+def duplicates_report(manifest: Any, decisions: Decisions, *, config: Any = None,
+                      limit: int = MAX_DUP_GROUPS) -> dict[str, Any]:
+    """The ``duplicates`` section of ``report.json``: the groups of repeated images.
+
+    Returns
+    -------
+    dict
+        ``action`` (the check's setting, None when it did not run), ``groups``, ``pairs``
+        (members), ``dropped`` (reason ``duplicate``), ``review`` (members kept for review)
+        and ``list``: per group (largest first, at most ``limit``) ``group``, ``size``,
+        ``captions`` (``[caption, pairs]``, most frequent first), ``kept`` (ids of the
+        members not dropped), ``outcome`` (pairs per ``action/reason``), ``ids`` (the
+        first members' ids) and ``rows`` (the first four members' rows, for thumbnails).
+    """
+    st = getattr(getattr(config, "decisions", None), "duplicates", None)
+    ran = config is None or "duplicates" in getattr(getattr(config, "decisions", None), "detectors", ("duplicates",))
+    grp = np.asarray(decisions.dup_group)
+    members = np.nonzero(grp >= 0)[0]
+    out: dict[str, Any] = {
+        "action": getattr(st, "action", None) if ran else None,
+        "groups": int(len(np.unique(grp[members]))), "pairs": int(len(members)),
+        "dropped": int((decisions.reason[members] == "duplicate").sum()),
+        "review": int(decisions.review[members].sum()), "list": [],
+    }
+    if not len(members):
+        return out
+    caps, ids = manifest.captions, manifest.ids
+    order = members[np.lexsort((members, grp[members]))]
+    bounds = np.nonzero(np.r_[True, grp[order][1:] != grp[order][:-1], True])[0]
+    groups = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    groups.sort(key=lambda rows: (-len(rows), int(grp[rows[0]])))
+    for rows in groups[:limit]:
+        texts: dict[str, int] = {}
+        outcome: dict[str, int] = {}
+        for r in rows.tolist():
+            texts[caps[r]] = texts.get(caps[r], 0) + 1
+            key = f"{decisions.action[r]}/{decisions.reason[r]}"
+            outcome[key] = outcome.get(key, 0) + 1
+        out["list"].append({
+            "group": int(grp[rows[0]]), "size": int(len(rows)),
+            "captions": [[c, k] for c, k in sorted(texts.items(), key=lambda ck: (-ck[1], ck[0]))][:MAX_DUP_MEMBERS],
+            "kept": [str(ids[r]) for r in rows.tolist() if decisions.action[r] != "drop"][:MAX_DUP_MEMBERS],
+            "outcome": dict(sorted(outcome.items())),
+            "ids": [str(ids[r]) for r in rows.tolist()[:MAX_DUP_MEMBERS]],
+            "rows": [int(r) for r in rows.tolist()[:4]],
+        })
+    return out
+
+
+def _duplicates_html(manifest: Any, dup: dict[str, Any]) -> str:
+    """The report's "Duplicate groups" section (thumbnails of up to 4 members per group)."""
+    if not dup or not dup.get("pairs"):
+        ran = "" if dup and dup.get("action") else " (the duplicates check did not run)"
+        return f'<h2 id="duplicates">Duplicate groups</h2><p>No repeated images{ran}.</p>'
+    rows = []
+    for i, g in enumerate(dup["list"]):
+        thumbs = "".join(f'<img class="thumb" alt="" src="{u}">' for r in g["rows"]
+                         if i < MAX_DUP_THUMB_GROUPS and (u := _thumbnail_uri(manifest, r)))
+        caps = "<br>".join(f"{html.escape(c)} <small>({k})</small>" for c, k in g["captions"])
+        kept = ", ".join(html.escape(k) for k in g["kept"][:5]) + (" …" if len(g["kept"]) > 5 else "")
+        outcome = "<br>".join(f"<code>{html.escape(k)}</code>: {v}" for k, v in g["outcome"].items())
+        rows.append(f'<tr class="dup-group"><td>{g["group"]}</td><td>{g["size"]}</td><td>{thumbs}</td><td>{caps}</td>'
+                    f'<td>{kept or "<span class=muted>none</span>"}</td><td>{outcome}</td></tr>')
+    more = len(dup["list"]) < dup["groups"]
+    return (f'<h2 id="duplicates">Duplicate groups</h2><p>{dup["groups"]} groups of repeated images, {dup["pairs"]} pairs; '
+            f'action <code>{html.escape(str(dup["action"]))}</code>: {dup["dropped"]} dropped as <code>duplicate</code>, '
+            f'{dup["review"]} kept for review{" (the largest groups shown)" if more else ""}.</p>'
+            '<table id="duplicate-groups"><thead><tr><th>group</th><th>size</th><th>images</th><th>captions (pairs)</th>'
+            f'<th>kept</th><th>outcome (action/reason: pairs)</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 def _svg_histogram(values: dict[str, np.ndarray], title: str, bins: int = 40) -> str:
@@ -208,6 +294,9 @@ REASON_LEGEND: dict[str, str] = {
     "density": "detector: the pair is unlike the rest of the data (sparse neighbourhood)",
     "caption_burst": "detector: one caption on many images, this image an outlier among them",
     "trigger_sensitivity": "detector: the score collapses when a possible trigger is removed (backdoor); always dropped",
+    "duplicates": "check: the image is repeated (exact or near duplicate) in the data; see Duplicate groups",
+    "duplicate": "dropped: a repeated image that its group's action removes (keep_one keeps the best-matching member)",
+    "review": "kept for review: the engine was not sure of the change it proposed",
 }
 #: Rows with thumbnails in report.html (the most suspicious first); the rest show none.
 MAX_THUMBNAILS = 1000
@@ -395,6 +484,7 @@ sha256 <code>{report['input']['sha256'][:16]}…</code>)</p>
 <button id="export">export CSV</button></div>
 <table id="review"><thead><tr><th>image</th><th>id</th><th>action</th><th>reason</th><th>caption</th><th>new caption</th>
 <th>p_clean</th><th>own fused</th><th>best fused</th></tr></thead><tbody id="review-body"></tbody></table>
+{_duplicates_html(manifest, report.get("duplicates", {}))}
 <h2>Caption transitions</h2><table id="transitions"><tr><th>caption</th><th>re-assigned to</th><th>pairs</th></tr>{trans_html}</table>
 <h2>Scores</h2>{''.join(hists)}
 <h2>Model, settings, versions</h2><pre>{meta}</pre>

@@ -114,12 +114,14 @@ def encode_shard(
     purify = "trigger_sensitivity" in config.decisions.detectors
     tfs: list[TextFeatures] = []
     hashes: list[int] = []
+    image_hashes: list[int] = []
+    ids = getattr(manifest, "ids", None)
     t_decode = t_encode = 0.0
     for s in range(start, stop, config.batch_size):
         check_stop(should_stop)
         e = min(s + config.batch_size, stop)
         t0 = time.perf_counter()
-        batch = load_image_batch(manifest, range(s, e), bundle.preprocess)
+        batch = load_image_batch(manifest, range(s, e), bundle.preprocess, content_hash=True)
         caps = [captions[i] for i in range(s, e)]
         tokens = bundle.tokenizer(caps)
         t1 = time.perf_counter()
@@ -135,6 +137,7 @@ def encode_shard(
         ils.append((fi.local * okd[:, :, None]).to(ldt).cpu())
         tfs.append(TextFeatures(ft.global_.float().cpu(), ft.local.to(ldt).cpu(), ft.mask.cpu()))
         hashes.extend(caption_hash(c) for c in caps)
+        image_hashes.extend(batch.hashes)
         t_encode += time.perf_counter() - t1
         t_decode += t1 - t0
         for i, err in enumerate(batch.errors):
@@ -150,6 +153,9 @@ def encode_shard(
         image_local=torch.cat(ils), caption_global=tf.global_, caption_local=tf.local,
         caption_mask=tf.mask, caption_hash=torch.tensor(hashes, dtype=torch.int64),
         image_purified=torch.cat(ips) if purify else None,
+        image_hash=torch.tensor(image_hashes, dtype=torch.int64),
+        row_key=(None if ids is None else
+                 torch.tensor([caption_hash(f"id:{ids[i]}") for i in range(start, stop)], dtype=torch.int64)),
         timings={"decode": t_decode, "encode": t_encode},
     )
 
@@ -248,6 +254,8 @@ def match_shard(
             None if img.image_purified is None
             else torch.einsum("nvd,nd->nv", img.image_purified.float(), img.caption_global.float()).numpy().astype(np.float32)
         ),
+        image_hash=None if img.image_hash is None else img.image_hash.numpy().astype(np.int64),
+        row_key=None if img.row_key is None else img.row_key.numpy().astype(np.int64),
     )
     return ScoreShard(img.start, img.stop, scores, timings={"index": t1 - t0, "ot": t2 - t1})
 

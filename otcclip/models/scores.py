@@ -30,6 +30,11 @@ class MatchScores:
         Own-caption global score of each purified view of the image (trigger
         sensitivity; ``features.PURIFIERS``); None when the features were extracted
         without them.
+    image_hash : ndarray, shape (N,), int64, optional
+        Hash of each decoded image's pixels (0 where unreadable): exact duplicates share
+        it. None when the features were extracted without it.
+    row_key : ndarray, shape (N,), int64, optional
+        Hash of each pair's manifest id (order-independent tie-breaks); None without it.
     """
 
     candidates: np.ndarray
@@ -41,6 +46,8 @@ class MatchScores:
     caption_global: np.ndarray
     caption_hash: np.ndarray
     purified_own: np.ndarray | None = None
+    image_hash: np.ndarray | None = None
+    row_key: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.candidates.shape[0])
@@ -65,8 +72,14 @@ class MatchScores:
             image_global=np.concatenate([p.image_global for p in parts]),
             caption_global=np.concatenate([p.caption_global for p in parts]),
             caption_hash=np.concatenate([p.caption_hash for p in parts]),
-            purified_own=(
-                np.concatenate([p.purified_own for p in parts])
-                if all(p.purified_own is not None for p in parts) else None
-            ),
+            purified_own=_concat_optional([p.purified_own for p in parts]),
+            image_hash=_concat_optional([p.image_hash for p in parts]),
+            row_key=_concat_optional([p.row_key for p in parts]),
         )
+
+
+def _concat_optional(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The arrays concatenated, or None when any part lacks its array."""
+    if any(a is None for a in arrays):
+        return None
+    return np.concatenate([a for a in arrays if a is not None])

@@ -39,6 +39,11 @@ class FeatureShard:
     image_purified : Tensor, shape (n, V, d), float32, optional
         Globals of the purified views of each image (``features.PURIFIERS``; only with
         the ``trigger_sensitivity`` detector).
+    image_hash : Tensor, shape (n,), int64, optional
+        :func:`~otcclip.models.images.pixel_hash` of each decoded image (0 where
+        unreadable): exact duplicates. None in shards written without it.
+    row_key : Tensor, shape (n,), int64, optional
+        Hash of each row's manifest id: a tie-break that follows the pair, not its row.
     timings : dict
         Seconds spent per stage (``decode``, ``encode``).
     """
@@ -53,6 +58,8 @@ class FeatureShard:
     caption_mask: torch.Tensor
     caption_hash: torch.Tensor
     image_purified: torch.Tensor | None = None
+    image_hash: torch.Tensor | None = None
+    row_key: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:

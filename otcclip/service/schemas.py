@@ -12,7 +12,7 @@ from typing import Any, Literal, overload
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from otcclip.models.config import JOB_SETTINGS, job_config
+from otcclip.models.config import JOB_SETTINGS, job_config, normalise_job_settings
 from otcclip.models.config.base import nested_type
 
 JobKind = Literal["sanitize", "train", "evaluate"]
@@ -54,7 +54,19 @@ class JobCreate(BaseModel):
 
     kind: JobKind
     dataset_id: str
-    settings: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "The job's settings that differ from the defaults (`otcclip sanitize|train|evaluate --help` lists "
+            "them; unknown keys are a 422). A sanitize job names its model by `checkpoint` (an artifact id), or "
+            "by `model` and `pretrained` given either as sibling keys (`\"model\": \"ViT-B-32\", "
+            "\"pretrained\": \"openai\"`) or as one object (`\"model\": {\"name\": \"ViT-B-32\", "
+            "\"pretrained\": \"openai\"}`); both give the same job settings (stored as the sibling keys)."
+        ),
+        examples=[{"model": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, "k": 32},
+                  {"model": "ViT-B-32", "pretrained": "openai"},
+                  {"checkpoint": "<artifact id>"}],
+    )
 
 
 @overload
@@ -190,11 +202,18 @@ class SettingsError(ValueError):
 def validate_settings(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Validate job ``settings``; returns the keys the user set (JSON-able) or raises :class:`SettingsError`.
 
-    The schema (types, bounds, choices, unknown names) is checked first, then the core's
+    A sanitize job's ``model`` object (``{"name": ..., "pretrained": ...}``) is first
+    spelled as the sibling keys ``model`` and ``pretrained``
+    (:func:`otcclip.models.config.normalise_job_settings`), which is what is stored. The
+    schema (types, bounds, choices, unknown names) is checked next, then the core's
     settings object is built from the result (:func:`otcclip.models.config.job_config`),
     so a job is accepted only if every task can build its settings.
     """
     model = settings_model(kind)
+    try:
+        settings = normalise_job_settings(kind, settings)
+    except ValueError as e:
+        raise SettingsError([{"loc": ["model"], "msg": str(e)}]) from e
     try:
         obj = model.model_validate(settings)
     except ValidationError as e:

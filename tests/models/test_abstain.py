@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from otcclip.models.decisions import (
     REVIEW,
@@ -125,3 +126,51 @@ def test_a_random_model_changes_nothing_score_based_and_the_report_says_why(tmp_
     tab = pq.read_table(files.decisions)
     assert tab.column("review").to_pylist() == d.review.tolist()
     assert rep["model_quality"]["message"] in files.report_html.read_text()
+
+
+@pytest.mark.parametrize("layout", ["csv", "webdataset"])
+def test_cli_cleaned_manifest_carries_the_review_columns(tmp_path: Path, tiny_bundle, layout: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``otcclip sanitize`` on a randomly initialised (weak) model: the cleaned manifest's
+    ``otcclip_review`` / ``otcclip_review_reason`` are decisions.parquet's ``review`` /
+    ``review_reason`` of the kept rows (CSV columns; WebDataset ``.json`` keys), and
+    ``--no-provenance`` leaves them out."""
+    import tarfile
+
+    from otcclip.cli import main
+    from otcclip.models.checkpoint import save_checkpoint
+    from otcclip.models.manifest import read_manifest
+    from tests.models.layouts import img2dataset
+    from tests.models.test_sanitize import make_manifest
+
+    src = make_manifest(tmp_path / "in", n=60) if layout == "csv" else img2dataset(tmp_path / "in", 60, fmt="webdataset")
+    ckpt = save_checkpoint(tiny_bundle, tmp_path / "ckpt", meta={})
+    common = ["--checkpoint", str(ckpt), "--k", "4", "--batch-size", "16", "--device", "cpu", "--no-progress",
+              "--decisions.detectors", "density", "--decisions.min-quality-pairs", "20"]
+    out = tmp_path / "out"
+    assert main(["sanitize", str(src), "--out", str(out), *common]) == 0, capsys.readouterr().err
+    dec = pq.read_table(out / "decisions.parquet").to_pylist()
+    assert json.loads((out / "report.json").read_text())["model_quality"]["verdict"] == "weak"
+    kept = [r for r in dec if r["action"] != "drop"]
+    assert any(r["review"] for r in kept), "a random model proposes changes, all kept for review"
+    if layout == "csv":
+        cleaned = read_manifest(out / "cleaned.csv", local=True).table.to_pylist()
+        got = [(str(r["id"]), str(r["otcclip_review"]).lower() == "true", r["otcclip_review_reason"] or "")
+               for r in cleaned]
+    else:
+        got = []
+        for shard in sorted((out / "cleaned").glob("*.tar")):
+            with tarfile.open(shard) as tf:
+                for info in tf.getmembers():
+                    if info.name.endswith(".json"):
+                        meta = json.loads(tf.extractfile(info).read())  # type: ignore[union-attr]
+                        got.append((info.name[: -len(".json")], meta["otcclip_review"], meta["otcclip_review_reason"]))
+    want = [(str(r["id"]), bool(r["review"]), str(r["review_reason"])) for r in kept]
+    assert sorted(got) == sorted(want)
+    assert any(reason.startswith(("reassign/", "drop/")) for _, flag, reason in got if flag)
+
+    bare = tmp_path / "bare"
+    assert main(["sanitize", str(src), "--out", str(bare), "--no-provenance", *common]) == 0
+    text = next(bare.glob("cleaned*"))
+    blob = text.read_bytes() if text.is_file() else b"".join(p.read_bytes() for p in text.glob("*.tar"))
+    assert b"otcclip_review" not in blob

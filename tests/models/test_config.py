@@ -154,3 +154,35 @@ def test_a_sanitize_job_needs_a_model_with_weights(data: dict, match: str) -> No
     for ok in ({"checkpoint": "abc"}, {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
                {"model": "hf-hub:timm/some-clip"}, {"model": "otc-micro", "random_init": True}):
         job_config("sanitize", ok)
+
+
+@pytest.mark.parametrize("obj, siblings", [
+    ({"model": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}, "k": 4},
+     {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "k": 4}),
+    ({"model": {"name": "hf-hub:timm/some-clip"}}, {"model": "hf-hub:timm/some-clip"}),
+    ({"model": {"name": "otc-micro"}, "random_init": True}, {"model": "otc-micro", "random_init": True}),
+])
+def test_a_model_object_gives_the_same_job_settings_as_the_sibling_keys(obj: dict, siblings: dict) -> None:
+    from otcclip.service.schemas import validate_settings
+
+    assert job_config("sanitize", obj) == job_config("sanitize", siblings)
+    assert validate_settings("sanitize", obj) == validate_settings("sanitize", siblings) == siblings
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"model": {"name": "no-such-model", "pretrained": "openai"}}, "model"),
+    ({"model": {"name": "ViT-B-32"}}, "needs a model with weights"),
+    ({"model": {"name": "ViT-B-32", "pretrained": "../weights.pt"}}, "pretrained"),
+    ({"model": {"pretrained": "openai"}}, "needs a name"),
+    ({"model": {"name": "ViT-B-32", "tag": "openai"}}, "unknown keys"),
+    ({"model": {"name": "ViT-B-32", "pretrained": "openai"}, "pretrained": "openai"}, "both"),
+])
+def test_a_model_object_is_refused_like_the_sibling_keys(data: dict, match: str) -> None:
+    from otcclip.service.schemas import SettingsError, validate_settings
+
+    with pytest.raises(ValueError, match=match):
+        job_config("sanitize", data)
+    with pytest.raises(SettingsError, match=match):
+        validate_settings("sanitize", data)
+    with pytest.raises(ValueError, match="unknown settings"):  # other kinds have no model object
+        job_config("evaluate", {"checkpoint": "abc", "model": {"name": "ViT-B-32"}})

@@ -29,9 +29,13 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
             d.action[r], d.reason[r], d.new_caption_index[r] = "reassign", "better_caption", (r + 1) % 72
     for r in range(60, 72):
         d.action[r], d.reason[r], d.detectors[r] = "keep", "own_best", ""
+    d.dup_group[:] = -1
+    d.dup_group[[61, 64, 67]] = 0  # one group of repeated images: one kept, two dropped as duplicates
+    for r in (64, 67):
+        d.action[r], d.reason[r] = "drop", "duplicate"
     files = write_outputs(man, d, tmp_path / "out", config=CFG, model_info={"name": "otc-micro"})
     rows = review_rows(man, d)
-    assert len(rows) == 60 and [r["p_clean"] for r in rows if r["p_clean"] is not None] == \
+    assert len(rows) == 62 and [r["p_clean"] for r in rows if r["p_clean"] is not None] == \
         sorted(r["p_clean"] for r in rows if r["p_clean"] is not None)
     n_better = sum(r["reason"] == "better_caption" for r in rows)
     assert n_better == 59
@@ -40,7 +44,7 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
         page.goto(files.report_html.as_uri())
         page.wait_for_selector("#review-body tr")
         assert page.locator("#review-body tr").count() == 50  # paged
-        assert page.inner_text("#page-info") == "1-50 of 60"
+        assert page.inner_text("#page-info") == "1-50 of 62"
         assert "better_caption" in page.inner_text("#legend")
         page.select_option("#f-reason", "unreadable_image")
         assert page.locator("#review-body tr").count() == 1
@@ -51,6 +55,10 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
         assert page.locator("#review-body tr").count() == n_better - 50
         widths = page.eval_on_selector_all("#review-body img.thumb", "els => els.map(e => e.naturalWidth)")
         assert widths and all(w > 0 for w in widths)
+        group = page.locator("#duplicate-groups tr.dup-group")
+        assert group.count() == 1 and "drop/duplicate: 2" in group.inner_text() and man.ids[61] in group.inner_text()
+        sizes = page.eval_on_selector_all("#duplicate-groups img.thumb", "els => els.map(e => e.naturalWidth)")
+        assert len(sizes) == 3 and all(w > 0 for w in sizes)
         with page.expect_download() as dl:
             page.click("#export")
         text = Path(dl.value.path()).read_text()
@@ -59,4 +67,5 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
     assert len(exported) == n_better and {r["reason"] for r in exported} == {"better_caption"}
     assert exported[0]["id"] == next(r["id"] for r in rows if r["reason"] == "better_caption")
     rep = json.loads(files.report_json.read_text())
+    assert rep["duplicates"]["groups"] == 1 and rep["duplicates"]["list"][0]["kept"] == [man.ids[61]]
     assert rep["counts"]["action"]["reassign"] == 59 and np.isfinite(rep["scores"]["p_clean"]["all"]["mean"])

@@ -247,6 +247,7 @@ def test_verdicts_from_the_engine_decisions() -> None:
         fused_score=f32, best_caption_index=i64, best_global_score=f32, best_ot_score=f32, best_fused_score=f32,
         p_clean=f32, sensitivity_z=f32, purified_view=np.full(n, -1), sensitivity_enrichment=f32,
         review=np.zeros(n, dtype=bool), review_reason=np.full(n, "", dtype=object), template_z=f32,
+        dup_group=np.full(n, -1),
     )
     v = Verdicts.from_decisions(d)
     assert v.action.tolist() == d.action.tolist() and v.new_caption_index.tolist() == [0, 2, -1]

@@ -148,6 +148,19 @@ def test_unknown_and_bad_settings(api, tiny_dataset):
     assert r.status_code == 422 and "checkpoint" in _message(r)
     r = api.http.post("/v1/jobs", json={"kind": "paint", "dataset_id": ds, "settings": {}})
     assert r.status_code == 422
+    # the model as one object: refused as the sibling keys are, accepted and stored as them
+    r = api.job("sanitize", ds, {**SANITIZE, "random_init": False, "model": {"name": "ViT-Q-99", "pretrained": "openai"}})
+    assert r.status_code == 422 and "unknown model" in _message(r), r.text
+    r = api.job("sanitize", ds, {**SANITIZE, "random_init": False, "model": {"name": "otc-micro"}})
+    assert r.status_code == 422 and "needs a model with weights" in _message(r), r.text
+    r = api.job("sanitize", ds, {**SANITIZE, "model": {"name": "otc-micro", "weights": "x"}})
+    assert r.status_code == 422 and "settings.model" in _message(r), r.text
+    r = api.job("sanitize", ds, {**SANITIZE, "model": {"name": SANITIZE["model"]}})
+    assert r.status_code == 202, r.text
+    assert r.json()["settings"] == api.http.get(f"/v1/jobs/{r.json()['id']}").json()["settings"] == SANITIZE
+    assert api.wait(r.json()["id"])["state"] == "succeeded"
+    doc = api.http.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["properties"]["settings"]
+    assert '"model": {"name"' in doc["description"] and doc["examples"][0]["model"]["name"]
 
 
 def test_corrupt_images_are_dropped_not_fatal(api, tmp_path):

@@ -14,6 +14,7 @@ from otcclip.models.config.detectors import (
     CaptionBurstSettings,
     DecisionSettings,
     DensitySettings,
+    DuplicatesSettings,
     ImageBurstSettings,
     TriggerSensitivitySettings,
 )
@@ -24,6 +25,7 @@ from otcclip.models.config.jobs import (
     EvaluateJobSettings,
     SanitizeJobSettings,
     job_config,
+    normalise_job_settings,
 )
 from otcclip.models.config.ot import OTSettings
 from otcclip.models.config.sanitize import IndexSettings, SanitizeConfig, check_device
@@ -38,7 +40,8 @@ from otcclip.models.config.training import (
 __all__ = [
     "DEFAULT_SCHEDULE", "DEFENCES", "DETECTORS", "DETECTOR_SETTINGS", "JOB_KINDS", "JOB_SETTINGS", "SCORE_REASONS",
     "TRAINER_SANITIZE", "ZERO_SHOT_TEMPLATES", "CaptionBurstSettings", "DecisionSettings", "DensitySettings",
+    "DuplicatesSettings",
     "EvalSettings", "EvaluateJobSettings", "ImageBurstSettings", "IndexSettings", "OTSettings", "SanitizeConfig",
     "SanitizeJobSettings", "TrainConfig", "TriggerSensitivitySettings", "check_device", "from_dict", "job_config",
-    "leaves", "setting", "to_dict",
+    "leaves", "normalise_job_settings", "setting", "to_dict",
 ]

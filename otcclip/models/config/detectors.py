@@ -80,6 +80,33 @@ class SpectralSettings(Settings):
         check(self)
 
 
+#: What the ``duplicates`` check does with a group: keep its best member, drop every member, or only report it.
+DUPLICATE_ACTIONS: tuple[str, ...] = ("keep_one", "drop_all", "keep_all")
+
+
+@dataclass(frozen=True)
+class DuplicatesSettings(Settings):
+    """``duplicates``: repeated images (exact: the same decoded pixels; near: image-embedding
+    cosine) grouped, each member recording its group, and one action per group.
+
+    Not a poisoning verdict: a dropped member's reason is ``duplicate``, and its other
+    detectors' verdicts still stand.
+    """
+
+    near_threshold: float = setting(0.97, "image-embedding cosine at or above which two images are near duplicates",
+                                    ge=-1, le=1)
+    near_relative: float = setting(0.25, "...and cosine distance at most this share of the median distance to the "
+                                        "nearest distinct image (scale-free: a collapsed model's embeddings group nothing)",
+                                   ge=0, le=1)
+    knn: int = setting(20, "neighbours searched per image for near duplicates", ge=1, le=1000)
+    action: str = setting("keep_one", "keep_one: keep the member whose caption agrees best with the image, drop the "
+                                      "rest; drop_all: drop every member; keep_all: only report the group",
+                          choices=DUPLICATE_ACTIONS)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 #: Every detector's settings class, by name, in the order decisions report them.
 DETECTOR_SETTINGS: dict[str, type] = {
     "image_burst": ImageBurstSettings,
@@ -87,6 +114,7 @@ DETECTOR_SETTINGS: dict[str, type] = {
     "caption_burst": CaptionBurstSettings,
     "trigger_sensitivity": TriggerSensitivitySettings,
     "spectral": SpectralSettings,
+    "duplicates": DuplicatesSettings,
 }
 DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
 #: The detectors enabled by default (candidates still being evaluated are left out).
@@ -125,6 +153,7 @@ class DecisionSettings(Settings):
     caption_burst: CaptionBurstSettings = setting(CaptionBurstSettings(), "caption_burst detector")
     trigger_sensitivity: TriggerSensitivitySettings = setting(TriggerSensitivitySettings(), "trigger_sensitivity detector")
     spectral: SpectralSettings = setting(SpectralSettings(), "spectral detector (off by default)")
+    duplicates: DuplicatesSettings = setting(DuplicatesSettings(), "duplicates check: groups of repeated images")
 
     def __post_init__(self) -> None:
         check(self)

@@ -4,6 +4,7 @@ its checkpoint), validated by the API at submit time and rebuilt by every task."
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,11 @@ _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 @dataclass(frozen=True)
 class SanitizeJobSettings(SanitizeConfig):
-    """A sanitize job: the pass's settings and the model that encodes the data."""
+    """A sanitize job: the pass's settings and the model that encodes the data.
+
+    The API also takes the model as one object, ``"model": {"name": ..., "pretrained":
+    ...}`` (:func:`normalise_job_settings` turns it into ``model`` and ``pretrained``).
+    """
 
     checkpoint: str | None = setting(None, "artifact id of a checkpoint (a train job's, or one uploaded to /v1/checkpoints)")
     model: str = setting("otc-tiny", "open_clip model name used when no checkpoint is given (or hf-hub:org/repo)")
@@ -68,8 +73,46 @@ JOB_SETTINGS: dict[str, type] = {
 JOB_KINDS: tuple[str, ...] = tuple(JOB_SETTINGS)
 
 
-def job_config(kind: str, settings: dict[str, Any] | None) -> Any:
-    """The settings object of a job of ``kind`` from its stored ``settings`` (the keys the user set).
+#: Keys of a sanitize job's ``model`` given as an object, and the sibling setting each becomes.
+MODEL_OBJECT_KEYS: dict[str, str] = {"name": "model", "pretrained": "pretrained"}
+
+
+def normalise_job_settings(kind: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``settings`` with a sanitize job's ``model`` object spelled as the sibling keys.
+
+    A sanitize job names its model either as ``{"model": "ViT-B-32", "pretrained":
+    "openai"}`` or as ``{"model": {"name": "ViT-B-32", "pretrained": "openai"}}``; the
+    object form becomes the sibling form here, before any validation, so both give the
+    same settings (and the same errors for unknown names or missing weights). Other kinds
+    and the sibling form pass through unchanged (a copy).
+
+    Raises
+    ------
+    ValueError
+        An object without ``name``, with keys other than ``name`` / ``pretrained``, or a
+        ``pretrained`` both inside the object and beside it.
+    """
+    out = dict(settings or {})
+    model = out.get("model")
+    if kind != "sanitize" or not isinstance(model, Mapping):
+        return out
+    unknown = sorted(set(model) - set(MODEL_OBJECT_KEYS))
+    if unknown:
+        raise ValueError(f"model: unknown keys {unknown}; a model object has {', '.join(MODEL_OBJECT_KEYS)}")
+    if "name" not in model:
+        raise ValueError("model: a model object needs a name (an open_clip model name or hf-hub:org/repo)")
+    if "pretrained" in model and "pretrained" in out:
+        raise ValueError("pretrained given both inside the model object and beside it")
+    del out["model"]
+    for key, target in MODEL_OBJECT_KEYS.items():
+        if key in model:
+            out[target] = model[key]
+    return out
+
+
+def job_config(kind: str, settings: Mapping[str, Any] | None) -> Any:
+    """The settings object of a job of ``kind`` from its ``settings`` (the keys the user set;
+    a sanitize job's ``model`` object is accepted, :func:`normalise_job_settings`).
 
     Raises
     ------
@@ -80,4 +123,4 @@ def job_config(kind: str, settings: dict[str, Any] | None) -> Any:
 
     if kind not in JOB_SETTINGS:
         raise ValueError(f"unknown job kind {kind!r}; known: {', '.join(JOB_KINDS)}")
-    return from_dict(JOB_SETTINGS[kind], settings or {})
+    return from_dict(JOB_SETTINGS[kind], normalise_job_settings(kind, settings))

@@ -1,0 +1,188 @@
+"""The ``duplicates`` check: repeated images (exact and near duplicates) grouped, each group's
+action applied, the same decisions in any row order, the groups in decisions and reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from otcclip.models.config import OTSettings
+from otcclip.models.config.detectors import DecisionSettings, DuplicatesSettings
+from otcclip.models.manifest import read_manifest
+from otcclip.models.sanitize import SanitizeConfig, sanitize
+
+CLASSES = ("cat", "dog", "ship")
+N_DISTINCT = 60
+BURST = 20
+
+
+def _image(i: int) -> Image.Image:
+    """A distinct smooth 32 px image (a 4 x 4 grid of random colours, upscaled)."""
+    rng = np.random.default_rng(2000 + i)
+    return Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize((32, 32), Image.BILINEAR)
+
+
+def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _dataset(root: Path, *, order: list[int] | None = None, copies: bool = True) -> tuple[Path, dict[str, str]]:
+    """``N_DISTINCT`` distinct pairs; with ``copies`` also ``BURST`` byte-identical copies of
+    image 0 all captioned "a photo of a truck" and three near copies of image 1 (JPEG
+    quality 60, resized to 40 and to 24 px) under image 1's caption.
+
+    Returns the manifest and ``{id: family}`` (the id of the original each row copies)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows, family = [], {}
+    for i in range(N_DISTINCT):
+        (root / "img" / f"{i:03d}.jpg").write_bytes(_jpeg(_image(i)))
+        rows.append((f"p{i}", f"img/{i:03d}.jpg", f"a photo of a {CLASSES[i % 3]} seen from angle {i}"))
+        family[f"p{i}"] = f"p{i}"
+    if copies:
+        blob = (root / "img" / "000.jpg").read_bytes()
+        for k in range(BURST):
+            (root / "img" / f"burst{k:02d}.jpg").write_bytes(blob)
+            rows.append((f"burst{k}", f"img/burst{k:02d}.jpg", "a photo of a truck"))
+            family[f"burst{k}"] = "p0"
+        one = Image.open(root / "img" / "001.jpg").convert("RGB")
+        near = {"q60": _jpeg(one, 60), "r40": _jpeg(one.resize((40, 40), Image.BICUBIC), 90),
+                "r24": _jpeg(one.resize((24, 24), Image.BICUBIC), 90)}
+        for name, data in near.items():
+            (root / "img" / f"near-{name}.jpg").write_bytes(data)
+            rows.append((f"near-{name}", f"img/near-{name}.jpg", rows[1][2]))
+            family[f"near-{name}"] = "p1"
+    out = root / "m.csv"
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "image", "caption"])
+        for r in order if order is not None else range(len(rows)):
+            w.writerow(rows[r])
+    return out, family
+
+
+def _cfg(action: str = "keep_one", **kw: object) -> SanitizeConfig:
+    return SanitizeConfig(k=4, batch_size=16, shard_size=40, device="cpu", ot=OTSettings(iters=20),
+                          decisions=DecisionSettings(detectors=("duplicates",), min_quality_pairs=20,
+                                                     duplicates=DuplicatesSettings(action=action), **kw))  # type: ignore[arg-type]
+
+
+def _by_id(man, d) -> dict[str, tuple[str, str, int]]:  # type: ignore[no-untyped-def]
+    return {man.ids[r]: (str(d.action[r]), str(d.reason[r]), int(d.dup_group[r])) for r in range(len(man))}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    return _dataset(tmp_path_factory.mktemp("dups"))
+
+
+def test_exact_and_near_copies_are_grouped_and_distinct_images_are_not(data, tiny_bundle) -> None:
+    path, family = data
+    man = read_manifest(path)
+    d = sanitize(man, tiny_bundle, config=_cfg("keep_all", abstain=False)).decisions
+    groups: dict[int, set[str]] = {}
+    for r, g in enumerate(d.dup_group.tolist()):
+        if g >= 0:
+            groups.setdefault(g, set()).add(man.ids[r])
+    want = {frozenset(k for k, f in family.items() if f == fam) for fam in ("p0", "p1")}
+    assert {frozenset(v) for v in groups.values()} == want
+    assert sorted(groups) == [0, 1]
+    # keep_all only reports
+    assert (d.action == "keep").all() and "duplicate" not in set(d.reason)
+    flagged = {man.ids[r] for r in range(len(man)) if "duplicates" in str(d.detectors[r])}
+    assert flagged == set().union(*groups.values())
+    # a clean set of distinct images has no group
+    clean, _ = _dataset(path.parent / "clean", copies=False)
+    d0 = sanitize(read_manifest(clean), tiny_bundle, config=_cfg(abstain=False)).decisions
+    assert (d0.dup_group == -1).all() and "duplicate" not in set(d0.reason)
+
+
+@pytest.mark.parametrize("action", ["keep_one", "drop_all"])
+def test_each_action_does_what_it_says(data, tiny_bundle, action: str) -> None:
+    path, family = data
+    man = read_manifest(path)
+    d = sanitize(man, tiny_bundle, config=_cfg(action, abstain=False)).decisions
+    for fam in ("p0", "p1"):
+        rows = [r for r in range(len(man)) if family[man.ids[r]] == fam]
+        kept = [r for r in rows if d.action[r] != "drop"]
+        assert len(kept) == (1 if action == "keep_one" else 0), (fam, [d.reason[r] for r in rows])
+        assert {str(d.reason[r]) for r in rows if d.action[r] == "drop"} == {"duplicate"}
+        assert len({int(d.dup_group[r]) for r in rows}) == 1
+    if action == "keep_one":
+        # the kept member is the one whose caption agrees best with the image (units of equal content)
+        rows = [r for r in range(len(man)) if family[man.ids[r]] == "p0"]
+        kept = next(r for r in rows if d.action[r] != "drop")
+        truck = np.mean([d.fused_score[r] for r in rows if man.captions[r] == "a photo of a truck"])
+        own = float(d.fused_score[rows[0]])
+        assert (man.captions[kept] == "a photo of a truck") == (round(float(truck), 4) > round(own, 4))
+    others = [r for r in range(len(man)) if family[man.ids[r]] not in ("p0", "p1")]
+    assert all(d.action[r] != "drop" for r in others) and (d.dup_group[others] == -1).all()
+
+
+def test_row_shuffle_gives_the_same_decisions(tmp_path: Path, data, tiny_bundle) -> None:
+    path, _ = data
+    n = N_DISTINCT + BURST + 3
+    runs = []
+    for name, order in (("a", list(range(n))), ("b", np.random.default_rng(3).permutation(n).tolist())):
+        p, _ = _dataset(tmp_path / name, order=order)
+        man = read_manifest(p)
+        runs.append(_by_id(man, sanitize(man, tiny_bundle, config=_cfg(abstain=False)).decisions))
+    assert runs[0] == runs[1]
+    assert sum(1 for v in runs[0].values() if v[1] == "duplicate") == BURST + 3
+
+
+def test_a_weak_model_drops_exact_copies_and_reviews_near_ones(data, tiny_bundle) -> None:
+    path, family = data
+    man = read_manifest(path)
+    d = sanitize(man, tiny_bundle, config=_cfg()).decisions  # abstain on: a random model is judged weak
+    assert d.model_quality["verdict"] == "weak"
+    burst = [r for r in range(len(man)) if family[man.ids[r]] == "p0"]
+    near = [r for r in range(len(man)) if family[man.ids[r]] == "p1"]
+    assert sum(d.action[r] == "drop" for r in burst) == BURST  # exact copies: certain whatever the model
+    kept = next(r for r in burst if d.action[r] != "drop")
+    assert all(d.reason[r] == "duplicate" for r in burst if r != kept)
+    # near copies rest on the weak model's embeddings: kept, marked for review
+    assert all(d.action[r] == "keep" for r in near)
+    assert sum(bool(d.review[r]) and "duplicate" in str(d.review_reason[r]) for r in near) == len(near) - 1
+
+
+def test_groups_in_decisions_report_and_options(tmp_path: Path, data, tiny_bundle) -> None:
+    from otcclip.cli import main
+    from otcclip.models.checkpoint import save_checkpoint
+
+    path, family = data
+    ckpt = save_checkpoint(tiny_bundle, tmp_path / "ckpt", meta={})
+    out = tmp_path / "out"
+    assert main(["sanitize", str(path), "--checkpoint", str(ckpt), "--out", str(out), "--k", "4", "--batch-size", "16",
+                 "--device", "cpu", "--no-progress", "--decisions.detectors", "duplicates",
+                 "--decisions.duplicates.action", "drop_all", "--no-decisions.abstain"]) == 0
+    tab = pq.read_table(out / "decisions.parquet").to_pylist()
+    assert all((r["dup_group"] is None) == (family[r["id"]] not in ("p0", "p1")) for r in tab)
+    assert all(r["action"] == "drop" and r["reason"] == "duplicate" for r in tab if r["dup_group"] is not None)
+    rep = json.loads((out / "report.json").read_text())
+    dup = rep["duplicates"]
+    assert dup["action"] == "drop_all" and dup["groups"] == 2 and dup["pairs"] == BURST + 1 + 4
+    assert dup["dropped"] == dup["pairs"] and [g["size"] for g in dup["list"]] == [BURST + 1, 4]
+    assert dup["list"][0]["captions"][0] == ["a photo of a truck", BURST] and dup["list"][0]["kept"] == []
+    assert dup["list"][0]["outcome"] == {"drop/duplicate": BURST + 1}
+    assert rep["settings"]["decisions"]["duplicates"]["action"] == "drop_all"
+    page = (out / "report.html").read_text()
+    assert "Duplicate groups" in page and page.count('class="dup-group"') == 2
+    cleaned = read_manifest(out / "cleaned.csv", local=True)
+    assert len(cleaned) == N_DISTINCT - 2
+    # the API takes the same setting, by the same name, and refuses what the core refuses
+    from otcclip.service.schemas import SettingsError, validate_settings
+
+    ok = {"checkpoint": "abc", "decisions": {"duplicates": {"action": "keep_all", "near_threshold": 0.99}}}
+    assert validate_settings("sanitize", ok) == ok
+    for bad in ({"action": "keep_some"}, {"near_threshold": 1.5}, {"knn": 0}):
+        with pytest.raises(SettingsError):
+            validate_settings("sanitize", {"checkpoint": "abc", "decisions": {"duplicates": bad}})
