@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import zipfile
@@ -30,6 +31,8 @@ from otcclip.service.db import crud
 from otcclip.service.db.models import Dataset, new_id
 from otcclip.service.manifests import archive_limits, open_dataset
 from otcclip.service.schemas import DatasetList, DatasetOut, RowsOut
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ShortTransactionRoute)
 
@@ -108,9 +111,20 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
             raise _unprocessable(f"{manifest.filename}: needs a 'caption' or 'label' column", file=manifest.filename)
         info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath,
                 "mapping": mapping or {}}
+        _save_index(m.images)
     finally:
         m.images.close()
     return m, info
+
+
+def _save_index(store: Any) -> None:
+    """Store the checked archive's member index beside it (``images.zip.index``, ...), so no
+    later open - a rows preview in another API process, every worker - parses the archive
+    again. Best effort: without the file each process parses the archive once."""
+    try:
+        store.save_index()
+    except OSError as e:
+        log.warning("archive index not stored (%s: %s)", type(e).__name__, e)
 
 
 def _plain_tar(settings: Settings, path: Path, client_name: str) -> Path:
