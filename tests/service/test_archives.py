@@ -319,8 +319,16 @@ def test_upload_stores_the_archive_index_and_later_opens_load_it(api, tmp_path, 
     ds = r.json()
     stored = Path(api.storage_root) / "datasets" / ds["id"]  # type: ignore[attr-defined]
     assert (stored / "images.zip.index").is_file()
+    from otcclip.service.api.routes.datasets import clear_preview_cache
+
     stores.clear_index_cache()  # as in a fresh API process or a worker
+    clear_preview_cache()
     parsed, loaded = stores.INDEX_COUNTS["parsed"], stores.INDEX_COUNTS["loaded"]
     rows = api.http.get(f"/v1/datasets/{ds['id']}/rows").json()
     assert rows["total"] == 40
     assert stores.INDEX_COUNTS["parsed"] == parsed and stores.INDEX_COUNTS["loaded"] == loaded + 1
+    # the next page comes from the kept manifest table: no archive open at all
+    counts = dict(stores.INDEX_COUNTS)
+    page = api.http.get(f"/v1/datasets/{ds['id']}/rows", params={"offset": 10, "limit": 5}).json()
+    assert page["total"] == 40 and page["rows"] == rows["rows"][10:15]
+    assert dict(stores.INDEX_COUNTS) == counts

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -284,13 +286,50 @@ def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: Settings
     """Rows ``offset .. offset+limit`` of the manifest (non-finite numbers are sent as null)."""
     ds = _get(db, owner.id, dataset_id)
     db.commit()  # the connection goes back to the pool while the manifest is read
-    m = open_dataset(settings, storage.root, ds)
+    table = _preview_table(settings, storage.root, ds)
+    part = table.slice(offset, limit)
+    return RowsOut(total=table.num_rows, offset=offset, limit=limit, columns=list(part.column_names), rows=part.to_pylist())
+
+
+#: Manifest tables kept for the rows preview (a stored dataset never changes; paging
+#: through a 200,000-row manifest then reads it once, not once per page).
+PREVIEW_CACHE_SIZE = 4
+#: Tables larger than this are read for each request instead of being kept.
+PREVIEW_CACHE_MAX_BYTES = 64 << 20
+_PREVIEWS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_PREVIEWS_LOCK = threading.Lock()
+
+
+def clear_preview_cache() -> None:
+    """Forget the manifest tables kept for the rows preview (benchmarks, tests)."""
+    with _PREVIEWS_LOCK:
+        _PREVIEWS.clear()
+
+
+def _preview_table(settings: Settings, root: Path, ds: Dataset) -> Any:
+    """The dataset's manifest as a pyarrow table, from a small per-process cache keyed to
+    the stored manifest file's version."""
     try:
-        part = m.table.slice(offset, limit)
-        return RowsOut(total=len(m), offset=offset, limit=limit, columns=list(part.column_names), rows=part.to_pylist())
+        st = os.stat(root / ds.manifest_path)
+    except OSError:  # open_dataset reports it
+        st = None
+    key = (ds.id, ds.manifest_path, st.st_size, st.st_mtime_ns) if st is not None else None
+    with _PREVIEWS_LOCK:
+        table = _PREVIEWS.get(key) if key is not None else None
+        if key is not None and table is not None:
+            _PREVIEWS.move_to_end(key)
+            return table
+    m = open_dataset(settings, root, ds)
+    try:
+        table = m.table
     finally:
         m.images.close()
-
+    if key is not None and table.nbytes <= PREVIEW_CACHE_MAX_BYTES:
+        with _PREVIEWS_LOCK:
+            _PREVIEWS[key] = table
+            while len(_PREVIEWS) > PREVIEW_CACHE_SIZE:
+                _PREVIEWS.popitem(last=False)
+    return table
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
