@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import os
@@ -47,7 +46,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +60,9 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench._fixtures import digits_dataset  # noqa: E402  (after the path set-up above)
+from otcclip.cli.embedded import free_port  # noqa: E402
+
 SANITIZE = {"model": "otc-micro", "random_init": True, "k": 4, "shard_size": 20, "device": "cpu", "batch_size": 64}
 TRAIN = {"model": "otc-micro", "defence": "none", "epochs": 8, "batch_size": 16, "device": "cpu",
          "lr_warmup_steps": 1, "checkpoint_every": 2}
@@ -70,12 +71,6 @@ SCENARIOS = ("redis-restart", "postgres-restart", "kill-encode", "kill-match", "
 #: keeps its lease through them; a quick sweep, so a killed worker's job is back soon.
 RIG_SETTINGS = {"lease_s": 15.0, "sweep_interval_s": 2.0, "outage_retry_s": 90.0,
                 "progress_interval_s": 0.2, "stop_poll_interval_s": 0.5}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def binaries_missing() -> list[str]:
@@ -166,25 +161,6 @@ class PostgresServer:
             self.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def digits_dataset(root: Path, rows: int) -> tuple[Path, Path]:
-    """The first ``rows`` rows of the demo's digits training set: a CSV and an images zip."""
-    from otcclip.models.datasets import digits_manifest
-
-    m = digits_manifest(root / "digits", split="train", seed=0)
-    with open(m, newline="") as f:
-        table = list(csv.DictReader(f))[:rows]
-    manifest = root / "digits.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
-    images = root / "images.zip"
-    with zipfile.ZipFile(images, "w") as z:
-        for r in table:
-            z.write(m.parent / r["image"], r["image"])
-    return manifest, images
 
 
 @dataclass
@@ -373,7 +349,8 @@ def rig(root: Path, *, rows: int = 240, concurrency: int = 2, log_path: Path | N
         pg.start()
         settings = Settings(data_dir=root / "data", database_url=pg.url, broker_url=redis.url,
                             **{**RIG_SETTINGS, **settings_kw})
-        manifest, images = digits_dataset(root, rows)
+        data = digits_dataset(root, rows)
+        manifest, images = data.manifest, data.images
         with run_service(settings, worker=False) as svc:
             if log_path is not None:  # after uvicorn configured its loggers
                 log_to_file(log_path)

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +40,11 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench._fixtures import pg_database  # noqa: E402  (after the path set-up above)
+
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/13"
 
@@ -100,24 +104,6 @@ def make_upload(rows: int, *, seed: int = 0) -> dict[str, tuple[str, bytes]]:
             z.writestr(f"img/{i}.png", png.getvalue())
             w.writerow([f"img/{i}.png", f"a square of colour number {i}"])
     return {"manifest": ("load.csv", buf.getvalue().encode()), "images": ("images.zip", zbuf.getvalue())}
-
-
-@contextmanager
-def pg_database(admin_url: str) -> Iterator[str]:
-    """A fresh database on the PostgreSQL server of ``admin_url`` (dropped afterwards)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"otcclip_load_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
@@ -227,7 +213,7 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, files: dict[str
 
     data = workdir / mode
     env = {"OTCCLIP_DATA_DIR": str(data)}
-    with contextmanager(lambda: (yield None))() if mode == "embedded" else pg_database(args.pg_url) as pg:
+    with contextmanager(lambda: (yield None))() if mode == "embedded" else pg_database(args.pg_url, prefix="otcclip_load") as pg:
         if pg is not None:
             env.update(OTCCLIP_DATABASE_URL=pg, OTCCLIP_BROKER_URL=args.redis_url)
         settings = Settings(data_dir=data, database_url=pg, broker_url=args.redis_url if pg else None)

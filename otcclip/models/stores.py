@@ -8,8 +8,8 @@ symlink, hard link, device or fifo, has an absolute or ``..`` name, or if the ar
 breaks the :class:`~otcclip.models.images.ArchiveLimits` (member count, total
 uncompressed size, per-member size, compression ratio: zip bombs).
 
-Members are read lazily: zip members through a per-thread ``ZipFile`` handle, plain tar
-members with ``os.pread`` at the offsets indexed at open time. Compressed tars
+Members are read lazily with ``os.pread`` at the offsets indexed at open time (zip members
+are then decompressed and checked against their size and CRC-32). Compressed tars
 (gzip / bzip2 / xz) are decompressed once into a temporary plain ``.tar`` (deleted when the
 store is closed or collected) and then read lazily the same way; nothing is ever extracted
 as loose files. The size cap and the compression ratio are checked *while* decompressing
@@ -17,9 +17,17 @@ as loose files. The size cap and the compression ratio are checked *while* decom
 few megabytes rather than after it has been written out; :func:`decompress_tar` does the
 same into a file of the caller's choosing (the service stores uploads as plain tars).
 
-The index of a zip or plain tar (member names, offsets) is built once per process and
+The index of a zip or plain tar (member names, offsets, sizes) is built once per process and
 archive version (path, size, modification time, limits) and reused by every later store
-on the same file (:data:`INDEX_CACHE_SIZE` archives are kept).
+on the same file (:data:`INDEX_CACHE_SIZE` archives are kept). :meth:`ImageStore.save_index`
+also stores it beside the archive (``<archive>.index``, see :func:`index_path`), keyed to the
+archive's size, modification time, first and last 64 KiB and the limits it was checked
+against; a store opened on an archive with a matching index loads it instead of parsing
+the archive (a 200,000-member zip: tens of milliseconds instead of seconds), and one whose
+index no longer matches (the archive was replaced) parses the archive and rewrites it.
+Zip members are then read straight from the file at the indexed offsets (stored, deflate
+and bzip2 members; their size and CRC-32 checked), so no process ever parses the central
+directory again.
 
 Every store decodes images with the pixel cap of its limits (``max_image_pixels``).
 """
@@ -27,24 +35,30 @@ Every store decodes images with the pixel cap of its limits (``max_image_pixels`
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
+import hashlib
+import json
 import logging
 import lzma
 import os
 import stat
+import struct
 import tarfile
 import tempfile
 import threading
 import weakref
 import zipfile
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from PIL import Image
 
+from otcclip.models.atomic import atomic_write
 from otcclip.models.images import (
     DEFAULT_LIMITS,
     ArchiveError,
@@ -91,6 +105,12 @@ class ImageStore:
 
     def close(self) -> None:
         """Release handles and temporary files (the store may not be used afterwards)."""
+
+    def save_index(self) -> list[Path]:
+        """Store the member index of each archive behind this store beside it (see the
+        module docstring); returns the files written (none for a directory, or a
+        compressed tar that was decompressed into a temporary file)."""
+        return []
 
     def _key(self, ref: str) -> str:
         return safe_relpath(ref)
@@ -159,10 +179,22 @@ def _member_name(name: str, archive: str) -> str:
 
 
 class _Indexed(ImageStore):
-    """Shared lookup for archive stores: normalised member names, optional common top folder."""
+    """Shared lookup for archive stores: normalised member names, optional common top folder.
+
+    ``_names`` maps each normalised name to its row of ``_table`` (an int64 array whose
+    columns :attr:`COLUMNS` name); ``_kind`` is the archive kind in the index files.
+    """
 
     _names: dict[str, Any]
     _prefix: str
+    _table: np.ndarray
+    _keys: list[str]
+    _kind: str = ""
+    path: Path
+    limits: ArchiveLimits
+
+    #: The columns of the index table (one row per regular-file member).
+    COLUMNS: tuple[str, ...] = ()
 
     def _set_prefix(self) -> None:
         tops = {k.split("/", 1)[0] for k in self._names}
@@ -182,11 +214,68 @@ class _Indexed(ImageStore):
         """Normalised names of the regular-file members."""
         return list(self._names)
 
+    def _open_index(self, plain: Path, key: tuple[Any, ...] | None, parse: Callable[[], tuple[list[str], np.ndarray]]) -> None:
+        """Fill ``_names``/``_prefix``/``_table`` of the archive ``plain``: from the process
+        cache, else from its index file, else by ``parse()`` (keys in row order, table)."""
+        hit = _cached_index(key)
+        if hit is not None:
+            self._names, self._prefix, self._table, self._keys = hit
+            INDEX_COUNTS["cached"] += 1
+            return
+        side = index_path(plain) if plain == self.path else None
+        loaded = _load_index(side, plain, self._kind, self.limits) if side is not None else None
+        if loaded is not None:
+            keys, self._table, self._prefix = loaded
+            self._names = dict(zip(keys, range(len(keys)), strict=True))
+            INDEX_COUNTS["loaded"] += 1
+        else:
+            keys, self._table = parse()
+            self._names = dict(zip(keys, range(len(keys)), strict=True))
+            self._set_prefix()
+            INDEX_COUNTS["parsed"] += 1
+        self._keys = keys
+        _remember_index(key, (self._names, self._prefix, self._table, keys))
+        if loaded is None and side is not None and side.exists():
+            log.info("%s: its index file does not match the archive (replaced?); rebuilt", plain)
+            try:
+                self.save_index()
+            except OSError as e:  # a read-only volume: the archive is parsed on each open
+                log.warning("%s: could not rewrite its index file (%s)", plain, e)
+
+    def save_index(self) -> list[Path]:
+        plain = getattr(self, "_plain", self.path)
+        if plain != self.path:
+            return []
+        return [_write_index(index_path(self.path), self.path, self._kind, self.limits, self._keys, self._table,
+                             self._prefix)]
+
 
 #: Archives whose index is kept per process (most recently used first out last).
 INDEX_CACHE_SIZE = 8
-_INDEX_CACHE: OrderedDict[tuple[Any, ...], tuple[dict[str, Any], str, Any]] = OrderedDict()
+#: ``(names -> row, common top folder, table, names in row order)`` per archive version.
+_IndexEntry = tuple[dict[str, int], str, np.ndarray, list[str]]
+_INDEX_CACHE: OrderedDict[tuple[Any, ...], _IndexEntry] = OrderedDict()
 _INDEX_LOCK = threading.Lock()
+#: How archive indexes were obtained in this process: ``parsed`` (the archive was read),
+#: ``loaded`` (from its index file), ``cached`` (from the process cache).
+INDEX_COUNTS: Counter[str] = Counter()
+#: Version of the index file layout; files of another version are ignored (and rewritten).
+INDEX_FORMAT = 1
+#: Suffix of the index file stored beside an archive.
+INDEX_SUFFIX = ".index"
+_PROBE = 64 << 10
+
+
+def clear_index_cache() -> None:
+    """Forget the archive indexes of this process (the next open loads or parses again)."""
+    with _INDEX_LOCK:
+        _INDEX_CACHE.clear()
+
+
+def index_path(archive: str | Path) -> Path:
+    """The index file of ``archive``: ``<archive>.index`` beside it."""
+    archive = Path(archive)
+    return archive.with_name(archive.name + INDEX_SUFFIX)
 
 
 def _index_key(path: Path, kind: str, limits: ArchiveLimits) -> tuple[Any, ...] | None:
@@ -197,8 +286,8 @@ def _index_key(path: Path, kind: str, limits: ArchiveLimits) -> tuple[Any, ...] 
     return (kind, os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, limits)
 
 
-def _cached_index(key: tuple[Any, ...] | None) -> tuple[dict[str, Any], str, Any] | None:
-    """``(names, prefix, shared handle or None)`` of an archive version indexed before."""
+def _cached_index(key: tuple[Any, ...] | None) -> _IndexEntry | None:
+    """The index of an archive version indexed before in this process."""
     if key is None:
         return None
     with _INDEX_LOCK:
@@ -208,73 +297,172 @@ def _cached_index(key: tuple[Any, ...] | None) -> tuple[dict[str, Any], str, Any
         return hit
 
 
-def _remember_index(key: tuple[Any, ...] | None, names: dict[str, Any], prefix: str, shared: Any = None) -> None:
+def _remember_index(key: tuple[Any, ...] | None, entry: _IndexEntry) -> None:
     if key is None:
         return
     with _INDEX_LOCK:
-        _INDEX_CACHE[key] = (names, prefix, shared)
+        _INDEX_CACHE[key] = entry
         _INDEX_CACHE.move_to_end(key)
         while len(_INDEX_CACHE) > INDEX_CACHE_SIZE:
             _INDEX_CACHE.popitem(last=False)
 
 
-class _SharedZip:
-    """One parsed ``ZipFile`` shared by every thread and store of a process.
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies one version of an archive: size, modification time and a hash of its
+    first and last 64 KiB (a zip's central directory ends there, a tar's last members)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        h = hashlib.sha256(f.read(_PROBE))
+        if st.st_size > _PROBE:
+            f.seek(max(_PROBE, st.st_size - _PROBE))
+            h.update(f.read(_PROBE))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
 
-    Opening a ``ZipFile`` parses the whole central directory (seconds for 200,000 members),
-    so it is done once per archive version rather than once per thread; members are read
-    under a lock (reading a member is short next to decoding it). A forked child opens its
-    own handle (a file offset shared across processes would interleave reads).
+
+def _index_meta(archive: Path, kind: str, limits: ArchiveLimits) -> dict[str, Any]:
+    return {"format": INDEX_FORMAT, "kind": kind, "archive": _fingerprint(archive), "limits": dataclasses.asdict(limits)}
+
+
+def _write_index(side: Path, archive: Path, kind: str, limits: ArchiveLimits, keys: list[str], table: np.ndarray,
+                 prefix: str) -> Path:
+    """Write the index file ``side`` of ``archive`` atomically (numpy ``.npz``: ``meta``, the
+    JSON header with the archive's fingerprint, the limits and the common top folder;
+    ``keys``, the names joined by NUL bytes in row order; ``table``, int64)."""
+    meta = json.dumps({**_index_meta(archive, kind, limits), "prefix": prefix}).encode()
+    blob = "\0".join(keys).encode()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.frombuffer(meta, np.uint8), keys=np.frombuffer(blob, np.uint8),
+                     table=np.ascontiguousarray(table, dtype=np.int64))
+
+    atomic_write(side, write)
+    log.info("%s: index of %d members stored in %s", archive, len(keys), side.name)
+    return side
+
+
+def _load_index(side: Path, archive: Path, kind: str, limits: ArchiveLimits) -> tuple[list[str], np.ndarray, str] | None:
+    """``(keys, table, prefix)`` from the index file ``side`` if it exists and matches this
+    version of ``archive``, its kind, the index format and ``limits``; None otherwise."""
+    try:
+        with np.load(side, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            prefix = meta.pop("prefix", None)
+            if meta != _index_meta(archive, kind, limits) or not isinstance(prefix, str):
+                return None
+            blob = z["keys"].tobytes().decode()
+            table = z["table"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as e:  # truncated or foreign: parse instead
+        log.warning("%s: unreadable index file (%s); parsing the archive", side, e)
+        return None
+    keys = blob.split("\0") if blob or len(table) else []
+    if table.ndim != 2 or len(keys) != len(table):
+        log.warning("%s: inconsistent index file; parsing the archive", side)
+        return None
+    return keys, table, prefix
+
+
+class _ZipReader:
+    """Reads zip members at their indexed local-header offsets with ``os.pread`` (one file
+    descriptor per process, no lock: ``pread`` does not move a shared offset).
+
+    Stored, deflate and bzip2 members are decompressed here, at most their declared size,
+    and checked against it and their CRC-32; any other method falls back to one ``ZipFile``
+    parsed on first need.
     """
 
-    def __init__(self, path: Path, zf: zipfile.ZipFile | None = None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.zf = zf
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
+        self._fh: BinaryIO | None = None
+        self._pid = 0
+        self._zip: zipfile.ZipFile | None = None
+        self._lock = threading.Lock()
 
-    def read(self, name: str) -> bytes:
-        with self.lock:
-            if self.zf is None or self.pid != os.getpid():
-                self.zf, self.pid = zipfile.ZipFile(self.path), os.getpid()
-            return self.zf.read(name)
+    def _file(self) -> int:
+        if self._fh is None or self._pid != os.getpid():
+            with self._lock:
+                if self._fh is None or self._pid != os.getpid():
+                    if self._fh is not None:  # inherited over a fork: this process's copy
+                        self._fh.close()
+                    self._fh, self._pid, self._zip = open(self.path, "rb", buffering=0), os.getpid(), None
+        return self._fh.fileno()
+
+    def read(self, row: np.ndarray) -> bytes:
+        offset, csize, size, method, crc, flags, pos = (int(v) for v in row)
+        if flags & 0x1:
+            raise OSError("the member is encrypted")
+        if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2):
+            return self._fallback(pos)
+        fd = self._file()
+        head = os.pread(fd, 30, offset)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise OSError("bad local file header")
+        n, m = struct.unpack("<HH", head[26:30])
+        data = os.pread(fd, csize, offset + 30 + n + m)
+        if len(data) != csize:
+            raise OSError("the member is truncated")
+        if method == zipfile.ZIP_DEFLATED:
+            data = zlib.decompressobj(-15).decompress(data, size + 1)
+        elif method == zipfile.ZIP_BZIP2:
+            data = bz2.BZ2Decompressor().decompress(data, max_length=size + 1)
+        if len(data) != size or zlib.crc32(data) != crc:
+            raise OSError("bad CRC-32 or size")
+        return data
+
+    def _fallback(self, pos: int) -> bytes:
+        with self._lock:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            zf = self._zip
+            return zf.read(zf.infolist()[pos])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None and self._pid == os.getpid():
+                self._fh.close()
+            self._fh = None
+            if self._zip is not None:
+                self._zip.close()
+                self._zip = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
 
 
 class ZipImageStore(_Indexed):
     """Members of a zip archive, checked against ``limits`` at open and read lazily."""
+
+    _kind = "zip"
+    COLUMNS = ("header_offset", "compress_size", "file_size", "compress_type", "crc", "flag_bits", "position")
 
     def __init__(self, path: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
         self.path = Path(path)
         self.source = str(self.path)
         self.limits = limits
         self.max_pixels = limits.max_image_pixels
-        self._index_id = _index_key(self.path, "zip", limits)
-        hit = _cached_index(self._index_id)
-        if hit is not None:
-            self._names, self._prefix, self._zip = hit
-            return
-        self._build_index()
-        _remember_index(self._index_id, self._names, self._prefix, self._zip)
+        self._open_index(self.path, _index_key(self.path, "zip", limits), self._parse)
+        self._reader = _ZipReader(self.path)
 
-    def _build_index(self) -> None:
-        limits = self.limits
+    def _parse(self) -> tuple[list[str], np.ndarray]:
         try:
             zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:
             raise ArchiveError(f"{self.path}: not a readable zip archive ({e})") from e
-        try:
-            self._index(zf.infolist(), limits)
-        except BaseException:
-            zf.close()
-            raise
-        self._zip = _SharedZip(self.path, zf)
+        with zf:
+            return self._index(zf.infolist(), self.limits)
 
-    def _index(self, infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
+    def _index(self, infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> tuple[list[str], np.ndarray]:
         if len(infos) > limits.max_members:
             raise ArchiveError(f"{self.path}: {len(infos)} members exceed the limit of {limits.max_members}")
         total = 0
-        self._names = {}
-        for info in infos:
+        keys: list[str] = []
+        rows: list[tuple[int, ...]] = []
+        for pos, info in enumerate(infos):
             mode = info.external_attr >> 16
             kind = stat.S_IFMT(mode)
             if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
@@ -290,27 +478,19 @@ class ZipImageStore(_Indexed):
                     f"{self.path}: total uncompressed size exceeds {limits.max_total_bytes} bytes "
                     f"(at member {info.filename!r})"
                 )
-            self._names[key] = info.filename
-        self._set_prefix()
+            keys.append(key)
+            rows.append((info.header_offset, info.compress_size, info.file_size, info.compress_type, info.CRC,
+                         info.flag_bits, pos))
+        return keys, np.array(rows, dtype=np.int64).reshape(len(rows), len(self.COLUMNS))
 
     def _read(self, key: str) -> bytes:
         try:
-            return self._zip.read(self._entry(key))
-        except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as e:
+            return self._reader.read(self._table[self._entry(key)])
+        except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError, NotImplementedError, EOFError, ValueError) as e:
             raise OSError(f"{self.path}: member {key!r} is corrupt ({e})") from e
 
     def close(self) -> None:
-        """Nothing to release: the parsed archive is shared through the process's index cache."""
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_zip", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        hit = _cached_index(self._index_id)
-        self._zip = hit[2] if hit is not None and hit[2] is not None else _SharedZip(self.path)
+        self._reader.close()
 
 
 def _check_size(archive: str, member: str, size: int, compressed: int, limits: ArchiveLimits) -> None:
@@ -401,8 +581,12 @@ class TarImageStore(_Indexed):
 
     A compressed tar is decompressed once into a temporary plain tar with the size and
     ratio caps checked while streaming (:func:`decompress_tar`), so a decompression bomb is
-    stopped early. A plain tar's index is cached per process (see the module docstring).
+    stopped early. A plain tar's index is cached per process and may be stored beside it
+    (see the module docstring).
     """
+
+    _kind = "tar"
+    COLUMNS = ("offset_data", "size")
 
     def __init__(self, path: str | Path, *, limits: ArchiveLimits = DEFAULT_LIMITS) -> None:
         self.path = Path(path)
@@ -417,16 +601,9 @@ class TarImageStore(_Indexed):
         if opener is None:
             self._plain = self.path
             key = _index_key(self.path, "tar", limits)
-            hit = _cached_index(key)
-            if hit is not None:
-                self._names, self._prefix, _ = hit
-                return
         else:
             self._plain = Path(self._decompress(opener))
-        self._names = {}
-        self._index(self._plain)
-        self._set_prefix()
-        _remember_index(key, self._names, self._prefix)
+        self._open_index(self._plain, key, self._parse)
 
     def _decompress(self, opener: Callable[..., Any]) -> str:
         fd, tmp = tempfile.mkstemp(prefix="otcclip-", suffix=".tar")
@@ -440,11 +617,13 @@ class TarImageStore(_Indexed):
             raise
         return tmp
 
-    def _index(self, plain: Path) -> None:
+    def _parse(self) -> tuple[list[str], np.ndarray]:
         total = 0
         count = 0
+        keys: list[str] = []
+        rows: list[tuple[int, int]] = []
         try:
-            with tarfile.open(plain, "r:") as tf:
+            with tarfile.open(self._plain, "r:") as tf:
                 for m in tf:
                     count += 1
                     if count > self.limits.max_members:
@@ -464,7 +643,8 @@ class TarImageStore(_Indexed):
                             f"{self.path}: total size exceeds {self.limits.max_total_bytes} bytes "
                             f"(at member {m.name!r})"
                         )
-                    self._names[key] = (m.offset_data, m.size)
+                    keys.append(key)
+                    rows.append((m.offset_data, m.size))
                     tf.members = []  # type: ignore[attr-defined]  # keep memory flat on huge archives
         except tarfile.TarError as e:
             self.close()
@@ -472,13 +652,14 @@ class TarImageStore(_Indexed):
         except ArchiveError:
             self.close()
             raise
+        return keys, np.array(rows, dtype=np.int64).reshape(len(rows), len(self.COLUMNS))
 
     def _read(self, key: str) -> bytes:
         if self._fd is None:
             with self._lock:
                 if self._fd is None:
                     self._fd = os.open(self._plain, os.O_RDONLY)
-        offset, size = self._entry(key)
+        offset, size = (int(v) for v in self._table[self._entry(key)])
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
             raise OSError(f"{self.path}: member {key!r} is truncated")
@@ -533,6 +714,9 @@ class ShardImageStore(ImageStore):
     def _read(self, key: str) -> bytes:
         shard, _, member = key.partition("#")
         return self.shards[shard]._read(member)
+
+    def save_index(self) -> list[Path]:
+        return [p for s in self.shards.values() for p in s.save_index()]
 
     def close(self) -> None:
         for s in self.shards.values():

@@ -8,8 +8,8 @@ Every task execution holds a lease before it works: the job row's for whole-job 
 (ingest, finalize, train, evaluate), the shard row's for one encode/match shard. A
 daemon thread renews it every third of ``lease_s``; a message for work whose lease
 another live execution holds is acknowledged and dropped (that execution does the
-work, and if it dies the sweeper re-sends the job), so no unit of work runs twice at
-once. An execution whose renewal finds the lease taken over stops at its next
+work, and if it dies the sweeper re-sends that shard, or the job), so no unit of work
+runs twice at once. An execution whose renewal finds the lease taken over stops at its next
 ``should_stop`` poll and writes nothing more.
 """
 

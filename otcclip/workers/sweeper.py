@@ -10,6 +10,13 @@ waiting in a long queue gets at most one duplicate per ``lease_s * 2**n``); a ru
 that has used ``max_attempts`` executions is failed instead. Duplicates are harmless:
 the consumers are idempotent and hold leases.
 
+Sharded work is recovered shard by shard: an encode or match shard of a running sanitize
+job whose execution stopped renewing its shard lease for ``lease_s`` seconds is re-sent on
+its own (only that shard's task), while the other shards' executions carry on and their
+finished outputs are kept. A shard already started ``max_attempts`` times fails its job
+instead, naming the shard. This runs before the job-level pass, and a claimed shard
+recovery renews the job's heartbeat, so one lost shard is re-sent once, not twice.
+
 Every worker process runs one in a daemon thread (started on ``worker_ready``), and so
 does the embedded runner; concurrent sweepers claim each recovery with a conditional
 update, so one of them re-sends it.
@@ -44,10 +51,45 @@ def _exhausted(db: Any, job: Job, max_attempts: int) -> bool:
     return job.attempts >= max_attempts
 
 
+def sweep_shards(settings: Settings, celery: Any) -> dict[str, int]:
+    """Re-send (or fail the job of) each stale shard; returns ``{"shards_resent", "failed"}``."""
+    lease_s, limit = settings.lease_s, settings.max_attempts
+    counts = {"shards_resent": 0, "failed": 0}
+    with session_scope(settings.db_url) as db:
+        stale = [(s.job_id, s.kind, s.index, s.attempts) for s in crud.stale_shards(db, lease_s=lease_s)]
+    failed: set[str] = set()
+    for job_id, kind, index, attempts in stale:
+        if job_id in failed:
+            continue
+        exhausted = attempts >= limit
+        with session_scope(settings.db_url) as db:
+            if not crud.claim_shard_recovery(db, job_id, kind, index, lease_s=lease_s):
+                continue
+            if exhausted:
+                crud.finish(db, job_id, "failed",
+                            error=f"{kind} shard {index}: gave up after {attempts} attempts (the worker was lost each time)")
+        if exhausted:
+            log.error("job %s: %s shard %d lost its worker %d times; job failed", job_id, kind, index, attempts)
+            failed.add(job_id)
+            counts["failed"] += 1
+            continue
+        log.warning("job %s: %s shard %d has no heartbeat for %.0fs; re-sending its task (attempt %d of %d next)",
+                    job_id, kind, index, lease_s, attempts + 1, limit)
+        try:
+            enqueue(celery, f"otcclip.sanitize.{kind}", job_id, index, key=f"{job_id}:{kind}:{index}:recover{attempts}")
+        except Exception as e:  # the shard now looks unstarted: the job-level sweep re-sends it with the job
+            log.warning("job %s: re-send of %s shard %d failed (%s: %s)", job_id, kind, index, type(e).__name__, e)
+            continue
+        counts["shards_resent"] += 1
+    return counts
+
+
 def sweep_once(settings: Settings, celery: Any) -> dict[str, int]:
-    """One pass: re-send or fail the stale jobs; returns counts ``{"resent", "failed"}``."""
+    """One pass: re-send stale shards (:func:`sweep_shards`), then re-send or fail the stale
+    jobs; returns counts ``{"shards_resent", "resent", "failed"}``."""
     lease_s = settings.lease_s
-    counts = {"resent": 0, "failed": 0}
+    shard_counts = sweep_shards(settings, celery)
+    counts = {"shards_resent": shard_counts["shards_resent"], "resent": 0, "failed": shard_counts["failed"]}
     with session_scope(settings.db_url) as db:
         stale = [(j.id, j.kind, j.recoveries, _exhausted(db, j, settings.max_attempts), j.attempts)
                  for j in crud.stale_jobs(db, lease_s=lease_s)]

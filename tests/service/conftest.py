@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import time
-import uuid
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bench._fixtures import digits_dataset
+from bench._fixtures import pg_database as fresh_pg_database
 from otcclip.service.core.config import Settings
 
 N_ROWS = 40
@@ -21,22 +20,9 @@ N_ROWS = 40
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """40 digits rows (``small.csv``) and their images in ``images.zip``."""
-    from otcclip.models.datasets import digits_manifest
-
     root = tmp_path_factory.mktemp("tiny")
-    m = digits_manifest(root / "digits", split="train", seed=0)
-    with open(m, newline="") as f:
-        rows = list(csv.DictReader(f))[:N_ROWS]
-    manifest = root / "small.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    archive = root / "images.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for r in rows:
-            z.write(m.parent / r["image"], r["image"])
-    return {"manifest": manifest, "images": archive, "dir": m.parent, "root": root}
+    data = digits_dataset(root, N_ROWS, name="small.csv")
+    return {"manifest": data.manifest, "images": data.images, "dir": data.dir, "root": root}
 
 
 class Api:
@@ -92,22 +78,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def pg_database(postgres_url: str) -> Iterator[str]:
     """A fresh PostgreSQL database for this test session (dropped afterwards)."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"otcclip_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        from otcclip.service.db.session import dispose_engines
-
-        dispose_engines()
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_pg_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Archive and image guards the service relies on: decompression bombs stopped while
 streaming, compressed tars stored decompressed once at upload, a pixel cap checked before
-decoding, and archive indexes reused instead of rebuilt on every open."""
+decoding, and archive indexes reused instead of rebuilt on every open: per process, and
+stored beside the archive at upload."""
 
 from __future__ import annotations
 
@@ -16,8 +17,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from otcclip.models import stores
 from otcclip.models.images import ArchiveError, ArchiveLimits, UnreadableImage, decode_image
-from otcclip.models.stores import TarImageStore, ZipImageStore, decompress_tar, open_store
+from otcclip.models.stores import (
+    TarImageStore,
+    ZipImageStore,
+    decompress_tar,
+    index_path,
+    open_store,
+)
 from tests.service.conftest import Api
 
 
@@ -182,7 +190,7 @@ def test_upload_stores_a_compressed_tar_decompressed_once(api, tmp_path):
     assert r.status_code == 201, r.text
     ds = r.json()
     stored = Path(api.storage_root) / "datasets" / ds["id"]  # type: ignore[attr-defined]
-    assert sorted(p.name for p in stored.iterdir()) == ["images.tar", "manifest.csv"]
+    assert sorted(p.name for p in stored.iterdir()) == ["images.tar", "images.tar.index", "manifest.csv"]
     assert TarImageStore(stored / "images.tar")._tmp is None  # a plain tar: nothing to decompress on open
     rows = api.http.get(f"/v1/datasets/{ds['id']}/rows").json()
     assert rows["total"] == 5
@@ -216,3 +224,111 @@ def test_zip_members_read_concurrently_from_one_parsed_archive(tmp_path):
     assert got == [members[k] for k in names]
     store.close()
     assert clone.read_bytes("m/7.bin") == members["m/7.bin"]
+
+
+def _zip_of_every_method(path: Path, n: int = 40) -> dict[str, bytes]:
+    """A zip whose members use each compression method zipfile writes (lzma is read through
+    the fallback), with a directory entry and a common top folder."""
+    members = {f"top/{i}.png": _png(color=(i * 5, 7, 0)) + bytes(i) for i in range(n)}
+    methods = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("top/", b"")
+        for i, (k, v) in enumerate(members.items()):
+            zf.writestr(k, v, compress_type=methods[i % len(methods)])
+    return members
+
+
+def _tar_of(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_stored_index_is_loaded_instead_of_parsing_and_a_stale_one_is_rebuilt(tmp_path, kind):
+    path = tmp_path / f"images.{kind}"
+    members = _zip_of_every_method(path) if kind == "zip" else {f"top/{i}.png": _png(color=(i, 0, 0)) for i in range(40)}
+    if kind == "tar":
+        _tar_of(path, members)
+    cls = ZipImageStore if kind == "zip" else TarImageStore
+    stores.clear_index_cache()
+    before = dict(stores.INDEX_COUNTS)
+    first = cls(path)
+    assert first.save_index() == [index_path(path)] and index_path(path).is_file()
+
+    def counts() -> dict[str, int]:
+        return {k: stores.INDEX_COUNTS[k] - before.get(k, 0) for k in ("parsed", "loaded")}
+
+    stores.clear_index_cache()  # another process: the index file instead of the archive
+    second = cls(path)
+    assert counts() == {"parsed": 1, "loaded": 1}
+    assert sorted(second.names()) == sorted(first.names()) == sorted(members)
+    assert all(second.read_bytes(k.removeprefix("top/")) == v for k, v in members.items())
+    second.close()
+
+    stores.clear_index_cache()  # other limits than the index was checked against: parsed again
+    assert cls(path, limits=ArchiveLimits(max_members=10_000)).names()
+    assert counts() == {"parsed": 2, "loaded": 1}
+
+    time.sleep(0.01)  # the archive replaced by another version: its stale index is rebuilt
+    replaced = {"top/new.png": _png(color=(0, 0, 255))}
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("top/new.png", replaced["top/new.png"])
+    else:
+        _tar_of(path, replaced)
+    stores.clear_index_cache()
+    third = cls(path)
+    assert third.names() == ["top/new.png"] and third.read_bytes("new.png") == replaced["top/new.png"]
+    assert counts() == {"parsed": 3, "loaded": 1}
+    stores.clear_index_cache()
+    assert cls(path).names() == ["top/new.png"]  # the rewritten index matches the new version
+    assert counts() == {"parsed": 3, "loaded": 2}
+
+    index_path(path).write_bytes(b"not an index")  # unreadable: parsed (and rewritten)
+    stores.clear_index_cache()
+    assert cls(path).names() == ["top/new.png"]
+    assert counts() == {"parsed": 4, "loaded": 2}
+    stores.clear_index_cache()
+    cls(path)
+    assert counts() == {"parsed": 4, "loaded": 3}
+
+
+def test_zip_members_read_from_the_index_are_checked_against_their_crc(tmp_path):
+    z = tmp_path / "c.zip"
+    data = bytes(range(256)) * 40
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("a.bin", data)
+        zf.writestr("b.bin", b"b")
+    raw = bytearray(z.read_bytes())
+    raw[raw.index(data) + 100] ^= 0xFF  # one flipped byte in a stored member
+    z.write_bytes(bytes(raw))
+    store = ZipImageStore(z)
+    assert store.read_bytes("b.bin") == b"b"
+    with pytest.raises(OSError, match="corrupt.*CRC"):
+        store.read_bytes("a.bin")
+    with pytest.raises(UnreadableImage):
+        store.open("a.bin")
+
+
+def test_upload_stores_the_archive_index_and_later_opens_load_it(api, tmp_path, tiny_dataset):
+    r = api.upload(tiny_dataset["manifest"], tiny_dataset["images"])
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    stored = Path(api.storage_root) / "datasets" / ds["id"]  # type: ignore[attr-defined]
+    assert (stored / "images.zip.index").is_file()
+    from otcclip.service.api.routes.datasets import clear_preview_cache
+
+    stores.clear_index_cache()  # as in a fresh API process or a worker
+    clear_preview_cache()
+    parsed, loaded = stores.INDEX_COUNTS["parsed"], stores.INDEX_COUNTS["loaded"]
+    rows = api.http.get(f"/v1/datasets/{ds['id']}/rows").json()
+    assert rows["total"] == 40
+    assert stores.INDEX_COUNTS["parsed"] == parsed and stores.INDEX_COUNTS["loaded"] == loaded + 1
+    # the next page comes from the kept manifest table: no archive open at all
+    counts = dict(stores.INDEX_COUNTS)
+    page = api.http.get(f"/v1/datasets/{ds['id']}/rows", params={"offset": 10, "limit": 5}).json()
+    assert page["total"] == 40 and page["rows"] == rows["rows"][10:15]
+    assert dict(stores.INDEX_COUNTS) == counts

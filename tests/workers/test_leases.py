@@ -116,7 +116,7 @@ def test_sweeper_resends_stale_jobs_with_backoff_and_fails_exhausted_ones(settin
         db.execute(update(Job).where(Job.id == "dead").values(attempts=settings.max_attempts))
     _age(settings, "lost", 10)
     _age(settings, "dead", 10)
-    assert sweep_once(settings, celery) == {"resent": 1, "failed": 1}
+    assert sweep_once(settings, celery) == {"shards_resent": 0, "resent": 1, "failed": 1}
     msgs = _messages(settings)
     assert [m["headers"]["argsrepr"] for m in msgs] == ["['lost']"]
     assert msgs[0]["headers"]["task"] == "otcclip.train"
@@ -125,11 +125,11 @@ def test_sweeper_resends_stale_jobs_with_backoff_and_fails_exhausted_ones(settin
     assert JobContext("fresh", settings).job().recoveries == 0
     # the re-send moved the heartbeat: nothing until a lease has passed, and then the
     # next re-send waits two leases (backoff)
-    assert sweep_once(settings, celery) == {"resent": 0, "failed": 0}
+    assert sweep_once(settings, celery) == {"shards_resent": 0, "resent": 0, "failed": 0}
     _age(settings, "lost", settings.lease_s * 1.5)
-    assert sweep_once(settings, celery) == {"resent": 0, "failed": 0}
+    assert sweep_once(settings, celery) == {"shards_resent": 0, "resent": 0, "failed": 0}
     _age(settings, "lost", settings.lease_s * 2.5)
-    assert sweep_once(settings, celery) == {"resent": 1, "failed": 0}
+    assert sweep_once(settings, celery) == {"shards_resent": 0, "resent": 1, "failed": 0}
     assert JobContext("lost", settings).job().recoveries == 2
 
 

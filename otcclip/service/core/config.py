@@ -72,7 +72,8 @@ class Settings(BaseSettings):
         JSON in ``OTCCLIP_BROKER_TRANSPORT_EXTRA``.
     lease_s : float
         Lifetime of a job's (or shard's) lease without a heartbeat; the running task
-        renews it every third of this, and the sweeper recovers a job whose lease is older.
+        renews it every third of this, and the sweeper recovers a job, or one encode/match
+        shard, whose lease is older.
     sweep_interval_s : float
         Seconds between two sweeps for expired leases (each worker and the embedded runner sweep).
     outage_retry_s : float

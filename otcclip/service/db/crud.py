@@ -271,6 +271,43 @@ def claim_recovery(db: Session, job_id: str, recoveries: int, *, lease_s: float)
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
+#: Shard kinds whose executions hold shard leases (finalize runs under the job's lease).
+LEASED_SHARDS = ("encode", "match")
+
+
+def stale_shards(db: Session, *, lease_s: float) -> list[JobShard]:
+    """Unfinished encode/match shards of the current stage of running sanitize jobs that an
+    execution started (a heartbeat was set) and nobody renewed for ``lease_s`` seconds: the
+    execution died, or gave up through an outage. Shards never started are not included
+    (their message may still be queued; a lost one is the job-level sweep's)."""
+    q = (
+        select(JobShard)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(Job.state == "running", Job.kind == "sanitize", Job.stage == JobShard.kind,
+               JobShard.kind.in_(LEASED_SHARDS), JobShard.state != "done",
+               JobShard.heartbeat_at.is_not(None), JobShard.heartbeat_at < _expired(lease_s))
+        .order_by(JobShard.job_id, JobShard.kind, JobShard.index)
+    )
+    return list(db.scalars(q))
+
+
+def claim_shard_recovery(db: Session, job_id: str, kind: str, index: int, *, lease_s: float) -> bool:
+    """Claim the recovery of a stale shard for one sweeper: clears its lease and heartbeat
+    (the shard looks unstarted until the re-sent task takes it, so it is re-sent once, not
+    every lease) and renews the job's heartbeat (a recovery is under way), if the shard is
+    still stale and unfinished."""
+    res = db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.state != "done",
+               JobShard.heartbeat_at < _expired(lease_s))
+        .values(lease_owner=None, heartbeat_at=None)
+    )
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return False
+    db.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow()))
+    return True
+
+
 # -- shards -------------------------------------------------------------------------------
 
 

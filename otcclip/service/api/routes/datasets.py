@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import threading
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,8 @@ from otcclip.service.db import crud
 from otcclip.service.db.models import Dataset, new_id
 from otcclip.service.manifests import archive_limits, open_dataset
 from otcclip.service.schemas import DatasetList, DatasetOut, RowsOut
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], route_class=ShortTransactionRoute)
 
@@ -108,9 +113,20 @@ def _validate(settings: Settings, ddir: Path, manifest: UploadedFile, images: Up
             raise _unprocessable(f"{manifest.filename}: needs a 'caption' or 'label' column", file=manifest.filename)
         info = {"format": m.format, "n_rows": len(m), "columns": cols, "manifest": mpath, "images": ipath,
                 "mapping": mapping or {}}
+        _save_index(m.images)
     finally:
         m.images.close()
     return m, info
+
+
+def _save_index(store: Any) -> None:
+    """Store the checked archive's member index beside it (``images.zip.index``, ...), so no
+    later open - a rows preview in another API process, every worker - parses the archive
+    again. Best effort: without the file each process parses the archive once."""
+    try:
+        store.save_index()
+    except OSError as e:
+        log.warning("archive index not stored (%s: %s)", type(e).__name__, e)
 
 
 def _plain_tar(settings: Settings, path: Path, client_name: str) -> Path:
@@ -270,13 +286,50 @@ def dataset_rows(dataset_id: str, db: DbDep, owner: OwnerDep, settings: Settings
     """Rows ``offset .. offset+limit`` of the manifest (non-finite numbers are sent as null)."""
     ds = _get(db, owner.id, dataset_id)
     db.commit()  # the connection goes back to the pool while the manifest is read
-    m = open_dataset(settings, storage.root, ds)
+    table = _preview_table(settings, storage.root, ds)
+    part = table.slice(offset, limit)
+    return RowsOut(total=table.num_rows, offset=offset, limit=limit, columns=list(part.column_names), rows=part.to_pylist())
+
+
+#: Manifest tables kept for the rows preview (a stored dataset never changes; paging
+#: through a 200,000-row manifest then reads it once, not once per page).
+PREVIEW_CACHE_SIZE = 4
+#: Tables larger than this are read for each request instead of being kept.
+PREVIEW_CACHE_MAX_BYTES = 64 << 20
+_PREVIEWS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_PREVIEWS_LOCK = threading.Lock()
+
+
+def clear_preview_cache() -> None:
+    """Forget the manifest tables kept for the rows preview (benchmarks, tests)."""
+    with _PREVIEWS_LOCK:
+        _PREVIEWS.clear()
+
+
+def _preview_table(settings: Settings, root: Path, ds: Dataset) -> Any:
+    """The dataset's manifest as a pyarrow table, from a small per-process cache keyed to
+    the stored manifest file's version."""
     try:
-        part = m.table.slice(offset, limit)
-        return RowsOut(total=len(m), offset=offset, limit=limit, columns=list(part.column_names), rows=part.to_pylist())
+        st = os.stat(root / ds.manifest_path)
+    except OSError:  # open_dataset reports it
+        st = None
+    key = (ds.id, ds.manifest_path, st.st_size, st.st_mtime_ns) if st is not None else None
+    with _PREVIEWS_LOCK:
+        table = _PREVIEWS.get(key) if key is not None else None
+        if key is not None and table is not None:
+            _PREVIEWS.move_to_end(key)
+            return table
+    m = open_dataset(settings, root, ds)
+    try:
+        table = m.table
     finally:
         m.images.close()
-
+    if key is not None and table.nbytes <= PREVIEW_CACHE_MAX_BYTES:
+        with _PREVIEWS_LOCK:
+            _PREVIEWS[key] = table
+            while len(_PREVIEWS) > PREVIEW_CACHE_SIZE:
+                _PREVIEWS.popitem(last=False)
+    return table
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
