@@ -110,6 +110,7 @@ class JobContext:
         # -inf: the first write and the first poll go through whatever the clock reads
         self._last_progress = float("-inf")
         self._last_poll = float("-inf")
+        self._last_stage: str | None = None
         self._stopped = False
 
     def db(self) -> Any:
@@ -219,13 +220,14 @@ class JobContext:
 
     def progress(self, stage: str, done: int, total: int, *, force: bool = False) -> None:
         """``ProgressFn``: writes the job row at most every ``progress_interval_s``, and
-        always when a stage completes (``done >= total``), so a finished job never shows
-        a stage short of its end."""
+        always when a stage starts (its first report: the stage's clock starts then) or
+        completes (``done >= total``), so a finished job never shows a stage short of its end."""
         now = time.monotonic()
-        last = total > 0 and done >= total
-        if not (force or last) and now - self._last_progress < self.settings.progress_interval_s:
+        edge = stage != self._last_stage or (total > 0 and done >= total)
+        if not (force or edge) and now - self._last_progress < self.settings.progress_interval_s:
             return
         self._last_progress = now
+        self._last_stage = stage
         try:
             with self.db() as db:
                 crud.set_progress(db, self.job_id, stage, int(done), int(total))

@@ -290,8 +290,9 @@ def sanitize_finalize(job_id: str) -> None:
             return
         ctx.count_shard_attempt("finalize", 0)
         config = _sanitize_config(job)
-        paths = ctx.run(lambda db: [ctx.storage.path(s.path) for s in crud.shards(db, job_id, "match") if s.path])
-        ctx.progress("finalize", 0, 1, force=True)
+        shards = ctx.run(lambda db: [(s.path, s.stop) for s in crud.shards(db, job_id, "match")])
+        paths = [ctx.storage.path(p) for p, _ in shards if p]
+        ctx.progress("finalize", 0, shards[-1][1] if shards else 0, force=True)
         decisions = decide(paths, config=config)
         m = open_manifest(ctx, ctx.dataset(job))
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -54,7 +55,10 @@ def test_upload_sanitize_download(service, tiny_dataset):
     assert api.job("sanitize", ds["id"], {**SANITIZE, "k": 3}, **{"Idempotency-Key": "abc"}).status_code == 409
     job = api.wait(r.json()["id"])
     assert job["state"] == "succeeded", job
-    assert job["progress"] == {"done": 40, "total": 40} and job["attempts"] == 1 and job["started_at"]
+    progress = job["progress"]
+    assert {k: progress[k] for k in ("stage", "done", "total", "unit", "eta_s")} == {
+        "stage": "finalize", "done": 40, "total": 40, "unit": "pair", "eta_s": 0}
+    assert job["attempts"] == 1 and job["started_at"]
     counts = job["result"]["counts"]["action"]
     assert sum(counts.values()) == 40
     # a random model on 40 pairs: judged weak, and the job result says so
@@ -78,6 +82,29 @@ def test_upload_sanitize_download(service, tiny_dataset):
 
     assert api.http.delete(f"/v1/datasets/{ds['id']}").status_code == 204
     assert api.http.get(f"/v1/datasets/{ds['id']}").status_code == 404
+
+
+@pytest.mark.slow
+def test_running_job_reports_unit_rate_and_eta(service, tiny_dataset):
+    """Ten encode and ten match shards: while they run the job resource shows the stage's
+    unit, a finite positive rate and an ETA that goes down."""
+    api = Api(service.url, service.create_key("progress"))
+    ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
+    seen: list[dict[str, Any]] = []
+    job = api.wait(api.job("sanitize", ds, {**SANITIZE, "shard_size": 4}).json()["id"], seen=seen, poll_s=0.05)
+    assert job["state"] == "succeeded", job
+    assert job["progress"]["eta_s"] == 0 and job["progress"]["unit"] == "pair"
+    running = [j["progress"] for j in seen if j["state"] == "running" and j["progress"]["stage"] in ("encode", "match")]
+    assert running and all(p["unit"] == "pair" and p["total"] == 40 for p in running)
+    measured = [p for p in running if p["rate"] is not None]
+    assert measured, running
+    assert all(math.isfinite(p["rate"]) and p["rate"] > 0 and p["eta_s"] is not None and p["eta_s"] >= 0
+               for p in measured)
+    # the ETA of a stage goes down as its shards finish
+    assert any(a["stage"] == b["stage"] and b["done"] > a["done"] and b["eta_s"] < a["eta_s"]
+               for a, b in zip(measured, measured[1:], strict=False)), measured
+    listed = api.http.get("/v1/jobs", params={"limit": 1}).json()["items"][0]
+    assert listed["id"] == job["id"] and listed["progress"] == job["progress"]
 
 
 @pytest.mark.slow
