@@ -199,11 +199,7 @@ def _after_shard(ctx: JobContext, kind: str) -> None:
     """Update progress; the task that sees the last shard done advances the stage."""
 
     def step(db: Any) -> bool:
-        rows = crud.shards(db, ctx.job_id, kind)
-        done = [s for s in rows if s.state == "done"]
-        total = rows[-1].stop if rows else 0
-        crud.set_progress(db, ctx.job_id, kind, sum(s.stop - s.start for s in done), total)
-        if len(done) < len(rows):
+        if not crud.stage_progress(db, ctx.job_id, kind):
             return False
         return crud.advance_stage(db, ctx.job_id, kind, NEXT[kind])
 
@@ -250,7 +246,8 @@ def sanitize_encode(job_id: str, index: int) -> None:
                                 seed=config.seed, device=config.device)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
-            fs = encode_shard(m, bundle, start, stop, config=config, should_stop=ctx.should_stop)
+            fs = encode_shard(m, bundle, start, stop, config=config, should_stop=ctx.should_stop,
+                              progress=ctx.shard_progress("encode", index, stop - start))
         finally:
             m.images.close()
         fs.save(path)
@@ -270,7 +267,11 @@ def sanitize_match(job_id: str, index: int) -> None:
         paths = [ctx.storage.path(s.path) for s in enc if s.path]
         if len(paths) != len(enc):
             raise LookupError(f"job {job_id}: feature shards are missing")
-        score = match_shard(paths[index], paths, config=config, should_stop=ctx.should_stop)
+        shard = ctx.run(lambda db: crud.get_shard(db, job_id, "match", index))
+        assert shard is not None
+        # progress per OT batch (the core reports shortlisted candidates; the job counts pairs)
+        score = match_shard(paths[index], paths, config=config, should_stop=ctx.should_stop,
+                            progress=ctx.shard_progress("match", index, shard.stop - shard.start))
         score.save(path)
 
     _guard(ctx, lambda: _run_shard(ctx, "match", index, work), shard=("match", index))

@@ -108,6 +108,36 @@ def test_running_job_reports_unit_rate_and_eta(service, tiny_dataset):
 
 
 @pytest.mark.slow
+def test_match_stage_moves_per_ot_batch(embedded, tiny_dataset):
+    """One match shard whose OT runs in many small batches: the job's progress takes values
+    between 0 and the end during the match stage (a trigger records every write of the row)."""
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(embedded.settings.db_url)
+    with eng.begin() as c:
+        c.execute(text("CREATE TABLE test_progress_log (job_id TEXT, stage TEXT, done INTEGER, total INTEGER)"))
+        c.execute(text("CREATE TRIGGER test_progress_log AFTER UPDATE OF progress_done ON jobs BEGIN "
+                       "INSERT INTO test_progress_log VALUES (NEW.id, NEW.stage, NEW.progress_done, NEW.progress_total); END"))
+    try:
+        api = Api(embedded.url, embedded.create_key("ot-batches"))
+        ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
+        # one shard of 40 pairs; OT batches of 2 * 8 shortlisted candidates
+        job = api.wait(api.job("sanitize", ds, {**SANITIZE, "shard_size": 40, "batch_size": 2}).json()["id"])
+        with eng.connect() as c:
+            rows = c.execute(text("SELECT stage, done, total FROM test_progress_log WHERE job_id = :j"),
+                             {"j": job["id"]}).all()
+    finally:
+        with eng.begin() as c:
+            c.execute(text("DROP TRIGGER IF EXISTS test_progress_log"))
+            c.execute(text("DROP TABLE IF EXISTS test_progress_log"))
+        eng.dispose()
+    assert job["state"] == "succeeded", job
+    match = [(done, total) for stage, done, total in rows if stage == "match"]
+    assert any(0 < done < 40 for done, _ in match), rows
+    assert [d for d, _ in match] == sorted(d for d, _ in match) and match[-1] == (40, 40)
+
+
+@pytest.mark.slow
 def test_train_checkpoint_sanitize_and_cancel(service, tiny_dataset):
     api = Api(service.url, service.create_key("train"))
     ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]

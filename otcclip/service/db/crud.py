@@ -297,6 +297,31 @@ def shards(db: Session, job_id: str, kind: str) -> list[JobShard]:
     return list(db.scalars(q))
 
 
+def set_shard_progress(db: Session, job_id: str, kind: str, index: int, owner: str, done: int) -> None:
+    """Record ``done`` rows of ``owner``'s running shard and the job's progress over the stage."""
+    db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.lease_owner == owner,
+               JobShard.state != "done")
+        .values(progress_done=done)
+    )
+    stage_progress(db, job_id, kind)
+
+
+def stage_progress(db: Session, job_id: str, kind: str) -> bool:
+    """Write the job's progress over its shards of ``kind`` while its stage is ``kind``:
+    finished shards count whole, running ones by their ``progress_done``; True when every
+    shard of ``kind`` is done."""
+    rows = shards(db, job_id, kind)
+    done = sum(s.stop - s.start if s.state == "done" else min(s.progress_done or 0, s.stop - s.start) for s in rows)
+    db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "running", Job.stage == kind)
+        .values(progress_done=done, progress_total=rows[-1].stop if rows else 0, updated_at=utcnow())
+    )
+    return bool(rows) and all(s.state == "done" for s in rows)
+
+
 def get_shard(db: Session, job_id: str, kind: str, index: int) -> JobShard | None:
     return db.scalar(select(JobShard).where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index))
 

@@ -134,6 +134,9 @@ class JobShard(Base):
     stop: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(20), default="pending")
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Rows of the shard done so far by the execution working on it (per encode batch,
+    #: per OT batch of a match), for the job's progress while the shard runs.
+    progress_done: Mapped[int] = mapped_column(BigInteger, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
