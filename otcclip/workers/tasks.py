@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -285,6 +286,7 @@ def sanitize_finalize(job_id: str) -> None:
     def body() -> None:
         from otcclip.models.report import write_outputs
         from otcclip.models.sanitize import decide, needs_template_search, search_trigger_templates
+        from otcclip.models.shards import ScoreShard
 
         job = ctx.job()
         if not ctx.start():
@@ -292,18 +294,25 @@ def sanitize_finalize(job_id: str) -> None:
         ctx.count_shard_attempt("finalize", 0)
         config = _sanitize_config(job)
         shards = ctx.run(lambda db: [(s.path, s.stop) for s in crud.shards(db, job_id, "match")])
-        paths = [ctx.storage.path(p) for p, _ in shards if p]
         ctx.progress("finalize", 0, shards[-1][1] if shards else 0, force=True)
-        decisions = decide(paths, config=config)
-        m = open_manifest(ctx, ctx.dataset(job))
+        score_shards = [ScoreShard.load(ctx.storage.path(p)) for p, _ in shards if p]
+        timings = _stage_seconds(ctx, score_shards)
+        t0 = time.perf_counter()
+        decisions = decide(score_shards, config=config)
+        timings["decide"] = time.perf_counter() - t0
+        ds = ctx.dataset(job)
+        m = open_manifest(ctx, ds)
         try:
             if needs_template_search(decisions, config=config):
+                t0 = time.perf_counter()
                 bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model,
                                         pretrained=config.pretrained, seed=config.seed, device=config.device)
                 decisions = search_trigger_templates(m, bundle, decisions, config=config)
-            model_info = {"name": None if config.checkpoint else config.model, "checkpoint": config.checkpoint,
+                timings["templates"] = time.perf_counter() - t0
+            model_info = {"name": _model_name(ctx, job.owner_id, config), "checkpoint": config.checkpoint,
                           "pretrained": config.pretrained, "random_init": config.random_init}
-            files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info)
+            files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info,
+                                  timings=timings, input_name=ds.name)
         finally:
             m.images.close()
         ids = {}
@@ -329,6 +338,28 @@ def sanitize_finalize(job_id: str) -> None:
                                         "counts": decisions.counts(), "artifacts": ids})
 
     _guard(ctx, body)
+
+
+def _stage_seconds(ctx: JobContext, score_shards: list[Any]) -> dict[str, float]:
+    """Seconds per stage summed over the job's shards (``decode``, ``encode`` from the
+    feature shards, ``index``, ``ot`` from the score shards), as the CLI's report has them."""
+    from otcclip.models.shards import FeatureShard
+
+    seconds: dict[str, float] = {}
+    paths = ctx.run(lambda db: [s.path for s in crud.shards(db, ctx.job_id, "encode") if s.path])
+    timed = [FeatureShard.load(ctx.storage.path(p)).timings for p in paths] + [s.timings for s in score_shards]
+    for t in timed:
+        for k, v in t.items():
+            seconds[k] = seconds.get(k, 0.0) + float(v)
+    return seconds
+
+
+def _model_name(ctx: JobContext, owner_id: str, config: SanitizeJobSettings) -> str | None:
+    """The model's name: the setting's, or the one a checkpoint artifact recorded."""
+    if not config.checkpoint:
+        return config.model
+    art = ctx.run(lambda db: crud.get_artifact(db, owner_id, config.checkpoint or ""))
+    return (art.meta or {}).get("model") if art is not None else None
 
 
 def _media(path: Path) -> str:

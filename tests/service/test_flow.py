@@ -80,6 +80,23 @@ def test_upload_sanitize_download(service, tiny_dataset):
     names = {a["name"] for a in api.http.get(f"/v1/jobs/{job['id']}/artifacts").json()}
     assert names == {"cleaned.csv", "decisions.parquet", "report.json", "report.html"}
 
+    # the review report, for the owning key only: the upload's name, never the server's
+    # storage path; the model's name and the seconds of each stage
+    page = api.http.get(f"/v1/jobs/{job['id']}/report")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text
+    assert page.content == api.http.get(f"/v1/artifacts/{api.artifact(job['id'], 'report.html')['id']}").content
+    html = page.text
+    root = str(service.settings.data_dir.resolve())
+    assert root not in html and str(service.settings.storage_root) not in html
+    assert "small.csv" in html and 'model <b>otc-micro</b> (random init)' in html
+    assert all(f"{stage} " in html.split('id="run"')[1].split("</p>")[0] for stage in ("encode", "ot", "decide"))
+    report_json = api.http.get(f"/v1/artifacts/{api.artifact(job['id'], 'report.json')['id']}").json()
+    assert report_json["input"]["name"] == "small.csv" and "path" not in report_json["input"]
+    assert report_json["model"]["name"] == "otc-micro" and report_json["timings_s"]["ot"] > 0
+    other = Api(service.url, service.create_key("other"))
+    missing = other.http.get(f"/v1/jobs/{job['id']}/report")
+    assert missing.status_code == 404 and job["id"] in missing.json()["message"]
+
     assert api.http.delete(f"/v1/datasets/{ds['id']}").status_code == 204
     assert api.http.get(f"/v1/datasets/{ds['id']}").status_code == 404
 
@@ -91,8 +108,12 @@ def test_running_job_reports_unit_rate_and_eta(service, tiny_dataset):
     api = Api(service.url, service.create_key("progress"))
     ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
     seen: list[dict[str, Any]] = []
-    job = api.wait(api.job("sanitize", ds, {**SANITIZE, "shard_size": 4}).json()["id"], seen=seen, poll_s=0.05)
+    job_id = api.job("sanitize", ds, {**SANITIZE, "shard_size": 4}).json()["id"]
+    early = api.http.get(f"/v1/jobs/{job_id}/report")  # twenty shard tasks later it has one
+    assert early.status_code == 409 and "no report yet" in early.json()["message"], early.text
+    job = api.wait(job_id, seen=seen, poll_s=0.05)
     assert job["state"] == "succeeded", job
+    assert api.http.get(f"/v1/jobs/{job_id}/report").status_code == 200
     assert job["progress"]["eta_s"] == 0 and job["progress"]["unit"] == "pair"
     running = [j["progress"] for j in seen if j["state"] == "running" and j["progress"]["stage"] in ("encode", "match")]
     assert running and all(p["unit"] == "pair" and p["total"] == 40 for p in running)
@@ -175,6 +196,11 @@ def test_train_checkpoint_sanitize_and_cancel(service, tiny_dataset):
     ev = api.wait(api.job("evaluate", ds, {"checkpoint": ckpt["id"], "device": "cpu", "linear_probe": False,
                                            "trigger": trigger}).json()["id"])
     assert ev["state"] == "succeeded", ev
+    # the report of a sanitize job with a checkpoint names the checkpoint's model; a train job has none
+    page = api.http.get(f"/v1/jobs/{san['id']}/report")
+    assert page.status_code == 200 and f"model <b>{TRAIN['model']}</b> (checkpoint {ckpt['id']})" in page.text
+    none = api.http.get(f"/v1/jobs/{job['id']}/report")
+    assert none.status_code == 404 and "only sanitize jobs" in none.json()["message"]
     assert 0.0 <= ev["result"]["zero_shot_top1"] <= 1.0 and ev["result"]["n_test"] == 40
     (bd,) = ev["result"]["backdoor"]
     assert bd["target_class"] == target and 0.0 <= bd["asr"] <= 1.0
