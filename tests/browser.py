@@ -23,8 +23,9 @@ def chromium_path() -> str | None:
 
 
 @contextmanager
-def offline_page() -> Iterator[tuple[Any, list[str]]]:
-    """``(page, blocked)``: a Playwright page where non-local requests fail and are listed in ``blocked``."""
+def offline_page(*, headers: dict[str, str] | None = None) -> Iterator[tuple[Any, list[str]]]:
+    """``(page, blocked)``: a Playwright page where non-local requests fail and are listed in
+    ``blocked``; ``headers`` go with every request (e.g. an API key's ``Authorization``)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as pw:
         path = chromium_path()
@@ -44,7 +45,7 @@ def offline_page() -> Iterator[tuple[Any, list[str]]]:
                 r.abort()
 
         try:
-            page = browser.new_page()
+            page = browser.new_page(extra_http_headers=headers)
             page.route("**/*", route)
             yield page, blocked
         finally:

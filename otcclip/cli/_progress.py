@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-#: The unit each stage counts in (anything else counts "it").
-UNITS = {"encode": "pair", "match": "pair", "decide": "pair", "write": "file", "decode": "image",
-         "train": "step", "ot": "candidate"}
+from otcclip.models.progress import stage_unit
 
 
 class StageBars:
@@ -39,7 +37,7 @@ class StageBars:
             if not self.disable:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total or None, desc=f"{stage:>7}", unit=UNITS.get(stage, "it"),
+                self.bar = tqdm(total=total or None, desc=f"{stage:>7}", unit=stage_unit(stage),
                                 leave=self.leave, dynamic_ncols=True)
                 self.bar.start_t = self.started
                 self.bar.last_print_t = self.started
@@ -60,7 +58,7 @@ class StageBars:
             import sys
 
             secs = self.seconds.get(self.stage, 0.0)
-            unit = UNITS.get(self.stage, "it")
+            unit = stage_unit(self.stage)
             rate = f" ({self.done / secs:.1f} {unit}/s)" if secs > 0 else ""
             print(f"{self.stage}: {self.done} {unit} in {secs:.1f} s{rate}", file=sys.stderr, flush=True)
         self.stage = None

@@ -13,10 +13,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from otcclip.cli._service import database_label, service_settings
     from otcclip.migrations import upgrade
-    from otcclip.service.core.config import Settings
 
-    settings = Settings()
+    settings = service_settings()
     upgrade(settings.db_url, args.revision)
-    print(f"database at {args.revision}: {settings.db_url.split('@')[-1]}")
+    print(f"database at {args.revision}: {database_label(settings)}")
     return 0

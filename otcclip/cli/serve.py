@@ -24,10 +24,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from otcclip.cli._service import database_label, service_settings
     from otcclip.cli.embedded import run_service
-    from otcclip.service.core.config import Settings
 
-    settings = Settings()
+    settings = service_settings()
     if not 0 < args.port < 65536:
         raise CliError(f"--port {args.port} is not a TCP port")
     worker = settings.embedded_broker and not args.no_worker
@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with run_service(settings, host=args.host, port=args.port, worker=worker,
                      concurrency=args.concurrency or settings.worker_concurrency) as svc:
-        print(f"otcclip serving on {svc.url} (docs: {svc.url}/docs); data in {settings.data_dir.resolve()}"
+        print(f"otcclip serving on {svc.url} (docs: {svc.url}/docs); data in {settings.data_dir.resolve()}; "
+              f"database {database_label(settings)}"
               + ("; embedded worker started" if worker else ""), flush=True)
         try:
             while not stop.wait(1.0):

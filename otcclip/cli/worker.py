@@ -53,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
         child = [sys.executable, "-m", "otcclip", "worker", "--no-supervise", "--queues", ",".join(queues),
                  "--concurrency", str(args.concurrency), "--pool", args.pool, "--name", name, "--loglevel", args.loglevel]
         return supervise(child)
-    from otcclip.service.core.config import Settings
+    from otcclip.cli._service import service_settings
     from otcclip.workers.celery_app import worker_app
 
-    app = worker_app(Settings())
+    app = worker_app(service_settings())
     app.worker_main([
         "worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "-P", args.pool, "-n", name,
         "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat",

@@ -14,6 +14,19 @@ ProgressFn = Callable[[str, int, int], None]
 StopFn = Callable[[], bool]
 
 
+#: The unit each stage's ``done``/``total`` counts (a stage not listed counts "it").
+#: ``ingest``/``encode``/``match``/``decide``/``finalize`` count pairs of the dataset
+#: (``match`` converts the OT batches' shortlisted candidates to pairs), ``ot`` counts
+#: shortlisted candidates, ``decode`` images, ``train`` optimizer steps, ``write`` files.
+STAGE_UNITS = {"ingest": "pair", "encode": "pair", "match": "pair", "decide": "pair", "finalize": "pair",
+               "write": "file", "decode": "image", "train": "step", "ot": "candidate"}
+
+
+def stage_unit(stage: str | None) -> str:
+    """The unit ``stage`` counts in (:data:`STAGE_UNITS`; "it" for any other stage)."""
+    return STAGE_UNITS.get(stage or "", "it")
+
+
 class Cancelled(Exception):
     """Raised by the core when ``should_stop()`` returned True."""
 

@@ -138,8 +138,12 @@ SCORE_FIELDS = ("global_score", "ot_score", "fused_score", "best_fused_score", "
 
 
 def build_report(manifest: Any, decisions: Decisions, *, config: Any, model_info: dict[str, Any],
-                 timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """The content of ``report.json``."""
+                 timings: dict[str, float] | None = None, input_name: str | None = None) -> dict[str, Any]:
+    """The content of ``report.json``.
+
+    ``input_name`` replaces the manifest's path in ``input`` (``input.name`` instead of
+    ``input.path``): a service names the uploaded file, never where it stores it.
+    """
     counts = decisions.counts()
     stats: dict[str, Any] = {f: {"all": _stats(getattr(decisions, f))} for f in SCORE_FIELDS}
     for f in SCORE_FIELDS:
@@ -156,8 +160,8 @@ def build_report(manifest: Any, decisions: Decisions, *, config: Any, model_info
         "model_quality": decisions.model_quality,
         "review": {"pairs": int(decisions.review.sum()), "proposed": dict(sorted(review.items()))},
         "duplicates": duplicates_report(manifest, decisions, config=config),
-        "input": {"path": str(manifest.path), "format": manifest.format, "rows": len(manifest),
-                  "sha256": manifest.sha256},
+        "input": {**({"name": input_name} if input_name is not None else {"path": str(manifest.path)}),
+                  "format": manifest.format, "rows": len(manifest), "sha256": manifest.sha256},
         "counts": counts,
         "detector_flags": det,
         "scores": stats,
@@ -457,7 +461,8 @@ def render_html(manifest: Any, decisions: Decisions, report: dict[str, Any], *, 
     data = json.dumps(review_rows(manifest, decisions, thumbnails=examples), ensure_ascii=False).replace("</", "<\\/")
     meta = html.escape(json.dumps({k: report[k] for k in ("input", "model", "settings", "versions", "gmm",
                                                           "timings_s") if k in report}, indent=2, default=str))
-    src = Path(str(report["input"]["path"])).name
+    src = str(report["input"].get("name") or Path(str(report["input"].get("path", ""))).name)
+    run = _run_line(report)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>otcclip sanitize report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
@@ -469,6 +474,7 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}}table.kv th{{b
 <h1>Sanitization report</h1>
 <p>{html.escape(src)} ({report['input']['rows']} pairs, {html.escape(report['input']['format'])},
 sha256 <code>{report['input']['sha256'][:16]}…</code>)</p>
+{run}
 <h2>Summary</h2><p>{acts}</p>
 {extra}
 <h2>Reasons</h2><table><tr><th>action/reason</th><th>pairs</th></tr>{counts}</table>
@@ -493,6 +499,18 @@ sha256 <code>{report['input']['sha256'][:16]}…</code>)</p>
 </body></html>"""
 
 
+def _run_line(report: dict[str, Any]) -> str:
+    """The model and the seconds per stage, as one line of the report's header."""
+    model = report.get("model") or {}
+    name = model.get("name") or "unnamed model"
+    how = ("checkpoint " + Path(str(model["checkpoint"])).name if model.get("checkpoint")
+           else f"pretrained {model['pretrained']}" if model.get("pretrained")
+           else "random init" if model.get("random_init") else "")
+    stages = " · ".join(f"{html.escape(str(k))} {float(v):.2f} s" for k, v in (report.get("timings_s") or {}).items())
+    return (f'<p id="run">model <b>{html.escape(str(name))}</b>{" (" + html.escape(how) + ")" if how else ""}'
+            f'{"; stages: " + stages if stages else ""}</p>')
+
+
 def cleaned_name(manifest: Any) -> str:
     """``cleaned.<ext>`` for file manifests, ``cleaned`` (dir) / ``cleaned.tar`` for WebDataset."""
     p = Path(manifest.path)
@@ -515,6 +533,7 @@ def write_outputs(
     examples: int = MAX_THUMBNAILS,
     provenance: bool = True,
     copy_images: bool = False,
+    input_name: str | None = None,
 ) -> OutputFiles:
     """Write the cleaned manifest, ``decisions.parquet``, ``report.json`` and ``report.html``.
 
@@ -537,6 +556,8 @@ def write_outputs(
     copy_images : bool
         Copy the kept images below ``out_dir/images`` instead of referencing them relative
         to ``out_dir`` (:func:`~otcclip.models.manifest_writer.relocate_images`).
+    input_name : str, optional
+        How the report names the input instead of its path (:func:`build_report`).
     """
     from otcclip.models.manifest_writer import relocate_images, write_manifest
 
@@ -552,7 +573,7 @@ def write_outputs(
     if progress is not None:
         progress("write", 2, 4)
     tim = dict(timings or {})
-    report = build_report(manifest, decisions, config=config, model_info=model_info, timings=tim)
+    report = build_report(manifest, decisions, config=config, model_info=model_info, timings=tim, input_name=input_name)
     page = render_html(manifest, decisions, report, examples=examples)
     html_path = atomic_write(out / "report.html", lambda t: Path(t).write_text(page, encoding="utf-8"))
     if progress is not None:

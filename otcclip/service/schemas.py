@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from otcclip.models.config import JOB_SETTINGS, job_config, normalise_job_settings
 from otcclip.models.config.base import nested_type
+from otcclip.models.progress import stage_unit
 
 JobKind = Literal["sanitize", "train", "evaluate"]
 
@@ -79,8 +80,43 @@ def _utc(t: datetime | None) -> datetime | None:
 
 
 class Progress(BaseModel):
-    done: int
-    total: int
+    """Where a job stands in its current stage, with the stage's rate and time left."""
+
+    stage: str | None = Field(description="The current stage (same as the job's ``stage``)")
+    done: int = Field(description="Units of the stage done")
+    total: int = Field(description="Units of the stage in all (0: not known yet)")
+    unit: str = Field(description="What ``done``/``total`` count: pair (ingest, encode, match, decide, finalize; "
+                                  "match counts its OT batches as pairs), step (train), image (decode), file (write), "
+                                  "it (anything else)")
+    rate: float | None = Field(description="Units per second since the stage started, measured up to the last "
+                                           "progress write (``updated_at``); null until a unit was done")
+    eta_s: float | None = Field(description="Seconds the stage still needs at ``rate`` from ``updated_at``: "
+                                            "0 when the stage is complete, null when unknown (no rate or total yet, "
+                                            "or the job ended short of it)")
+
+
+def job_progress(
+    stage: str | None, done: int, total: int, *, state: str, started_at: datetime | None, start_done: int,
+    measured_at: datetime | None,
+) -> Progress:
+    """The progress of a job from its row: the rate of the current stage and its ETA.
+
+    ``rate = (done - start_done) / (measured_at - started_at)``: units done since the
+    stage's clock started (``started_at``, when ``start_done`` units were already done)
+    per second, up to ``measured_at``, the time ``done`` was written. ``eta_s =
+    (total - done) / rate``; 0 when ``done >= total > 0``.
+    """
+    rate: float | None = None
+    if started_at is not None and measured_at is not None:
+        secs = (_utc(measured_at) - _utc(started_at)).total_seconds()
+        if secs > 0 and done > start_done:
+            rate = (done - start_done) / secs
+    eta: float | None = None
+    if total > 0 and done >= total:
+        eta = 0.0
+    elif rate is not None and total > 0 and state in ("queued", "running"):
+        eta = (total - done) / rate
+    return Progress(stage=stage, done=done, total=total, unit=stage_unit(stage), rate=rate, eta_s=eta)
 
 
 class JobOut(BaseModel):
@@ -104,7 +140,10 @@ class JobOut(BaseModel):
     def of(cls, job: Any) -> JobOut:
         return cls(
             id=job.id, kind=job.kind, dataset_id=job.dataset_id, settings=job.settings, state=job.state,
-            stage=job.stage, progress=Progress(done=job.progress_done, total=job.progress_total),
+            stage=job.stage,
+            progress=job_progress(job.stage, job.progress_done or 0, job.progress_total or 0, state=job.state,
+                                  started_at=job.stage_started_at, start_done=job.stage_start_done or 0,
+                                  measured_at=job.updated_at),
             attempts=job.attempts, cancel_requested=job.cancel_requested, error=job.error,
             result=job.result, created_at=_utc(job.created_at), started_at=_utc(job.started_at),
             finished_at=_utc(job.finished_at), updated_at=_utc(job.updated_at),

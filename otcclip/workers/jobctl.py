@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from otcclip.models.progress import ProgressFn
 from otcclip.service.core.config import Settings, get_settings
 from otcclip.service.db import crud
 from otcclip.service.db.models import Artifact, Dataset, Job
@@ -110,6 +111,7 @@ class JobContext:
         # -inf: the first write and the first poll go through whatever the clock reads
         self._last_progress = float("-inf")
         self._last_poll = float("-inf")
+        self._last_stage: str | None = None
         self._stopped = False
 
     def db(self) -> Any:
@@ -219,16 +221,37 @@ class JobContext:
 
     def progress(self, stage: str, done: int, total: int, *, force: bool = False) -> None:
         """``ProgressFn``: writes the job row at most every ``progress_interval_s``, and
-        always when a stage completes (``done >= total``), so a finished job never shows
-        a stage short of its end."""
+        always when a stage starts (its first report: the stage's clock starts then) or
+        completes (``done >= total``), so a finished job never shows a stage short of its end."""
         now = time.monotonic()
-        last = total > 0 and done >= total
-        if not (force or last) and now - self._last_progress < self.settings.progress_interval_s:
+        edge = stage != self._last_stage or (total > 0 and done >= total)
+        if not (force or edge) and now - self._last_progress < self.settings.progress_interval_s:
             return
         self._last_progress = now
+        self._last_stage = stage
+        self._write_progress(lambda db: crud.set_progress(db, self.job_id, stage, int(done), int(total)))
+
+    def shard_progress(self, kind: str, index: int, size: int) -> ProgressFn:
+        """A ``ProgressFn`` for the core's work on one shard of ``size`` rows: each report
+        (an encode batch, an OT batch of a match: ``done`` of ``total`` in the core's own
+        unit) becomes rows of the shard, written to the shard row and the job's progress
+        over the stage at most every ``progress_interval_s`` (the shard's end is written
+        when it is recorded done)."""
+
+        def report(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - self._last_progress < self.settings.progress_interval_s or total <= 0:
+                return
+            self._last_progress = now
+            rows = size * min(int(done), int(total)) // int(total)
+            self._write_progress(lambda db: crud.set_shard_progress(db, self.job_id, kind, index, self.owner, rows))
+
+        return report
+
+    def _write_progress(self, write: Callable[[Session], None]) -> None:
         try:
             with self.db() as db:
-                crud.set_progress(db, self.job_id, stage, int(done), int(total))
+                write(db)
         except Exception as e:  # progress is advisory: work goes on through a database outage
             if not is_transient(e):
                 raise
@@ -276,6 +299,7 @@ class JobContext:
             if shard is None:
                 raise LookupError(f"job {self.job_id} has no {kind} shard {index}")
             shard.attempts += 1
+            shard.progress_done = 0
             if shard.attempts > self.settings.max_attempts:
                 raise GiveUp(f"{kind} shard {index}: gave up after {shard.attempts - 1} attempts (the worker was lost each time)")
             return shard.attempts

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -199,11 +200,7 @@ def _after_shard(ctx: JobContext, kind: str) -> None:
     """Update progress; the task that sees the last shard done advances the stage."""
 
     def step(db: Any) -> bool:
-        rows = crud.shards(db, ctx.job_id, kind)
-        done = [s for s in rows if s.state == "done"]
-        total = rows[-1].stop if rows else 0
-        crud.set_progress(db, ctx.job_id, kind, sum(s.stop - s.start for s in done), total)
-        if len(done) < len(rows):
+        if not crud.stage_progress(db, ctx.job_id, kind):
             return False
         return crud.advance_stage(db, ctx.job_id, kind, NEXT[kind])
 
@@ -250,7 +247,8 @@ def sanitize_encode(job_id: str, index: int) -> None:
                                 seed=config.seed, device=config.device)
         m = open_manifest(ctx, ctx.dataset(job))
         try:
-            fs = encode_shard(m, bundle, start, stop, config=config, should_stop=ctx.should_stop)
+            fs = encode_shard(m, bundle, start, stop, config=config, should_stop=ctx.should_stop,
+                              progress=ctx.shard_progress("encode", index, stop - start))
         finally:
             m.images.close()
         fs.save(path)
@@ -270,7 +268,11 @@ def sanitize_match(job_id: str, index: int) -> None:
         paths = [ctx.storage.path(s.path) for s in enc if s.path]
         if len(paths) != len(enc):
             raise LookupError(f"job {job_id}: feature shards are missing")
-        score = match_shard(paths[index], paths, config=config, should_stop=ctx.should_stop)
+        shard = ctx.run(lambda db: crud.get_shard(db, job_id, "match", index))
+        assert shard is not None
+        # progress per OT batch (the core reports shortlisted candidates; the job counts pairs)
+        score = match_shard(paths[index], paths, config=config, should_stop=ctx.should_stop,
+                            progress=ctx.shard_progress("match", index, shard.stop - shard.start))
         score.save(path)
 
     _guard(ctx, lambda: _run_shard(ctx, "match", index, work), shard=("match", index))
@@ -284,24 +286,33 @@ def sanitize_finalize(job_id: str) -> None:
     def body() -> None:
         from otcclip.models.report import write_outputs
         from otcclip.models.sanitize import decide, needs_template_search, search_trigger_templates
+        from otcclip.models.shards import ScoreShard
 
         job = ctx.job()
         if not ctx.start():
             return
         ctx.count_shard_attempt("finalize", 0)
         config = _sanitize_config(job)
-        paths = ctx.run(lambda db: [ctx.storage.path(s.path) for s in crud.shards(db, job_id, "match") if s.path])
-        ctx.progress("finalize", 0, 1, force=True)
-        decisions = decide(paths, config=config)
-        m = open_manifest(ctx, ctx.dataset(job))
+        shards = ctx.run(lambda db: [(s.path, s.stop) for s in crud.shards(db, job_id, "match")])
+        ctx.progress("finalize", 0, shards[-1][1] if shards else 0, force=True)
+        score_shards = [ScoreShard.load(ctx.storage.path(p)) for p, _ in shards if p]
+        timings = _stage_seconds(ctx, score_shards)
+        t0 = time.perf_counter()
+        decisions = decide(score_shards, config=config)
+        timings["decide"] = time.perf_counter() - t0
+        ds = ctx.dataset(job)
+        m = open_manifest(ctx, ds)
         try:
             if needs_template_search(decisions, config=config):
+                t0 = time.perf_counter()
                 bundle, _ = load_bundle(ctx, owner_id=job.owner_id, checkpoint=config.checkpoint, model=config.model,
                                         pretrained=config.pretrained, seed=config.seed, device=config.device)
                 decisions = search_trigger_templates(m, bundle, decisions, config=config)
-            model_info = {"name": None if config.checkpoint else config.model, "checkpoint": config.checkpoint,
+                timings["templates"] = time.perf_counter() - t0
+            model_info = {"name": _model_name(ctx, job.owner_id, config), "checkpoint": config.checkpoint,
                           "pretrained": config.pretrained, "random_init": config.random_init}
-            files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info)
+            files = write_outputs(m, decisions, ctx.job_dir() / "outputs", config=config, model_info=model_info,
+                                  timings=timings, input_name=ds.name)
         finally:
             m.images.close()
         ids = {}
@@ -327,6 +338,28 @@ def sanitize_finalize(job_id: str) -> None:
                                         "counts": decisions.counts(), "artifacts": ids})
 
     _guard(ctx, body)
+
+
+def _stage_seconds(ctx: JobContext, score_shards: list[Any]) -> dict[str, float]:
+    """Seconds per stage summed over the job's shards (``decode``, ``encode`` from the
+    feature shards, ``index``, ``ot`` from the score shards), as the CLI's report has them."""
+    from otcclip.models.shards import FeatureShard
+
+    seconds: dict[str, float] = {}
+    paths = ctx.run(lambda db: [s.path for s in crud.shards(db, ctx.job_id, "encode") if s.path])
+    timed = [FeatureShard.load(ctx.storage.path(p)).timings for p in paths] + [s.timings for s in score_shards]
+    for t in timed:
+        for k, v in t.items():
+            seconds[k] = seconds.get(k, 0.0) + float(v)
+    return seconds
+
+
+def _model_name(ctx: JobContext, owner_id: str, config: SanitizeJobSettings) -> str | None:
+    """The model's name: the setting's, or the one a checkpoint artifact recorded."""
+    if not config.checkpoint:
+        return config.model
+    art = ctx.run(lambda db: crud.get_artifact(db, owner_id, config.checkpoint or ""))
+    return (art.meta or {}).get("model") if art is not None else None
 
 
 def _media(path: Path) -> str:

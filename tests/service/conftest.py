@@ -44,15 +44,19 @@ class Api:
     def job(self, kind: str, dataset_id: str, settings: dict[str, Any], **headers: str) -> httpx.Response:
         return self.http.post("/v1/jobs", json={"kind": kind, "dataset_id": dataset_id, "settings": settings}, headers=headers)
 
-    def wait(self, job_id: str, *, timeout: float = 180, states: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict[str, Any]:
+    def wait(self, job_id: str, *, timeout: float = 180, states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             seen: list[dict[str, Any]] | None = None, poll_s: float = 0.3) -> dict[str, Any]:
+        """Poll the job until it reaches one of ``states``; every answer is appended to ``seen``."""
         deadline = time.monotonic() + timeout
         while True:
             j = self.http.get(f"/v1/jobs/{job_id}").json()
+            if seen is not None:
+                seen.append(j)
             if j["state"] in states:
                 return j
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {j['state']} after {timeout}s: {j}")
-            time.sleep(0.3)
+            time.sleep(poll_s)
 
     def artifact(self, job_id: str, name: str) -> dict[str, Any]:
         arts = self.http.get(f"/v1/jobs/{job_id}/artifacts").json()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -54,7 +55,10 @@ def test_upload_sanitize_download(service, tiny_dataset):
     assert api.job("sanitize", ds["id"], {**SANITIZE, "k": 3}, **{"Idempotency-Key": "abc"}).status_code == 409
     job = api.wait(r.json()["id"])
     assert job["state"] == "succeeded", job
-    assert job["progress"] == {"done": 40, "total": 40} and job["attempts"] == 1 and job["started_at"]
+    progress = job["progress"]
+    assert {k: progress[k] for k in ("stage", "done", "total", "unit", "eta_s")} == {
+        "stage": "finalize", "done": 40, "total": 40, "unit": "pair", "eta_s": 0}
+    assert job["attempts"] == 1 and job["started_at"]
     counts = job["result"]["counts"]["action"]
     assert sum(counts.values()) == 40
     # a random model on 40 pairs: judged weak, and the job result says so
@@ -76,8 +80,82 @@ def test_upload_sanitize_download(service, tiny_dataset):
     names = {a["name"] for a in api.http.get(f"/v1/jobs/{job['id']}/artifacts").json()}
     assert names == {"cleaned.csv", "decisions.parquet", "report.json", "report.html"}
 
+    # the review report, for the owning key only: the upload's name, never the server's
+    # storage path; the model's name and the seconds of each stage
+    page = api.http.get(f"/v1/jobs/{job['id']}/report")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text
+    assert page.content == api.http.get(f"/v1/artifacts/{api.artifact(job['id'], 'report.html')['id']}").content
+    html = page.text
+    root = str(service.settings.data_dir.resolve())
+    assert root not in html and str(service.settings.storage_root) not in html
+    assert "small.csv" in html and 'model <b>otc-micro</b> (random init)' in html
+    assert all(f"{stage} " in html.split('id="run"')[1].split("</p>")[0] for stage in ("encode", "ot", "decide"))
+    report_json = api.http.get(f"/v1/artifacts/{api.artifact(job['id'], 'report.json')['id']}").json()
+    assert report_json["input"]["name"] == "small.csv" and "path" not in report_json["input"]
+    assert report_json["model"]["name"] == "otc-micro" and report_json["timings_s"]["ot"] > 0
+    other = Api(service.url, service.create_key("other"))
+    missing = other.http.get(f"/v1/jobs/{job['id']}/report")
+    assert missing.status_code == 404 and job["id"] in missing.json()["message"]
+
     assert api.http.delete(f"/v1/datasets/{ds['id']}").status_code == 204
     assert api.http.get(f"/v1/datasets/{ds['id']}").status_code == 404
+
+
+@pytest.mark.slow
+def test_running_job_reports_unit_rate_and_eta(service, tiny_dataset):
+    """Ten encode and ten match shards: while they run the job resource shows the stage's
+    unit, a finite positive rate and an ETA that goes down."""
+    api = Api(service.url, service.create_key("progress"))
+    ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
+    seen: list[dict[str, Any]] = []
+    job_id = api.job("sanitize", ds, {**SANITIZE, "shard_size": 4}).json()["id"]
+    early = api.http.get(f"/v1/jobs/{job_id}/report")  # twenty shard tasks later it has one
+    assert early.status_code == 409 and "no report yet" in early.json()["message"], early.text
+    job = api.wait(job_id, seen=seen, poll_s=0.05)
+    assert job["state"] == "succeeded", job
+    assert api.http.get(f"/v1/jobs/{job_id}/report").status_code == 200
+    assert job["progress"]["eta_s"] == 0 and job["progress"]["unit"] == "pair"
+    running = [j["progress"] for j in seen if j["state"] == "running" and j["progress"]["stage"] in ("encode", "match")]
+    assert running and all(p["unit"] == "pair" and p["total"] == 40 for p in running)
+    measured = [p for p in running if p["rate"] is not None]
+    assert measured, running
+    assert all(math.isfinite(p["rate"]) and p["rate"] > 0 and p["eta_s"] is not None and p["eta_s"] >= 0
+               for p in measured)
+    # the ETA of a stage goes down as its shards finish
+    assert any(a["stage"] == b["stage"] and b["done"] > a["done"] and b["eta_s"] < a["eta_s"]
+               for a, b in zip(measured, measured[1:], strict=False)), measured
+    listed = api.http.get("/v1/jobs", params={"limit": 1}).json()["items"][0]
+    assert listed["id"] == job["id"] and listed["progress"] == job["progress"]
+
+
+@pytest.mark.slow
+def test_match_stage_moves_per_ot_batch(embedded, tiny_dataset):
+    """One match shard whose OT runs in many small batches: the job's progress takes values
+    between 0 and the end during the match stage (a trigger records every write of the row)."""
+    from sqlalchemy import create_engine, text
+
+    eng = create_engine(embedded.settings.db_url)
+    with eng.begin() as c:
+        c.execute(text("CREATE TABLE test_progress_log (job_id TEXT, stage TEXT, done INTEGER, total INTEGER)"))
+        c.execute(text("CREATE TRIGGER test_progress_log AFTER UPDATE OF progress_done ON jobs BEGIN "
+                       "INSERT INTO test_progress_log VALUES (NEW.id, NEW.stage, NEW.progress_done, NEW.progress_total); END"))
+    try:
+        api = Api(embedded.url, embedded.create_key("ot-batches"))
+        ds = api.upload(tiny_dataset["manifest"], tiny_dataset["images"]).json()["id"]
+        # one shard of 40 pairs; OT batches of 2 * 8 shortlisted candidates
+        job = api.wait(api.job("sanitize", ds, {**SANITIZE, "shard_size": 40, "batch_size": 2}).json()["id"])
+        with eng.connect() as c:
+            rows = c.execute(text("SELECT stage, done, total FROM test_progress_log WHERE job_id = :j"),
+                             {"j": job["id"]}).all()
+    finally:
+        with eng.begin() as c:
+            c.execute(text("DROP TRIGGER IF EXISTS test_progress_log"))
+            c.execute(text("DROP TABLE IF EXISTS test_progress_log"))
+        eng.dispose()
+    assert job["state"] == "succeeded", job
+    match = [(done, total) for stage, done, total in rows if stage == "match"]
+    assert any(0 < done < 40 for done, _ in match), rows
+    assert [d for d, _ in match] == sorted(d for d, _ in match) and match[-1] == (40, 40)
 
 
 @pytest.mark.slow
@@ -118,6 +196,11 @@ def test_train_checkpoint_sanitize_and_cancel(service, tiny_dataset):
     ev = api.wait(api.job("evaluate", ds, {"checkpoint": ckpt["id"], "device": "cpu", "linear_probe": False,
                                            "trigger": trigger}).json()["id"])
     assert ev["state"] == "succeeded", ev
+    # the report of a sanitize job with a checkpoint names the checkpoint's model; a train job has none
+    page = api.http.get(f"/v1/jobs/{san['id']}/report")
+    assert page.status_code == 200 and f"model <b>{TRAIN['model']}</b> (checkpoint {ckpt['id']})" in page.text
+    none = api.http.get(f"/v1/jobs/{job['id']}/report")
+    assert none.status_code == 404 and "only sanitize jobs" in none.json()["message"]
     assert 0.0 <= ev["result"]["zero_shot_top1"] <= 1.0 and ev["result"]["n_test"] == 40
     (bd,) = ev["result"]["backdoor"]
     assert bd["target_class"] == target and 0.0 <= bd["asr"] <= 1.0

@@ -32,4 +32,7 @@ def test_progress_is_throttled_but_a_stage_end_is_always_written(tmp_path: Path)
     ctx.progress("train", 10, 10)
     assert row() == ("train", 10, 10)  # the end of the stage is never dropped
     ctx.progress("finalize", 0, 0)
-    assert row() == ("train", 10, 10)  # an empty stage is not an end
+    assert row() == ("finalize", 0, 0)  # a new stage is written at once (its clock starts)
+    ctx.progress("finalize", 0, 0)
+    ctx.progress("finalize", 1, 0)
+    assert row() == ("finalize", 0, 0)  # an unknown total is never an end: throttled

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from otcclip.service.db.models import (
@@ -114,26 +114,35 @@ def mark_running(db: Session, job_id: str, *, stage: str | None = None) -> bool:
     job.state = "running"
     if job.started_at is None:
         job.started_at = utcnow()
-    if stage is not None:
+    if stage is not None:  # a whole-job execution starts: its stage's clock starts now
         job.stage = stage
+        job.stage_started_at = utcnow()
+        job.stage_start_done = job.progress_done or 0
     job.updated_at = utcnow()
     return True
 
 
 def set_progress(db: Session, job_id: str, stage: str, done: int, total: int) -> None:
+    """Write a running job's progress; a new ``stage`` (or ``done`` going back, a restart)
+    restarts the stage's clock (``stage_started_at``, ``stage_start_done``) in the same UPDATE."""
+    now = utcnow()
+    restart = or_(Job.stage.is_(None), Job.stage != stage, Job.progress_done > done, Job.stage_started_at.is_(None))
     db.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == "running")
-        .values(stage=stage, progress_done=done, progress_total=total, updated_at=utcnow())
+        .values(stage=stage, progress_done=done, progress_total=total, updated_at=now,
+                stage_started_at=case((restart, now), else_=Job.stage_started_at),
+                stage_start_done=case((restart, done), else_=Job.stage_start_done))
     )
 
 
 def advance_stage(db: Session, job_id: str, from_stage: str, to_stage: str) -> bool:
     """Atomically move ``stage`` from ``from_stage`` to ``to_stage``; True for the one winner."""
+    now = utcnow()
     res = db.execute(
         update(Job)
         .where(Job.id == job_id, Job.stage == from_stage, Job.state == "running", Job.cancel_requested.is_(False))
-        .values(stage=to_stage, progress_done=0, updated_at=utcnow())
+        .values(stage=to_stage, progress_done=0, updated_at=now, stage_started_at=now, stage_start_done=0)
     )
     return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -323,6 +332,31 @@ def create_shards(db: Session, job_id: str, kind: str, ranges: Sequence[tuple[in
 def shards(db: Session, job_id: str, kind: str) -> list[JobShard]:
     q = select(JobShard).where(JobShard.job_id == job_id, JobShard.kind == kind).order_by(JobShard.index)
     return list(db.scalars(q))
+
+
+def set_shard_progress(db: Session, job_id: str, kind: str, index: int, owner: str, done: int) -> None:
+    """Record ``done`` rows of ``owner``'s running shard and the job's progress over the stage."""
+    db.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.kind == kind, JobShard.index == index, JobShard.lease_owner == owner,
+               JobShard.state != "done")
+        .values(progress_done=done)
+    )
+    stage_progress(db, job_id, kind)
+
+
+def stage_progress(db: Session, job_id: str, kind: str) -> bool:
+    """Write the job's progress over its shards of ``kind`` while its stage is ``kind``:
+    finished shards count whole, running ones by their ``progress_done``; True when every
+    shard of ``kind`` is done."""
+    rows = shards(db, job_id, kind)
+    done = sum(s.stop - s.start if s.state == "done" else min(s.progress_done or 0, s.stop - s.start) for s in rows)
+    db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "running", Job.stage == kind)
+        .values(progress_done=done, progress_total=rows[-1].stop if rows else 0, updated_at=utcnow())
+    )
+    return bool(rows) and all(s.state == "done" for s in rows)
 
 
 def get_shard(db: Session, job_id: str, kind: str, index: int) -> JobShard | None:

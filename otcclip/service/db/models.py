@@ -95,6 +95,10 @@ class Job(Base):
     stage: Mapped[str | None] = mapped_column(String(40), nullable=True)
     progress_done: Mapped[int] = mapped_column(BigInteger, default=0)
     progress_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: When the current stage started (or its progress restarted), and ``progress_done``
+    #: then: the rate of a stage is measured from here (see ``schemas.job_progress``).
+    stage_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    stage_start_done: Mapped[int] = mapped_column(BigInteger, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     #: Lease: the execution (``host:pid:nonce``) running a whole-job stage, None between them.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -130,6 +134,9 @@ class JobShard(Base):
     stop: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(20), default="pending")
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Rows of the shard done so far by the execution working on it (per encode batch,
+    #: per OT batch of a match), for the job's progress while the shard runs.
+    progress_done: Mapped[int] = mapped_column(BigInteger, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

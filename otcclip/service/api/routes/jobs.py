@@ -1,4 +1,4 @@
-"""``/v1/jobs``: create (202 + Location, Idempotency-Key), list, get, cancel, artifacts, metrics."""
+"""``/v1/jobs``: create (202 + Location, Idempotency-Key), list, get, cancel, artifacts, report, metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ import re
 from typing import Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import FileResponse
 from sqlalchemy.exc import IntegrityError
 
-from otcclip.service.api.deps import DbDep, Offset, OwnerDep, ShortTransactionRoute, artifact_out
+from otcclip.service.api.deps import (
+    DbDep,
+    Offset,
+    OwnerDep,
+    ShortTransactionRoute,
+    StorageDep,
+    artifact_out,
+)
 from otcclip.service.api.errors import error_responses
 from otcclip.service.db import crud
 from otcclip.service.db.models import Job
@@ -172,6 +180,35 @@ def cancel_job(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
 def job_artifacts(job_id: str, db: DbDep, owner: OwnerDep) -> Any:
     job = _get(db, owner.id, job_id)
     return [artifact_out(a) for a in crud.job_artifacts(db, job.id)]
+
+
+_HTML: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The job's self-contained ``report.html`` (works offline)", "content": {"text/html": {}}}}
+
+
+@router.get("/{job_id}/report", response_class=Response,
+            responses={**_HTML, **error_responses(401, 404, 409, 410, 422, 503)})
+def job_report(job_id: str, db: DbDep, owner: OwnerDep, storage: StorageDep) -> Response:
+    """The review report of a sanitize job (``report.html``, also an artifact of the job).
+
+    404 for another key's job or a job kind without a report (train, evaluate); 409 while
+    the job has not written its report yet (``Retry-After`` while it runs); 410 when the
+    stored file is gone.
+    """
+    job = _get(db, owner.id, job_id)
+    if job.kind != "sanitize":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} is a {job.kind} job; only sanitize jobs have a report")
+    art = next((a for a in crud.job_artifacts(db, job.id) if a.name == "report.html"), None)
+    if art is None:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if job.state in ("queued", "running") else None
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"job {job_id} has no report yet (state {job.state}); a sanitize job writes it when it succeeds",
+                            headers=headers)
+    path = storage.path(art.path)
+    if not path.is_file():
+        raise HTTPException(status.HTTP_410_GONE, f"the report of job {job_id} is no longer stored")
+    return FileResponse(path, media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricOut], responses=error_responses(401, 404, 422, 503))
