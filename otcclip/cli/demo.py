@@ -204,9 +204,12 @@ def _detection(decisions: Path, truth: dict[str, dict[str, str]]) -> dict[str, f
     t = pq.read_table(decisions, columns=["id", "action"]).to_pylist()
     poisoned = {i for i, r in truth.items() if r["poisoned"] in ("1", "true", "True")}
     flagged = {r["id"] for r in t if r["action"] != "keep"}
+    dropped = {r["id"] for r in t if r["action"] == "drop"}
     tp = len(flagged & poisoned)
     return {"precision": tp / len(flagged) if flagged else 0.0, "recall": tp / len(poisoned) if poisoned else 0.0,
-            "flagged": float(len(flagged)), "poisoned": float(len(poisoned))}
+            "flagged": float(len(flagged)), "poisoned": float(len(poisoned)),
+            "clean": float(len(t) - len(poisoned)), "clean_changed": float(len(flagged - poisoned)),
+            "clean_dropped": float(len(dropped - poisoned))}
 
 
 def _asr(ev: dict[str, Any]) -> tuple[float, float]:
@@ -225,4 +228,5 @@ def _print_table(evals: dict[str, Any], counts: dict[str, Any], det: dict[str, f
         print(f"| {label} | {100 * ev['zero_shot_top1']:.1f}% | {t:.1f}% | {b:.1f}% |")
     print(f"\nsanitize pass with the OTCCLIP checkpoint over {n_pairs} pairs: "
           f"kept {action.get('keep', 0)}, re-assigned {action.get('reassign', 0)}, dropped {action.get('drop', 0)}; "
-          f"poisoned pairs flagged: recall {100 * det['recall']:.0f}%, precision {100 * det['precision']:.0f}%")
+          f"poisoned pairs flagged: recall {100 * det['recall']:.1f}%, precision {100 * det['precision']:.1f}%; "
+          f"clean pairs changed {det['clean_changed']:.0f} of {det['clean']:.0f} ({det['clean_dropped']:.0f} dropped)")

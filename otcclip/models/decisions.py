@@ -363,14 +363,17 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
                 own_z = (own_f - med) / sd
         score_based = (action != "keep") & ~any_flag
         strong = own_z < -settings.evidence_z
-        trusted = np.array([bool(f) and all(x in settings.weak_model_detectors for x in str(f).split(","))
-                            for f in verdict_names], dtype=bool)
+        # a trusted detector's flag is its evidence whatever other detectors also flagged
+        first_trusted = np.array([next((x for x in str(f).split(",") if x in settings.weak_model_detectors), "")
+                                  for f in verdict_names], dtype=object)
+        trusted = first_trusted != ""
         if weak:
             unsure = score_based | ((action != "keep") & any_flag & ~trusted)
             why = "weak model"
             # a trusted detector still drops, but a weak model's best caption is no repair
             sure_flag = (action != "keep") & any_flag & trusted
             action[sure_flag & (action == "reassign")] = "drop"
+            reason[sure_flag] = first_trusted[sure_flag]
         else:
             unsure = score_based & ~strong
             why = "margin not calibrated-strong"

@@ -389,12 +389,26 @@ def stamp(
     return out
 
 
-def template_seeds(decisions: Decisions, view: int, *, pool: float, seed_z: float) -> np.ndarray:
+def template_seeds(
+    decisions: Decisions, view: int, *, pool: float, seed_z: float, mismatch_pool: float = 0.0
+) -> np.ndarray:
     """(N,) bool seeds of the template search on purified view ``view``.
 
-    The ``pool`` share of pairs most trigger-sensitive on that view, pairs whose
-    sensitivity z there exceeds ``seed_z``, and pairs the detector flagged through it;
-    image bursts and unreadable images are left out (their pattern is not a trigger's).
+    Two kinds of evidence point at a backdoor's images, depending on whether the model
+    learnt the trigger:
+
+    - trigger sensitivity (a model that reacts to the trigger): the ``pool`` share of
+      pairs most trigger-sensitive on that view, pairs whose sensitivity z there exceeds
+      ``seed_z``, and pairs the detector flagged through it;
+    - mismatch (a model that does not, e.g. one trained on the cleaned data or
+      pretrained elsewhere): a backdoor pairs images of any content with the target's
+      captions, so another caption describes them better than their own. The
+      ``mismatch_pool`` share of pairs whose own fused score the best shortlisted
+      caption beats by the widest margin (only pairs it beats at all).
+
+    Either kind may be mostly false alarms: the search keeps only a pattern the seeds
+    share. Image bursts and unreadable images are left out (their pattern is not a
+    trigger's).
     """
     n = len(decisions)
     z = np.nan_to_num(np.asarray(decisions.sensitivity_z, dtype=np.float64), nan=-np.inf)
@@ -404,6 +418,11 @@ def template_seeds(decisions: Decisions, view: int, *, pool: float, seed_z: floa
     seeds[top[np.isfinite(on_view[top])]] = True
     flags = [str(f).split(",") for f in decisions.detectors.tolist()]
     seeds |= np.array(["trigger_sensitivity" in f for f in flags], dtype=bool) & (on_view > -np.inf)
+    if mismatch_pool > 0:
+        margin = np.asarray(decisions.best_fused_score, np.float64) - np.asarray(decisions.fused_score, np.float64)
+        margin = np.where(np.isfinite(margin) & (margin > 0), margin, -np.inf)
+        worst = np.argsort(-margin, kind="stable")[: int(round(mismatch_pool * n))]
+        seeds[worst[np.isfinite(margin[worst])]] = True
     seeds &= ~np.array(["image_burst" in f for f in flags], dtype=bool)
     seeds &= decisions.reason != "unreadable_image"
     return seeds
@@ -431,7 +450,8 @@ def apply_templates(
     images : callable
         ``images(idx)`` -> normalised images (len(idx), C, H, W) of rows ``idx``.
     settings : DecisionSettings
-        ``template_seed_z`` and ``template_pool`` choose the seeds.
+        ``template_seed_z``, ``template_pool`` and ``template_mismatch_pool`` choose
+        the seeds (:func:`template_seeds`).
 
     Returns
     -------
@@ -446,7 +466,8 @@ def apply_templates(
     found: list[TemplateSearch] = []
     best = np.zeros(n)
     for v, kind in enumerate(TEMPLATE_KINDS):
-        seeds = template_seeds(decisions, v, pool=settings.template_pool, seed_z=settings.template_seed_z)
+        seeds = template_seeds(decisions, v, pool=settings.template_pool, seed_z=settings.template_seed_z,
+                               mismatch_pool=settings.template_mismatch_pool)
         for res in search_templates(images, n, seeds, kind=kind, config=config, generator=gen):
             log.info("%s trigger template matches %d images", kind, int(res.flagged.sum()))
             found.append(res)

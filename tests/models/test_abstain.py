@@ -174,3 +174,25 @@ def test_cli_cleaned_manifest_carries_the_review_columns(tmp_path: Path, tiny_bu
     text = next(bare.glob("cleaned*"))
     blob = text.read_bytes() if text.is_file() else b"".join(p.read_bytes() for p in text.glob("*.tar"))
     assert b"otcclip_review" not in blob
+
+
+def test_a_trusted_flag_drops_under_a_weak_model_whatever_else_flagged_the_pair() -> None:
+    """Two copies of a burst's image also carry a caption repeated on a cluster of other
+    images (``caption_burst`` flags them too): the image-burst evidence still drops them."""
+    m, _, _ = _scores(n=200, seed=4, poison=0.0)
+    rng = np.random.default_rng(5)
+    weak = _weak(m, seed=1)
+    img = weak.image_global.copy()
+    target = img[0] / np.linalg.norm(img[0])
+    for r in range(1, 9):  # an image burst: 8 near-copies of image 0 under distinct captions
+        img[r] = target + 1e-4 * rng.standard_normal(16)
+    u = rng.standard_normal(16)
+    img[9:29] = u / np.linalg.norm(u) + 0.1 * rng.standard_normal((20, 16))
+    hashes = m.caption_hash.copy()
+    hashes[[1, 2, *range(9, 29)]] = 10_000  # one caption text on rows 1, 2 and the cluster
+    m2 = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, img, weak.caption_global, hashes)
+    d = decide_pairs(m2, settings=DecisionSettings(detectors=("image_burst", "caption_burst")))
+    assert d.model_quality["verdict"] == "weak"
+    assert all(set(str(d.detectors[r]).split(",")) == {"image_burst", "caption_burst"} for r in (1, 2))
+    assert (d.action[:9] == "drop").all() and set(d.reason[:9]) == {"image_burst"}
+    assert not d.review[:9].any()

@@ -179,3 +179,45 @@ def test_apply_templates_drops_every_image_with_the_trigger_whatever_the_model_v
     plain = decide_pairs(MatchScores(m.candidates, fused, fused, fused, m.ok, m.image_global, m.caption_global,
                                      m.caption_hash), settings=st)
     assert apply_templates(plain, lambda i: x[i], settings=st)[1] == []
+
+
+def test_a_model_that_does_not_react_to_the_trigger_still_seeds_the_search_through_mismatched_captions() -> None:
+    """A model trained without the trigger (on cleaned data, or pretrained elsewhere) shows no
+    trigger sensitivity on the patched images, but sees their pairs as mismatched (another
+    caption beats the own one): those pairs seed the search, and every patched image is
+    dropped. Without the mismatch seeds the search finds nothing."""
+    from dataclasses import replace
+
+    from otcclip.models.config import DecisionSettings
+    from otcclip.models.decisions import MatchScores, decide_pairs
+    from otcclip.models.triggers import apply_templates
+
+    x, truth, _ = _patched(seed=4)
+    rng = np.random.default_rng(4)
+    own = rng.normal(0.3, 0.02, N).astype(np.float32)
+    # the purified views change the patched images' scores least: they seed no sensitivity search
+    drop = rng.normal(0.02, 0.01, (N, 2))
+    drop[truth] = 0.0
+    purified = own[:, None] - drop
+    # half the patched pairs and 45 clean ones have a better caption than their own
+    mismatched = np.zeros(N, dtype=bool)
+    mismatched[rng.choice(np.flatnonzero(truth), 15, replace=False)] = True
+    mismatched[rng.choice(np.flatnonzero(~truth), 45, replace=False)] = True
+    alt = np.where(mismatched, own + rng.uniform(0.05, 0.1, N), own - 0.05)
+    fused = np.stack([own, alt], axis=1).astype(np.float32)
+    m = MatchScores(
+        candidates=np.stack([np.arange(N), (np.arange(N) + 1) % N], axis=1).astype(np.int64),
+        global_=fused, ot=fused, fused=fused, ok=np.ones(N, dtype=bool),
+        image_global=rng.standard_normal((N, 16)).astype(np.float32),
+        caption_global=rng.standard_normal((N, 16)).astype(np.float32),
+        caption_hash=np.arange(N, dtype=np.int64), purified_own=purified.astype(np.float32),
+    )
+    st = DecisionSettings(detectors=("trigger_sensitivity",))
+    d = decide_pairs(m, settings=st)
+    out, found = apply_templates(d, lambda i: x[i], settings=st)
+    assert [f.kind for f in found] == ["patch"]
+    dropped = out.reason == "trigger_template"
+    assert dropped.tolist() == truth.tolist()
+    assert out.template_z[truth].min() > 12 > out.template_z[~truth].max()
+    off = replace(st, template_mismatch_pool=0.0)
+    assert apply_templates(decide_pairs(m, settings=off), lambda i: x[i], settings=off)[1] == []

@@ -144,6 +144,9 @@ class DecisionSettings(Settings):
     template_seed_z: float = setting(2.0, "trigger-sensitivity z above which a pair seeds the template search", gt=0)
     template_pool: float = setting(0.15, "share of the most sensitive pairs per purified view that also seed it",
                                    ge=0, le=1)
+    template_mismatch_pool: float = setting(0.15, "share of the pairs whose own caption another caption beats most that "
+                                                  "also seed it (a model trained without the trigger sees a backdoor's "
+                                                  "pairs as mismatched; 0: off)", ge=0, le=1)
     weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags still drop pairs when the "
                                                     "model is weak (the others' are kept for review)",
                                                     item_choices=DETECTORS)
