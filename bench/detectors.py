@@ -1,0 +1,297 @@
+"""Detectors of the sanitize pass on the validation and held-out attacks of ``bench/defence.py``.
+
+For each attack split, the poisoned manifest is scored once with a plain CLIP trained on
+it (``bench/defence.py --defences none``; the sanitize engine's encode and match stages,
+spilled to ``WORK/<split>/shards`` and reused by a re-run), and the same
+:class:`~otcclip.models.scores.MatchScores` are then judged
+
+- by each registered detector alone (its raw flags; the ``spectral`` detector on a grid of
+  ``outlier_z`` x ``group_size``), and
+- by the decision step (:func:`~otcclip.models.decisions.decide_pairs`, then the
+  trigger-template search): the default detector set, and the default set with the chosen
+  ``spectral`` setting. A pair counts as flagged when its action is not ``keep``; pairs
+  kept for review are counted apart.
+
+Every row reports flagged pairs, precision, recall per attack (``poison_truth.csv``) and
+the clean pairs flagged (the false-flag rate, over all clean pairs).
+
+Selection, on ``validation`` only (:func:`choose_spectral`, :func:`earns_place`): the
+``spectral`` setting with the best recall over all poisoned pairs whose raw false-flag
+rate is at most ``--max-false-flag`` (1 %); it earns a place in the default set only when
+its flags, added to the union of the default detectors' own flags, catch more poisoned
+pairs while adding at most that rate of the clean pairs. ``heldout`` is then reported with
+the validation choice and never tuned on (run alone, it reads the choice from an earlier
+``--out/results.json``).
+
+    python bench/detectors.py --work /tmp/dbench/quick        # both splits of the quick bench
+    python bench/detectors.py --work /tmp/dbench/quick --splits validation
+
+Expects ``WORK/data/<split>/done.json`` and ``WORK/runs/<split>/none/final`` (what
+``bench/defence.py --quick --work /tmp/dbench --splits <split> --defences none`` builds).
+Writes ``--out`` (JSON of every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from otcclip.models.checkpoint import load_checkpoint  # noqa: E402
+from otcclip.models.config.detectors import DEFAULT_DETECTORS, DETECTORS, SpectralSettings  # noqa: E402
+from otcclip.models.config.sanitize import SanitizeConfig  # noqa: E402
+from otcclip.models.decisions import Decisions, decide_pairs  # noqa: E402
+from otcclip.models.detectors import REGISTRY, DetectorEnv  # noqa: E402
+from otcclip.models.manifest import read_manifest  # noqa: E402
+from otcclip.models.sanitize import sanitize, search_trigger_templates  # noqa: E402
+from otcclip.models.scores import MatchScores  # noqa: E402
+from otcclip.models.shards import ScoreShard  # noqa: E402
+
+#: The spectral grid searched on validation.
+OUTLIER_Z = (2.0, 3.0, 4.0, 6.0)
+GROUP_SIZE = (50, 100, 200, 400)
+
+
+@dataclass
+class Split:
+    """One attack split: its pairs' ids, the truth and the scores of its plain model."""
+
+    name: str
+    ids: list[str]
+    attack: dict[str, str]  # poisoned id -> attack
+    attacks: list[str]
+    scores: MatchScores
+    manifest: Any
+    bundle: Any
+    default: Decisions  # the sanitize pass with its default config (template search included)
+    quality: dict[str, Any]
+
+
+def load_split(work: Path, split: str, out_dir: Path, config: SanitizeConfig) -> Split:
+    """Score ``split``'s poisoned set once (cached shards) and run the default sanitize pass."""
+    paths = json.loads((work / "data" / split / "done.json").read_text())
+    ckpt = work / "runs" / split / "none" / "final"
+    if not (ckpt / "open_clip_config.json").is_file():
+        raise SystemExit(f"{ckpt}: no checkpoint; run bench/defence.py --splits {split} --defences none first")
+    manifest = read_manifest(Path(paths["poisoned"]), local=True)
+    with open(paths["truth"]) as f:
+        rows = list(csv.DictReader(f))
+    attack = {r["id"]: r["attack"] for r in rows if r["poisoned"] == "1"}
+    attacks = sorted(set(attack.values()))
+    shards = out_dir / split / "shards"
+    key = {"checkpoint": str(ckpt.resolve()), "ckpt_mtime": (ckpt / "open_clip_config.json").stat().st_mtime,
+           "manifest": paths["poisoned"], "config": config.to_dict()}
+    meta = shards / "key.json"
+    if meta.is_file() and json.loads(meta.read_text()) != json.loads(json.dumps(key)):
+        shutil.rmtree(shards)
+    shards.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(key))
+    bundle = load_checkpoint(ckpt, device="cpu")
+    t0 = time.perf_counter()
+    res = sanitize(manifest, bundle, config=config, work_dir=shards)
+    print(f"[{split}] {len(manifest)} pairs scored and decided in {time.perf_counter() - t0:.0f} s "
+          f"({ckpt}); model: {res.decisions.model_quality.get('verdict')} "
+          f"(control AUC {res.decisions.model_quality.get('control_auc', float('nan')):.3f}, "
+          f"d' {res.decisions.model_quality.get('control_d_prime', float('nan')):.2f})", flush=True)
+    scores = MatchScores.concat([ScoreShard.load(p).scores for p in sorted(shards.glob("scores_*.npz"))])
+    return Split(split, list(manifest.ids), attack, attacks, scores, manifest, bundle, res.decisions,
+                 res.decisions.model_quality)
+
+
+def measure(sp: Split, flagged: np.ndarray, review: np.ndarray | None = None) -> dict[str, Any]:
+    """Flagged count, precision, recall per attack and clean pairs flagged of an (N,) bool flag."""
+    bad = np.array([i in sp.attack for i in sp.ids])
+    att = np.array([sp.attack.get(i, "") for i in sp.ids], dtype=object)
+    n_clean = int((~bad).sum())
+    out: dict[str, Any] = {
+        "flagged": int(flagged.sum()),
+        "precision": float((flagged & bad).sum() / flagged.sum()) if flagged.any() else float("nan"),
+        "recall_all": float((flagged & bad).sum() / bad.sum()),
+        "clean_flagged": int((flagged & ~bad).sum()),
+        "false_flag_rate": float((flagged & ~bad).sum() / max(n_clean, 1)),
+        "n_clean": n_clean,
+    }
+    for a in sp.attacks:
+        sel = att == a
+        out[f"recall_{a}"] = float((flagged & sel).sum() / sel.sum())
+    if review is not None:
+        out["review"] = int(review.sum())
+        out["review_poisoned"] = int((review & bad).sum())
+        out["review_clean"] = int((review & ~bad).sum())
+        either = flagged | review
+        out["recall_all_incl_review"] = float((either & bad).sum() / bad.sum())
+        out["false_flag_rate_incl_review"] = float((either & ~bad).sum() / max(n_clean, 1))
+    return out
+
+
+def raw_flags(sp: Split, name: str, settings: Any, env: DetectorEnv) -> np.ndarray:
+    """One detector's own (N,) bool flags on the split's scores (unreadable images never flagged)."""
+    return np.asarray(REGISTRY[name].fn(sp.scores, settings, env)) & sp.scores.ok
+
+
+def decisions_with(sp: Split, config: SanitizeConfig, env: DetectorEnv) -> Decisions:
+    """The decide stage and the template search on the split's cached scores."""
+    d = decide_pairs(sp.scores, settings=config.decisions, env=env)
+    return search_trigger_templates(sp.manifest, sp.bundle, d, config=config)
+
+
+def acted(d: Decisions) -> tuple[np.ndarray, np.ndarray]:
+    """(flagged: action other than keep, kept for review), each (N,) bool."""
+    return np.asarray(d.action != "keep"), np.asarray(d.review, dtype=bool)
+
+
+def spectral_grid(sp: Split, env: DetectorEnv) -> list[tuple[SpectralSettings, dict[str, Any]]]:
+    """Raw spectral flags for every setting of the grid."""
+    out = []
+    for gs in GROUP_SIZE:
+        for z in OUTLIER_Z:
+            st = SpectralSettings(group_size=gs, outlier_z=z)
+            out.append((st, measure(sp, raw_flags(sp, "spectral", st, env))))
+    return out
+
+
+def choose_spectral(grid: list[tuple[SpectralSettings, dict[str, Any]]], max_ffr: float) -> SpectralSettings | None:
+    """The setting with the best recall over all poisoned pairs among those whose raw
+    false-flag rate is at most ``max_ffr`` (ties: fewer clean flags, then the larger
+    ``outlier_z``); None when none qualifies or none finds anything."""
+    ok = [(st, m) for st, m in grid if m["false_flag_rate"] <= max_ffr and m["recall_all"] > 0]
+    if not ok:
+        return None
+    return max(ok, key=lambda t: (t[1]["recall_all"], -t[1]["clean_flagged"], t[0].outlier_z))[0]
+
+
+def earns_place(base: np.ndarray, spectral: np.ndarray, sp: Split, max_ffr: float) -> tuple[bool, dict[str, Any]]:
+    """Spectral joins the defaults when its flags, added to the union of the default
+    detectors' own flags (``base``, (N,) bool), catch more poisoned pairs while adding at
+    most ``max_ffr`` of the clean pairs as new false flags. Returns the verdict and the
+    union's measures."""
+    before, after = measure(sp, base), measure(sp, base | spectral)
+    added_ffr = (after["clean_flagged"] - before["clean_flagged"]) / max(before["n_clean"], 1)
+    return bool(after["recall_all"] > before["recall_all"] and added_ffr <= max_ffr), after
+
+
+def _pct(x: float) -> str:
+    return "" if x != x else f"{100 * x:.1f}"
+
+
+def table(rows: list[dict[str, Any]], attacks: list[str], title: str) -> str:
+    """Rows labelled split / kind / row; recall per attack; review columns when present."""
+    head = (f"{'split':<11}{'kind':<10}{'row':<44}{'flagged':>8}{'prec.%':>8}"
+            + "".join(f"{'R ' + a:>22}" for a in attacks) + f"{'R all%':>8}{'clean fl.':>10}{'FFR%':>7}{'review(p/c)':>13}"
+            + (f"{'R+rev%':>10}{'FFR+rev%':>10}" if any("review" in r["m"] for r in rows) else ""))
+    lines = [f"## {title}", head, "-" * len(head)]
+    for r in rows:
+        m = r["m"]
+        rev = f"{m['review']}({m['review_poisoned']}/{m['review_clean']})" if "review" in m else ""
+        lines.append(
+            f"{r['split']:<11}{r['kind']:<10}{r['row']:<44}{m['flagged']:>8}{_pct(m['precision']):>8}"
+            + "".join(f"{_pct(m.get('recall_' + a, float('nan'))):>22}" for a in attacks)
+            + f"{_pct(m['recall_all']):>8}{m['clean_flagged']:>10}{_pct(m['false_flag_rate']):>7}{rev:>13}"
+            + (f"{_pct(m['recall_all_incl_review']):>10}{_pct(m['false_flag_rate_incl_review']):>10}" if "review" in m else "")
+        )
+    return "\n".join(lines)
+
+
+def _spec(st: SpectralSettings) -> str:
+    return f"spectral group_size={st.group_size} outlier_z={st.outlier_z:g}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dbench/quick"), help="bench/defence.py's WORK/quick or WORK/full")
+    ap.add_argument("--splits", default="validation,heldout", help="validation first: it chooses, heldout reports")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/otcclip-bench-detectors"), help="score shards and results.json")
+    ap.add_argument("--max-false-flag", type=float, default=0.01, help="largest false-flag rate a chosen setting may have")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    splits = [s for s in args.splits.split(",") if s]
+    config = SanitizeConfig(device="cpu")
+    env = DetectorEnv(index=config.index, seed=config.seed)
+    base_dec = config.decisions
+    chosen: SpectralSettings | None = None
+    adopt = False
+    best_val: SpectralSettings | None = None
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    print(f"# detectors bench, {dt.date.today().isoformat()}, work {args.work}, default detectors: {', '.join(DEFAULT_DETECTORS)}")
+    previous = args.out / "results.json"
+    if "validation" not in splits and previous.is_file():
+        prev = json.loads(previous.read_text()).get("best_spectral_validation")
+        best_val = None if prev is None else SpectralSettings(**prev)
+        print(f"validation choice read from {previous}: {None if best_val is None else _spec(best_val)}")
+    for split in splits:
+        sp = load_split(args.work, split, args.out, config)
+        raw: list[dict[str, Any]] = []
+        union = np.zeros(len(sp.ids), dtype=bool)
+        for name in DETECTORS:
+            if name == "spectral":
+                continue
+            f = raw_flags(sp, name, base_dec.detector(name), env)
+            if name in base_dec.detectors:
+                union |= f
+            raw.append({"split": split, "kind": "raw", "row": f"{name} (defaults)", "m": measure(sp, f)})
+        raw.append({"split": split, "kind": "raw", "row": "union of the default detectors", "m": measure(sp, union)})
+        if split == "validation":
+            grid = spectral_grid(sp, env)
+            raw += [{"split": split, "kind": "raw", "row": _spec(st), "m": m} for st, m in grid]
+            best_val = choose_spectral(grid, args.max_false_flag)
+        else:
+            shown = [st for st in (best_val, SpectralSettings()) if st is not None]
+            raw += [{"split": split, "kind": "raw", "row": _spec(st), "m": measure(sp, raw_flags(sp, "spectral", st, env))}
+                    for st in dict.fromkeys(shown)]
+        if best_val is not None:
+            ok, after = earns_place(union, raw_flags(sp, "spectral", best_val, env), sp, args.max_false_flag)
+            raw.append({"split": split, "kind": "raw", "row": "union + " + _spec(best_val), "m": after})
+            if split == "validation":
+                adopt = ok
+                chosen = best_val if adopt else None
+        flagged, review = acted(sp.default)
+        dec = [{"split": split, "kind": "decision", "row": "default set (sanitize pass)", "m": measure(sp, flagged, review)}]
+        if best_val is not None:
+            cfg = replace(config, decisions=replace(base_dec, detectors=tuple(dict.fromkeys((*base_dec.detectors, "spectral"))),
+                                                    spectral=best_val))
+            f2, r2 = acted(decisions_with(sp, cfg, env))
+            dec.append({"split": split, "kind": "decision", "row": "default set + " + _spec(best_val), "m": measure(sp, f2, r2)})
+        print(f"[{split}] model quality: {sp.quality.get('message', '')}")
+        print(table(raw, sp.attacks, f"{split}: each detector's own flags"))
+        print()
+        print(table(dec, sp.attacks, f"{split}: sanitize decisions (flagged = action not keep; review = kept for review)"))
+        print()
+        if split == "validation":
+            if best_val is None:
+                print(f"[selection] no spectral setting flags a poisoned pair at a false-flag rate <= {100 * args.max_false_flag:g} %: "
+                      "spectral stays off")
+            else:
+                print(f"[selection] best spectral setting on validation: {_spec(best_val)}; "
+                      + ("it earns its place in the default set" if adopt else
+                         "it does not earn a place in the default set (it adds no poisoned pair to the default detectors' "
+                         "flags, or too many clean ones): spectral stays off"))
+            print()
+        results += [dict(r, attacks=sp.attacks) for r in raw + dec]
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"date": dt.date.today().isoformat(), "work": str(args.work), "max_false_flag": args.max_false_flag,
+               "best_spectral_validation": None if best_val is None else best_val.to_dict(),
+               "spectral_adopted": adopt, "chosen": None if chosen is None else chosen.to_dict(), "rows": results,
+               "seconds": time.perf_counter() - t0}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"total {time.perf_counter() - t0:.0f} s; wrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
