@@ -96,7 +96,12 @@ def _knn(vectors: np.ndarray, k: int, env: DetectorEnv) -> tuple[np.ndarray, np.
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:
-    """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move."""
+    """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move.
+
+    Computed in float64: with a MAD of about 0 (all values equal but a few) the quotient
+    exceeds float32's range.
+    """
+    x = np.asarray(x, dtype=np.float64)
     med = np.median(x)
     mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
     return (x - med) / mad
