@@ -194,6 +194,14 @@ def trained(run_dir: Path, manifest: Path, cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def _trained_before(run_dir: Path, manifest: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """``--eval-only``: the run trained earlier in ``run_dir``, whatever config it had."""
+    out_json = run_dir / "trained.json"
+    if not out_json.is_file():
+        raise SystemExit(f"--eval-only: {run_dir} has no trained run (train it without --eval-only first)")
+    return dict(json.loads(out_json.read_text()))
+
+
 def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], split: str, cfg: TrainConfig) -> dict[str, Any]:
     """Train ``name`` (cached) and evaluate it against ``split``'s attacks."""
     tr = trained(run_dir, manifest, cfg)
@@ -292,6 +300,9 @@ def main() -> int:
              "overrides by dotted path (e.g. otcclip+:template_search=false, otcclip:sanitize.decisions.margin_z=2), "
              "values as JSON",
     )
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate the runs already trained under WORK (their trained.json), even where the code's "
+                         "TrainConfig has changed since; a row without a trained run is an error")
     ap.add_argument("--per-class", type=int, default=None, help="override the training images per class")
     ap.add_argument("--test-per-class", type=int, default=None, help="override the test images per class")
     ap.add_argument("--epochs", type=int, default=None)
@@ -299,6 +310,9 @@ def main() -> int:
     ap.add_argument("--blend-rate", type=float, default=None, help="override the other backdoors' share of the training images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        global trained
+        trained = _trained_before
     size = QUICK if args.quick else FULL
     if args.per_class:
         size = replace(size, per_class=args.per_class)
