@@ -202,9 +202,11 @@ def _trained_before(run_dir: Path, manifest: Path, cfg: TrainConfig) -> dict[str
     return dict(json.loads(out_json.read_text()))
 
 
-def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], split: str, cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``name`` (cached) and evaluate it against ``split``'s attacks."""
-    tr = trained(run_dir, manifest, cfg)
+def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], split: str, cfg: TrainConfig, *,
+            eval_only: bool = False) -> dict[str, Any]:
+    """Train ``name`` (cached; with ``eval_only`` the earlier run, whatever its config) and
+    evaluate it against ``split``'s attacks."""
+    tr = _trained_before(run_dir, manifest, cfg) if eval_only else trained(run_dir, manifest, cfg)
     metrics = tr["metrics"]
     bundle = load_checkpoint(Path(tr["final"]), device=cfg.device if cfg.device != "auto" else "cpu")
     pdir = paths["dir"]
@@ -310,9 +312,6 @@ def main() -> int:
     ap.add_argument("--blend-rate", type=float, default=None, help="override the other backdoors' share of the training images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.eval_only:
-        global trained
-        trained = _trained_before
     size = QUICK if args.quick else FULL
     if args.per_class:
         size = replace(size, per_class=args.per_class)
@@ -341,9 +340,9 @@ def main() -> int:
         paths = build_split(work, clean, size, args.seed, split)
         for name in args.defences.split(","):
             if name == "clean":  # trained once, evaluated against each split
-                results.append(run_one("none (clean)", work / "runs" / "clean", paths["train"], paths, split, base))
+                results.append(run_one("none (clean)", work / "runs" / "clean", paths["train"], paths, split, base, eval_only=args.eval_only))
             elif name == "oracle":
-                results.append(run_one("none (poison removed)", work / "runs" / split / "oracle", oracle_manifest(paths), paths, split, base))
+                results.append(run_one("none (poison removed)", work / "runs" / split / "oracle", oracle_manifest(paths), paths, split, base, eval_only=args.eval_only))
             else:  # a row of ROWS, optionally with overrides: "otcclip+:restart=false"
                 row, *opts = name.split(":")
                 if row not in ROWS:
@@ -351,7 +350,7 @@ def main() -> int:
                 # each defence's own warm-up / re-match schedule (DEFAULT_SCHEDULE) unless overridden
                 over = _merge({"warmup_epochs": -1, "rematch_every": -1, **ROWS[row]}, _overrides(opts))
                 cfg = from_dict(TrainConfig, over, base=base)
-                results.append(run_one(name, work / "runs" / split / name.replace("/", "_"), paths["poisoned"], paths, split, cfg))
+                results.append(run_one(name, work / "runs" / split / name.replace("/", "_"), paths["poisoned"], paths, split, cfg, eval_only=args.eval_only))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "
           f"({size.per_class * 10} train pairs, {size.test_per_class * 10} test, {size.model}, {size.epochs} epochs, seed {args.seed}), "
