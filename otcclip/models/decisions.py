@@ -40,17 +40,37 @@ median own and shuffled cosines ``min_control_separation`` pooled robust std apa
 unmoved by a minority of wrong captions). Below either (or with fewer than
 ``min_quality_pairs`` readable pairs) the model is *weak*: every
 score-based change and every detector drop outside ``weak_model_detectors`` becomes
-``review``. Otherwise a score-based change needs a calibrated margin as well: the own
-fused score lies ``evidence_z`` robust std below the median own score (a correctly
-captioned pair scores that low with probability ~0.1 % under a normal tail), else the
-pair is kept for review. The verdict, one plain sentence and the metrics are
-``Decisions.model_quality``.
+``review``. Otherwise a change needs calibrated evidence that the own caption is wrong,
+else the pair is kept for review:
+
+- the own fused score lies ``evidence_z`` robust std below the median own score (a tail
+  event for a correctly captioned pair), and
+- the own caption's global cosine is at least as likely under the control's
+  shuffled-caption cosines as under the own-pair cosines (robust normal fits, likelihood
+  ratio >= 1): the caption fits the image like a random one. A strong model also scores
+  some true pairs far down the tail (hard images it misreads); their caption still fits
+  like a true one, and this keeps them;
+- a re-assignment also needs the new caption to beat the own one by ``evidence_z``
+  robust std.
+
+The same evidence is asked of a flag by a detector outside ``weak_model_detectors``
+(``density``, ``caption_burst``, ``trigger_sensitivity``, ...): such a flag says the pair
+is unusual, not that its caption is wrong. The trigger-template search
+(:func:`~otcclip.models.triggers.apply_templates`) drops the images that carry a found
+trigger whatever the verdict. The rules were chosen on the validation slices of
+``bench/repair.py --dataset digits`` (docs/benchmarks.md section 4). The verdict, one
+plain sentence and the metrics are ``Decisions.model_quality``.
+
+``keep_one`` of the duplicates check picks a group's kept member before the
+trigger-template search; when the search drops that member,
+:func:`keep_best_survivor` gives the group back its best member that nothing but the
+duplicates check dropped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -69,7 +89,7 @@ from otcclip.models.detectors import (
 from otcclip.models.scores import MatchScores
 
 __all__ = ["ACTIONS", "DROP_DETECTORS", "DUPLICATE", "REVIEW", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores",
-           "assess_model", "decide_pairs", "fit_p_clean"]
+           "assess_model", "decide_pairs", "fit_p_clean", "keep_best_survivor"]
 
 ACTIONS = ("keep", "reassign", "drop")
 #: Detectors whose flagged pairs are dropped even when a clean-like alternative exists.
@@ -124,6 +144,10 @@ class Decisions:
     dup_group: np.ndarray
     gmm: dict[str, float] = field(default_factory=dict)
     model_quality: dict[str, Any] = field(default_factory=dict)
+    #: ``keep_one``'s fall-back: the members it dropped, best first per group, with their
+    #: state before (``rows``, ``action``, ``reason``, ``review``, ``review_reason``); read
+    #: by :func:`keep_best_survivor`. Not a column of :meth:`to_arrow`.
+    dup_fallback: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.row.shape[0])
@@ -186,6 +210,26 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
         return out
 
     return p_clean, info
+
+
+def _own_cosine(m: MatchScores) -> np.ndarray:
+    """(N,) cosine of each image's global embedding with its own caption's (as the control)."""
+    img = m.image_global.astype(np.float32)
+    cap = m.caption_global.astype(np.float32)
+    den = np.maximum(np.linalg.norm(img, axis=1) * np.linalg.norm(cap, axis=1), 1e-12)
+    return np.asarray((img * cap).sum(axis=1) / den)
+
+
+def _random_like(cos: np.ndarray, quality: dict[str, Any]) -> np.ndarray:
+    """(N,) bool: a cosine below the own-pair median that is at least as likely under the
+    control's shuffled-caption cosines as under the own-pair cosines (robust normal fits
+    ``own_cosine`` and ``shuffled_cosine`` of :func:`assess_model`: a likelihood ratio >= 1)."""
+    if "own_cosine" not in quality:
+        return np.zeros(len(cos), dtype=bool)
+    (mo, so), (ms, ss) = quality["own_cosine"], quality["shuffled_cosine"]
+    log_own = -0.5 * ((cos - mo) / so) ** 2 - np.log(so)
+    log_shuf = -0.5 * ((cos - ms) / ss) ** 2 - np.log(ss)
+    return np.asarray((cos < mo) & (log_shuf >= log_own))
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
@@ -253,6 +297,8 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
             auc = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
             (mo, so), (ms, ss) = _robust(own), _robust(sh)
             out["control_auc"] = float(auc)
+            out["own_cosine"] = [float(mo), float(so)]
+            out["shuffled_cosine"] = [float(ms), float(ss)]
             out["control_d_prime"] = float((mo - ms) / np.sqrt((so**2 + ss**2) / 2))
         rows = np.arange(len(m))[ok]
         fused = np.where(m.candidates[ok] >= 0, m.fused[ok], -np.inf)
@@ -362,7 +408,12 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
                 med, sd = _robust(o)
                 own_z = (own_f - med) / sd
         score_based = (action != "keep") & ~any_flag
-        strong = own_z < -settings.evidence_z
+        # calibrated evidence that the own caption is wrong: its score is a tail event for a
+        # true pair, and its cosine at least as likely for a random caption as for a true one
+        # (the control); a re-assignment also needs the new caption to beat the own one by as
+        # many robust std
+        strong = (own_z < -settings.evidence_z) & _random_like(_own_cosine(m), quality)
+        strong &= (action != "reassign") | (zm > settings.evidence_z)
         # a trusted detector's flag is its evidence whatever other detectors also flagged
         first_trusted = np.array([next((x for x in str(f).split(",") if x in settings.weak_model_detectors), "")
                                   for f in verdict_names], dtype=object)
@@ -374,16 +425,24 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
             sure_flag = (action != "keep") & any_flag & trusted
             action[sure_flag & (action == "reassign")] = "drop"
             reason[sure_flag] = first_trusted[sure_flag]
+            whys = np.full(n, why, dtype=object)
         else:
-            unsure = score_based & ~strong
-            why = "margin not calibrated-strong"
-        review_reason[unsure] = [f"{a}/{r}: {why}" for a, r in zip(action[unsure], reason[unsure], strict=True)]
+            # an untrusted detector's flag says the pair is unusual, not that its caption is
+            # wrong: it changes the pair only with the calibrated score evidence
+            flag_based = (action != "keep") & any_flag & ~trusted
+            unsure = (score_based | flag_based) & ~strong
+            whys = np.where(flag_based, "detector flag without calibrated score evidence",
+                            "margin not calibrated-strong").astype(object)
+        review_reason[unsure] = [f"{a}/{r}: {w}" for a, r, w in
+                                 zip(action[unsure], reason[unsure], whys[unsure], strict=True)]
         review[unsure] = True
         action[unsure] = "keep"
         reason[unsure] = REVIEW
+    fallback: dict[str, np.ndarray] = {}
     if dup is not None:
         kept_score = np.where(action == "reassign", best_f, own_f)
-        _apply_duplicates(m, dup, settings.duplicates, kept_score, action, reason, review, review_reason, weak=weak)
+        fallback = _apply_duplicates(m, dup, settings.duplicates, kept_score, action, reason, review, review_reason,
+                                     weak=weak)
     action[~m.ok] = "drop"
     reason[~m.ok] = "unreadable_image"
     review[~m.ok] = False
@@ -424,7 +483,48 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         dup_group=(dup.group if dup is not None else np.full(n, -1)).astype(np.int64),
         gmm=info,
         model_quality=quality,
+        dup_fallback=fallback,
     )
+
+
+def keep_best_survivor(d: Decisions) -> Decisions:
+    """``keep_one`` after later evidence: a group of repeated images whose every member is
+    now dropped, some only as duplicates (the member ``keep_one`` kept was dropped since,
+    e.g. by the trigger-template search), keeps again its best member that nothing but the
+    duplicates check dropped, in the state it had before the check (keep, review or
+    re-assign to its best caption). Groups with a surviving member are left as they are.
+
+    Parameters
+    ----------
+    d : Decisions
+        With ``dup_fallback`` from :func:`decide_pairs` (empty: returned unchanged).
+
+    Returns
+    -------
+    Decisions
+    """
+    fb = d.dup_fallback
+    if not fb or not len(fb["rows"]):
+        return d
+    grp = np.asarray(d.dup_group)
+    alive = np.zeros(int(grp.max()) + 1, dtype=bool)
+    alive[grp[(grp >= 0) & (d.action != "drop")]] = True
+    rows = np.asarray(fb["rows"], dtype=np.int64)
+    # only members that nothing but the duplicates check dropped, of groups left with none
+    cand = np.nonzero((d.reason[rows] == DUPLICATE) & ~alive[grp[rows]])[0]
+    if not len(cand):
+        return d
+    g = grp[rows[cand]]
+    first = cand[np.r_[True, g[1:] != g[:-1]]]  # rows are best first within each group
+    r = rows[first]
+    action, reason = d.action.copy(), d.reason.copy()
+    review, review_reason = d.review.copy(), d.review_reason.copy()
+    new_idx = d.new_caption_index.copy()
+    action[r], reason[r] = fb["action"][first], fb["reason"][first]
+    review[r], review_reason[r] = fb["review"][first], fb["review_reason"][first]
+    new_idx[r] = np.where(action[r] == "reassign", d.best_caption_index[r], d.caption_index[r])
+    return replace(d, action=action, reason=reason, review=review, review_reason=review_reason,
+                   new_caption_index=new_idx)
 
 
 def _apply_duplicates(
@@ -438,8 +538,9 @@ def _apply_duplicates(
     review_reason: np.ndarray,
     *,
     weak: bool,
-) -> None:
-    """Apply each duplicate group's action in place (arrays of shape (N,)).
+) -> dict[str, np.ndarray]:
+    """Apply each duplicate group's action in place (arrays of shape (N,)); returns
+    ``keep_one``'s fall-back (:attr:`Decisions.dup_fallback`; empty for the other actions).
 
     Members already dropped for another reason stay as they are. ``keep_one`` keeps, per
     group, the member whose caption agrees best with the image: the pairs are first
@@ -456,13 +557,14 @@ def _apply_duplicates(
     grp = dup.group
     members = grp >= 0
     if st.action == "keep_all" or not members.any():
-        return
+        return {}
     alive = members & (action != "drop")
     ih = np.zeros(n, dtype=np.int64) if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
     ch = np.asarray(m.caption_hash, dtype=np.int64)
     rk = np.arange(n, dtype=np.int64) if m.row_key is None else np.asarray(m.row_key, dtype=np.int64)
     kept = np.zeros(n, dtype=bool)
     kept_hash = np.zeros(int(grp.max()) + 1, dtype=np.int64)
+    order = np.zeros(0, dtype=np.int64)
     if st.action == "keep_one" and alive.any():
         cand = np.nonzero(alive)[0]
         _, unit, cnt = np.unique(np.stack([grp[cand], ih[cand], ch[cand]], axis=1), axis=0, return_inverse=True,
@@ -484,6 +586,9 @@ def _apply_duplicates(
         certain = target & dup.exact
     sure = target & (certain | (not weak))
     unsure = target & ~sure
+    fb_rows = order[sure[order]]  # keep_one's members in preference order, best first per group
+    fallback = {"rows": fb_rows, "action": action[fb_rows].copy(), "reason": reason[fb_rows].copy(),
+                "review": review[fb_rows].copy(), "review_reason": review_reason[fb_rows].copy()}
     action[sure] = "drop"
     reason[sure] = DUPLICATE
     review[sure] = False
@@ -492,3 +597,4 @@ def _apply_duplicates(
     review_reason[unsure] = [f"{r}; {why}" if r else why for r in review_reason[unsure]]
     review[unsure] = True
     reason[unsure & (action == "keep")] = REVIEW
+    return fallback if st.action == "keep_one" else {}

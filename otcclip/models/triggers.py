@@ -482,5 +482,9 @@ def apply_templates(
     action[hit], reason[hit], new_idx[hit] = "drop", TEMPLATE_REASON, -1
     review[hit], review_reason[hit] = False, ""
     det[hit] = [",".join(x for x in (str(f), TEMPLATE_REASON) if x) for f in det[hit]]
-    return replace(decisions, action=action, reason=reason, detectors=det, new_caption_index=new_idx,
-                   review=review, review_reason=review_reason, template_z=best.astype(np.float32)), found
+    out = replace(decisions, action=action, reason=reason, detectors=det, new_caption_index=new_idx,
+                  review=review, review_reason=review_reason, template_z=best.astype(np.float32))
+    # a group of repeated images whose kept member carries the trigger keeps its best other member
+    from otcclip.models.decisions import keep_best_survivor
+
+    return keep_best_survivor(out), found

@@ -186,3 +186,56 @@ def test_groups_in_decisions_report_and_options(tmp_path: Path, data, tiny_bundl
     for bad in ({"action": "keep_some"}, {"near_threshold": 1.5}, {"knn": 0}):
         with pytest.raises(SettingsError):
             validate_settings("sanitize", {"checkpoint": "abc", "decisions": {"duplicates": bad}})
+
+
+def test_keep_one_keeps_the_best_member_that_the_trigger_template_search_leaves() -> None:
+    """keep_one picks a group's kept member before the trigger-template search; when the
+    search then drops that member (it carries the trigger), the group keeps its best other
+    member (the one dropped only as its duplicate) instead of losing every member. A
+    group whose kept member survives is left as it was."""
+    from otcclip.models.decisions import MatchScores, decide_pairs
+    from otcclip.models.triggers import apply_templates
+    from tests.models.test_triggers import N, _patched
+
+    x, truth, _ = _patched(seed=4)
+    rng = np.random.default_rng(4)
+    own = rng.normal(0.3, 0.02, N).astype(np.float32)
+    drop = np.where(truth[:, None], 0.0, rng.normal(0.02, 0.01, (N, 2)))  # no trigger sensitivity
+    # a third of the patched pairs (and some clean ones) look mismatched: they seed the search
+    mismatched = np.zeros(N, dtype=bool)
+    mismatched[rng.choice(np.flatnonzero(truth), 20, replace=False)] = True
+    mismatched[rng.choice(np.flatnonzero(~truth), 30, replace=False)] = True
+    alt = np.where(mismatched, own + rng.uniform(0.05, 0.1, N), own - 0.05)
+    fused = np.stack([own, alt], axis=1).astype(np.float32)
+    img = rng.standard_normal((N, 16)).astype(np.float32)
+    # group A: a patched image (scores best, so keep_one keeps it) and two unpatched near copies;
+    # group B: two clean near copies
+    a, b1, b2 = int(np.flatnonzero(truth & ~mismatched)[0]), *np.flatnonzero(~truth & ~mismatched)[:2].tolist()
+    c1, c2 = np.flatnonzero(~truth & ~mismatched)[2:4].tolist()
+    img[[b1, b2]] = img[a]
+    img[c2] = img[c1]
+    fused[a, 0], fused[b1, 0], fused[b2, 0] = 0.5, 0.45, 0.4
+    purified = fused[:, :1] - drop
+    m = MatchScores(
+        candidates=np.stack([np.arange(N), (np.arange(N) + 1) % N], axis=1).astype(np.int64),
+        global_=fused, ot=fused, fused=fused, ok=np.ones(N, dtype=bool), image_global=img,
+        caption_global=rng.standard_normal((N, 16)).astype(np.float32), caption_hash=np.arange(N, dtype=np.int64),
+        purified_own=purified.astype(np.float32), image_hash=np.arange(1, N + 1, dtype=np.int64),
+    )
+    st = DecisionSettings(detectors=("trigger_sensitivity", "duplicates"), abstain=False)
+    d = decide_pairs(m, settings=st)
+    assert d.dup_group[a] == d.dup_group[b1] == d.dup_group[b2] >= 0 and d.dup_group[c1] == d.dup_group[c2] >= 0
+    assert d.action[a] == "keep" and [d.reason[r] for r in (b1, b2)] == ["duplicate", "duplicate"]
+    before_c = [(d.action[r], d.reason[r]) for r in (c1, c2)]
+    out, found = apply_templates(d, lambda i: x[i], settings=st)
+    assert [f.kind for f in found] == ["patch"]
+    assert out.action[a] == "drop" and out.reason[a] == "trigger_template"
+    # the best surviving member comes back in its state before the duplicates check; the other stays dropped
+    assert (out.action[b1], out.reason[b1], int(out.new_caption_index[b1])) == ("keep", "own_best", b1)
+    assert (out.action[b2], out.reason[b2]) == ("drop", "duplicate")
+    assert [(out.action[r], out.reason[r]) for r in (c1, c2)] == before_c
+    # without the fall-back every member of group A would have been dropped
+    from dataclasses import replace
+
+    bare, _ = apply_templates(replace(d, dup_fallback={}), lambda i: x[i], settings=st)
+    assert all(bare.action[r] == "drop" for r in (a, b1, b2))
