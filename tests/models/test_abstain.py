@@ -74,6 +74,53 @@ def test_a_margin_without_calibrated_evidence_is_marked_for_review() -> None:
     assert (d2.action[odd] == "reassign").all() and not d2.review.any() and d2.model_quality == {}
 
 
+def test_a_strong_model_changes_a_pair_only_when_its_caption_fits_like_a_random_one() -> None:
+    """A strong model re-assigns a pair only when its own caption's cosine is at least as
+    likely for a random caption as for a true one (the shuffled-caption control); a true
+    pair the model merely scores low on the fused score (a hard image whose caption still
+    fits like a true one) is kept for review, however large the margin."""
+    from otcclip.models.decisions import _own_cosine
+
+    m, bad, _ = _scores(n=400, seed=2)
+    rng = np.random.default_rng(2)
+    fused = m.fused.copy()
+    cos = _own_cosine(m)
+    hard = rng.choice(np.flatnonzero(~bad & (cos >= np.median(cos[~bad]))), 8, replace=False)
+    fused[hard, 0] = rng.normal(0.1, 0.03, len(hard))  # as low as a wrong caption's
+    m2 = MatchScores(m.candidates, fused, fused, fused, m.ok, m.image_global, m.caption_global, m.caption_hash)
+    d = decide_pairs(m2, settings=DecisionSettings(detectors=()))
+    q = d.model_quality
+    assert q["verdict"] == "ok" and q["shuffled_cosine"][0] < q["own_cosine"][0]
+    assert (d.action[hard] == "keep").all() and d.review[hard].all()
+    assert all(str(r).startswith("reassign/low_own_score: margin not calibrated") for r in d.review_reason[hard])
+    assert (d.action[bad] == "reassign").mean() > 0.95 and (d.action[~bad] == "keep").all()
+    # acting on every proposal, the scores alone would have re-assigned the hard images too
+    d2 = decide_pairs(m2, settings=DecisionSettings(detectors=(), abstain=False))
+    assert (d2.action[hard] == "reassign").all()
+
+
+def test_an_untrusted_detector_flag_needs_the_calibrated_score_evidence_under_a_strong_model() -> None:
+    """``density`` says a pair is unusual, not that its caption is wrong: under a strong
+    model its flag on a pair whose scores are a true pair's changes nothing (the proposal
+    is kept for review); a trusted detector (``weak_model_detectors``) acts on its own."""
+    m, bad, _ = _scores(n=400, seed=3)
+    rng = np.random.default_rng(3)
+    img, cap = m.image_global.copy(), m.caption_global.copy()
+    odd = rng.choice(np.flatnonzero(~bad), 10, replace=False)
+    far = 4 * rng.standard_normal((len(odd), img.shape[1]))  # true pairs far from every other pair
+    img[odd], cap[odd] = far, far + 0.1 * rng.standard_normal(far.shape)
+    m2 = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, img.astype(np.float32), cap.astype(np.float32),
+                     m.caption_hash)
+    proposed = decide_pairs(m2, settings=DecisionSettings(detectors=("density",), abstain=False)).action != "keep"
+    d = decide_pairs(m2, settings=DecisionSettings(detectors=("density",)))
+    assert d.model_quality["verdict"] == "ok"
+    assert all("density" in str(f) for f in d.detectors[odd]) and proposed[odd].any()
+    assert (d.action[odd] == "keep").all() and d.review[odd].tolist() == proposed[odd].tolist()
+    assert all(str(r).endswith("detector flag without calibrated score evidence") for r in d.review_reason[odd[proposed[odd]]])
+    trusted = decide_pairs(m2, settings=DecisionSettings(detectors=("density",), weak_model_detectors=("density",)))
+    assert (trusted.action[odd] != "keep").tolist() == proposed[odd].tolist()
+
+
 def test_a_weak_model_drops_only_on_trusted_detectors() -> None:
     m, _, _ = _scores(n=200, seed=4, poison=0.0)
     img = m.image_global.copy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -142,11 +144,18 @@ def test_trigger_sensitivity_drops_pairs_whose_score_collapses_when_low_passed()
     st = DecisionSettings(detectors=("trigger_sensitivity",))
     flags = detect_trigger_sensitivity(m2, st.trigger_sensitivity)
     assert flags[trig].all() and flags[~trig].mean() < 0.02
-    d = decide_pairs(m2, settings=st)
+    d = decide_pairs(m2, settings=replace(st, abstain=False))
     # dropped although a clean-like alternative caption exists (it would be the trigger's)
     assert (d.action[trig] == "drop").all() and set(d.reason[trig]) == {"trigger_sensitivity"}
     assert (d.new_caption_index[trig] == -1).all()
     assert (d.action[~trig] == "keep").mean() > 0.95
+    # abstaining (the default), the flag alone is no calibrated evidence: kept for review (the
+    # trigger-template search drops the images that carry a found trigger); trusted, it drops
+    d = decide_pairs(m2, settings=st)
+    assert d.model_quality["verdict"] == "ok" and (d.action[trig] == "keep").all() and d.review[trig].all()
+    assert all(str(r).startswith("drop/trigger_sensitivity: detector flag") for r in d.review_reason[trig])
+    d = decide_pairs(m2, settings=replace(st, weak_model_detectors=("trigger_sensitivity",)))
+    assert (d.action[trig] == "drop").all() and set(d.reason[trig]) == {"trigger_sensitivity"}
     # without the purified view the detector flags nothing (and says so in the log)
     assert not detect_trigger_sensitivity(m, st.trigger_sensitivity).any()
 

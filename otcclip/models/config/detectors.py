@@ -139,8 +139,9 @@ class DecisionSettings(Settings):
     min_control_separation: float = setting(2.0, "...or when the median own and shuffled-caption cosines lie fewer than "
                                                  "this many pooled robust std apart (d')", ge=0)
     min_quality_pairs: int = setting(50, "readable pairs needed to judge the model (fewer: judged weak)", ge=2)
-    evidence_z: float = setting(3.0, "score-based re-assign / drop only when the own fused score lies this many robust "
-                                     "std below the median own score (else kept for review)", ge=0)
+    evidence_z: float = setting(3.0, "with a strong model, re-assign / drop only when the own fused score lies this many "
+                                     "robust std below the median own score, the own caption fits like a random one "
+                                     "(control) and a new caption beats it by as many std (else kept for review)", ge=0)
     template_search: bool = setting(True, "with trigger_sensitivity and purified views: look for the trigger pattern the "
                                           "sensitive images share and drop every image that carries it (CLI and job)")
     template_seed_z: float = setting(2.0, "trigger-sensitivity z above which a pair seeds the template search", gt=0)
@@ -149,8 +150,9 @@ class DecisionSettings(Settings):
     template_mismatch_pool: float = setting(0.15, "share of the pairs whose own caption another caption beats most that "
                                                   "also seed it (a model trained without the trigger sees a backdoor's "
                                                   "pairs as mismatched; 0: off)", ge=0, le=1)
-    weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags still drop pairs when the "
-                                                    "model is weak (the others' are kept for review)",
+    weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags change pairs on their own, "
+                                                    "even when the model is weak (the others' need a strong model's "
+                                                    "calibrated score evidence, else are kept for review)",
                                                     item_choices=DETECTORS)
     detectors: tuple[str, ...] = setting(DEFAULT_DETECTORS, "enabled detectors", item_choices=DETECTORS)
     image_burst: ImageBurstSettings = setting(ImageBurstSettings(), "image_burst detector")
