@@ -47,13 +47,19 @@ def test_a_weak_model_reassigns_nothing_and_says_so() -> None:
 
 
 def test_a_strong_model_keeps_its_clear_reassignments() -> None:
+    """Every wrong caption that fits its image no better than a typical random caption
+    (the control's median) and has a new caption scoring like a typical true pair is
+    re-assigned; the other wrong captions are marked for review; true pairs are kept."""
+    from otcclip.models.decisions import _own_cosine
+
     m, bad, _ = _scores(n=400, seed=2)
     d = decide_pairs(m, settings=DecisionSettings(detectors=()))
     q = d.model_quality
     assert q["verdict"] == "ok" and q["control_auc"] > 0.8 and q["gmm_separation"] > 3
-    assert (d.action[bad] == "reassign").mean() > 0.95
-    assert (d.action[~bad] == "keep").mean() > 0.95
-    assert not d.review[bad].any()
+    clear = bad & (_own_cosine(m) <= q["shuffled_cosine"][0]) & (m.fused[:, 1] >= np.median(m.fused[:, 0]))
+    assert clear.sum() >= 5 and (d.action[clear] == "reassign").all() and not d.review[clear].any()
+    assert (d.action[bad & ~clear] == "keep").all() and d.review[bad & ~clear].all()
+    assert (d.action[~bad] == "keep").all()
 
 
 def test_a_margin_without_calibrated_evidence_is_marked_for_review() -> None:
@@ -75,10 +81,10 @@ def test_a_margin_without_calibrated_evidence_is_marked_for_review() -> None:
 
 
 def test_a_strong_model_changes_a_pair_only_when_its_caption_fits_like_a_random_one() -> None:
-    """A strong model re-assigns a pair only when its own caption's cosine is at least as
-    likely for a random caption as for a true one (the shuffled-caption control); a true
-    pair the model merely scores low on the fused score (a hard image whose caption still
-    fits like a true one) is kept for review, however large the margin."""
+    """A strong model re-assigns a pair only when its own caption's cosine is no higher
+    than the shuffled-caption control's median; a true pair the model merely scores low
+    on the fused score (a hard image whose caption still fits better than a random one)
+    is kept for review, however large the margin."""
     from otcclip.models.decisions import _own_cosine
 
     m, bad, _ = _scores(n=400, seed=2)
@@ -93,7 +99,7 @@ def test_a_strong_model_changes_a_pair_only_when_its_caption_fits_like_a_random_
     assert q["verdict"] == "ok" and q["shuffled_cosine"][0] < q["own_cosine"][0]
     assert (d.action[hard] == "keep").all() and d.review[hard].all()
     assert all(str(r).startswith("reassign/low_own_score: margin not calibrated") for r in d.review_reason[hard])
-    assert (d.action[bad] == "reassign").mean() > 0.95 and (d.action[~bad] == "keep").all()
+    assert (d.action[~bad] == "keep").all()
     # acting on every proposal, the scores alone would have re-assigned the hard images too
     d2 = decide_pairs(m2, settings=DecisionSettings(detectors=(), abstain=False))
     assert (d2.action[hard] == "reassign").all()

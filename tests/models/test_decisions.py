@@ -53,7 +53,8 @@ def _scores(n: int = 300, seed: int = 0, poison: float = 0.1) -> tuple[MatchScor
 
 def test_poisoned_pairs_are_reassigned_and_clean_pairs_kept() -> None:
     m, bad, _ = _scores()
-    d = decide_pairs(m, settings=DecisionSettings(detectors=()))
+    # the engine's proposals (abstain off; tests/models/test_abstain.py covers abstaining)
+    d = decide_pairs(m, settings=DecisionSettings(detectors=(), abstain=False))
     assert d.gmm["bimodal"] == 1.0
     assert (d.action[bad] == "reassign").mean() > 0.95
     assert (d.new_caption_index[bad] == m.candidates[bad, 1]).all()
@@ -73,7 +74,7 @@ def test_no_plausible_caption_means_drop_and_unreadable_images_are_dropped() -> 
     ok = m.ok.copy()
     ok[0] = False
     m2 = MatchScores(m.candidates, fused, fused, fused, ok, m.image_global, m.caption_global, m.caption_hash)
-    d = decide_pairs(m2, settings=DecisionSettings(detectors=()))
+    d = decide_pairs(m2, settings=DecisionSettings(detectors=(), abstain=False))
     drop = bad.copy()
     drop[0] = False
     assert (d.action[drop] == "drop").all()

@@ -140,8 +140,9 @@ class DecisionSettings(Settings):
                                                  "this many pooled robust std apart (d')", ge=0)
     min_quality_pairs: int = setting(50, "readable pairs needed to judge the model (fewer: judged weak)", ge=2)
     evidence_z: float = setting(3.0, "with a strong model, re-assign / drop only when the own fused score lies this many "
-                                     "robust std below the median own score, the own caption fits like a random one "
-                                     "(control) and a new caption beats it by as many std (else kept for review)", ge=0)
+                                     "robust std below the median own score and the own caption fits no better than a "
+                                     "typical random one (control median); a new caption must beat it by as many std and "
+                                     "score like a typical pair (else kept for review)", ge=0)
     template_search: bool = setting(True, "with trigger_sensitivity and purified views: look for the trigger pattern the "
                                           "sensitive images share and drop every image that carries it (CLI and job)")
     template_seed_z: float = setting(2.0, "trigger-sensitivity z above which a pair seeds the template search", gt=0)
