@@ -5,7 +5,7 @@ through :func:`otcclip.models.datasets.cifar10_manifest`) or scikit-learn's 8x8 
 (``digits``: :func:`otcclip.models.datasets.digits_manifest`, the demo's data, 16 px).
 Models: trained from scratch (plain CLIP) on a training slice of correct captions, at
 two strengths (a weak and a strong model; epochs in the table): ``otc-tiny`` on CIFAR-10,
-the demo's ``otc-micro`` (lr 1e-3) on digits. Evaluation sets: a disjoint slice (CIFAR-10:
+the demo's ``otc-micro`` (batch 64, lr 2e-3) on digits. Evaluation sets: a disjoint slice (CIFAR-10:
 other images of the train split; digits: the held-out split of ``--seed``, 450 images),
 once with every caption correct and once with a share of the captions swapped to a
 caption of another class (a caption generated for a uniformly drawn other class, so
@@ -35,7 +35,7 @@ have changed.
 Usage::
 
     .venv/bin/python bench/repair.py --quick [--work DIR] [--threads 2]
-    .venv/bin/python bench/repair.py --dataset digits [--seed 1]   # about 3 minutes on one core
+    .venv/bin/python bench/repair.py --dataset digits [--seed 2] [--reasons]   # about a minute on one core
 
 ``--work`` caches the data slices and trained models (re-runs skip training).
 """

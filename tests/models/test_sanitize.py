@@ -170,8 +170,10 @@ def test_plain_and_log_domain_give_the_same_decisions() -> None:
 
 def test_pruned_candidates_get_no_ot_and_are_never_chosen() -> None:
     img, txt, swapped = _class_features(seed=1)
-    full = sanitize_features(img, txt, config=SanitizeConfig(k=12, k_ot=12, ot_margin=2.0, device="cpu"))
-    pruned_cfg = SanitizeConfig(k=12, k_ot=3, ot_margin=0.15, device="cpu")
+    # the engine's proposals (abstain off: abstaining re-pairs only the clearest half of random swaps)
+    off = DecisionSettings(abstain=False)
+    full = sanitize_features(img, txt, config=SanitizeConfig(k=12, k_ot=12, ot_margin=2.0, device="cpu", decisions=off))
+    pruned_cfg = SanitizeConfig(k=12, k_ot=3, ot_margin=0.15, device="cpu", decisions=off)
     pruned = sanitize_features(img, txt, config=pruned_cfg)
     # the swapped pairs are found as well with OT on the best few candidates only
     for d in (full, pruned):
