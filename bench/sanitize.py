@@ -187,7 +187,8 @@ def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
 
     cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=("density", "caption_burst")))
     print(f"\n## 3. Scaling on synthetic features (defaults: k={cfg.k}, k_ot={cfg.k_ot}, ot_margin={cfg.ot_margin}, "
-          f"index {cfg.index.factory} above {cfg.index.exact_threshold:,}; P={p}, L={length}, d={d}; "
+          f"index {cfg.index.factory} above {cfg.index.exact_threshold:,} (list_size {cfg.index.list_size}, "
+          f"nprobe {cfg.index.nprobe}); P={p}, L={length}, d={d}; "
           f"detectors density, caption_burst; CPU)\n")
     print("| pairs | match s | decide s | match ms/pair | decide ms/pair | total ms/pair | peak traced MB | max RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
