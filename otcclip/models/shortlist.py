@@ -1,15 +1,21 @@
-"""FAISS shortlist of candidate captions per image (DESIGN 2.3 step 2).
+"""FAISS shortlist of candidate captions per image (DESIGN 2.3 step 2), and the kNN
+self-join of the detectors.
 
 Caption globals are L2-normalised, so inner product is cosine similarity. Up to
 ``exact_threshold`` captions the index is exact (``IndexFlatIP``); above it the index is
 built from a FAISS ``index_factory`` string (:class:`IndexSettings`), by default
-``IVF{nlist},Flat`` with ``nlist = N / list_size`` lists (256 vectors each, capped by the
-training sample), ``nprobe`` of them probed: a query scans about ``nprobe * list_size``
-vectors plus the list centroids whatever ``N``, and the index is trained on a sample of
-at most ``train_sample`` vectors. ``HNSW32`` (per-query cost ~``log N``, build about a
-millisecond per vector on a 2-core CPU) and other factories are chosen by name. When
-faiss was built with GPU support and a GPU is visible, flat and IVF indexes are moved
-there (HNSW stays on the CPU).
+``IVF{nlist},Flat`` with ``nlist = N / list_size`` lists (1,024 vectors each), ``nprobe``
+(8) of them probed: a query scans about ``nprobe * list_size`` vectors plus the list
+centroids whatever ``N``, and the quantiser is trained by k-means (:data:`KMEANS_ITERS`
+iterations) on a sample of at most :data:`TRAIN_PER_LIST` vectors per list and
+``train_sample`` in all. ``HNSW32``, ``IVF{nlist}_HNSW32,Flat`` (an HNSW coarse quantiser,
+for very many lists) and other factories are chosen by name. When faiss was built with
+GPU support and a GPU is visible, flat and IVF indexes are moved there (HNSW stays on
+the CPU).
+
+:func:`self_search` (every row's neighbours among the rows, for the detectors) runs an
+``IVF...,Flat`` factory list by list with exact BLAS scoring, at the cost per row of an
+exact search over ``nprobe * list_size`` rows.
 """
 
 from __future__ import annotations
