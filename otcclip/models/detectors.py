@@ -36,7 +36,7 @@ from otcclip.models.config.detectors import (
 )
 from otcclip.models.config.sanitize import IndexSettings
 from otcclip.models.scores import MatchScores
-from otcclip.models.shortlist import build_index, search
+from otcclip.models.shortlist import self_search
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,16 @@ def register(name: str) -> Callable[[DetectorFn], DetectorFn]:
 
 
 def _knn(vectors: np.ndarray, k: int, env: DetectorEnv) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k))."""
-    v = np.ascontiguousarray(vectors, dtype=np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k)).
+
+    Exact up to ``env.index.exact_threshold`` rows; above it a list-by-list self-join
+    (:func:`~otcclip.models.shortlist.self_search`) whose cost per row does not grow with N.
+    """
+    v = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     kk = min(k + 1, len(v))
-    index = build_index(v, settings=env.index, seed=env.seed)
-    sims, idx = search(index, v, kk)
-    self_hit = idx == np.arange(len(v))[:, None]
+    sims, idx = self_search(v, kk, settings=env.index, seed=env.seed)
+    self_hit = idx == np.arange(len(idx))[:, None]
     sims = np.where(self_hit, -np.inf, sims)
     order = np.argsort(-sims, axis=1, kind="stable")[:, : kk - 1]
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
@@ -120,7 +123,8 @@ def detect_image_burst(m: MatchScores, st: ImageBurstSettings, env: DetectorEnv 
     typical = float(np.median(1.0 - sims[m.ok, 0])) if m.ok.any() else 0.0
     thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
     flag = np.zeros(n, dtype=bool)
-    for i in range(n):
+    # only rows with enough near-duplicates can burst: the loop visits those alone
+    for i in np.nonzero((sims >= thr).sum(axis=1) + 1 >= st.burst_min)[0]:
         dup = idx[i][sims[i] >= thr]
         if len(dup) + 1 < st.burst_min:
             continue
@@ -137,7 +141,7 @@ def detect_density(m: MatchScores, st: DensitySettings, env: DetectorEnv = Detec
     n = len(m)
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
-    joint = np.concatenate([m.image_global, m.caption_global], axis=1).astype(np.float32)
+    joint = np.concatenate([m.image_global, m.caption_global], axis=1)  # _knn takes its own float32 copy
     sims, _ = _knn(joint, st.knn, env)
     kdist = 1.0 - sims[:, -1]
     return robust_z(kdist) > st.outlier_z
@@ -151,9 +155,13 @@ def detect_caption_burst(m: MatchScores, st: CaptionBurstSettings, env: Detector
     n = len(m)
     flag = np.zeros(n, dtype=bool)
     _, inverse, counts = np.unique(m.caption_hash, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    # each group's rows in row order, from one sort (not one pass over all rows per group)
+    by_group = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
     img = m.image_global.astype(np.float32)
     for g in np.nonzero(counts >= st.burst_min)[0]:
-        rows = np.nonzero(inverse == g)[0]
+        rows = by_group[bounds[g] : bounds[g + 1]]
         centre = img[rows].mean(axis=0)
         centre /= max(float(np.linalg.norm(centre)), 1e-12)
         sim = img[rows] @ centre

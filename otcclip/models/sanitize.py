@@ -261,14 +261,17 @@ def match_shard(
 
 
 def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeConfig = SanitizeConfig()) -> Decisions:
-    """Decisions for every pair from the score shards of the whole dataset."""
-    shards = sorted((s if isinstance(s, ScoreShard) else ScoreShard.load(s) for s in score_shards), key=lambda s: s.start)
+    """Decisions for every pair from the score shards of the whole dataset (shards given
+    as paths are loaded one at a time into the whole dataset's arrays)."""
+    spans = sorted(((s.start, s.stop, s) if isinstance(s, ScoreShard) else (*ScoreShard.span(s), s)
+                    for s in score_shards), key=lambda t: t[0])
     pos = 0
-    for s in shards:
-        if s.start != pos:
+    for start, stop, _ in spans:
+        if start != pos:
             raise ValueError(f"score shards do not cover the rows contiguously: gap or overlap at row {pos}")
-        pos = s.stop
-    scores = MatchScores.concat([s.scores for s in shards])
+        pos = stop
+    scores = MatchScores.stack(((s if isinstance(s, ScoreShard) else ScoreShard.load(s)).scores for _, _, s in spans),
+                               pos)
     return decide_pairs(scores, settings=config.decisions, env=DetectorEnv(index=config.index, seed=config.seed))
 
 
@@ -316,19 +319,17 @@ def sanitize(
             progress("encode", done, n)
     cidx = build_caption_index(feats, config=config)
     timings["index"] += cidx.seconds
-    scores: list[ScoreShard] = []
+    scores: list[ScoreShard | Path] = []  # saved shards as paths: decide loads one at a time
     for ref, (s, e) in zip(feats, plan, strict=True):
         path = wd / f"scores_{s:09d}.npz" if wd else None
         if path is not None and path.exists():
-            scores.append(ScoreShard.load(path))
+            scores.append(path)
         else:
             sc = match_shard(ref, cidx, config=config, should_stop=should_stop,
                              progress=_scaled(progress, "match", s, e, n))
             for k, v in sc.timings.items():
                 timings[k] += v
-            if path is not None:
-                sc.save(path)
-            scores.append(sc)
+            scores.append(sc.save(path) if path is not None else sc)
         if progress is not None:
             progress("match", e, n)
     t0 = time.perf_counter()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -76,6 +76,50 @@ class MatchScores:
             image_hash=_concat_optional([p.image_hash for p in parts]),
             row_key=_concat_optional([p.row_key for p in parts]),
         )
+
+    @staticmethod
+    def stack(parts: Iterable[MatchScores], n: int) -> MatchScores:
+        """:meth:`concat` of row blocks that together hold ``n`` rows, holding one block at
+        a time besides the result (``parts`` may load each block lazily).
+
+        Raises
+        ------
+        ValueError
+            No blocks, or blocks that do not add up to ``n`` rows.
+        """
+        out: dict[str, np.ndarray | None] = {}
+        fill = {"candidates": -1, "global_": np.nan, "ot": np.nan, "fused": np.nan}
+        pos = 0
+        for p in parts:
+            rows = len(p)
+            if pos + rows > n:
+                raise ValueError(f"score blocks hold more than {n} rows")
+            for f in fields(MatchScores):
+                a = getattr(p, f.name)
+                if a is None or (f.name in out and out[f.name] is None):
+                    out[f.name] = None  # a block lacks it: so does the result
+                    continue
+                r = out.get(f.name)
+                if r is None:
+                    r = np.empty((n, *a.shape[1:]), dtype=a.dtype)
+                    if f.name in fill:
+                        r[:pos] = fill[f.name]
+                elif a.ndim == 2 and a.shape[1] > r.shape[1]:  # a wider block: pad what came before
+                    r = np.pad(r, ((0, 0), (0, a.shape[1] - r.shape[1])), constant_values=fill[f.name])
+                if r.dtype != np.result_type(r.dtype, a.dtype):
+                    r = r.astype(np.result_type(r.dtype, a.dtype))
+                if a.ndim == 2 and a.shape[1] < r.shape[1]:
+                    r[pos : pos + rows, a.shape[1] :] = fill[f.name]
+                    r[pos : pos + rows, : a.shape[1]] = a
+                else:
+                    r[pos : pos + rows] = a
+                out[f.name] = r
+            pos += rows
+        if pos == 0:
+            raise ValueError("no score shards to concatenate")
+        if pos != n:
+            raise ValueError(f"score blocks hold {pos} rows, expected {n}")
+        return MatchScores(**out)  # type: ignore[arg-type]
 
 
 def _concat_optional(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:

@@ -99,6 +99,13 @@ class ScoreShard:
         return atomic_write(Path(path), write)
 
     @staticmethod
+    def span(path: str | Path) -> tuple[int, int]:
+        """``(start, stop)`` of a saved shard, read without its arrays."""
+        with np.load(path, allow_pickle=False) as z:
+            start, stop = (int(v) for v in z["_meta"])
+        return start, stop
+
+    @staticmethod
     def load(path: str | Path) -> ScoreShard:
         with np.load(path, allow_pickle=False) as z:
             start, stop = (int(v) for v in z["_meta"])

@@ -1,15 +1,21 @@
-"""FAISS shortlist of candidate captions per image (DESIGN 2.3 step 2).
+"""FAISS shortlist of candidate captions per image (DESIGN 2.3 step 2), and the kNN
+self-join of the detectors.
 
 Caption globals are L2-normalised, so inner product is cosine similarity. Up to
 ``exact_threshold`` captions the index is exact (``IndexFlatIP``); above it the index is
 built from a FAISS ``index_factory`` string (:class:`IndexSettings`), by default
-``IVF{nlist},Flat`` with ``nlist = N / list_size`` lists (256 vectors each, capped by the
-training sample), ``nprobe`` of them probed: a query scans about ``nprobe * list_size``
-vectors plus the list centroids whatever ``N``, and the index is trained on a sample of
-at most ``train_sample`` vectors. ``HNSW32`` (per-query cost ~``log N``, build about a
-millisecond per vector on a 2-core CPU) and other factories are chosen by name. When
-faiss was built with GPU support and a GPU is visible, flat and IVF indexes are moved
-there (HNSW stays on the CPU).
+``IVF{nlist},Flat`` with ``nlist = N / list_size`` lists (1,024 vectors each), ``nprobe``
+(8) of them probed: a query scans about ``nprobe * list_size`` vectors plus the list
+centroids whatever ``N``, and the quantiser is trained by k-means (:data:`KMEANS_ITERS`
+iterations) on a sample of at most :data:`TRAIN_PER_LIST` vectors per list and
+``train_sample`` in all. ``HNSW32``, ``IVF{nlist}_HNSW32,Flat`` (an HNSW coarse quantiser,
+for very many lists) and other factories are chosen by name. When faiss was built with
+GPU support and a GPU is visible, flat and IVF indexes are moved there (HNSW stays on
+the CPU).
+
+:func:`self_search` (every row's neighbours among the rows, for the detectors) runs an
+``IVF...,Flat`` factory list by list with exact BLAS scoring, at the cost per row of an
+exact search over ``nprobe * list_size`` rows.
 """
 
 from __future__ import annotations
@@ -104,14 +110,7 @@ def build_index(
     else:
         index = faiss.index_factory(d, factory_string(settings, m), faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            rng = np.random.default_rng(seed)
-            ivf = _ivf(index)
-            # k-means costs ~ sample * nlist: 64 vectors per list are enough for the lists
-            size = min(m, settings.train_sample, 64 * ivf.nlist if ivf is not None else m)
-            # the training sample is drawn from the rows in a canonical order (by content), so
-            # the same vectors in any row order train the same quantiser
-            canon = content_order(xb, seed=seed)
-            index.train(xb[canon[np.sort(rng.choice(m, size=size, replace=False))]])
+            _train(index, xb, settings, seed)
         set_search_params(index, settings, 1)
         log.info("index %s: %d captions", factory_string(settings, m), m)
     if use_gpu is None:
@@ -121,6 +120,28 @@ def build_index(
     index.add(xb)
     return index
 
+
+def _train(index: faiss.Index, xb: np.ndarray, settings: IndexSettings, seed: int) -> None:
+    """Train ``index`` on a bounded sample of ``xb`` (at most ``train_sample`` rows and
+    :data:`TRAIN_PER_LIST` per IVF list; k-means runs :data:`KMEANS_ITERS` iterations)."""
+    m = xb.shape[0]
+    rng = np.random.default_rng(seed)
+    ivf = _ivf(index)
+    # k-means costs ~ sample * nlist * iterations: a few dozen vectors per list are enough
+    size = min(m, settings.train_sample, TRAIN_PER_LIST * ivf.nlist if ivf is not None else m)
+    if ivf is not None:
+        ivf.cp.niter = KMEANS_ITERS
+        ivf.cp.min_points_per_centroid = 1  # the sample is small on purpose: no warning
+    # the training sample is drawn from the rows in a canonical order (by content), so
+    # the same vectors in any row order train the same quantiser
+    canon = content_order(xb, seed=seed)
+    index.train(xb[canon[np.sort(rng.choice(m, size=size, replace=False))]])
+
+
+#: Training vectors per IVF list (k-means on more costs more and partitions no better).
+TRAIN_PER_LIST = 64
+#: k-means iterations of an IVF quantiser.
+KMEANS_ITERS = 10
 
 _GPU_RESOURCES: list[Any] = []
 
@@ -236,3 +257,77 @@ def shortlist(
         indices=np.concatenate([own[:, None], idx], axis=1),
         scores=np.concatenate([own_score[:, None], scores], axis=1),
     )
+
+
+def self_search(
+    vectors: np.ndarray,
+    k: int,
+    *,
+    settings: IndexSettings = IndexSettings(),
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows of ``vectors`` for every row of it (a kNN self-join, the row
+    itself included), by inner product.
+
+    Up to ``exact_threshold`` rows, or with a factory that is not ``IVF...,Flat``, this is
+    :func:`search` on :func:`build_index`. With an ``IVF{nlist},Flat`` factory the join
+    runs list by list: the rows of one list are scored exactly (BLAS) against the rows of
+    the ``nprobe`` lists whose centroids are nearest that list's centroid (the list
+    itself first). A row thus meets about ``nprobe * list_size`` others whatever ``N``,
+    at the speed of an exact search; memory beyond the output is one list's block.
+
+    Parameters
+    ----------
+    vectors : ndarray, shape (N, d)
+        L2-normalised rows (copied to float32 if needed).
+    k : int
+        Neighbours per row (at most N).
+    settings : IndexSettings
+        As for :func:`build_index`.
+    seed : int
+        Seed of the quantiser's training sample.
+
+    Returns
+    -------
+    scores : ndarray, shape (N, k), float32
+        Best first; ``-inf`` where fewer than ``k`` were met.
+    indices : ndarray, shape (N, k), int64
+        Rows of ``vectors``; ``-1`` where fewer than ``k`` were met.
+    """
+    xb = np.ascontiguousarray(vectors, dtype=np.float32)
+    if xb.ndim != 2 or xb.shape[0] == 0:
+        raise ValueError(f"vectors must be a non-empty (N, d) array, got shape {xb.shape}")
+    m, d = xb.shape
+    k = max(1, min(k, m))
+    quantizer = None
+    if m > settings.exact_threshold:
+        index = faiss.index_factory(d, factory_string(settings, m), faiss.METRIC_INNER_PRODUCT)
+        if isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat):
+            _train(index, xb, settings, seed)
+            quantizer = _ivf(index).quantizer
+    if quantizer is None:
+        scores, idx = search(build_index(xb, settings=settings, seed=seed), xb, k)
+        scores[idx < 0] = -np.inf
+        return scores, idx
+    nlist = quantizer.ntotal
+    assign = np.empty(m, dtype=np.int64)
+    for s in range(0, m, 65_536):
+        assign[s : s + 65_536] = quantizer.search(xb[s : s + 65_536], 1)[1][:, 0]
+    centroids = quantizer.reconstruct_n(0, nlist)
+    _, probe = quantizer.search(centroids, min(settings.nprobe, nlist))
+    order = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[order], np.arange(nlist + 1))
+    scores = np.full((m, k), -np.inf, dtype=np.float32)
+    idx = np.full((m, k), -1, dtype=np.int64)
+    for lst in range(nlist):
+        rows = order[bounds[lst] : bounds[lst + 1]]
+        if len(rows) == 0:
+            continue
+        lists = [lst] + [int(p) for p in probe[lst] if p >= 0 and p != lst][: settings.nprobe - 1]
+        cand = np.concatenate([order[bounds[p] : bounds[p + 1]] for p in lists])
+        kk = min(k, len(cand))
+        sc, ii = faiss.knn(xb[rows], xb[cand], kk, metric=faiss.METRIC_INNER_PRODUCT)
+        scores[rows, :kk] = sc
+        idx[rows, :kk] = np.where(ii >= 0, cand[np.maximum(ii, 0)], -1)
+    log.info("self-join %s: %d rows, %d lists", factory_string(settings, m), m, nlist)
+    return scores, idx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from otcclip.models.sanitize import (
     sanitize,
     sanitize_features,
 )
+from otcclip.models.scores import MatchScores
 
 CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot=OTSettings(iters=30))
 
@@ -87,6 +89,34 @@ def test_staged_equals_one_process_and_shards_round_trip(tmp_path: Path, tiny_bu
     np.testing.assert_allclose(staged.fused_score[fin], expect[fin], atol=1e-5)
     with pytest.raises(ValueError, match="contiguously"):
         decide(scores[:1], config=CFG)
+    # shards given as paths are streamed into the arrays, one at a time: the same decisions
+    paths = [tmp_path / "work" / f"s{sc.start}.npz" for sc in scores]
+    assert ScoreShard.span(paths[0]) == (scores[0].start, scores[0].stop)
+    streamed = decide(paths, config=CFG)
+    np.testing.assert_array_equal(streamed.action, staged.action)
+    np.testing.assert_array_equal(streamed.new_caption_index, staged.new_caption_index)
+
+
+def test_stack_equals_concat_with_padding_and_optional_arrays() -> None:
+    rng = np.random.default_rng(0)
+
+    def block(n: int, k: int, hashed: bool) -> MatchScores:
+        f = rng.standard_normal((n, k)).astype(np.float32)
+        return MatchScores(candidates=rng.integers(0, 50, (n, k)), global_=f, ot=f + 1, fused=f + 2,
+                           ok=rng.random(n) > 0.2, image_global=rng.standard_normal((n, 4)).astype(np.float16),
+                           caption_global=rng.standard_normal((n, 4)).astype(np.float16),
+                           caption_hash=rng.integers(0, 9, n), image_hash=rng.integers(0, 9, n) if hashed else None,
+                           row_key=rng.integers(0, 9, n))
+    parts = [block(5, 3, True), block(4, 5, True), block(3, 4, False)]
+    a, b = MatchScores.concat(parts), MatchScores.stack(iter(parts), 12)
+    for f in fields(MatchScores):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert (x is None) == (y is None), f.name
+        if x is not None:
+            assert x.dtype == y.dtype, f.name
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="rows"):
+        MatchScores.stack(iter(parts), 13)
 
 
 def test_work_dir_reuse_progress_and_cancel(tmp_path: Path, tiny_bundle) -> None:

@@ -1,4 +1,4 @@
-"""FAISS shortlist: exact top-k, own caption first, IVF recall, bad input."""
+"""FAISS shortlist: exact top-k, own caption first, IVF recall, the list-by-list self-join, bad input."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from otcclip.models.config.sanitize import IndexSettings
-from otcclip.models.shortlist import build_index, factory_string, shortlist
+from otcclip.models.shortlist import build_index, factory_string, self_search, shortlist
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -43,7 +43,9 @@ def test_factory_index_above_threshold_has_high_recall(factory: str, kind: str) 
     caps = centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 32)).astype(np.float32)
     caps /= np.linalg.norm(caps, axis=1, keepdims=True)
     imgs = caps[:200] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32)
-    index = build_index(caps, settings=IndexSettings(exact_threshold=1000, factory=factory, ef_search=8), use_gpu=False)
+    # a fixed 64 lists of ~47 vectors (not list_size): probe half of them
+    index = build_index(caps, settings=IndexSettings(exact_threshold=1000, factory=factory, ef_search=8, nprobe=32),
+                        use_gpu=False)
     assert kind in type(faiss.downcast_index(index)).__name__
     assert "Flat" in type(build_index(caps[:500], settings=IndexSettings(exact_threshold=1000), use_gpu=False)).__name__
     sl = shortlist(index, imgs, 10)
@@ -72,3 +74,43 @@ def test_list_count_follows_n_so_a_query_scans_a_fixed_number_of_vectors() -> No
     assert factory_string(st, 1_000) == "IVF16,Flat"
     assert factory_string(st, 10**9) == f"IVF{st.train_sample // 39},Flat"  # k-means needs ~39 vectors per list
     assert factory_string(IndexSettings(factory="HNSW32"), 10**6) == "HNSW32"
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int, clusters: int, noise: float) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres (embeddings of a dataset's classes)."""
+    x = _unit(rng, clusters, d)[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory", ["IVF{nlist},Flat", "IVF{nlist}_HNSW32,Flat", "HNSW32"])
+def test_self_join_above_threshold_recalls_exact_neighbours(factory: str) -> None:
+    rng = np.random.default_rng(2)
+    x = _clustered(rng, 12_000, 48, 60, 0.1)
+    st = IndexSettings(exact_threshold=1000, factory=factory, list_size=400, nprobe=8)
+    scores, idx = self_search(x, 10, settings=st)
+    assert scores.shape == idx.shape == (len(x), 10)
+    truth_s, truth = faiss.IndexFlatIP(48), None
+    truth_s.add(x)
+    _, truth = truth_s.search(x, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx.tolist(), truth.tolist(), strict=True)])
+    assert recall >= 0.95, recall
+    # the scores are the exact inner products of the rows found, best first
+    np.testing.assert_allclose(scores, np.einsum("nd,nkd->nk", x, x[idx]), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_self_join_below_threshold_is_exact_and_ivf_join_ignores_row_order() -> None:
+    rng = np.random.default_rng(3)
+    x = _clustered(rng, 3000, 16, 12, 0.5)
+    s_exact, i_exact = self_search(x, 5, settings=IndexSettings(exact_threshold=5000))
+    flat = faiss.IndexFlatIP(16)
+    flat.add(x)
+    s_ref, _ = flat.search(x, 5)
+    np.testing.assert_allclose(s_exact, s_ref, atol=1e-6)
+    ivf = IndexSettings(exact_threshold=100, list_size=100, nprobe=3)
+    perm = rng.permutation(len(x))
+    sa, ia = self_search(x, 5, settings=ivf)
+    sb, ib = self_search(x[perm], 5, settings=ivf)
+    np.testing.assert_allclose(sa[perm], sb, atol=1e-6)
+    assert (perm[ib] == ia[perm]).mean() > 0.999  # ties among equal scores may swap
+    assert self_search(x[:1], 3, settings=ivf)[1].shape == (1, 1)

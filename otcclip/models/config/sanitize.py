@@ -25,10 +25,11 @@ class IndexSettings(Settings):
 
     exact_threshold: int = setting(20_000, "exact inner-product index up to this many vectors, `factory` above", ge=1)
     factory: str = setting("IVF{nlist},Flat", "FAISS index_factory string of the index above exact_threshold (inner "
-                           "product); {nlist} becomes N // list_size (16 to train_sample // 39); e.g. HNSW32")
-    list_size: int = setting(256, "vectors per IVF list aimed at by {nlist}: a query scans about nprobe * list_size "
+                           "product); {nlist} becomes N // list_size (16 to train_sample // 39); e.g. HNSW32 or "
+                           "IVF{nlist}_HNSW32,Flat. With IVF...,Flat the detectors' neighbour search runs list by list")
+    list_size: int = setting(1024, "vectors per IVF list aimed at by {nlist}: a query scans about nprobe * list_size "
                              "vectors whatever N", ge=1, le=1_000_000)
-    nprobe: int = setting(32, "IVF lists probed per query (IVF factories)", ge=1, le=4096)
+    nprobe: int = setting(8, "IVF lists probed per query (IVF factories)", ge=1, le=4096)
     ef_search: int = setting(64, "HNSW candidate list per query (HNSW factories; raised to k when smaller)", ge=1,
                              le=65_536)
     train_sample: int = setting(100_000, "vectors an index that needs training (IVF, PQ) is trained on", ge=1_000,
