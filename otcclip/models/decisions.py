@@ -534,7 +534,9 @@ def _apply_duplicates(
     """Apply each duplicate group's action in place (arrays of shape (N,)); returns
     ``keep_one``'s fall-back (:attr:`Decisions.dup_fallback`; empty for the other actions).
 
-    Members already dropped for another reason stay as they are. ``keep_one`` keeps, per
+    Only groups of at least ``min_size`` members are acted on; smaller ones stay whole
+    (their ``dup_group`` still reports them). Members already dropped for another reason
+    stay as they are. ``keep_one`` keeps, per
     group, the member whose caption agrees best with the image: the pairs are first
     pooled into units of identical content (image hash, caption text), a unit scores the
     mean fused score of the caption its pairs keep (``score``), rounded to 1e-4, and the
@@ -546,7 +548,10 @@ def _apply_duplicates(
     embeddings, so it is kept for review.
     """
     n = len(action)
-    grp = dup.group
+    grp = np.asarray(dup.group).copy()
+    if (grp >= 0).any():  # groups below min_size are reported, not acted on
+        sizes = np.bincount(grp[grp >= 0])
+        grp[(grp >= 0) & (sizes[np.maximum(grp, 0)] < st.min_size)] = -1
     members = grp >= 0
     if st.action == "keep_all" or not members.any():
         return {}

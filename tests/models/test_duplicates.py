@@ -69,10 +69,11 @@ def _dataset(root: Path, *, order: list[int] | None = None, copies: bool = True)
     return out, family
 
 
-def _cfg(action: str = "keep_one", **kw: object) -> SanitizeConfig:
+def _cfg(action: str = "keep_one", min_size: int = 2, **kw: object) -> SanitizeConfig:
+    dup = DuplicatesSettings(action=action, min_size=min_size)
     return SanitizeConfig(k=4, batch_size=16, shard_size=40, device="cpu", ot=OTSettings(iters=20),
                           decisions=DecisionSettings(detectors=("duplicates",), min_quality_pairs=20,
-                                                     duplicates=DuplicatesSettings(action=action), **kw))  # type: ignore[arg-type]
+                                                     duplicates=dup, **kw))  # type: ignore[arg-type]
 
 
 def _by_id(man, d) -> dict[str, tuple[str, str, int]]:  # type: ignore[no-untyped-def]
@@ -127,6 +128,21 @@ def test_each_action_does_what_it_says(data, tiny_bundle, action: str) -> None:
     assert all(d.action[r] != "drop" for r in others) and (d.dup_group[others] == -1).all()
 
 
+def test_groups_below_min_size_are_reported_and_kept_whole(data, tiny_bundle) -> None:
+    path, family = data
+    man = read_manifest(path)
+    rows = {fam: [r for r in range(len(man)) if family[man.ids[r]] == fam] for fam in ("p0", "p1")}
+    min_size = DuplicatesSettings().min_size
+    assert len(rows["p1"]) < min_size <= len(rows["p0"])  # a burst of copies and a small group
+    d = sanitize(man, tiny_bundle, config=_cfg("drop_all", min_size=min_size, abstain=False)).decisions
+    assert all(d.action[r] == "drop" and d.reason[r] == "duplicate" for r in rows["p0"])
+    assert all(d.action[r] != "drop" for r in rows["p1"])
+    assert len({int(d.dup_group[r]) for r in rows["p1"]}) == 1 and int(d.dup_group[rows["p1"][0]]) >= 0
+    # the small group is acted on once min_size reaches down to it
+    d2 = sanitize(man, tiny_bundle, config=_cfg("drop_all", min_size=len(rows["p1"]), abstain=False)).decisions
+    assert all(d2.action[r] == "drop" for r in rows["p1"])
+
+
 def test_row_shuffle_gives_the_same_decisions(tmp_path: Path, data, tiny_bundle) -> None:
     path, _ = data
     n = N_DISTINCT + BURST + 3
@@ -163,7 +179,8 @@ def test_groups_in_decisions_report_and_options(tmp_path: Path, data, tiny_bundl
     out = tmp_path / "out"
     assert main(["sanitize", str(path), "--checkpoint", str(ckpt), "--out", str(out), "--k", "4", "--batch-size", "16",
                  "--device", "cpu", "--no-progress", "--decisions.detectors", "duplicates",
-                 "--decisions.duplicates.action", "drop_all", "--no-decisions.abstain"]) == 0
+                 "--decisions.duplicates.action", "drop_all", "--decisions.duplicates.min-size", "2",
+                 "--no-decisions.abstain"]) == 0
     tab = pq.read_table(out / "decisions.parquet").to_pylist()
     assert all((r["dup_group"] is None) == (family[r["id"]] not in ("p0", "p1")) for r in tab)
     assert all(r["action"] == "drop" and r["reason"] == "duplicate" for r in tab if r["dup_group"] is not None)
@@ -183,7 +200,7 @@ def test_groups_in_decisions_report_and_options(tmp_path: Path, data, tiny_bundl
 
     ok = {"checkpoint": "abc", "decisions": {"duplicates": {"action": "keep_all", "near_threshold": 0.99}}}
     assert validate_settings("sanitize", ok) == ok
-    for bad in ({"action": "keep_some"}, {"near_threshold": 1.5}, {"knn": 0}):
+    for bad in ({"action": "keep_some"}, {"near_threshold": 1.5}, {"knn": 0}, {"min_size": 1}):
         with pytest.raises(SettingsError):
             validate_settings("sanitize", {"checkpoint": "abc", "decisions": {"duplicates": bad}})
 
@@ -222,7 +239,8 @@ def test_keep_one_keeps_the_best_member_that_the_trigger_template_search_leaves(
         caption_global=rng.standard_normal((N, 16)).astype(np.float32), caption_hash=np.arange(N, dtype=np.int64),
         purified_own=purified.astype(np.float32), image_hash=np.arange(1, N + 1, dtype=np.int64),
     )
-    st = DecisionSettings(detectors=("trigger_sensitivity", "duplicates"), abstain=False)
+    st = DecisionSettings(detectors=("trigger_sensitivity", "duplicates"), abstain=False,
+                          duplicates=DuplicatesSettings(min_size=2))
     d = decide_pairs(m, settings=st)
     assert d.dup_group[a] == d.dup_group[b1] == d.dup_group[b2] >= 0 and d.dup_group[c1] == d.dup_group[c2] >= 0
     assert d.action[a] == "keep" and [d.reason[r] for r in (b1, b2)] == ["duplicate", "duplicate"]

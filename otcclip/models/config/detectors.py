@@ -99,6 +99,8 @@ class DuplicatesSettings(Settings):
                                         "nearest distinct image (scale-free: a collapsed model's embeddings group nothing)",
                                    ge=0, le=1)
     knn: int = setting(20, "neighbours searched per image for near duplicates", ge=1, le=1000)
+    min_size: int = setting(8, "groups of fewer members are only reported (dup_group) and kept whole; the action "
+                               "applies from this size (a burst of copies, not a few near-identical images)", ge=2)
     action: str = setting("keep_one", "keep_one: keep the member whose caption agrees best with the image, drop the "
                                       "rest; drop_all: drop every member; keep_all: only report the group",
                           choices=DUPLICATE_ACTIONS)
