@@ -9,7 +9,7 @@ turns flags and scores into decisions.
   image, optionally only inside caption neighbourhoods crowded with such pairs.
 - ``spectral`` (off by default): spectral-signature outliers of the images within one
   caption cluster, whatever the trigger.
-- ``collapse`` (off by default): images of different content that the model maps
+- ``collapse``: images of different content that the model maps
   abnormally close together under one caption class (a learnt backdoor, any trigger).
 - ``duplicates``: groups of repeated images (exact and near duplicates); its flag marks
   the members, and :func:`~otcclip.models.decisions.decide_pairs` applies the group's
@@ -504,8 +504,13 @@ def detect_collapse(m: MatchScores, st: CollapseSettings, env: DetectorEnv = Det
     abnormally small for this data (:func:`collapse_evidence` ``tight_z`` below
     ``-st.tight_z``) and at least ``st.caption_share`` of those neighbours' captions are
     of the pair's caption class. Repeated photos are skipped as neighbours (the
-    ``duplicates`` check groups them). Returns (N,) bool.
+    ``duplicates`` check groups them). Needs ``m.image_thumb`` (without the content
+    thumbnails near copies would look collapsed): without it nothing is flagged.
+    Returns (N,) bool.
     """
+    if m.image_thumb is None:
+        log.warning("collapse: features lack the content thumbnails; detector skipped")
+        return np.zeros(len(m), dtype=bool)
     tight, share = collapse_evidence(m, st, env)
     with np.errstate(invalid="ignore"):
         return np.asarray((tight < -st.tight_z) & (share >= st.caption_share))

@@ -448,7 +448,7 @@ def sanitize_features(
         for the ``trigger_sensitivity`` detector.
     thumbs : Tensor, shape (N, t), optional
         :func:`~otcclip.models.features.content_thumbnail` of the images, for the
-        ``collapse`` detector (without them it judges on the embeddings alone).
+        ``collapse`` detector (without them it flags nothing).
 
     Returns
     -------

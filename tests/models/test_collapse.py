@@ -68,12 +68,12 @@ def _scores(seed: int, *, poison: int = 40, repeats: int = 0, mixed: int = 0, pe
     return m, bad, rep
 
 
-def test_collapse_is_registered_and_off_by_default() -> None:
+def test_collapse_is_registered_on_by_default_and_trusted_under_a_weak_model() -> None:
     assert DETECTOR_SETTINGS["collapse"] is CollapseSettings and REGISTRY["collapse"].settings is CollapseSettings
-    assert "collapse" not in DecisionSettings().detectors
+    assert "collapse" in DecisionSettings().detectors and "collapse" in DecisionSettings().weak_model_detectors
     m, _, _ = _scores(0)
-    assert "collapse" not in run_detectors(m, DecisionSettings())
-    assert run_detectors(m, DecisionSettings(detectors=("collapse",)))["collapse"].shape == (len(m),)
+    assert run_detectors(m, DecisionSettings())["collapse"].shape == (len(m),)
+    assert "collapse" not in run_detectors(m, DecisionSettings(detectors=("density",)))
     with pytest.raises(ValueError):
         CollapseSettings(knn=20, search=10)
 
@@ -82,9 +82,9 @@ def test_collapse_finds_distinct_images_packed_under_one_caption_class() -> None
     m, bad, _ = _scores(1)
     flag = detect_collapse(m, CollapseSettings(), DetectorEnv(seed=0))
     assert flag[bad].mean() >= 0.9
-    assert (flag & ~bad).sum() <= 0.01 * (~bad).sum()
+    assert (flag & ~bad).sum() <= 0.02 * (~bad).sum()
     clean, _, _ = _scores(1, poison=0)
-    assert detect_collapse(clean, CollapseSettings(), DetectorEnv(seed=0)).mean() < 0.01
+    assert detect_collapse(clean, CollapseSettings(), DetectorEnv(seed=0)).mean() < 0.02
 
 
 def test_repeated_photos_are_not_a_collapse_but_need_the_thumbnails_to_tell() -> None:
@@ -94,16 +94,19 @@ def test_repeated_photos_are_not_a_collapse_but_need_the_thumbnails_to_tell() ->
     assert flag[bad].mean() >= 0.9
     tight, _ = collapse_evidence(m, CollapseSettings(), DetectorEnv(seed=0))
     assert (tight[rep] > -1.0).all()  # measured among the other content: typical
-    # without thumbnails only exact pixel copies are skipped: the near copies look collapsed
+    # without thumbnails only exact pixel copies could be skipped and near copies would look
+    # collapsed: the evidence says so, and the detector flags nothing
     blind, _, rep2 = _scores(2, repeats=30, thumbs=False)
-    assert detect_collapse(blind, CollapseSettings(), DetectorEnv(seed=0))[rep2].mean() > 0.5
+    tight_blind, share_blind = collapse_evidence(blind, CollapseSettings(), DetectorEnv(seed=0))
+    assert ((tight_blind[rep2] < -CollapseSettings().tight_z) & (share_blind[rep2] >= 0.9)).mean() > 0.5
+    assert not detect_collapse(blind, CollapseSettings(), DetectorEnv(seed=0)).any()
 
 
 def test_a_tight_cluster_under_mixed_captions_is_not_flagged() -> None:
     m, bad, _ = _scores(3, mixed=40)
     flag = detect_collapse(m, CollapseSettings(), DetectorEnv(seed=0))
     assert flag[bad].mean() >= 0.9
-    assert (flag & ~bad).sum() <= 0.01 * (~bad).sum()
+    assert (flag & ~bad).sum() <= 0.02 * (~bad).sum()
     _, share = collapse_evidence(m, CollapseSettings(), DetectorEnv(seed=0))
     assert np.nanmean(share[bad]) > 0.9
 

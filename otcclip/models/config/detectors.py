@@ -89,16 +89,21 @@ class CollapseSettings(Settings):
     place; clean images of different content stay as spread as the data. Tightness is
     measured against the data's own typical k-distance (scale-free), and neighbours that
     show the same content (same pixels, or near-identical content thumbnails: repeated
-    photos, the ``duplicates`` check's business) do not count.
+    photos, the ``duplicates`` check's business) do not count. Needs the content
+    thumbnails of the encode stage; without them nothing is flagged.
+
+    ``knn``, ``tight_z`` and ``caption_share`` were chosen on the validation attacks only
+    (``bench/detectors.py``, docs/benchmarks.md section 8): the best recall at a raw
+    false-flag rate of at most 1 %.
     """
 
-    knn: int = setting(10, "content-distinct image neighbour whose distance measures tightness", ge=1, le=1000)
+    knn: int = setting(20, "content-distinct image neighbour whose distance measures tightness", ge=1, le=1000)
     search: int = setting(50, "image neighbours searched per pair (same-content ones are skipped; at least knn)",
                           ge=1, le=10_000)
-    tight_z: float = setting(3.0, "robust z of the log k-distance below -this that makes a pair abnormally tight", gt=0)
+    tight_z: float = setting(2.0, "robust z of the log k-distance below -this that makes a pair abnormally tight", gt=0)
     same_content: float = setting(0.9, "content-thumbnail cosine at or above which two images show the same content",
                                   ge=-1, le=1)
-    caption_share: float = setting(0.8, "share of the knn neighbours whose caption is of the pair's caption class",
+    caption_share: float = setting(0.9, "share of the knn neighbours whose caption is of the pair's caption class",
                                    ge=0, le=1)
     caption_relative: float = setting(0.5, "two captions are of one class when their cosine distance is at most this "
                                            "share of the median distance between random captions (scale-free)",
@@ -151,8 +156,9 @@ DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
 #: The detectors enabled by default. ``spectral`` is left out: on the validation attacks
 #: (``bench/detectors.py``, docs/benchmarks.md section 8) none of its settings flags a
 #: poisoned pair at a false-flag rate of at most 1 %.
-#: ``collapse`` is off until the validation selection (``bench/detectors.py``) says otherwise.
-DEFAULT_DETECTORS: tuple[str, ...] = tuple(d for d in DETECTORS if d not in ("spectral", "collapse"))
+#: ``collapse`` is on: on the validation attacks it adds poisoned pairs to the union of the
+#: other defaults' flags (78.8 % -> 92.6 % of them) at 0.2 % added false flags.
+DEFAULT_DETECTORS: tuple[str, ...] = tuple(d for d in DETECTORS if d != "spectral")
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ class DecisionSettings(Settings):
     template_mismatch_pool: float = setting(0.15, "share of the pairs whose own caption another caption beats most that "
                                                   "also seed it (a model trained without the trigger sees a backdoor's "
                                                   "pairs as mismatched; 0: off)", ge=0, le=1)
-    weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags still drop pairs when the "
+    weak_model_detectors: tuple[str, ...] = setting(("image_burst", "collapse"), "detectors whose flags still drop pairs when the "
                                                     "model is weak (the others' are kept for review)",
                                                     item_choices=DETECTORS)
     detectors: tuple[str, ...] = setting(DEFAULT_DETECTORS, "enabled detectors", item_choices=DETECTORS)
