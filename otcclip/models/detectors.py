@@ -461,7 +461,7 @@ def collapse_evidence(
     if m.image_thumb is not None:
         t = np.asarray(m.image_thumb, dtype=np.float32)[ok]
         distinct &= _row_cos(t, idx) < st.same_content
-    rank = np.cumsum(distinct, axis=1)
+    rank = np.cumsum(distinct, axis=1, dtype=np.int32)
     tested = rank[:, -1] >= st.knn
     rows = np.nonzero(tested)[0]
     if len(rows) < 2:
@@ -472,9 +472,11 @@ def collapse_evidence(
     cap = np.asarray(m.caption_global, dtype=np.float32)[ok]
     cap = cap / np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
     # scale-free: "one class" is far closer than two random pairs' captions
+    # random pairs drawn in the order of the id keys, not the rows: the same pairs in any row order
+    by_key = np.argsort(m.row_key[ok], kind="stable") if m.row_key is not None else np.arange(len(ok))
     rng = np.random.default_rng(env.seed)
-    a = rng.integers(0, len(ok), size=min(20_000, 10 * len(ok)))
-    b = rng.integers(0, len(ok), size=len(a))
+    a = by_key[rng.integers(0, len(ok), size=min(20_000, 10 * len(ok)))]
+    b = by_key[rng.integers(0, len(ok), size=len(a))]
     typical = float(np.median(1.0 - (cap[a] * cap[b]).sum(axis=1)))
     first = distinct[rows] & (rank[rows] <= st.knn)
     nb = np.take_along_axis(idx[rows], np.argsort(~first, axis=1, kind="stable")[:, : st.knn], axis=1)

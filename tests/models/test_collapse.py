@@ -133,3 +133,19 @@ def test_content_thumbnail_ignores_brightness_and_contrast_not_content() -> None
     assert torch.allclose(t[:2], t[2:4], atol=1e-4)  # same content, other brightness / contrast
     assert abs(float(t[0] @ t[1])) < 0.5  # unrelated images
     assert float(t[4].abs().max()) == 0.0  # a flat image: zeros
+
+
+def test_collapse_does_not_depend_on_the_row_order() -> None:
+    m, _, _ = _scores(5, repeats=10)
+    keyed = MatchScores(m.candidates, m.global_, m.ot, m.fused, m.ok, m.image_global, m.caption_global, m.caption_hash,
+                        image_hash=m.image_hash, row_key=np.arange(len(m), dtype=np.int64) * 7919 % 10007,
+                        image_thumb=m.image_thumb)
+    perm = np.random.default_rng(0).permutation(len(m))
+    shuffled = MatchScores(np.arange(len(m))[:, None], m.global_[perm], m.ot[perm], m.fused[perm], m.ok[perm],
+                           m.image_global[perm], m.caption_global[perm], m.caption_hash[perm],
+                           image_hash=m.image_hash[perm], row_key=keyed.row_key[perm], image_thumb=m.image_thumb[perm])
+    st = CollapseSettings()
+    t1, s1 = collapse_evidence(keyed, st, DetectorEnv(seed=0))
+    t2, s2 = collapse_evidence(shuffled, st, DetectorEnv(seed=0))
+    np.testing.assert_allclose(t1[perm], t2, atol=1e-9)
+    np.testing.assert_array_equal(s1[perm], s2)
