@@ -68,9 +68,9 @@ def _scores(seed: int, *, poison: int = 40, repeats: int = 0, mixed: int = 0, pe
     return m, bad, rep
 
 
-def test_collapse_is_registered_on_by_default_and_trusted_under_a_weak_model() -> None:
+def test_collapse_is_registered_on_by_default_and_kept_for_review_under_a_weak_model() -> None:
     assert DETECTOR_SETTINGS["collapse"] is CollapseSettings and REGISTRY["collapse"].settings is CollapseSettings
-    assert "collapse" in DecisionSettings().detectors and "collapse" in DecisionSettings().weak_model_detectors
+    assert "collapse" in DecisionSettings().detectors and "collapse" not in DecisionSettings().weak_model_detectors
     m, _, _ = _scores(0)
     assert run_detectors(m, DecisionSettings())["collapse"].shape == (len(m),)
     assert "collapse" not in run_detectors(m, DecisionSettings(detectors=("density",)))

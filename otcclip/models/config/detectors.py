@@ -157,7 +157,9 @@ DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
 #: (``bench/detectors.py``, docs/benchmarks.md section 8) none of its settings flags a
 #: poisoned pair at a false-flag rate of at most 1 %.
 #: ``collapse`` is on: on the validation attacks it adds poisoned pairs to the union of the
-#: other defaults' flags (78.8 % -> 92.6 % of them) at 0.2 % added false flags.
+#: other defaults' flags (78.8 % -> 92.6 % of them) at 0.2 % added false flags. It is not
+#: among ``weak_model_detectors``: under a weak model it added only false drops on the
+#: validation attacks and on the demo's digits (docs/method.md section 5).
 DEFAULT_DETECTORS: tuple[str, ...] = tuple(d for d in DETECTORS if d != "spectral")
 
 
@@ -187,7 +189,7 @@ class DecisionSettings(Settings):
     template_mismatch_pool: float = setting(0.15, "share of the pairs whose own caption another caption beats most that "
                                                   "also seed it (a model trained without the trigger sees a backdoor's "
                                                   "pairs as mismatched; 0: off)", ge=0, le=1)
-    weak_model_detectors: tuple[str, ...] = setting(("image_burst", "collapse"), "detectors whose flags still drop pairs when the "
+    weak_model_detectors: tuple[str, ...] = setting(("image_burst",), "detectors whose flags still drop pairs when the "
                                                     "model is weak (the others' are kept for review)",
                                                     item_choices=DETECTORS)
     detectors: tuple[str, ...] = setting(DEFAULT_DETECTORS, "enabled detectors", item_choices=DETECTORS)
