@@ -23,6 +23,11 @@ pairs while adding at most that rate of the clean pairs. ``heldout`` is then rep
 the validation choice and never tuned on (run alone, it reads the choice from an earlier
 ``--out/results.json``).
 
+The ``collapse`` detector is selected by the same rule on its own grid
+(``COLLAPSE_KNN`` x ``COLLAPSE_Z`` x ``COLLAPSE_SHARE``, :func:`choose_collapse`), measured
+against the union of the other default detectors; the decision rows show the default set
+without it, and with it kept for review or acting under a weak model.
+
     python bench/detectors.py --work /tmp/dbench/quick        # both splits of the quick bench
     python bench/detectors.py --work /tmp/dbench/quick --splits validation
 
