@@ -17,7 +17,9 @@ Rows (:data:`ROWS`; ``NAME:field=value`` adds TrainConfig overrides, e.g. ablati
 - ``otcclip``: the paper's mechanism alone: OT-based score re-assignment at every pass
   (``score_rematch``), no detectors, no trigger-template search, no restart, no unlikelihood;
 - ``otcclip+``: the trainer's default: image-burst and trigger-sensitivity detectors,
-  template search, restart and unlikelihood on quarantined pairs, score proposals ignored.
+  template search, restart and unlikelihood on quarantined pairs, score proposals ignored;
+- ``otcclip+collapse`` (not a default): ``otcclip+`` whose passes also run the ``collapse``
+  detector, dropping and quarantining what it flags.
 
 Each model is evaluated on a held-out test slice: zero-shot top-1, linear probe, each
 attack's ASR (and, for backdoors, the clean base rate: the share of untriggered test
@@ -69,6 +71,13 @@ ROWS: dict[str, dict[str, Any]] = {
         "drop_reasons": [], "sticky_reasons": [], "sanitize": {"decisions": {"detectors": []}},
     },
     "otcclip+": {"defence": "otcclip"},
+    # not a default: otcclip+ whose passes also run the collapse detector and drop (and
+    # quarantine) what it flags
+    "otcclip+collapse": {
+        "defence": "otcclip", "drop_reasons": ["image_burst", "caption_burst", "trigger_sensitivity", "collapse"],
+        "sticky_reasons": ["image_burst", "trigger_sensitivity", "collapse"],
+        "sanitize": {"decisions": {"detectors": ["image_burst", "trigger_sensitivity", "collapse"]}},
+    },
 }
 
 

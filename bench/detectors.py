@@ -23,6 +23,11 @@ pairs while adding at most that rate of the clean pairs. ``heldout`` is then rep
 the validation choice and never tuned on (run alone, it reads the choice from an earlier
 ``--out/results.json``).
 
+The ``collapse`` detector is selected by the same rule on its own grid
+(``COLLAPSE_KNN`` x ``COLLAPSE_Z`` x ``COLLAPSE_SHARE``, :func:`choose_collapse`), measured
+against the union of the other default detectors; the decision rows show the default set
+without it, and with it kept for review or acting under a weak model.
+
     python bench/detectors.py --work /tmp/dbench/quick        # both splits of the quick bench
     python bench/detectors.py --work /tmp/dbench/quick --splits validation
 
@@ -52,7 +57,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from otcclip.models.checkpoint import load_checkpoint  # noqa: E402
-from otcclip.models.config.detectors import DEFAULT_DETECTORS, DETECTORS, SpectralSettings  # noqa: E402
+from otcclip.models.config.detectors import (  # noqa: E402
+    DEFAULT_DETECTORS,
+    DETECTORS,
+    CollapseSettings,
+    SpectralSettings,
+)
 from otcclip.models.config.sanitize import SanitizeConfig  # noqa: E402
 from otcclip.models.decisions import Decisions, decide_pairs  # noqa: E402
 from otcclip.models.detectors import REGISTRY, DetectorEnv  # noqa: E402
@@ -64,6 +74,10 @@ from otcclip.models.shards import ScoreShard  # noqa: E402
 #: The spectral grid searched on validation.
 OUTLIER_Z = (2.0, 3.0, 4.0, 6.0)
 GROUP_SIZE = (50, 100, 200, 400)
+#: The collapse grid searched on validation (the other settings at their defaults).
+COLLAPSE_KNN = (5, 10, 20)
+COLLAPSE_Z = (2.0, 3.0, 4.0)
+COLLAPSE_SHARE = (0.6, 0.9)
 
 
 @dataclass
@@ -184,6 +198,29 @@ def earns_place(base: np.ndarray, spectral: np.ndarray, sp: Split, max_ffr: floa
     return bool(after["recall_all"] > before["recall_all"] and added_ffr <= max_ffr), after
 
 
+def collapse_grid(sp: Split, env: DetectorEnv) -> list[tuple[CollapseSettings, dict[str, Any]]]:
+    """Raw collapse flags for every setting of the collapse grid."""
+    return [(st, measure(sp, raw_flags(sp, "collapse", st, env)))
+            for st in (CollapseSettings(knn=k, tight_z=z, caption_share=c)
+                       for k in COLLAPSE_KNN for z in COLLAPSE_Z for c in COLLAPSE_SHARE)]
+
+
+def choose_collapse(grid: list[tuple[CollapseSettings, dict[str, Any]]], max_ffr: float) -> CollapseSettings | None:
+    """The collapse setting with the best recall over all poisoned pairs among those whose
+    raw false-flag rate is at most ``max_ffr`` (ties: fewer clean flags, then the larger
+    ``tight_z``, the larger ``caption_share``, the smaller ``knn``); None when none
+    qualifies or none finds anything."""
+    ok = [(st, m) for st, m in grid if m["false_flag_rate"] <= max_ffr and m["recall_all"] > 0]
+    if not ok:
+        return None
+    return max(ok, key=lambda t: (t[1]["recall_all"], -t[1]["clean_flagged"], t[0].tight_z, t[0].caption_share,
+                                  -t[0].knn))[0]
+
+
+def _col(st: CollapseSettings) -> str:
+    return f"collapse knn={st.knn} tight_z={st.tight_z:g} share={st.caption_share:g}"
+
+
 def _pct(x: float) -> str:
     return "" if x != x else f"{100 * x:.1f}"
 
@@ -226,6 +263,8 @@ def main() -> int:
     chosen: SpectralSettings | None = None
     adopt = False
     best_val: SpectralSettings | None = None
+    best_col: CollapseSettings | None = None
+    col_adopt = False
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     print(f"# detectors bench, {dt.date.today().isoformat()}, work {args.work}, default detectors: {', '.join(DEFAULT_DETECTORS)}")
@@ -234,17 +273,24 @@ def main() -> int:
         prev = json.loads(previous.read_text()).get("best_spectral_validation")
         best_val = None if prev is None else SpectralSettings(**prev)
         print(f"validation choice read from {previous}: {None if best_val is None else _spec(best_val)}")
+        prev_c = json.loads(previous.read_text()).get("best_collapse_validation")
+        best_col = None if prev_c is None else CollapseSettings(**prev_c)
+        print(f"collapse choice read from {previous}: {None if best_col is None else _col(best_col)}")
     for split in splits:
         sp = load_split(args.work, split, args.out, config)
         raw: list[dict[str, Any]] = []
         union = np.zeros(len(sp.ids), dtype=bool)
+        others = np.zeros(len(sp.ids), dtype=bool)  # the defaults but collapse: what collapse must add to
         for name in DETECTORS:
             if name == "spectral":
                 continue
             f = raw_flags(sp, name, base_dec.detector(name), env)
             if name in base_dec.detectors:
                 union |= f
+                if name != "collapse":
+                    others |= f
             raw.append({"split": split, "kind": "raw", "row": f"{name} (defaults)", "m": measure(sp, f)})
+        raw.append({"split": split, "kind": "raw", "row": "union of the defaults but collapse", "m": measure(sp, others)})
         raw.append({"split": split, "kind": "raw", "row": "union of the default detectors", "m": measure(sp, union)})
         if split == "validation":
             grid = spectral_grid(sp, env)
@@ -260,6 +306,19 @@ def main() -> int:
             if split == "validation":
                 adopt = ok
                 chosen = best_val if adopt else None
+        if split == "validation":
+            cgrid = collapse_grid(sp, env)
+            raw += [{"split": split, "kind": "raw", "row": _col(st), "m": m} for st, m in cgrid]
+            best_col = choose_collapse(cgrid, args.max_false_flag)
+        else:
+            shown_c = [st for st in (best_col, CollapseSettings()) if st is not None]
+            raw += [{"split": split, "kind": "raw", "row": _col(st), "m": measure(sp, raw_flags(sp, "collapse", st, env))}
+                    for st in dict.fromkeys(shown_c)]
+        if best_col is not None:
+            ok_c, after_c = earns_place(others, raw_flags(sp, "collapse", best_col, env), sp, args.max_false_flag)
+            raw.append({"split": split, "kind": "raw", "row": "union but collapse + " + _col(best_col), "m": after_c})
+            if split == "validation":
+                col_adopt = ok_c
         flagged, review = acted(sp.default)
         dec = [{"split": split, "kind": "decision", "row": "default set (sanitize pass)", "m": measure(sp, flagged, review)}]
         if best_val is not None:
@@ -267,6 +326,19 @@ def main() -> int:
                                                     spectral=best_val))
             f2, r2 = acted(decisions_with(sp, cfg, env))
             dec.append({"split": split, "kind": "decision", "row": "default set + " + _spec(best_val), "m": measure(sp, f2, r2)})
+        without_c = tuple(d for d in base_dec.detectors if d != "collapse")
+        weak_wo = tuple(d for d in base_dec.weak_model_detectors if d != "collapse")
+        cfg = replace(config, decisions=replace(base_dec, detectors=without_c, weak_model_detectors=weak_wo))
+        f3, r3 = acted(decisions_with(sp, cfg, env))
+        dec.append({"split": split, "kind": "decision", "row": "default set without collapse", "m": measure(sp, f3, r3)})
+        if best_col is not None:
+            with_c = (*without_c, "collapse")
+            for weak in (weak_wo, (*weak_wo, "collapse")):
+                cfg = replace(config, decisions=replace(base_dec, detectors=with_c, collapse=best_col, weak_model_detectors=weak))
+                f3, r3 = acted(decisions_with(sp, cfg, env))
+                label = "acts" if "collapse" in weak else "review"
+                dec.append({"split": split, "kind": "decision", "row": f"others + {_col(best_col)} (weak model: {label})",
+                            "m": measure(sp, f3, r3)})
         print(f"[{split}] model quality: {sp.quality.get('message', '')}")
         print(table(raw, sp.attacks, f"{split}: each detector's own flags"))
         print()
@@ -281,12 +353,21 @@ def main() -> int:
                       + ("it earns its place in the default set" if adopt else
                          "it does not earn a place in the default set (it adds no poisoned pair to the default detectors' "
                          "flags, or too many clean ones): spectral stays off"))
+            if best_col is None:
+                print(f"[selection] no collapse setting flags a poisoned pair at a false-flag rate <= {100 * args.max_false_flag:g} %: "
+                      "collapse stays off")
+            else:
+                print(f"[selection] best collapse setting on validation: {_col(best_col)}; "
+                      + ("it earns its place in the default set" if col_adopt else
+                         "it does not earn a place in the default set (it adds no poisoned pair to the default detectors' "
+                         "flags, or too many clean ones): collapse stays off"))
             print()
         results += [dict(r, attacks=sp.attacks) for r in raw + dec]
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"date": dt.date.today().isoformat(), "work": str(args.work), "max_false_flag": args.max_false_flag,
                "best_spectral_validation": None if best_val is None else best_val.to_dict(),
-               "spectral_adopted": adopt, "chosen": None if chosen is None else chosen.to_dict(), "rows": results,
+               "spectral_adopted": adopt,
+               "best_collapse_validation": None if best_col is None else best_col.to_dict(), "collapse_adopted": col_adopt, "chosen": None if chosen is None else chosen.to_dict(), "rows": results,
                "seconds": time.perf_counter() - t0}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"total {time.perf_counter() - t0:.0f} s; wrote {args.out / 'results.json'}")

@@ -9,6 +9,8 @@ turns flags and scores into decisions.
   image, optionally only inside caption neighbourhoods crowded with such pairs.
 - ``spectral`` (off by default): spectral-signature outliers of the images within one
   caption cluster, whatever the trigger.
+- ``collapse``: images of different content that the model maps
+  abnormally close together under one caption class (a learnt backdoor, any trigger).
 - ``duplicates``: groups of repeated images (exact and near duplicates); its flag marks
   the members, and :func:`~otcclip.models.decisions.decide_pairs` applies the group's
   action (:func:`duplicate_groups`).
@@ -27,6 +29,7 @@ from otcclip.models.config.detectors import (
     DETECTOR_SETTINGS,
     DETECTORS,
     CaptionBurstSettings,
+    CollapseSettings,
     DecisionSettings,
     DensitySettings,
     DuplicatesSettings,
@@ -40,8 +43,8 @@ from otcclip.models.shortlist import self_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "duplicate_groups", "run_detectors",
-           "register"]
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "duplicate_groups",
+           "run_detectors", "register"]
 
 
 @dataclass(frozen=True)
@@ -418,6 +421,109 @@ def detect_duplicates(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv =
     """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`); what
     happens to them is the group's ``action``, applied by the decision step."""
     return duplicate_groups(m, st, env).member
+
+
+def collapse_evidence(
+    m: MatchScores, st: CollapseSettings, env: DetectorEnv = DetectorEnv(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``collapse`` detector's evidence per pair.
+
+    For each readable pair, its ``st.search`` nearest images (cosine of the image
+    globals) are walked in order, skipping those that show the same content: the same
+    decoded pixels (``image_hash``) or a content-thumbnail cosine of at least
+    ``st.same_content`` (``image_thumb``; without thumbnails only exact copies are
+    skipped). The first ``st.knn`` remaining are the pair's content-distinct neighbours.
+
+    Parameters
+    ----------
+    m : MatchScores
+        Uses ``image_global`` (N, d), ``caption_global`` (N, d), ``ok`` and, when present,
+        ``image_hash`` (N,) and ``image_thumb`` (N, t).
+    st : CollapseSettings
+    env : DetectorEnv
+
+    Returns
+    -------
+    tight_z : ndarray, shape (N,), float64
+        Robust z (over the tested pairs) of the log cosine distance to the ``knn``-th
+        content-distinct neighbour: very negative = abnormally tight. NaN where a pair
+        is unreadable or has fewer than ``knn`` content-distinct neighbours in its
+        ``search`` nearest (a group of repeated images: not this detector's business).
+    caption_share : ndarray, shape (N,), float64
+        Share of those neighbours whose caption is of the pair's caption class: cosine
+        distance between the two own-caption globals at most ``st.caption_relative`` x
+        the median distance between the captions of random pairs. NaN where untested.
+    """
+    n = len(m)
+    tight = np.full(n, np.nan)
+    share = np.full(n, np.nan)
+    ok = np.nonzero(m.ok)[0]
+    if len(ok) <= st.knn + 1:
+        return tight, share
+    k = min(max(st.search, st.knn), len(ok) - 1)
+    sims, idx = _knn(m.image_global[ok], k, env)
+    distinct = np.isfinite(sims)
+    if m.image_hash is not None:
+        h = np.asarray(m.image_hash, dtype=np.int64)[ok]
+        distinct &= h[idx] != h[:, None]
+    if m.image_thumb is not None:
+        t = np.asarray(m.image_thumb, dtype=np.float32)[ok]
+        distinct &= _row_cos(t, idx) < st.same_content
+    rank = np.cumsum(distinct, axis=1, dtype=np.int32)
+    tested = rank[:, -1] >= st.knn
+    rows = np.nonzero(tested)[0]
+    if len(rows) < 2:
+        return tight, share
+    pos = np.argmax(rank[rows] >= st.knn, axis=1)
+    kdist = np.maximum(1.0 - sims[rows, pos].astype(np.float64), 1e-6)
+    tight[ok[rows]] = robust_z(np.log(kdist))
+    cap = np.asarray(m.caption_global, dtype=np.float32)[ok]
+    cap = cap / np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
+    # scale-free: "one class" is far closer than two random pairs' captions
+    # random pairs drawn in the order of the id keys, not the rows: the same pairs in any row order
+    by_key = np.argsort(m.row_key[ok], kind="stable") if m.row_key is not None else np.arange(len(ok))
+    rng = np.random.default_rng(env.seed)
+    a = by_key[rng.integers(0, len(ok), size=min(20_000, 10 * len(ok)))]
+    b = by_key[rng.integers(0, len(ok), size=len(a))]
+    typical = float(np.median(1.0 - (cap[a] * cap[b]).sum(axis=1)))
+    first = distinct[rows] & (rank[rows] <= st.knn)
+    nb = np.take_along_axis(idx[rows], np.argsort(~first, axis=1, kind="stable")[:, : st.knn], axis=1)
+    same = (1.0 - _row_cos(cap, nb, rows)) <= st.caption_relative * typical
+    share[ok[rows]] = same.mean(axis=1)
+    return tight, share
+
+
+def _row_cos(v: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
+    """``out[r, j] = v[rows[r]] . v[idx[r, j]]`` for ``v`` (M, d), ``idx`` (R, k) (rows
+    default 0..R-1), in row chunks so the gathered (chunk, k, d) block stays small."""
+    rows = np.arange(len(idx)) if rows is None else rows
+    out = np.empty(idx.shape, dtype=np.float32)
+    for s in range(0, len(idx), chunk):
+        e = min(s + chunk, len(idx))
+        out[s:e] = np.einsum("nd,nkd->nk", v[rows[s:e]], v[idx[s:e]])
+    return out
+
+
+@register("collapse")
+def detect_collapse(m: MatchScores, st: CollapseSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
+    """Images of different content packed abnormally tight under one caption class.
+
+    A learnt backdoor maps every triggered image, whatever it shows, onto one small
+    region of the image embedding, and every one of them carries the target's captions.
+    Flagged: pairs whose distance to their ``knn``-th content-distinct neighbour is
+    abnormally small for this data (:func:`collapse_evidence` ``tight_z`` below
+    ``-st.tight_z``) and at least ``st.caption_share`` of those neighbours' captions are
+    of the pair's caption class. Repeated photos are skipped as neighbours (the
+    ``duplicates`` check groups them). Needs ``m.image_thumb`` (without the content
+    thumbnails near copies would look collapsed): without it nothing is flagged.
+    Returns (N,) bool.
+    """
+    if m.image_thumb is None:
+        log.warning("collapse: features lack the content thumbnails; detector skipped")
+        return np.zeros(len(m), dtype=bool)
+    tight, share = collapse_evidence(m, st, env)
+    with np.errstate(invalid="ignore"):
+        return np.asarray((tight < -st.tight_z) & (share >= st.caption_share))
 
 
 def run_detectors(

@@ -127,6 +127,32 @@ def fill_local(images: torch.Tensor, *, frac: float = 0.25) -> torch.Tensor:
     return torch.where(inside[:, None], mean, images)
 
 
+#: Side of :func:`content_thumbnail` (its vectors have ``THUMB_SIDE ** 2`` entries).
+THUMB_SIDE = 8
+
+
+def content_thumbnail(images: torch.Tensor, *, side: int = THUMB_SIDE) -> torch.Tensor:
+    """A cheap descriptor of what an image shows, independent of any model: its
+    grayscale (channel mean) averaged down to ``side x side``, centred and L2-normalised.
+
+    Centring and normalising remove brightness and contrast; the low resolution removes
+    noise and fine texture (and most small triggers), so two photos of the same scene
+    have a cosine near 1 and two unrelated images one near 0. A flat image gives zeros.
+
+    Parameters
+    ----------
+    images : Tensor, shape (N, C, H, W), float
+        Any per-channel affine normalisation (e.g. CLIP's) is fine.
+
+    Returns
+    -------
+    Tensor, shape (N, side * side), float32
+    """
+    g = F.adaptive_avg_pool2d(images.float().mean(dim=1, keepdim=True), side).flatten(1)
+    g = g - g.mean(dim=1, keepdim=True)
+    return g / g.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
 #: The purified views of the trigger-sensitivity detector, in the order of
 #: :func:`purified_image_global`'s second axis.
 PURIFIERS = ("low_pass", "fill_local")

@@ -298,6 +298,8 @@ REASON_LEGEND: dict[str, str] = {
     "density": "detector: the pair is unlike the rest of the data (sparse neighbourhood)",
     "caption_burst": "detector: one caption on many images, this image an outlier among them",
     "trigger_sensitivity": "detector: the score collapses when a possible trigger is removed (backdoor); always dropped",
+    "collapse": "detector: images of different content packed abnormally tight by the model under one caption "
+                "class (a learnt backdoor, whatever its trigger)",
     "duplicates": "check: the image is repeated (exact or near duplicate) in the data; see Duplicate groups",
     "duplicate": "dropped: a repeated image that its group's action removes (keep_one keeps the best-matching member)",
     "review": "kept for review: the engine was not sure of the change it proposed",

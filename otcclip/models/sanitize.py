@@ -35,6 +35,7 @@ from otcclip.models.decisions import Decisions, DetectorEnv, MatchScores, decide
 from otcclip.models.features import (
     ImageFeatures,
     TextFeatures,
+    content_thumbnail,
     image_features,
     pad_text_features,
     purified_image_global,
@@ -115,6 +116,7 @@ def encode_shard(
     tfs: list[TextFeatures] = []
     hashes: list[int] = []
     image_hashes: list[int] = []
+    thumbs: list[torch.Tensor] = []
     ids = getattr(manifest, "ids", None)
     t_decode = t_encode = 0.0
     for s in range(start, stop, config.batch_size):
@@ -138,6 +140,7 @@ def encode_shard(
         tfs.append(TextFeatures(ft.global_.float().cpu(), ft.local.to(ldt).cpu(), ft.mask.cpu()))
         hashes.extend(caption_hash(c) for c in caps)
         image_hashes.extend(batch.hashes)
+        thumbs.append((content_thumbnail(batch.pixels) * batch.ok[:, None]).to(torch.float16))
         t_encode += time.perf_counter() - t1
         t_decode += t1 - t0
         for i, err in enumerate(batch.errors):
@@ -156,6 +159,7 @@ def encode_shard(
         image_hash=torch.tensor(image_hashes, dtype=torch.int64),
         row_key=(None if ids is None else
                  torch.tensor([caption_hash(f"id:{ids[i]}") for i in range(start, stop)], dtype=torch.int64)),
+        image_thumb=torch.cat(thumbs),
         timings={"decode": t_decode, "encode": t_encode},
     )
 
@@ -256,6 +260,7 @@ def match_shard(
         ),
         image_hash=None if img.image_hash is None else img.image_hash.numpy().astype(np.int64),
         row_key=None if img.row_key is None else img.row_key.numpy().astype(np.int64),
+        image_thumb=None if img.image_thumb is None else img.image_thumb.numpy().astype(np.float16),
     )
     return ScoreShard(img.start, img.stop, scores, timings={"index": t1 - t0, "ot": t2 - t1})
 
@@ -427,6 +432,7 @@ def sanitize_features(
     config: SanitizeConfig = SanitizeConfig(),
     ok: torch.Tensor | None = None,
     purified: torch.Tensor | None = None,
+    thumbs: torch.Tensor | None = None,
 ) -> Decisions:
     """Match and decide on in-memory features (pair ``i`` = image ``i`` with caption ``i``).
 
@@ -441,6 +447,9 @@ def sanitize_features(
     purified : Tensor, shape (N, V, d), optional
         Globals of the purified views (:func:`~otcclip.models.features.purified_image_global`),
         for the ``trigger_sensitivity`` detector.
+    thumbs : Tensor, shape (N, t), optional
+        :func:`~otcclip.models.features.content_thumbnail` of the images, for the
+        ``collapse`` detector (without them it flags nothing).
 
     Returns
     -------
@@ -459,6 +468,7 @@ def sanitize_features(
         caption_global=cg, caption_local=texts.local.detach().cpu(), caption_mask=texts.mask.detach().cpu(),
         caption_hash=torch.from_numpy(_embedding_hash(cg.numpy())),
         image_purified=None if purified is None else purified.detach().float().cpu(),
+        image_thumb=None if thumbs is None else thumbs.detach().to(torch.float16).cpu(),
     )
     sc = match_shard(shard, [shard], config=config)
     return decide([sc], config=config)

@@ -35,6 +35,10 @@ class MatchScores:
         it. None when the features were extracted without it.
     row_key : ndarray, shape (N,), int64, optional
         Hash of each pair's manifest id (order-independent tie-breaks); None without it.
+    image_thumb : ndarray, shape (N, t), float16, optional
+        Model-free content thumbnail of each image
+        (:func:`~otcclip.models.features.content_thumbnail`; zeros where unreadable);
+        None when the features were extracted without it.
     """
 
     candidates: np.ndarray
@@ -48,6 +52,7 @@ class MatchScores:
     purified_own: np.ndarray | None = None
     image_hash: np.ndarray | None = None
     row_key: np.ndarray | None = None
+    image_thumb: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.candidates.shape[0])
@@ -75,6 +80,7 @@ class MatchScores:
             purified_own=_concat_optional([p.purified_own for p in parts]),
             image_hash=_concat_optional([p.image_hash for p in parts]),
             row_key=_concat_optional([p.row_key for p in parts]),
+            image_thumb=_concat_optional([p.image_thumb for p in parts]),
         )
 
     @staticmethod

@@ -44,6 +44,10 @@ class FeatureShard:
         unreadable): exact duplicates. None in shards written without it.
     row_key : Tensor, shape (n,), int64, optional
         Hash of each row's manifest id: a tie-break that follows the pair, not its row.
+    image_thumb : Tensor, shape (n, t), float16, optional
+        :func:`~otcclip.models.features.content_thumbnail` of each image (zeros where
+        unreadable): what the image shows, model-free (``collapse`` detector). None in
+        shards written without it.
     timings : dict
         Seconds spent per stage (``decode``, ``encode``).
     """
@@ -60,6 +64,7 @@ class FeatureShard:
     image_purified: torch.Tensor | None = None
     image_hash: torch.Tensor | None = None
     row_key: torch.Tensor | None = None
+    image_thumb: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:

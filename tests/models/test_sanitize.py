@@ -72,12 +72,17 @@ def test_staged_equals_one_process_and_shards_round_trip(tmp_path: Path, tiny_bu
     assert loaded.image_local.dtype == torch.float16 and loaded.caption_mask.dtype == torch.bool
     assert not bool(loaded.ok[5]) and bool(loaded.ok[:5].all())
     assert loaded.image_local[5].abs().sum() == 0
+    # the model-free content thumbnail: unit norm where readable, zeros where not
+    assert loaded.image_thumb is not None and loaded.image_thumb.shape == (10, 64)
+    assert loaded.image_thumb[5].abs().sum() == 0
+    assert torch.allclose(loaded.image_thumb[:5].float().norm(dim=1), torch.ones(5), atol=1e-2)
     scores = []
     for p in reversed(shards):  # any order
         sc = match_shard(p, shards, config=CFG)
         scores.append(ScoreShard.load(sc.save(tmp_path / "work" / f"s{sc.start}.npz")))
     assert scores[0].scores.candidates.shape[1] == CFG.k + 1
     assert (scores[-1].scores.candidates[:, 0] == np.arange(0, 10)).all()
+    assert scores[-1].scores.image_thumb is not None and scores[-1].scores.image_thumb.shape == (10, 64)
     staged = decide(scores, config=CFG)
     whole = sanitize(man, tiny_bundle, config=CFG).decisions
     assert len(staged) == len(man)

@@ -260,3 +260,21 @@ def test_end_to_end_cli_poison_train_evaluate(cifar_zip: Path, tmp_path: Path) -
     assert 0.0 <= res["zero_shot_top1"] <= 1.0 and res["n_test"] == 40
     assert res["targeted"]["n_targets"] == 1 and res["backdoor"][0]["target_class"] == "cat"
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--manifest", str(te), "--out", str(out)]) == 2
+
+
+def test_otcclip_pass_with_the_collapse_detector(small_manifest: Path, tmp_path: Path) -> None:
+    """With ``collapse`` among the pass's detectors the pass computes content thumbnails
+    and its flags reach the decisions (it may flag nothing on this data)."""
+    import pyarrow.parquet as pq
+
+    from otcclip.models.config.detectors import DecisionSettings
+    from otcclip.models.config.sanitize import SanitizeConfig
+
+    san = SanitizeConfig(k=8, decisions=DecisionSettings(abstain=False, detectors=("image_burst", "collapse")))
+    res = train(small_manifest, tmp_path, config=_cfg(defence="otcclip", epochs=1, sanitize=san,
+                                                       drop_reasons=("image_burst", "collapse")))
+    passes = sorted((tmp_path / "rematch").glob("epoch_*/decisions.parquet"))
+    assert res.epochs_done == 2 and passes
+    t = pq.read_table(passes[0]).to_pydict()
+    assert len(t["action"]) == 192
+    assert all(set(str(f).split(",")) <= {"", "image_burst", "collapse"} for f in t["detectors"])

@@ -39,6 +39,7 @@ from otcclip.models.atomic import atomic_write
 from otcclip.models.features import (
     ImageFeatures,
     TextFeatures,
+    content_thumbnail,
     image_features,
     purified_image_global,
     text_features,
@@ -172,6 +173,14 @@ class Defence:
         ]
         m.train(was_training)
         return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_thumbs(self) -> torch.Tensor:
+        """:func:`~otcclip.models.features.content_thumbnail` of every image (eval view), shape (N, t)."""
+        ctx = self.ctx
+        bs = max(ctx.config.batch_size, 256)
+        return torch.cat([content_thumbnail(ctx.batch_images(torch.arange(s, min(s + bs, ctx.n)), None)).cpu()
+                          for s in range(0, ctx.n, bs)])
 
     def unimodal_loss(self, idx: torch.Tensor, gen: torch.Generator, rng: random.Random) -> torch.Tensor:
         """SimCLR on two augmented views of the images plus caption vs edited caption."""

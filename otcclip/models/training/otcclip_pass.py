@@ -135,7 +135,8 @@ class OtcClipPasses(Defence):
         img, txt = self.encode_all(local=True)
         cfg = replace(c.sanitize, device=self.ctx.device.type, seed=c.seed)
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.decisions.detectors else None
-        decisions = sanitize_features(img, txt, config=cfg, purified=purified)
+        thumbs = self.encode_thumbs() if "collapse" in cfg.decisions.detectors else None
+        decisions = sanitize_features(img, txt, config=cfg, purified=purified, thumbs=thumbs)
         extra = _decision_columns(decisions, self.ctx.n)
         verdicts = Verdicts.from_decisions(decisions)
         view = np.asarray(decisions.purified_view)
