@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,37 @@ def _spec(st: SpectralSettings) -> str:
     return f"spectral group_size={st.group_size} outlier_z={st.outlier_z:g}"
 
 
+def search_rows(split: str, sp: Split, env: DetectorEnv, name: str, *, grid: Callable[[Split, DetectorEnv], Any],
+                choose: Callable[[Any, float], Any], default: Any, best: Any, label: Callable[[Any], str],
+                base: np.ndarray, base_name: str, max_ffr: float) -> tuple[list[dict[str, Any]], Any, bool | None]:
+    """One detector's settings search: on validation its grid's rows and its choice (best
+    recall at a raw false-flag rate of at most ``max_ffr``); on held-out the rows of the
+    validation choice and of its defaults. With a choice, also the row of ``base`` (the
+    other detectors' union) plus its flags, and on validation whether it earns its place.
+
+    Returns
+    -------
+    rows, best, adopt
+        ``adopt`` is None off validation (the choice is never made there).
+    """
+    rows: list[dict[str, Any]] = []
+    if split == "validation":
+        found = grid(sp, env)
+        rows += [{"split": split, "kind": "raw", "row": label(st), "m": m} for st, m in found]
+        best = choose(found, max_ffr)
+    else:
+        shown = [st for st in (best, default) if st is not None]
+        rows += [{"split": split, "kind": "raw", "row": label(st), "m": measure(sp, raw_flags(sp, name, st, env))}
+                 for st in dict.fromkeys(shown)]
+    adopt = None
+    if best is not None:
+        ok, after = earns_place(base, raw_flags(sp, name, best, env), sp, max_ffr)
+        rows.append({"split": split, "kind": "raw", "row": f"{base_name} + " + label(best), "m": after})
+        if split == "validation":
+            adopt = ok
+    return rows, best, adopt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dbench/quick"), help="bench/defence.py's WORK/quick or WORK/full")
@@ -292,33 +324,22 @@ def main() -> int:
             raw.append({"split": split, "kind": "raw", "row": f"{name} (defaults)", "m": measure(sp, f)})
         raw.append({"split": split, "kind": "raw", "row": "union of the defaults but collapse", "m": measure(sp, others)})
         raw.append({"split": split, "kind": "raw", "row": "union of the default detectors", "m": measure(sp, union)})
-        if split == "validation":
-            grid = spectral_grid(sp, env)
-            raw += [{"split": split, "kind": "raw", "row": _spec(st), "m": m} for st, m in grid]
-            best_val = choose_spectral(grid, args.max_false_flag)
-        else:
-            shown = [st for st in (best_val, SpectralSettings()) if st is not None]
-            raw += [{"split": split, "kind": "raw", "row": _spec(st), "m": measure(sp, raw_flags(sp, "spectral", st, env))}
-                    for st in dict.fromkeys(shown)]
-        if best_val is not None:
-            ok, after = earns_place(union, raw_flags(sp, "spectral", best_val, env), sp, args.max_false_flag)
-            raw.append({"split": split, "kind": "raw", "row": "union + " + _spec(best_val), "m": after})
-            if split == "validation":
-                adopt = ok
-                chosen = best_val if adopt else None
-        if split == "validation":
-            cgrid = collapse_grid(sp, env)
-            raw += [{"split": split, "kind": "raw", "row": _col(st), "m": m} for st, m in cgrid]
-            best_col = choose_collapse(cgrid, args.max_false_flag)
-        else:
-            shown_c = [st for st in (best_col, CollapseSettings()) if st is not None]
-            raw += [{"split": split, "kind": "raw", "row": _col(st), "m": measure(sp, raw_flags(sp, "collapse", st, env))}
-                    for st in dict.fromkeys(shown_c)]
-        if best_col is not None:
-            ok_c, after_c = earns_place(others, raw_flags(sp, "collapse", best_col, env), sp, args.max_false_flag)
-            raw.append({"split": split, "kind": "raw", "row": "union but collapse + " + _col(best_col), "m": after_c})
-            if split == "validation":
-                col_adopt = ok_c
+        searches = (("spectral", spectral_grid, choose_spectral, SpectralSettings(), best_val, _spec, union, "union"),
+                    ("collapse", collapse_grid, choose_collapse, CollapseSettings(), best_col, _col, others,
+                     "union but collapse"))
+        found: dict[str, tuple[Any, bool | None]] = {}
+        for name, grid, choose, default, best, label, base, base_name in searches:
+            rows, best, ok = search_rows(split, sp, env, name, grid=grid, choose=choose, default=default, best=best,
+                                         label=label, base=base, base_name=base_name, max_ffr=args.max_false_flag)
+            raw += rows
+            found[name] = (best, ok)
+        best_val, ok = found["spectral"]
+        if ok is not None:
+            adopt = ok
+            chosen = best_val if adopt else None
+        best_col, ok = found["collapse"]
+        if ok is not None:
+            col_adopt = ok
         flagged, review = acted(sp.default)
         dec = [{"split": split, "kind": "decision", "row": "default set (sanitize pass)", "m": measure(sp, flagged, review)}]
         if best_val is not None:
