@@ -83,6 +83,7 @@ from otcclip.models.config.detectors import DecisionSettings, DuplicatesSettings
 from otcclip.models.detectors import (
     DetectorEnv,
     DuplicateGroups,
+    duplicate_flags,
     duplicate_groups,
     run_detectors,
     trigger_evidence,
@@ -347,7 +348,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else {}
     dup = duplicate_groups(m, settings.duplicates, env) if n and "duplicates" in settings.detectors else None
     if dup is not None:
-        known["duplicates"] = dup.member
+        known["duplicates"] = duplicate_flags(m, dup)
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
     flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
     # a duplicate is not a poisoning verdict: the group's action applies it, after the rest

@@ -43,7 +43,7 @@ from otcclip.models.shortlist import self_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "duplicate_groups",
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "duplicate_flags", "duplicate_groups",
            "nearest_distinct_distance", "typical_pairs_per_image", "typical_size",
            "run_detectors", "register"]
 
@@ -490,11 +490,25 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     return DuplicateGroups(group, exact, thr)
 
 
+def duplicate_flags(m: MatchScores, g: DuplicateGroups) -> np.ndarray:
+    """(N,) bool: the members of ``g``'s groups that hold more pairs than the data's
+    typical image (:func:`typical_pairs_per_image`; on single-caption data every member).
+    On COCO-style data one image's several captions are no finding: their group is still
+    reported in ``dup_group``, not flagged."""
+    member = g.member
+    typical = typical_pairs_per_image(m)
+    if typical > 1 and member.any():
+        sizes = np.bincount(g.group[member])
+        member = member & (sizes[np.maximum(g.group, 0)] > typical)
+    return np.asarray(member, dtype=bool)
+
+
 @register("duplicates")
 def detect_duplicates(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
-    """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`); what
-    happens to them is the group's ``action``, applied by the decision step."""
-    return duplicate_groups(m, st, env).member
+    """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`,
+    :func:`duplicate_flags`); what happens to them is the group's ``action``, applied by
+    the decision step."""
+    return duplicate_flags(m, duplicate_groups(m, st, env))
 
 
 def collapse_evidence(

@@ -98,5 +98,8 @@ def test_sanitize_leaves_clean_multi_caption_pairs_and_drops_the_attack(coco_lik
     # an untrained model is weak: only image_burst (and exact copies) may act on their own
     assert (d.action[~poison] == "keep").all(), sorted(set(zip(d.action[~poison], d.reason[~poison], strict=True)))
     assert (d.action[poison] == "drop").all() and set(d.reason[poison]) == {"image_burst"}
-    # the images' rows are still reported as groups of repeated images, but kept whole
+    # the images' rows are still reported as groups of repeated images, but kept whole and
+    # not flagged: the review table lists the attack, not every clean pair
     assert (d.dup_group[~poison] >= 0).all()
+    assert not any("duplicates" in str(s) for s in d.detectors[~poison])
+    assert all("duplicates" in str(s) for s in d.detectors[poison])
