@@ -83,10 +83,12 @@ from otcclip.models.config.detectors import DecisionSettings, DuplicatesSettings
 from otcclip.models.detectors import (
     DetectorEnv,
     DuplicateGroups,
+    duplicate_flags,
     duplicate_groups,
     run_detectors,
     trigger_evidence,
     trigger_flags,
+    typical_pairs_per_image,
 )
 from otcclip.models.scores import MatchScores
 
@@ -346,7 +348,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else {}
     dup = duplicate_groups(m, settings.duplicates, env) if n and "duplicates" in settings.detectors else None
     if dup is not None:
-        known["duplicates"] = dup.member
+        known["duplicates"] = duplicate_flags(m, dup)
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
     flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
     # a duplicate is not a poisoning verdict: the group's action applies it, after the rest
@@ -534,10 +536,12 @@ def _apply_duplicates(
     """Apply each duplicate group's action in place (arrays of shape (N,)); returns
     ``keep_one``'s fall-back (:attr:`Decisions.dup_fallback`; empty for the other actions).
 
-    Only groups of at least ``min_size`` members are acted on; smaller ones stay whole
-    (their ``dup_group`` still reports them). Members already dropped for another reason
-    stay as they are. ``keep_one`` keeps, per
-    group, the member whose caption agrees best with the image: the pairs are first
+    Only groups of at least ``min_size`` images' worth of members are acted on:
+    ``min_size`` x the data's typical pairs per image
+    (:func:`~otcclip.models.detectors.typical_pairs_per_image`: 1 on single-caption data;
+    on a COCO-style set each image's several correct captions are no burst of copies).
+    Smaller groups stay whole (their ``dup_group`` still reports them). Members already
+    dropped for another reason stay as they are. ``keep_one`` keeps, per group, the member whose caption agrees best with the image: the pairs are first
     pooled into units of identical content (image hash, caption text), a unit scores the
     mean fused score of the caption its pairs keep (``score``), rounded to 1e-4, and the
     best unit wins, ties going to the smaller image hash, then caption hash; within the
@@ -549,9 +553,10 @@ def _apply_duplicates(
     """
     n = len(action)
     grp = np.asarray(dup.group).copy()
-    if (grp >= 0).any():  # groups below min_size are reported, not acted on
+    if (grp >= 0).any():  # groups below the burst size are reported, not acted on
         sizes = np.bincount(grp[grp >= 0])
-        grp[(grp >= 0) & (sizes[np.maximum(grp, 0)] < st.min_size)] = -1
+        need = st.min_size * typical_pairs_per_image(m)
+        grp[(grp >= 0) & (sizes[np.maximum(grp, 0)] < need)] = -1
     members = grp >= 0
     if st.action == "keep_all" or not members.any():
         return {}

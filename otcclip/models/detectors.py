@@ -43,7 +43,8 @@ from otcclip.models.shortlist import self_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "duplicate_groups",
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "duplicate_flags", "duplicate_groups",
+           "nearest_distinct_distance", "typical_pairs_per_image", "typical_size",
            "run_detectors", "register"]
 
 
@@ -113,28 +114,106 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     return (x - med) / mad
 
 
+def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndarray | None) -> np.ndarray:
+    """Cosine distance of each image to its nearest *distinct* image (not a copy).
+
+    Parameters
+    ----------
+    sims, idx : ndarray, shape (N, k)
+        Each row's neighbours among the same N rows (:func:`_knn`; ``-inf`` where none).
+    hashes : ndarray, shape (N,), optional
+        Decoded-pixel hash of each row's image: neighbours with the row's hash are copies.
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        NaN where no neighbour is distinct. Its median is the scale near duplicates are
+        measured against: copies are skipped, so data where every image is repeated
+        (several captions per image) keeps the scale of its distinct images.
+    """
+    distinct = np.isfinite(sims) & (sims < 1.0 - 1e-6)
+    if hashes is not None:
+        distinct &= hashes[idx] != hashes[:, None]
+    nearest = np.where(distinct, sims, -np.inf).max(axis=1).astype(np.float64)
+    return np.where(np.isfinite(nearest), 1.0 - nearest, np.nan)
+
+
+def _median_or_zero(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if len(x) else 0.0
+
+
+def typical_size(size: np.ndarray, ok: np.ndarray, ratio: float, floor: int) -> int:
+    """The smallest count that is a burst: at least ``floor`` and more than ``ratio`` x
+    the median of ``size`` over the readable rows ``ok`` (shapes (N,)).
+
+    Scale-free: on data with one caption per image the median is 1 and ``floor``
+    decides; on data whose images each carry several correct captions (COCO: 5) a
+    burst must stand out from them.
+    """
+    typical = float(np.median(size[ok])) if ok.any() else 1.0
+    return max(int(floor), int(np.floor(ratio * typical)) + 1)
+
+
+def typical_pairs_per_image(m: MatchScores) -> int:
+    """The median, over readable pairs, of the pairs showing the same image (the same
+    decoded pixels, ``image_hash``): 1 on single-caption data, 5 on COCO-style data.
+    1 without image hashes."""
+    ok = np.asarray(m.ok, dtype=bool)
+    if m.image_hash is None or not ok.any():
+        return 1
+    _, inverse, counts = np.unique(np.asarray(m.image_hash, dtype=np.int64)[ok], return_inverse=True,
+                                   return_counts=True)
+    return max(1, int(np.median(counts[inverse.reshape(-1)])))
+
+
+def _distinct_captions_per_hash(caption_hash: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """(N,) int: distinct caption texts over all the rows with each row's pixel hash."""
+    pairs = np.unique(np.stack([hashes, np.asarray(caption_hash, dtype=np.int64)], axis=1), axis=0)
+    img, per = np.unique(pairs[:, 0], return_counts=True)
+    return np.asarray(per[np.searchsorted(img, hashes)], dtype=np.int64)
+
+
+def _distinct_captions(caption_hash: np.ndarray, sims: np.ndarray, idx: np.ndarray, thr: float,
+                       hashes: np.ndarray | None) -> np.ndarray:
+    """(N,) int: distinct caption texts on each row's image and its copies and near
+    duplicates among its neighbours (same pixel hash, or cosine >= ``thr``)."""
+    own = np.asarray(caption_hash, dtype=np.int64)
+    hit = np.isfinite(sims) & (sims >= thr)
+    if hashes is not None:
+        hit |= np.isfinite(sims) & (hashes[idx] == hashes[:, None])
+    texts = np.concatenate([own[:, None], np.where(hit, own[idx], own[:, None])], axis=1)
+    texts.sort(axis=1)
+    return np.asarray(1 + (np.diff(texts, axis=1) != 0).sum(axis=1), dtype=np.int64)
+
+
 @register("image_burst")
 def detect_image_burst(m: MatchScores, st: ImageBurstSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
-    """Near-duplicate images carrying >= ``burst_min`` distinct captions: the
-    targeted-poisoning signature. Near-duplicate: cosine >= ``dup_threshold`` and cosine
-    distance <= ``dup_relative`` x the median nearest-neighbour distance. Returns (N,) bool."""
+    """Near-duplicate images carrying many distinct captions: the targeted-poisoning
+    signature. Near-duplicate: cosine >= ``dup_threshold`` and cosine distance <=
+    ``dup_relative`` x the median distance to the nearest distinct image. Many: at least
+    ``burst_min`` and more than ``typical_ratio`` x the data's median distinct captions
+    per image (:func:`typical_size`), so the several correct captions of each image of a
+    COCO-style set are no burst. Returns (N,) bool."""
     n = len(m)
     if n < st.burst_min:
         return np.zeros(n, dtype=bool)
-    sims, idx = _knn(m.image_global, max(st.knn, st.burst_min * 2), env)
-    # scale-free: a near-duplicate is also far closer than a typical nearest neighbour
-    typical = float(np.median(1.0 - sims[m.ok, 0])) if m.ok.any() else 0.0
+    hashes = None if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
+    k = max(st.knn, st.burst_min * 2)
+    sims, idx = _knn(m.image_global, k, env)
+    # scale-free: a near-duplicate is also far closer than a typical distinct nearest neighbour
+    ok = np.asarray(m.ok, dtype=bool)
+    typical = _median_or_zero(nearest_distinct_distance(sims, idx, hashes)[ok])
     thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
-    flag = np.zeros(n, dtype=bool)
-    # only rows with enough near-duplicates can burst: the loop visits those alone
-    for i in np.nonzero((sims >= thr).sum(axis=1) + 1 >= st.burst_min)[0]:
-        dup = idx[i][sims[i] >= thr]
-        if len(dup) + 1 < st.burst_min:
-            continue
-        texts = set(m.caption_hash[dup].tolist()) | {int(m.caption_hash[i])}
-        if len(texts) >= st.burst_min:
-            flag[i] = True
-    return flag
+    count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes)
+    need = typical_size(count, ok, st.typical_ratio, st.burst_min)
+    if 2 * need > k and k < n - 1:  # multi-caption data: search as far as a burst reaches
+        k = min(2 * need, n - 1)
+        sims, idx = _knn(m.image_global, k, env)
+        count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes)
+    if hashes is not None:  # every copy counts, not only those among the searched neighbours
+        count = np.maximum(count, _distinct_captions_per_hash(m.caption_hash, hashes))
+    return np.asarray(count >= need, dtype=bool)
 
 
 @register("density")
@@ -382,12 +461,7 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
         dst.append(first[inverse])
         exact[ok] = counts[inverse] > 1
     sims, idx = _knn(m.image_global[ok], min(st.knn, len(ok) - 1), env)
-    distinct = np.isfinite(sims) & (sims < 1.0 - 1e-6)
-    if hashes is not None:
-        distinct &= hashes[ok][idx] != hashes[ok][:, None]
-    nearest = np.where(distinct, sims, -np.inf).max(axis=1)
-    nearest = nearest[np.isfinite(nearest)]
-    typical = float(np.median(1.0 - nearest)) if len(nearest) else 0.0
+    typical = _median_or_zero(nearest_distinct_distance(sims, idx, None if hashes is None else hashes[ok]))
     thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
     hit = np.isfinite(sims) & (sims >= thr)
     rows = np.repeat(np.arange(len(ok)), hit.sum(axis=1))
@@ -416,11 +490,25 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     return DuplicateGroups(group, exact, thr)
 
 
+def duplicate_flags(m: MatchScores, g: DuplicateGroups) -> np.ndarray:
+    """(N,) bool: the members of ``g``'s groups that hold more pairs than the data's
+    typical image (:func:`typical_pairs_per_image`; on single-caption data every member).
+    On COCO-style data one image's several captions are no finding: their group is still
+    reported in ``dup_group``, not flagged."""
+    member = g.member
+    typical = typical_pairs_per_image(m)
+    if typical > 1 and member.any():
+        sizes = np.bincount(g.group[member])
+        member = member & (sizes[np.maximum(g.group, 0)] > typical)
+    return np.asarray(member, dtype=bool)
+
+
 @register("duplicates")
 def detect_duplicates(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
-    """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`); what
-    happens to them is the group's ``action``, applied by the decision step."""
-    return duplicate_groups(m, st, env).member
+    """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`,
+    :func:`duplicate_flags`); what happens to them is the group's ``action``, applied by
+    the decision step."""
+    return duplicate_flags(m, duplicate_groups(m, st, env))
 
 
 def collapse_evidence(

@@ -323,7 +323,7 @@ def _thumbnail_uri(manifest: Any, row: int, size: int = 64) -> str | None:
 
 def review_rows(manifest: Any, decisions: Decisions, *, thumbnails: int = MAX_THUMBNAILS,
                 limit: int = MAX_REVIEW_ROWS) -> list[dict[str, Any]]:
-    """The changed or flagged pairs, most suspicious first, as JSON-ready dicts.
+    """The changed, flagged or review-marked pairs, most suspicious first, as JSON-ready dicts.
 
     Suspicion orders by ``p_clean`` ascending (NaN, e.g. unreadable, first), then by the
     margin of the best caption over the pair's own (``best_fused - own fused``) descending.
@@ -331,7 +331,8 @@ def review_rows(manifest: Any, decisions: Decisions, *, thumbnails: int = MAX_TH
     """
     n = len(decisions)
     flagged = np.array([bool(str(d)) for d in decisions.detectors.tolist()], dtype=bool) if n else np.zeros(0, bool)
-    rows = np.nonzero((decisions.action != "keep") | flagged)[0]
+    review = np.asarray(decisions.review, dtype=bool)  # kept, but a change was proposed: the user decides
+    rows = np.nonzero((decisions.action != "keep") | flagged | review)[0]
     p = np.asarray(decisions.p_clean, dtype=np.float64)[rows]
     margin = (np.asarray(decisions.best_fused_score, np.float64) - np.asarray(decisions.fused_score, np.float64))[rows]
     order = np.lexsort((-np.nan_to_num(margin, nan=np.inf), np.nan_to_num(p, nan=-1.0)))
@@ -348,7 +349,8 @@ def review_rows(manifest: Any, decisions: Decisions, *, thumbnails: int = MAX_TH
         j = int(decisions.new_caption_index[r])
         out.append({
             "id": str(ids[r]), "action": str(decisions.action[r]), "reason": str(decisions.reason[r]),
-            "detectors": str(decisions.detectors[r]), "caption": caps[r], "new_caption": caps[j] if j >= 0 else None,
+            "detectors": str(decisions.detectors[r]), "review_reason": str(decisions.review_reason[r]),
+            "caption": caps[r], "new_caption": caps[j] if j >= 0 else None,
             "label": None if labels is None else labels[r],
             "p_clean": num(decisions.p_clean[r]), "own": num(decisions.fused_score[r]),
             "best": num(decisions.best_fused_score[r]),
@@ -407,7 +409,7 @@ function render() {
   $('review-body').innerHTML = part.map(r => `<tr class="row" data-id="${esc(r.id)}">
     <td>${r.thumb ? `<img class="thumb" alt="" src="${r.thumb}">` : '<span class="muted">-</span>'}</td>
     <td>${esc(r.id)}</td><td class="act-${esc(r.action)}">${esc(r.action)}</td>
-    <td><code>${esc(r.reason)}</code>${r.detectors ? `<br><small>${esc(r.detectors)}</small>` : ''}</td>
+    <td><code>${esc(r.reason)}</code>${r.detectors ? `<br><small>${esc(r.detectors)}</small>` : ''}${r.review_reason ? `<br><small>proposed: ${esc(r.review_reason)}</small>` : ''}</td>
     <td>${esc(r.caption)}</td><td>${esc(r.new_caption)}</td>
     <td>${r.p_clean == null ? '' : r.p_clean.toFixed(3)}</td><td>${r.own == null ? '' : r.own.toFixed(3)}</td>
     <td>${r.best == null ? '' : r.best.toFixed(3)}</td></tr>`).join('');
@@ -415,7 +417,7 @@ function render() {
   $('prev').disabled = page === 0; $('next').disabled = page >= pages - 1;
 }
 function csv(rows) {
-  const cols = ['id', 'action', 'reason', 'detectors', 'label', 'caption', 'new_caption', 'p_clean', 'own', 'best'];
+  const cols = ['id', 'action', 'reason', 'detectors', 'review_reason', 'label', 'caption', 'new_caption', 'p_clean', 'own', 'best'];
   const q = v => v == null ? '' : /[",\n\r]/.test(String(v)) ? '"' + String(v).replace(/"/g, '""') + '"' : String(v);
   return [cols.join(','), ...rows.map(r => cols.map(c => q(r[c])).join(','))].join('\n') + '\n';
 }
@@ -434,7 +436,7 @@ render();
 
 def render_html(manifest: Any, decisions: Decisions, report: dict[str, Any], *, examples: int = MAX_THUMBNAILS) -> str:
     """A self-contained HTML report (no external resources): summary, legend, histograms and a
-    review table of the changed and flagged pairs (filters, paging, thumbnails, CSV export).
+    review table of the changed, flagged and review-marked pairs (filters, paging, thumbnails, CSV export).
 
     ``examples`` caps the thumbnails. Fields other parts add to ``report`` (a model-quality
     verdict, review decisions) are shown when present.
@@ -482,7 +484,7 @@ sha256 <code>{report['input']['sha256'][:16]}…</code>)</p>
 <h2>Reasons</h2><table><tr><th>action/reason</th><th>pairs</th></tr>{counts}</table>
 <h3>Legend</h3><table id="legend">{legend}</table>
 <h2>Pairs to review</h2>
-<p>Changed or flagged pairs, most suspicious first (lowest <code>p_clean</code>, then the widest margin of the best caption over the own one).</p>
+<p>Changed, flagged and review-marked pairs, most suspicious first (lowest <code>p_clean</code>, then the widest margin of the best caption over the own one).</p>
 <div class="controls">
 <label>action <select id="f-action"><option value="">all</option></select></label>
 <label>reason <select id="f-reason"><option value="">all</option></select></label>

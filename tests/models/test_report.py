@@ -102,3 +102,17 @@ def test_cli_sanitize_end_to_end_and_bad_input(tmp_path: Path, tiny_bundle, caps
     bad.write_text("id,image\n1,img/000.jpg\n")
     assert "caption" in err(str(bad), "--checkpoint", str(ckpt), "--out", str(out))
     assert np.isfinite(pq.read_table(out / "decisions.parquet").column("p_clean").to_numpy()).all()
+
+
+def test_review_table_lists_the_pairs_marked_for_review(tmp_path: Path, tiny_bundle) -> None:
+    from otcclip.models.report import review_rows
+
+    man = read_manifest(make_manifest(tmp_path))
+    d = sanitize(man, tiny_bundle, config=CFG).decisions
+    # a kept pair with no detector flag whose proposed change lacked evidence (a weak model's)
+    r = next(i for i in range(len(man)) if d.action[i] == "keep")
+    d.detectors[r], d.review[r], d.review_reason[r] = "", True, "reassign/low_own_score: weak model"
+    listed = {row["id"]: row for row in review_rows(man, d)}
+    assert man.ids[r] in listed and listed[man.ids[r]]["review_reason"] == "reassign/low_own_score: weak model"
+    plain = [i for i in range(len(man)) if d.action[i] == "keep" and not d.review[i] and not str(d.detectors[i])]
+    assert not {man.ids[i] for i in plain} & set(listed)

@@ -21,7 +21,10 @@ class ImageBurstSettings(Settings):
     dup_relative: float = setting(0.1, "...and cosine distance at most this share of the median nearest-neighbour distance",
                                   ge=0, le=1)
     burst_min: int = setting(5, "distinct captions on one image (with its near-duplicates) that make a burst", ge=2)
-    knn: int = setting(10, "neighbours searched per image (at least 2 x burst_min)", ge=1, le=1000)
+    typical_ratio: float = setting(2.0, "...and more than this many times the data's typical distinct captions per "
+                                        "image (median over readable pairs: 1 on single-caption data, where burst_min "
+                                        "decides; 5 on COCO-style data, where a burst needs 11)", ge=1)
+    knn: int = setting(10, "neighbours searched per image (at least 2 x the burst size)", ge=1, le=1000)
 
     def __post_init__(self) -> None:
         check(self)
@@ -134,8 +137,10 @@ class DuplicatesSettings(Settings):
                                         "nearest distinct image (scale-free: a collapsed model's embeddings group nothing)",
                                    ge=0, le=1)
     knn: int = setting(20, "neighbours searched per image for near duplicates", ge=1, le=1000)
-    min_size: int = setting(8, "groups of fewer members are only reported (dup_group) and kept whole; the action "
-                               "applies from this size (a burst of copies, not a few near-identical images)", ge=2)
+    min_size: int = setting(8, "groups showing fewer images are only reported (dup_group) and kept whole; the action "
+                               "applies from this size (a burst of copies, not a few near-identical images), counted "
+                               "in images: times the data's typical pairs per image (1 on single-caption data; 5 on "
+                               "COCO-style data, whose images each carry several correct captions)", ge=2)
     action: str = setting("keep_one", "keep_one: keep the member whose caption agrees best with the image, drop the "
                                       "rest; drop_all: drop every member; keep_all: only report the group",
                           choices=DUPLICATE_ACTIONS)
