@@ -16,9 +16,12 @@ reassign  to the best shortlisted caption when that caption's score is clean-lik
           (margin > ``margin_z`` of them), ``<detector>`` (a detector flagged the pair, any positive margin)
 drop      ``unreadable_image``, ``no_plausible_caption`` (suspicious and no clean-like
           alternative), ``<detector>`` when a detector flagged it and nothing better exists,
-          and always ``trigger_sensitivity``: the pair's score rests on a trigger (it
-          collapses on a purified view of the image), so the captions the image scores
-          best with are the trigger's as well; ``trigger_template``: the image carries a
+          and ``trigger_sensitivity`` even when one does: the pair's score rests on a
+          trigger (it collapses on a purified view of the image), so the captions the
+          image scores best with are the trigger's as well (with ``abstain`` on, its flag
+          needs calibrated score evidence like any detector outside
+          ``weak_model_detectors``; the template search it seeds drops the triggered
+          images); ``trigger_template``: the image carries a
           trigger pattern found by :func:`~otcclip.models.triggers.apply_templates`;
           ``duplicate``: a member of a group of repeated images that the ``duplicates``
           check's action removes (``keep_one``: every member but the one whose caption
@@ -96,7 +99,8 @@ __all__ = ["ACTIONS", "DROP_DETECTORS", "DUPLICATE", "REVIEW", "DecisionSettings
            "assess_model", "decide_pairs", "fit_p_clean", "keep_best_survivor"]
 
 ACTIONS = ("keep", "reassign", "drop")
-#: Detectors whose flagged pairs are dropped even when a clean-like alternative exists.
+#: Detectors whose flagged pairs are dropped even when a clean-like alternative exists
+#: (with ``abstain`` on, only with calibrated score evidence: see the module docstring).
 DROP_DETECTORS = ("trigger_sensitivity",)
 #: Reason code of a pair kept because the engine was not sure of the change it proposed.
 REVIEW = "review"
@@ -216,12 +220,17 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
     return p_clean, info
 
 
-def _own_cosine(m: MatchScores) -> np.ndarray:
-    """(N,) cosine of each image's global embedding with its own caption's (as the control)."""
-    img = m.image_global.astype(np.float32)
-    cap = m.caption_global.astype(np.float32)
-    den = np.maximum(np.linalg.norm(img, axis=1) * np.linalg.norm(cap, axis=1), 1e-12)
-    return np.asarray((img * cap).sum(axis=1) / den)
+def _own_cosine(m: MatchScores, *, block: int = 65_536) -> np.ndarray:
+    """(N,) cosine of each image's global embedding with its own caption's, the quantity
+    the model-quality control measures; in row blocks, so the temporaries stay
+    (block, d) whatever N."""
+    out = np.empty(len(m), dtype=np.float32)
+    for s in range(0, len(m), block):
+        img = m.image_global[s : s + block].astype(np.float32)
+        cap = m.caption_global[s : s + block].astype(np.float32)
+        den = np.maximum(np.linalg.norm(img, axis=1) * np.linalg.norm(cap, axis=1), 1e-12)
+        out[s : s + block] = (img * cap).sum(axis=1) / den
+    return out
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
@@ -268,9 +277,11 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         cap /= np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
         own = (img * cap).sum(axis=1)
         rng = np.random.default_rng(seed)
+        # permute in id-key order, so the same pairs in any row order get the same control
+        base = np.argsort(np.asarray(m.row_key)[ok], kind="stable") if m.row_key is not None else np.arange(n)
         shuf = []
         for _ in range(CONTROL_DRAWS):
-            p = rng.permutation(n)
+            p = base[rng.permutation(n)]
             q = np.empty(n, dtype=np.int64)
             q[p] = np.roll(p, -1)  # a derangement: pair p[j] gets the caption of p[j+1]
             keep = m.caption_hash[ok] != m.caption_hash[ok][q]

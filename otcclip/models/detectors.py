@@ -213,7 +213,7 @@ def detect_image_burst(m: MatchScores, st: ImageBurstSettings, env: DetectorEnv 
         count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes)
     if hashes is not None:  # every copy counts, not only those among the searched neighbours
         count = np.maximum(count, _distinct_captions_per_hash(m.caption_hash, hashes))
-    return np.asarray(count >= need, dtype=bool)
+    return np.asarray((count >= need) & ok, dtype=bool)  # unreadable rows share hash 0: never a burst
 
 
 @register("density")

@@ -297,7 +297,7 @@ REASON_LEGEND: dict[str, str] = {
     "image_burst": "detector: one (near-duplicate) image under many distinct captions (targeted poisoning)",
     "density": "detector: the pair is unlike the rest of the data (sparse neighbourhood)",
     "caption_burst": "detector: one caption on many images, this image an outlier among them",
-    "trigger_sensitivity": "detector: the score collapses when a possible trigger is removed (backdoor); always dropped",
+    "trigger_sensitivity": "detector: the score collapses when a possible trigger is removed (backdoor); dropped (with abstain on, only with calibrated score evidence)",
     "collapse": "detector: images of different content packed abnormally tight by the model under one caption "
                 "class (a learnt backdoor, whatever its trigger)",
     "duplicates": "check: the image is repeated (exact or near duplicate) in the data; see Duplicate groups",
