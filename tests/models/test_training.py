@@ -122,7 +122,8 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
     cfg = _cfg(
         defence="otcclip", epochs=4, reassign="drop", drop_reasons=(), score_rematch=True,
         sticky_reasons=("low_own_score", "better_caption", "no_plausible_caption", "density"),
-        sanitize={"decisions": {"detectors": ("density",)}, "k": 8},
+        # the engine's raw proposals (abstain off): a young model's are kept for review otherwise
+        sanitize={"decisions": {"detectors": ("density",), "abstain": False}, "k": 8},
     )
     train(small_manifest, tmp_path, config=cfg)
     passes = [pq.read_table(tmp_path / "rematch" / f"epoch_{e:03d}" / "decisions.parquet").to_pydict() for e in (1, 2, 3)]
