@@ -122,7 +122,8 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
     cfg = _cfg(
         defence="otcclip", epochs=4, reassign="drop", drop_reasons=(), score_rematch=True,
         sticky_reasons=("low_own_score", "better_caption", "no_plausible_caption", "density"),
-        sanitize={"decisions": {"detectors": ("density",)}, "k": 8},
+        # the engine's raw proposals (abstain off): a young model's are kept for review otherwise
+        sanitize={"decisions": {"detectors": ("density",), "abstain": False}, "k": 8},
     )
     train(small_manifest, tmp_path, config=cfg)
     passes = [pq.read_table(tmp_path / "rematch" / f"epoch_{e:03d}" / "decisions.parquet").to_pydict() for e in (1, 2, 3)]
@@ -133,6 +134,30 @@ def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_pat
     for p, prev in zip(passes[1:], dropped[:-1], strict=True):
         reason = dict(zip(p["id"], p["reason"], strict=True))
         assert all(reason[i] in cfg.sticky_reasons + ("quarantined",) for i in prev)
+
+
+def test_otcclip_drops_no_clean_pair_without_the_decision_steps_evidence(tmp_path: Path) -> None:
+    """On clean pairs (the demo's digits) the default otcclip passes drop nothing: a
+    detector flag drops a pair only with the evidence the decision step asks of it (else
+    the pair is kept for review); a young model's trigger-sensitivity false alarms used to
+    drop and quarantine clean pairs (12 after these two passes)."""
+    import pyarrow.parquet as pq
+
+    from otcclip.models.datasets import digits_manifest
+
+    man = digits_manifest(tmp_path / "digits", split="train")
+    cfg = _cfg(defence="otcclip", epochs=3, batch_size=128, lr=1e-3, warmup_epochs=2, rematch_every=2,
+               lr_warmup_steps=50, rematch_backoff=1)
+    res = train(man, tmp_path / "run", config=cfg)
+    lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert [x["rematch"]["drop"] for x in lines if "rematch" in x] == [0, 0]
+    assert all(x["n_active"] == 1347 for x in lines)
+    flagged = 0
+    for p in sorted((tmp_path / "run" / "rematch").iterdir()):
+        t = pq.read_table(p / "decisions.parquet").to_pydict()
+        assert set(t["action"]) == {"keep"}
+        flagged += sum(bool(f) for f in t["detectors"])
+    assert flagged, "no detector flag on this set: the test no longer exercises the rule"
 
 
 def test_otcclip_passes_thin_out_while_they_change_nothing(small_manifest: Path, tmp_path: Path) -> None:

@@ -154,6 +154,25 @@ def test_sticky_reasons_quarantine_and_quarantine_outlasts_later_passes() -> Non
     assert state4.quarantine[0] and not state4.triggered[0] and state4.trigger_view[0] == 1
 
 
+def test_a_flag_the_decision_step_kept_for_review_drops_nothing() -> None:
+    """The decision step's evidence rules come first: a pair it kept for review (a flag
+    without calibrated evidence) is kept, not dropped, quarantined or triggered by the
+    flag; a pair quarantined at an earlier pass stays out."""
+    v = _v(
+        ("keep", 0, "review", "trigger_sensitivity"),
+        ("keep", 1, "review", "image_burst,trigger_sensitivity"),
+        ("drop", -1, "trigger_sensitivity", "trigger_sensitivity"),  # the engine acted: evidence
+        ("keep", 3, "review", "trigger_sensitivity"),
+    )
+    for cfg in (_cfg(), _cfg(purified_rematch=True)):
+        out, state = apply_policy(v, _s(4, quarantine=(3,)), cfg, purified_views=True)
+        assert [_row(out, i) for i in (0, 1)] == [("keep", 0, "review"), ("keep", 1, "review")]
+        assert _row(out, 2) == ("drop", -1, "trigger_sensitivity")
+        assert _row(out, 3) == ("drop", -1, "quarantined")
+        assert not state.quarantine[:2].any() and not state.triggered[:2].any()
+        assert out.flags == v.flags  # the flags stay on record (they still seed the template search)
+
+
 def test_trigger_flags_trigger_a_purified_rematch_only_with_it_on_and_purified_views() -> None:
     v = _v(("drop", -1, "trigger_sensitivity", "trigger_sensitivity"), ("keep", 1, "own_best", ""))
     s = PassState.empty(2)

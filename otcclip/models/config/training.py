@@ -19,12 +19,16 @@ DEFAULT_SCHEDULE: dict[str, tuple[int, int]] = {"otcclip": (1, 4), "roclip": (1,
 #: The engine's settings in otcclip's re-matching passes. A model still in training gives
 #: evidence only to the detectors of image bursts and trigger sensitivity; the latter is
 #: tested inside crowded caption neighbourhoods (a backdoor's pairs share a target, a
-#: weak model's false alarms are spread over all captions). The shortlist is short: the
-#: score-based proposals it feeds are off by default (``score_rematch``).
+#: weak model's false alarms are spread over all captions). The decision step judges the
+#: model as for a sanitize job (``abstain``): a flag it lacks the evidence for (under a
+#: weak model every detector's but ``weak_model_detectors``'; under an ok one without
+#: the own caption fitting like a random one) is kept for review, and the trainer drops
+#: no pair on it (:func:`~otcclip.models.training.verdicts.apply_policy`); the trigger
+#: template search and image bursts still act. The shortlist is short: the score-based
+#: proposals it feeds are off by default (``score_rematch``).
 TRAINER_SANITIZE = SanitizeConfig(
     k=8,
     decisions=DecisionSettings(
-        abstain=False,  # a model in training is weak by design; the trainer applies its own policy
         detectors=("image_burst", "trigger_sensitivity"),
         trigger_sensitivity=TriggerSensitivitySettings(z=3.0, knn=100, region_z=3.0),
     ),

@@ -7,8 +7,9 @@ here, in this order:
 
 1. :func:`release_explained`: trigger-sensitivity flags on a view whose trigger template
    was found, on images that do not carry it, are false alarms (kept).
-2. :func:`apply_policy`: the detectors in ``drop_reasons`` decide, score-based proposals
-   are ignored unless ``score_rematch``, and verdicts are sticky across passes
+2. :func:`apply_policy`: pairs the engine kept for review (no calibrated evidence,
+   :mod:`otcclip.models.decisions`) are kept; otherwise the detectors in
+   ``drop_reasons`` decide, score-based proposals are ignored unless ``score_rematch``, and verdicts are sticky across passes
    (:class:`PassState`: quarantined pairs stay dropped, triggered pairs are re-matched
    through their purified view); :func:`record_trigger_views` then notes the view that
    flagged each triggered pair.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from otcclip.models.config.training import SCORE_REASONS, TrainConfig
-from otcclip.models.decisions import ACTIONS, Decisions
+from otcclip.models.decisions import ACTIONS, REVIEW, Decisions
 
 __all__ = [
     "Found",
@@ -223,6 +224,9 @@ def apply_policy(
 
     Per pair, in order:
 
+    - a pair the engine kept for review (reason ``review``: it lacked the evidence the
+      decision step asks of a flag or a score-based change,
+      :mod:`otcclip.models.decisions`) is kept, whatever detectors flagged it;
     - a detector in ``drop_reasons`` that flagged it decides (the one listed first
       becomes the reason: an image burst stays dropped even if a trigger is seen too),
       whatever the engine proposed on scores;
@@ -255,7 +259,8 @@ def apply_policy(
     d = verdicts._draft()
     quarantine, triggered = state.quarantine.clone(), state.triggered.clone()
     for i, r in enumerate(verdicts.reason.tolist()):
-        first = next((x for x in c.drop_reasons if x in d.flags[i]), None)
+        # the decision step's evidence rules come first: a flag it kept for review drops nothing
+        first = None if r == REVIEW else next((x for x in c.drop_reasons if x in d.flags[i]), None)
         if first is not None:
             r = first
             d.set(i, "drop", -1, first)
