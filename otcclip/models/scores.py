@@ -59,29 +59,9 @@ class MatchScores:
 
     @staticmethod
     def concat(parts: Sequence[MatchScores]) -> MatchScores:
-        """Concatenate row blocks (candidate columns padded with -1 / NaN)."""
-        if not parts:
-            raise ValueError("no score shards to concatenate")
-        width = max(p.candidates.shape[1] for p in parts)
-
-        def pad(a: np.ndarray, fill: float) -> np.ndarray:
-            extra = width - a.shape[1]
-            return np.pad(a, ((0, 0), (0, extra)), constant_values=fill) if extra else a
-
-        return MatchScores(
-            candidates=np.concatenate([pad(p.candidates, -1) for p in parts]),
-            global_=np.concatenate([pad(p.global_, np.nan) for p in parts]),
-            ot=np.concatenate([pad(p.ot, np.nan) for p in parts]),
-            fused=np.concatenate([pad(p.fused, np.nan) for p in parts]),
-            ok=np.concatenate([p.ok for p in parts]),
-            image_global=np.concatenate([p.image_global for p in parts]),
-            caption_global=np.concatenate([p.caption_global for p in parts]),
-            caption_hash=np.concatenate([p.caption_hash for p in parts]),
-            purified_own=_concat_optional([p.purified_own for p in parts]),
-            image_hash=_concat_optional([p.image_hash for p in parts]),
-            row_key=_concat_optional([p.row_key for p in parts]),
-            image_thumb=_concat_optional([p.image_thumb for p in parts]),
-        )
+        """Concatenate row blocks (candidate columns padded with -1 / NaN; an optional
+        array that a block lacks is None in the result): :meth:`stack` of all of them."""
+        return MatchScores.stack(iter(parts), sum(len(p) for p in parts))
 
     @staticmethod
     def stack(parts: Iterable[MatchScores], n: int) -> MatchScores:
@@ -128,8 +108,3 @@ class MatchScores:
         return MatchScores(**out)  # type: ignore[arg-type]
 
 
-def _concat_optional(arrays: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    """The arrays concatenated, or None when any part lacks its array."""
-    if any(a is None for a in arrays):
-        return None
-    return np.concatenate([a for a in arrays if a is not None])

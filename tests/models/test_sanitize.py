@@ -102,7 +102,7 @@ def test_staged_equals_one_process_and_shards_round_trip(tmp_path: Path, tiny_bu
     np.testing.assert_array_equal(streamed.new_caption_index, staged.new_caption_index)
 
 
-def test_stack_equals_concat_with_padding_and_optional_arrays() -> None:
+def test_stack_equals_plain_concatenation_with_padding_and_optional_arrays() -> None:
     rng = np.random.default_rng(0)
 
     def block(n: int, k: int, hashed: bool) -> MatchScores:
@@ -113,15 +113,26 @@ def test_stack_equals_concat_with_padding_and_optional_arrays() -> None:
                            caption_hash=rng.integers(0, 9, n), image_hash=rng.integers(0, 9, n) if hashed else None,
                            row_key=rng.integers(0, 9, n))
     parts = [block(5, 3, True), block(4, 5, True), block(3, 4, False)]
-    a, b = MatchScores.concat(parts), MatchScores.stack(iter(parts), 12)
+    b = MatchScores.stack(iter(parts), 12)
+    fill = {"candidates": -1, "global_": np.nan, "ot": np.nan, "fused": np.nan}
+
+    def reference(name: str) -> np.ndarray | None:  # plain concatenation, columns padded
+        arrays = [getattr(p, name) for p in parts]
+        if any(x is None for x in arrays):
+            return None
+        if name in fill:
+            arrays = [np.pad(x, ((0, 0), (0, 5 - x.shape[1])), constant_values=fill[name]) for x in arrays]
+        return np.concatenate(arrays)
+
     for f in fields(MatchScores):
-        x, y = getattr(a, f.name), getattr(b, f.name)
+        x, y = reference(f.name), getattr(b, f.name)
         assert (x is None) == (y is None), f.name
         if x is not None:
             assert x.dtype == y.dtype, f.name
             np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="rows"):
         MatchScores.stack(iter(parts), 13)
+    np.testing.assert_array_equal(MatchScores.concat(parts).fused, b.fused)
 
 
 def test_work_dir_reuse_progress_and_cancel(tmp_path: Path, tiny_bundle) -> None:
