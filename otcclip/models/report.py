@@ -327,7 +327,10 @@ def review_rows(manifest: Any, decisions: Decisions, *, thumbnails: int = MAX_TH
 
     Suspicion orders by ``p_clean`` ascending (NaN, e.g. unreadable, first), then by the
     margin of the best caption over the pair's own (``best_fused - own fused``) descending.
-    The first ``thumbnails`` rows carry a small JPEG data URI (``thumb``).
+    The first ``thumbnails`` rows carry a small JPEG data URI (``thumb``). ``new_caption``
+    is the caption a re-assigned pair now has (None otherwise); ``proposed_caption`` the
+    best candidate of a pair kept for review whose unsure proposal was a re-assignment
+    (None otherwise): it was not applied.
     """
     n = len(decisions)
     flagged = np.array([bool(str(d)) for d in decisions.detectors.tolist()], dtype=bool) if n else np.zeros(0, bool)
@@ -347,10 +350,17 @@ def review_rows(manifest: Any, decisions: Decisions, *, thumbnails: int = MAX_TH
     out = []
     for rank, r in enumerate(rows.tolist()):
         j = int(decisions.new_caption_index[r])
+        action = str(decisions.action[r])
+        # a pair kept for review keeps its own caption; a re-assignment it was not sure of
+        # is shown as the proposal (the best candidate), apart from what was applied
+        best = int(decisions.best_caption_index[r])
+        proposed = (caps[best] if review[r] and best >= 0 and best != j
+                    and str(decisions.review_reason[r]).startswith("reassign") else None)
         out.append({
-            "id": str(ids[r]), "action": str(decisions.action[r]), "reason": str(decisions.reason[r]),
+            "id": str(ids[r]), "action": action, "reason": str(decisions.reason[r]),
             "detectors": str(decisions.detectors[r]), "review_reason": str(decisions.review_reason[r]),
-            "caption": caps[r], "new_caption": caps[j] if j >= 0 else None,
+            "caption": caps[r], "new_caption": caps[j] if j >= 0 and action == "reassign" else None,
+            "proposed_caption": proposed,
             "label": None if labels is None else labels[r],
             "p_clean": num(decisions.p_clean[r]), "own": num(decisions.fused_score[r]),
             "best": num(decisions.best_fused_score[r]),
@@ -399,7 +409,7 @@ function selected() {
   return DATA.filter(r => (!a || r.action === a)
     && (!re || r.reason === re || r.detectors.split(',').includes(re))
     && (!l || String(r.label) === l)
-    && (!q || (r.caption + ' ' + (r.new_caption || '') + ' ' + r.id).toLowerCase().includes(q)));
+    && (!q || (r.caption + ' ' + (r.new_caption || '') + ' ' + (r.proposed_caption || '') + ' ' + r.id).toLowerCase().includes(q)));
 }
 function render() {
   const rows = selected();
@@ -410,14 +420,14 @@ function render() {
     <td>${r.thumb ? `<img class="thumb" alt="" src="${r.thumb}">` : '<span class="muted">-</span>'}</td>
     <td>${esc(r.id)}</td><td class="act-${esc(r.action)}">${esc(r.action)}</td>
     <td><code>${esc(r.reason)}</code>${r.detectors ? `<br><small>${esc(r.detectors)}</small>` : ''}${r.review_reason ? `<br><small>proposed: ${esc(r.review_reason)}</small>` : ''}</td>
-    <td>${esc(r.caption)}</td><td>${esc(r.new_caption)}</td>
+    <td>${esc(r.caption)}</td><td>${r.new_caption != null ? esc(r.new_caption) : r.proposed_caption != null ? `<small class="muted">proposed, not applied:</small><br><i>${esc(r.proposed_caption)}</i>` : ''}</td>
     <td>${r.p_clean == null ? '' : r.p_clean.toFixed(3)}</td><td>${r.own == null ? '' : r.own.toFixed(3)}</td>
     <td>${r.best == null ? '' : r.best.toFixed(3)}</td></tr>`).join('');
   $('page-info').textContent = rows.length ? `${page * PAGE + 1}-${page * PAGE + part.length} of ${rows.length}` : '0 pairs';
   $('prev').disabled = page === 0; $('next').disabled = page >= pages - 1;
 }
 function csv(rows) {
-  const cols = ['id', 'action', 'reason', 'detectors', 'review_reason', 'label', 'caption', 'new_caption', 'p_clean', 'own', 'best'];
+  const cols = ['id', 'action', 'reason', 'detectors', 'review_reason', 'label', 'caption', 'new_caption', 'proposed_caption', 'p_clean', 'own', 'best'];
   const q = v => v == null ? '' : /[",\n\r]/.test(String(v)) ? '"' + String(v).replace(/"/g, '""') + '"' : String(v);
   return [cols.join(','), ...rows.map(r => cols.map(c => q(r[c])).join(','))].join('\n') + '\n';
 }

@@ -116,3 +116,24 @@ def test_review_table_lists_the_pairs_marked_for_review(tmp_path: Path, tiny_bun
     assert man.ids[r] in listed and listed[man.ids[r]]["review_reason"] == "reassign/low_own_score: weak model"
     plain = [i for i in range(len(man)) if d.action[i] == "keep" and not d.review[i] and not str(d.detectors[i])]
     assert not {man.ids[i] for i in plain} & set(listed)
+
+
+def test_review_table_shows_an_unsure_reassignment_as_a_proposal_not_as_applied(tmp_path: Path, tiny_bundle) -> None:
+    from otcclip.models.report import review_rows
+
+    man = read_manifest(make_manifest(tmp_path))
+    d = sanitize(man, tiny_bundle, config=CFG).decisions
+    r = next(i for i in range(len(man)) if d.action[i] == "keep")
+    other = (r + 1) % len(man)
+    d.review[r], d.review_reason[r] = True, "reassign/low_own_score: weak model"
+    d.best_caption_index[r] = other
+    row = {x["id"]: x for x in review_rows(man, d)}[man.ids[r]]
+    assert row["new_caption"] is None  # kept: its caption did not change
+    assert row["proposed_caption"] == man.captions[other]
+    dropped = [i for i in range(len(man)) if d.action[i] == "drop"]
+    moved = [i for i in range(len(man)) if d.action[i] == "reassign"]
+    listed = {x["id"]: x for x in review_rows(man, d)}
+    for i in dropped:
+        assert listed[man.ids[i]]["new_caption"] is None and listed[man.ids[i]]["proposed_caption"] is None
+    for i in moved:
+        assert listed[man.ids[i]]["new_caption"] == man.captions[int(d.new_caption_index[i])]

@@ -29,13 +29,15 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
             d.action[r], d.reason[r], d.new_caption_index[r] = "reassign", "better_caption", (r + 1) % 72
     for r in range(60, 72):
         d.action[r], d.reason[r], d.detectors[r] = "keep", "own_best", ""
+    # one pair kept for review whose unsure proposal was a re-assignment to caption 0
+    d.review[62], d.review_reason[62], d.best_caption_index[62] = True, "reassign/low_own_score: weak model", 0
     d.dup_group[:] = -1
     d.dup_group[[61, 64, 67]] = 0  # one group of repeated images: one kept, two dropped as duplicates
     for r in (64, 67):
         d.action[r], d.reason[r] = "drop", "duplicate"
     files = write_outputs(man, d, tmp_path / "out", config=CFG, model_info={"name": "otc-micro"})
     rows = review_rows(man, d)
-    assert len(rows) == 62 and [r["p_clean"] for r in rows if r["p_clean"] is not None] == \
+    assert len(rows) == 63 and [r["p_clean"] for r in rows if r["p_clean"] is not None] == \
         sorted(r["p_clean"] for r in rows if r["p_clean"] is not None)
     n_better = sum(r["reason"] == "better_caption" for r in rows)
     assert n_better == 59
@@ -44,7 +46,7 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
         page.goto(files.report_html.as_uri())
         page.wait_for_selector("#review-body tr")
         assert page.locator("#review-body tr").count() == 50  # paged
-        assert page.inner_text("#page-info") == "1-50 of 62"
+        assert page.inner_text("#page-info") == "1-50 of 63"
         assert "better_caption" in page.inner_text("#legend")
         page.select_option("#f-reason", "unreadable_image")
         assert page.locator("#review-body tr").count() == 1
@@ -62,6 +64,11 @@ def test_report_app(tmp_path: Path, tiny_bundle) -> None:
         with page.expect_download() as dl:
             page.click("#export")
         text = Path(dl.value.path()).read_text()
+        page.select_option("#f-reason", "")
+        page.fill("#f-text", man.ids[62])
+        assert page.locator("#review-body tr").count() == 1
+        cell = page.inner_text("#review-body tr >> nth=0")
+        assert "proposed, not applied" in cell and man.captions[0] in cell
         assert not blocked, blocked
     exported = list(csv.DictReader(io.StringIO(text)))
     assert len(exported) == n_better and {r["reason"] for r in exported} == {"better_caption"}
