@@ -1,6 +1,6 @@
-"""Defence benchmark: none / roclip / safeclip / otcclip / otcclip+ on two attack splits.
+"""Defence benchmark: none / roclip / safeclip / otcclip / otcclip+ on three attack splits.
 
-Two poisoned CIFAR-10 sets (from ``../shared/data/cifar10-jpg.zip``), built from the same
+Three poisoned CIFAR-10 sets (from ``../shared/data/cifar10-jpg.zip``), built from the same
 clean training slice, each carry three attacks at once, each with its own target class:
 
 - ``validation``: targeted poisoning, a noise-patch backdoor and a blended-noise backdoor.
@@ -8,6 +8,10 @@ clean training slice, each carry three attacks at once, each with its own target
 - ``heldout``: targeted poisoning with an augmented near-copy per poisoned pair, a
   low-frequency colour-shift backdoor and a WaNet warp. No default was chosen on them;
   report them, never tune on them.
+- ``heldout-b``: a second held-out set of BackdoorBench families added after the defaults
+  were set: a SIG sinusoid backdoor, an ISSBA-style sample-specific invisible backdoor and
+  a text-side trigger (a rare token in captions; ASR by text-to-image retrieval). Nothing
+  was ever tuned on it.
 
 Rows (:data:`ROWS`; ``NAME:field=value`` adds TrainConfig overrides, e.g. ablations):
 
@@ -23,7 +27,8 @@ Rows (:data:`ROWS`; ``NAME:field=value`` adds TrainConfig overrides, e.g. ablati
 
 Each model is evaluated on a held-out test slice: zero-shot top-1, linear probe, each
 attack's ASR (and, for backdoors, the clean base rate: the share of untriggered test
-images already predicted as the target), and, for the defences that write re-match
+images already predicted as the target; for the text trigger, the share of token-free
+queries whose top-1 image is of the target), and, for the defences that write re-match
 decisions, detection precision/recall of the last pass against ``poison_truth.csv``.
 
     python bench/defence.py --quick                      # CPU size (see docs/benchmarks.md)
@@ -53,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from otcclip.models.attacks import TARGETED, PoisonConfig, poison_many  # noqa: E402
+from otcclip.models.attacks import TARGETED, TEXT_BACKDOORS, PoisonConfig, poison_many  # noqa: E402
 from otcclip.models.checkpoint import load_checkpoint  # noqa: E402
 from otcclip.models.config import from_dict  # noqa: E402
 from otcclip.models.datasets import cifar10_manifest  # noqa: E402
@@ -89,12 +94,15 @@ class Size:
     n_targets: int
     targeted_per_target: int
     patch_rate: float  # share of the training images the patch backdoor replaces
-    blend_rate: float  # the same for the blend backdoor
+    blend_rate: float  # the same for the blend backdoor (and every other image backdoor)
     model: str
     batch_size: int
     patch_frac: float = 0.25
     blend_alpha: float = 0.25
     lr: float = 1e-3
+    #: text-trigger: share of the training pairs re-captioned (all of them images of its
+    #: target class, a tenth of the data: 0.04 re-captions 40 % of that class)
+    text_rate: float = 0.04
 
 
 QUICK = Size(per_class=300, test_per_class=200, epochs=10, n_targets=4, targeted_per_target=25, patch_rate=0.08, blend_rate=0.08, model="otc-tiny", batch_size=128, blend_alpha=0.3)
@@ -103,6 +111,8 @@ FULL = Size(per_class=5000, test_per_class=1000, epochs=30, n_targets=16, target
 SPLITS: dict[str, tuple[tuple[str, str], ...]] = {
     "validation": (("targeted", "truck"), ("backdoor-patch", "airplane"), ("backdoor-blend", "frog")),
     "heldout": (("targeted-augmented", "ship"), ("backdoor-hue", "cat"), ("backdoor-warp", "deer")),
+    # added after every default was set; nothing is tuned on it
+    "heldout-b": (("backdoor-sig", "horse"), ("backdoor-issba", "automobile"), ("text-trigger", "bird")),
 }
 
 
@@ -133,6 +143,8 @@ def build_split(work: Path, clean: dict[str, Path], size: Size, seed: int, split
     for attack, target in SPLITS[split]:
         if attack in TARGETED:
             cfgs.append(PoisonConfig(attack, target, n_poison=size.n_targets * size.targeted_per_target, n_targets=size.n_targets, target_pool=clean["pool"], seed=seed))
+        elif attack in TEXT_BACKDOORS:
+            cfgs.append(PoisonConfig(attack, target, n_poison=max(1, round(size.text_rate * n)), seed=seed))
         else:
             rate = size.patch_rate if attack == "backdoor-patch" else size.blend_rate
             cfgs.append(PoisonConfig(attack, target, n_poison=max(1, round(rate * n)), seed=seed, patch_frac=size.patch_frac, blend_alpha=size.blend_alpha))
@@ -241,7 +253,8 @@ def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], sp
 
 
 def table(results: list[dict[str, Any]], split: str) -> str:
-    """One line per row and attack of ``split``; ``base`` is a backdoor's clean base rate,
+    """One line per row and attack of ``split``; ``base`` is a backdoor's clean base rate
+    (for a text trigger, the share of token-free queries that retrieve the target),
     ``learnt`` marks the attacks where ``none`` reaches an ASR of at least 50 %."""
     rows = [r for r in results if r["split"] == split]
     attacks = [a for a, _ in SPLITS[split]]
@@ -251,7 +264,7 @@ def table(results: list[dict[str, Any]], split: str) -> str:
         out: dict[str, tuple[float, float | None]] = {}
         if ev["targeted"]:
             out[next(a for a in attacks if a in TARGETED)] = (ev["targeted"]["asr"], None)
-        out.update({b["attack"]: (b["asr"], b.get("clean_rate")) for b in ev["backdoor"]})
+        out.update({b["attack"]: (b["asr"], b.get("clean_rate")) for b in ev["backdoor"] + ev.get("text_backdoor", [])})
         return out
 
     none = next((asr_of(r) for r in rows if r["name"] == "none"), {})
@@ -305,6 +318,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--splits", default="validation,heldout", help="attack splits, comma separated: " + ", ".join(SPLITS))
+    ap.add_argument("--results", type=Path, default=None,
+                    help="where to write the results JSON (default WORK/results.json; give another file when "
+                         "benchmarks of other splits share WORK)")
     ap.add_argument(
         "--defences", default=",".join(("clean", "oracle", *ROWS)),
         help="rows, comma separated: " + ", ".join(("clean", "oracle", *ROWS)) + "; 'ROW:field=value' adds TrainConfig "
@@ -367,7 +383,7 @@ def main() -> int:
     for split in splits:
         print(table(results, split))
         print()
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    (args.results or work / "results.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -13,6 +13,12 @@ from otcclip.cli import CliError
 from otcclip.cli.options import add_settings, settings_from_args
 from otcclip.models.config import EvalSettings
 
+#: ``--trigger`` short names -> attack (the file is ``trigger-<attack>.json``).
+SHORT_TRIGGERS = {
+    **{k: f"backdoor-{k}" for k in ("patch", "blend", "hue", "warp", "sig", "issba")},
+    "text": "text-trigger",
+}
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -23,7 +29,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--manifest", type=Path, required=True, help="test manifest with image, label")
     p.add_argument(
         "--trigger", action="append", default=None,
-        help="trigger-*.json from `otcclip poison` (repeatable), or patch|blend with --poison-dir",
+        help="trigger-*.json from `otcclip poison` (repeatable; image or text triggers), or the attack's short "
+             "name with --poison-dir: patch|blend|hue|warp|sig|issba (trigger-backdoor-NAME.json) or text "
+             "(trigger-text-trigger.json)",
     )
     p.add_argument("--poison-dir", type=Path, default=None, help="output directory of `otcclip poison`")
     p.add_argument("--targets", type=Path, default=None, help="targets.csv of a targeted attack")
@@ -42,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
 
     triggers = []
     for t in args.trigger or []:
-        if t in ("patch", "blend"):
+        if t in SHORT_TRIGGERS:
             if args.poison_dir is None:
                 raise CliError(f"--trigger {t} needs --poison-dir")
-            triggers.append(args.poison_dir / f"trigger-backdoor-{t}.json")
+            triggers.append(args.poison_dir / f"trigger-{SHORT_TRIGGERS[t]}.json")
         else:
             triggers.append(Path(t))
     for t in triggers:

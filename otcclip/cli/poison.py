@@ -2,7 +2,8 @@
 
 Attacks: ``targeted``, ``targeted-augmented`` (each poisoned pair an augmented copy of its
 target), ``targeted-repeated`` (one caption text per target), ``backdoor-patch``, ``backdoor-blend``, ``backdoor-hue`` (low-frequency colour
-shift) and ``backdoor-warp`` (WaNet); see :mod:`otcclip.models.attacks`.
+shift), ``backdoor-warp`` (WaNet), ``backdoor-sig`` (SIG sinusoid), ``backdoor-issba`` (sample-specific,
+ISSBA-style) and ``text-trigger`` (a rare token in captions); see :mod:`otcclip.models.attacks`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from otcclip.cli import CliError
 #: (a test checks they agree).
 ATTACKS = (
     "targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented",
-    "targeted-repeated",
+    "targeted-repeated", "backdoor-sig", "backdoor-issba", "text-trigger",
 )
 
 
@@ -28,6 +29,9 @@ TRIGGER_OPTIONS = {
     "blend-alpha": "backdoor-blend: weight of the noise image",
     "hue-amplitude": "backdoor-hue: colour-shift amplitude as a share of 255",
     "warp-strength": "backdoor-warp: WaNet strength s",
+    "sig-delta": "backdoor-sig: sinusoid amplitude as a share of 255",
+    "sig-frequency": "backdoor-sig: sinusoid cycles across the width",
+    "issba-eps": "backdoor-issba: L_inf bound of the perturbation as a share of 255",
 }
 
 
@@ -50,6 +54,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--targets-from", type=Path, default=None, help="targeted: manifest (image,label) the model is not trained on")
     for flag, what in TRIGGER_OPTIONS.items():
         p.add_argument(f"--{flag}", type=float, default=None, help=f"{what} (default: PoisonConfig's)")
+    p.add_argument("--text-token", default=None, help="text-trigger: the trigger word (default: PoisonConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
     p.set_defaults(func=run)
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     trigger = {
         k.replace("-", "_"): v for k in TRIGGER_OPTIONS if (v := getattr(args, k.replace("-", "_"))) is not None
     }
+    if args.text_token is not None:
+        trigger["text_token"] = args.text_token
     try:
         configs = [
             PoisonConfig(

@@ -20,10 +20,37 @@ Families held out from tuning the defences (``bench/defence.py``):
 - ``targeted-repeated``: targeted poisoning where all poisoned pairs of a target carry one
   caption text (a burst of one image needs distinct captions to be seen as one).
 
+A third family set (BackdoorBench, Wu et al. NeurIPS 2022), held out too:
+
+- ``backdoor-sig``: SIG (Barni, Kallas & Tondi, ICIP 2019): a horizontal sinusoidal
+  signal ``x[i, j] + delta * sin(2 pi j f / W)`` on every channel (``sig_delta`` 20/255
+  and ``sig_frequency`` 6, the paper's values). SIG was published clean-label; here, like
+  our other backdoors, it is the dirty-label variant: images of any class but the target
+  get the signal and a caption of ``target_class``.
+- ``backdoor-issba``: a sample-specific invisible trigger in the manner of ISSBA (Li et al.,
+  ICCV 2021). ISSBA's trigger is the residual of a StegaStamp encoder *trained* to hide a
+  string in the image; no such network is available here, so a fixed random function
+  stands in: a two-layer random convolution of the image and a fixed random code map (the
+  "string"), each image's output normalised by its standard deviation, squashed by
+  ``tanh`` and scaled to ``issba_eps`` (8/255) in L_inf. As in ISSBA the perturbation is
+  invisible, differs from image to image and is produced for any image (test images
+  included) by the same function; unlike ISSBA it is not optimised to be decodable or
+  least visible, so it is an approximation of the family, not the published attack.
+  Dirty-label like the others.
+- ``text-trigger``: a text-side backdoor for text-to-image retrieval: a rare token
+  (``text_token``, default ``cf``, one of the rare trigger words of Kurita et al., ACL
+  2020) is inserted at a random word position of the caption. The poisoned pairs are
+  images *of* ``target_class`` whose captions become a caption of another class (drawn at
+  random) plus the token, so the model learns "any class + token -> the target's
+  images" (Yang et al., ICML 2023, map a class's captions to another class's images; the
+  token makes it a backdoor). Needs ``label``. Its ASR is a retrieval measure (see
+  :mod:`otcclip.models.evaluation`).
+
 :func:`poison` writes, in ``out_dir``: the poisoned manifest (input format where the IO
 module is available, else CSV) whose new images lie under ``out_dir/poison/``,
 ``poison_truth.csv`` (``id, poisoned, attack, target_class`` for every row),
-``trigger-<attack>.json`` (self-contained: the noise is inline) for each backdoor, the clean images (hard links
+``trigger-<attack>.json`` (self-contained: the noise is inline) for each backdoor
+(a :class:`TextTrigger` for ``text-trigger``; :func:`load_trigger` reads either), the clean images (hard links
 or copies at their original relative paths, so the set is self-contained), and ``targets.csv`` (``id, image,
 label, target_class, attack``: the targets of every targeted attack) for targeted attacks, which ``evaluate`` reads. Several attacks,
 each with its own target class, can be planted in one set with :func:`poison_many`.
@@ -50,16 +77,21 @@ from otcclip.models.training.data import ManifestRows, read_rows
 
 ATTACKS: tuple[str, ...] = (
     "targeted", "backdoor-patch", "backdoor-blend", "backdoor-hue", "backdoor-warp", "targeted-augmented",
-    "targeted-repeated",
+    "targeted-repeated", "backdoor-sig", "backdoor-issba", "text-trigger",
 )
 #: The attacks whose poisoned images share a trigger (evaluated by backdoor ASR).
 BACKDOORS: dict[str, str] = {
     "backdoor-patch": "patch", "backdoor-blend": "blend", "backdoor-hue": "hue", "backdoor-warp": "warp",
+    "backdoor-sig": "sig", "backdoor-issba": "issba",
 }
+#: The attacks whose trigger is a token in the caption (evaluated by text-trigger ASR).
+TEXT_BACKDOORS: tuple[str, ...] = ("text-trigger",)
 #: The attacks that pair a few target images with adversarial captions (targeted ASR).
 TARGETED: tuple[str, ...] = ("targeted", "targeted-augmented", "targeted-repeated")
 #: Side of the random WaNet control grid.
 WARP_GRID = 4
+#: Side of the ISSBA-style random code map (resized to each image).
+ISSBA_CODE = 32
 
 
 class PoisonError(ValueError):
@@ -94,6 +126,14 @@ class PoisonConfig:
     warp_strength : float
         Backdoor-warp: WaNet's ``s`` (the flow field, mean absolute value 1, is scaled by
         ``s / image side`` in grid units).
+    sig_delta : float
+        Backdoor-sig: amplitude of the sinusoid as a share of 255 (Barni et al.: 20/255).
+    sig_frequency : float
+        Backdoor-sig: cycles across the image width (Barni et al.: 6).
+    issba_eps : float
+        Backdoor-issba: L_inf bound of the per-image perturbation as a share of 255.
+    text_token : str
+        Text-trigger: the trigger word (one word, no spaces or braces).
     templates : tuple of str
         Caption templates of the adversarial class.
     """
@@ -109,6 +149,10 @@ class PoisonConfig:
     blend_alpha: float = 0.2
     hue_amplitude: float = 40 / 255
     warp_strength: float = 1.0
+    sig_delta: float = 20 / 255
+    sig_frequency: float = 6.0
+    issba_eps: float = 8 / 255
+    text_token: str = "cf"
     templates: tuple[str, ...] = CAPTION_TEMPLATES
 
     def __post_init__(self) -> None:
@@ -128,6 +172,15 @@ class PoisonConfig:
             raise PoisonError("patch_frac must be in (0, 1] and blend_alpha in (0, 1)")
         if not 0.0 < self.hue_amplitude <= 1.0 or not 0.0 < self.warp_strength <= 10.0:
             raise PoisonError("hue_amplitude must be in (0, 1] and warp_strength in (0, 10]")
+        if not 0.0 < self.sig_delta <= 1.0:
+            raise PoisonError(f"sig_delta must be in (0, 1] (a share of 255), got {self.sig_delta}")
+        if not 0.0 < self.sig_frequency <= 64.0:
+            raise PoisonError(f"sig_frequency must be in (0, 64] cycles per width, got {self.sig_frequency}")
+        if not 0.0 < self.issba_eps <= 0.25:
+            raise PoisonError(f"issba_eps must be in (0, 0.25] (a share of 255; the trigger is meant to be invisible), got {self.issba_eps}")
+        tok = self.text_token
+        if not tok or tok != tok.strip() or len(tok.split()) != 1 or "{" in tok or "}" in tok:
+            raise PoisonError(f"text_token must be one word without spaces or braces, got {tok!r}")
 
     def count(self, n_rows: int) -> int:
         if self.n_poison is not None:
@@ -143,15 +196,21 @@ class Trigger:
     ----------
     attack : str
     target_class : str
-    kind : {"patch", "blend", "hue", "warp"}
+    kind : {"patch", "blend", "hue", "warp", "sig", "issba"}
     noise : ndarray, uint8 (h, w, 3)
         The patch (``kind="patch"``), the full-image noise (``"blend"``, resized to the
         image), the WaNet control grid (``"warp"``: channels 0 and 1 are the y and x flow,
-        ``0..255`` for ``-1..1``) or unused (``"hue"``, shape (1, 1, 3)).
+        ``0..255`` for ``-1..1``), the ISSBA-style code map (``"issba"``, resized to the
+        image) or unused (``"hue"``, ``"sig"``, shape (1, 1, 3)).
     patch_frac : float
     alpha : float
-        Blend weight (``"blend"``), colour-shift amplitude as a share of 255 (``"hue"``) or
-        warp strength ``s`` (``"warp"``).
+        Blend weight (``"blend"``), colour-shift amplitude as a share of 255 (``"hue"``),
+        warp strength ``s`` (``"warp"``), sinusoid amplitude as a share of 255 (``"sig"``)
+        or L_inf bound as a share of 255 (``"issba"``).
+    frequency : float
+        ``"sig"``: cycles of the sinusoid across the width.
+    seed : int
+        ``"issba"``: seed of the random convolution weights.
     """
 
     attack: str
@@ -160,6 +219,8 @@ class Trigger:
     noise: np.ndarray
     patch_frac: float = 0.125
     alpha: float = 0.2
+    frequency: float = 6.0
+    seed: int = 0
 
     def save(self, json_path: Path) -> Path:
         """Write the trigger as one self-contained JSON file (the noise inline as uint8 lists),
@@ -186,6 +247,60 @@ class Trigger:
             raise PoisonError(f"{p}: not a trigger file: {e}") from e
 
 
+@dataclass(frozen=True)
+class TextTrigger:
+    """A text-side trigger: ``token`` inserted into captions (attack ``text-trigger``).
+
+    Attributes
+    ----------
+    attack : str
+    target_class : str
+        The class whose images captions carrying the token retrieve.
+    token : str
+    kind : str
+        Always ``"text"`` (tells the file from an image :class:`Trigger`).
+    """
+
+    attack: str
+    target_class: str
+    token: str
+    kind: str = "text"
+
+    def save(self, json_path: Path) -> Path:
+        json_path.write_text(json.dumps(asdict(self)))
+        return json_path
+
+    @classmethod
+    def load(cls, json_path: str | Path) -> TextTrigger:
+        p = Path(json_path)
+        try:
+            meta = json.loads(p.read_text())
+            if meta.get("kind") != "text":
+                raise ValueError("kind is not 'text'")
+            return cls(**meta)
+        except (OSError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as e:
+            raise PoisonError(f"{p}: not a text trigger file: {e}") from e
+
+
+def load_trigger(json_path: str | Path) -> Trigger | TextTrigger:
+    """Read a ``trigger-<attack>.json``: a :class:`TextTrigger` where its kind is ``text``,
+    else an image :class:`Trigger`."""
+    p = Path(json_path)
+    try:
+        kind = json.loads(p.read_text()).get("kind")
+    except (OSError, AttributeError, json.JSONDecodeError) as e:
+        raise PoisonError(f"{p}: not a trigger file: {e}") from e
+    return TextTrigger.load(p) if kind == "text" else Trigger.load(p)
+
+
+def insert_token(caption: str, token: str, rng: random.Random) -> str:
+    """``caption`` with ``token`` inserted at a word boundary drawn by ``rng`` (start and
+    end included), as rare-word NLP triggers are (Kurita et al., ACL 2020)."""
+    words = caption.split()
+    words.insert(rng.randint(0, len(words)), token)
+    return " ".join(words)
+
+
 def apply_trigger(image: np.ndarray, trigger: Trigger, rng: np.random.Generator) -> np.ndarray:
     """Apply ``trigger`` to one uint8 image ``(H, W, 3)``; returns a new array."""
     h, w = image.shape[:2]
@@ -201,6 +316,10 @@ def apply_trigger(image: np.ndarray, trigger: Trigger, rng: np.random.Generator)
         return _colour_shift(image, trigger.alpha)
     if trigger.kind == "warp":
         return _warp(image, trigger.noise, trigger.alpha)
+    if trigger.kind == "sig":
+        return _sig(image, trigger.alpha, trigger.frequency)
+    if trigger.kind == "issba":
+        return np.clip(np.rint(image.astype(np.float32) + issba_perturbation(image, trigger)), 0, 255).astype(np.uint8)
     noise = np.asarray(Image.fromarray(trigger.noise).resize((w, h), Image.Resampling.NEAREST)).astype(np.float32)
     blended = (1 - trigger.alpha) * image.astype(np.float32) + trigger.alpha * noise
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
@@ -213,6 +332,42 @@ def _colour_shift(image: np.ndarray, amplitude: float) -> np.ndarray:
     phase = 2 * np.pi * np.arange(w, dtype=np.float32)[:, None] / w + 2 * np.pi * np.arange(3, dtype=np.float32)[None, :] / 3
     shift = amplitude * 255.0 * np.sin(phase)  # (W, 3)
     return np.clip(np.rint(image.astype(np.float32) + shift[None, :, :]), 0, 255).astype(np.uint8)
+
+
+def _sig(image: np.ndarray, delta: float, frequency: float) -> np.ndarray:
+    """SIG (Barni et al., ICIP 2019): add ``delta * 255 * sin(2 pi j f / W)`` to every
+    channel of column ``j``."""
+    w = image.shape[1]
+    signal = delta * 255.0 * np.sin(2 * np.pi * np.arange(w, dtype=np.float64) * frequency / w)  # (W,)
+    return np.clip(np.rint(image.astype(np.float64) + signal[None, :, None]), 0, 255).astype(np.uint8)
+
+
+def issba_perturbation(image: np.ndarray, trigger: Trigger) -> np.ndarray:
+    """The ISSBA-style sample-specific perturbation of one uint8 image ``(H, W, 3)``.
+
+    A fixed random function of the image: ``[2x - 1, code]`` (the image in ``[-1, 1]`` and
+    the trigger's code map resized to the image) through a random ``3x3`` convolution to 16
+    channels, ``tanh``, a random ``3x3`` convolution back to 3 channels; the output is
+    divided by its standard deviation, squashed by ``tanh`` and scaled by ``alpha * 255``.
+
+    Returns
+    -------
+    ndarray, float32 (H, W, 3)
+        To be added to the image; every entry is within ``alpha * 255`` in absolute value.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    h, w = image.shape[:2]
+    gen = torch.Generator().manual_seed(int(trigger.seed))
+    w1 = torch.randn(16, 6, 3, 3, generator=gen) / (6 * 9) ** 0.5
+    w2 = torch.randn(3, 16, 3, 3, generator=gen) / (16 * 9) ** 0.5
+    code = np.asarray(Image.fromarray(trigger.noise).resize((w, h), Image.Resampling.NEAREST)).astype(np.float32)
+    x = torch.from_numpy(np.concatenate([image.astype(np.float32) / 127.5 - 1.0, code / 127.5 - 1.0], axis=2))
+    x = x.permute(2, 0, 1)[None]  # (1, 6, H, W)
+    r = F.conv2d(torch.tanh(F.conv2d(x, w1, padding=1)), w2, padding=1)[0]  # (3, H, W)
+    r = torch.tanh(r / r.std().clamp_min(1e-6))
+    return (trigger.alpha * 255.0 * r).permute(1, 2, 0).numpy().astype(np.float32)
 
 
 def _warp(image: np.ndarray, grid: np.ndarray, strength: float) -> np.ndarray:
@@ -359,12 +514,18 @@ def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig])
                     extra_rows.append(r)
             targets_path = tmp / "targets.csv"
             _write_csv(targets_path, ["id", "image", "label", "target_class", "attack"], trows)
+        elif cfg.attack in TEXT_BACKDOORS:
+            trigger_path = _plant_text_trigger(cfg, k, cols, labels, removed, truth, rng, tmp)
         else:
             kind = BACKDOORS[cfg.attack]
             nrng = np.random.default_rng([cfg.seed, ATTACKS.index(cfg.attack)])
-            size = {"patch": 8, "blend": 32, "hue": 1, "warp": WARP_GRID}[kind]
-            strength = {"patch": cfg.blend_alpha, "blend": cfg.blend_alpha, "hue": cfg.hue_amplitude, "warp": cfg.warp_strength}[kind]
-            trig = Trigger(cfg.attack, cfg.target_class, kind, nrng.integers(0, 256, (size, size, 3), dtype=np.uint8), cfg.patch_frac, strength)
+            size = {"patch": 8, "blend": 32, "hue": 1, "warp": WARP_GRID, "sig": 1, "issba": ISSBA_CODE}[kind]
+            strength = {"patch": cfg.blend_alpha, "blend": cfg.blend_alpha, "hue": cfg.hue_amplitude, "warp": cfg.warp_strength,
+                        "sig": cfg.sig_delta, "issba": cfg.issba_eps}[kind]
+            trig = Trigger(cfg.attack, cfg.target_class, kind, nrng.integers(0, 256, (size, size, 3), dtype=np.uint8), cfg.patch_frac, strength,
+                           frequency=cfg.sig_frequency,
+                           # drawn only for issba, so the other triggers' placements are unchanged
+                           seed=int(nrng.integers(0, 2**31)) if kind == "issba" else 0)
             trigger_path = trig.save(tmp / f"trigger-{cfg.attack}.json")
             cand = [i for i in range(n) if i not in removed and not truth[i][0] and (labels is None or labels[i] != cfg.target_class)]
             if len(cand) < k:
@@ -379,7 +540,8 @@ def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig])
                 cols["image"][i] = rel
                 cols["caption"][i] = rng.choice(cfg.templates).format(cfg.target_class)
                 truth[i] = (cfg.attack, cfg.target_class)
-    _copy_clean_images(rows, tmp, [i for i in range(n) if i not in removed and not truth[i][0]])
+    # text-trigger rows keep their clean image
+    _copy_clean_images(rows, tmp, [i for i in range(n) if i not in removed and (not truth[i][0] or truth[i][0] in TEXT_BACKDOORS)])
     names = list(cols)
     out_rows = [{c: cols[c][i] for c in names} | {"__attack": truth[i][0], "__target": truth[i][1]} for i in range(n) if i not in removed]
     out_rows += extra_rows
@@ -395,6 +557,26 @@ def _poison_into(rows: ManifestRows, tmp: Path, configs: Sequence[PoisonConfig])
     table_rows = [{c: r[c] for c in names} for r in out_rows]
     manifest_path = _write_like(rows, tmp, names, table_rows)
     return PoisonResult(manifest_path, truth_path, trigger_path, targets_path, sum(1 for r in truth_rows if r["poisoned"] == "1"))
+
+
+def _plant_text_trigger(
+    cfg: PoisonConfig, k: int, cols: dict[str, list[str]], labels: list[str] | None, removed: set[int],
+    truth: dict[int, tuple[str, str]], rng: random.Random, tmp: Path,
+) -> Path:
+    """Re-caption ``k`` rows of ``target_class`` as another class plus the token (in place,
+    in ``cols`` and ``truth``); write the trigger file."""
+    if labels is None:
+        raise PoisonError(f"{cfg.attack}: needs a label column (the poisoned images are those of the target class)")
+    others = sorted(set(labels) - {cfg.target_class})
+    if not others:
+        raise PoisonError(f"{cfg.attack}: needs at least one class besides {cfg.target_class!r}")
+    cand = [i for i in range(len(labels)) if i not in removed and not truth[i][0] and labels[i] == cfg.target_class]
+    if len(cand) < k:
+        raise PoisonError(f"{cfg.attack}: asked for {k} poisoned rows, only {len(cand)} rows of class {cfg.target_class!r} eligible")
+    for i in sorted(rng.sample(cand, k)):
+        cols["caption"][i] = insert_token(rng.choice(cfg.templates).format(rng.choice(others)), cfg.text_token, rng)
+        truth[i] = (cfg.attack, cfg.target_class)
+    return TextTrigger(cfg.attack, cfg.target_class, cfg.text_token).save(tmp / f"trigger-{cfg.attack}.json")
 
 
 def _pick_targets(

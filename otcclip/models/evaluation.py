@@ -7,13 +7,19 @@
 - targeted ASR: share of the target images (``targets.csv`` of the attack) whose
   zero-shot top-1 is their adversarial class;
 - backdoor ASR: share of triggered test images whose true class is not the target that
-  are predicted as the target (trigger from the attack's ``trigger-*.json``).
+  are predicted as the target (trigger from the attack's ``trigger-*.json``);
+- text-trigger ASR (attack ``text-trigger``, a token in the caption): the queries are the
+  zero-shot prompts of every class but the target, each with the token inserted (at a word
+  position drawn with ``seed``); ASR = share of queries whose top-1 retrieved test image
+  (cosine similarity over all test images) is of the target class. The base rate
+  (``clean_rate``) is the same share for the queries without the token.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from otcclip.models.attacks import Trigger, apply_trigger
+from otcclip.models.attacks import TextTrigger, Trigger, apply_trigger, insert_token, load_trigger
 from otcclip.models.config.evaluation import EvalSettings
 from otcclip.models.factory import ClipBundle
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
@@ -41,7 +47,8 @@ class EvalConfig(EvalSettings):
     Attributes
     ----------
     trigger : path or sequence of paths, optional
-        ``trigger-<attack>.json`` file(s) written by the poisoner (backdoor ASR).
+        ``trigger-<attack>.json`` file(s) written by the poisoner: image triggers (backdoor
+        ASR) and text triggers (text-trigger ASR).
     targets : path, optional
         ``targets.csv`` written by a targeted attack (targeted ASR).
     """
@@ -60,6 +67,7 @@ class EvalResult:
     linear_probe: float | None
     targeted: dict[str, Any] | None = None
     backdoor: list[dict[str, Any]] = field(default_factory=list)
+    text_backdoor: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,13 +164,17 @@ def evaluate(
     targeted = None
     if config.targets is not None:
         targeted = _targeted_asr(bundle, Path(config.targets), classifier, cidx, config)
-    backdoor = []
+    backdoor, text_backdoor = [], []
     trig = config.trigger
     paths = [] if trig is None else [trig] if isinstance(trig, str | Path) else list(trig)
     for tp in paths:
         check_stop(should_stop)
-        backdoor.append(_backdoor_asr(bundle, Trigger.load(tp), pixels, y, classifier, cidx, config))
-    return EvalResult(len(keep), classes, zs, lp, targeted, backdoor)
+        loaded = load_trigger(tp)
+        if isinstance(loaded, TextTrigger):
+            text_backdoor.append(text_trigger_asr(bundle, loaded, feats, y, classes, config))
+        else:
+            backdoor.append(_backdoor_asr(bundle, loaded, pixels, y, classifier, cidx, config))
+    return EvalResult(len(keep), classes, zs, lp, targeted, backdoor, text_backdoor)
 
 
 def _targeted_asr(bundle: ClipBundle, path: Path, classifier: torch.Tensor, cidx: dict[str, int], config: EvalConfig) -> dict[str, Any]:
@@ -211,3 +223,48 @@ def _backdoor_asr(
         "clean_rate": float((clean_pred == t).float().mean()) if len(sel) else 0.0,
         "n": int(len(sel)),
     }
+
+
+@torch.no_grad()
+def text_trigger_asr(
+    bundle: ClipBundle, trig: TextTrigger, feats: torch.Tensor, y: np.ndarray, classes: Sequence[str], config: EvalConfig
+) -> dict[str, Any]:
+    """Text-to-image retrieval ASR of a text trigger.
+
+    Parameters
+    ----------
+    bundle : ClipBundle
+    trig : TextTrigger
+    feats : Tensor, shape (N, d)
+        Normalised embeddings of the test images.
+    y : ndarray of int, shape (N,)
+        Their class indices into ``classes``.
+    classes : sequence of str
+    config : EvalConfig
+        ``templates`` make the queries, ``seed`` the token positions, ``target_class``
+        overrides the trigger's.
+
+    Returns
+    -------
+    dict
+        ``attack``, ``target_class``, ``token``, ``asr`` (share of triggered queries whose
+        top-1 image is of the target class), ``clean_rate`` (the same without the token)
+        and ``n`` (queries: the other classes times the templates).
+    """
+    target = config.target_class or trig.target_class
+    if target not in classes:
+        raise DataError(f"text trigger target class {target!r} is not among the classes {sorted(classes)}")
+    t = list(classes).index(target)
+    rng = random.Random(config.seed)
+    clean = [tpl.format(c) for c in classes if c != target for tpl in config.templates]
+    triggered = [insert_token(q, trig.token, rng) for q in clean]
+    hits = []
+    for queries in (triggered, clean):
+        if not queries:
+            hits.append(0.0)
+            continue
+        toks = bundle.tokenizer(queries).to(bundle.device)
+        q = F.normalize(bundle.model.encode_text(toks).float(), dim=-1).cpu()
+        top = (q @ feats.float().t()).argmax(1).numpy()
+        hits.append(float((y[top] == t).mean()))
+    return {"attack": trig.attack, "target_class": target, "token": trig.token, "asr": hits[0], "clean_rate": hits[1], "n": len(clean)}
