@@ -32,7 +32,10 @@ A third family set (BackdoorBench, Wu et al. NeurIPS 2022), held out too:
   string in the image; no such network is available here, so a fixed random function
   stands in: a two-layer random convolution of the image and a fixed random code map (the
   "string"), each image's output normalised by its standard deviation, squashed by
-  ``tanh`` and scaled to ``issba_eps`` (8/255) in L_inf. As in ISSBA the perturbation is
+  ``tanh`` and scaled to ``issba_eps`` in L_inf. The default, 16/255, gives a PSNR of
+  28 dB on CIFAR-10 images (RMSE 10/255), the visibility ISSBA reports for its poisoned
+  images (about 27-28 dB); 8/255 (34 dB) was not learnt by plain CLIP at the benchmark's
+  half quick size (ASR 5.3 % against a 4.2 % base rate). As in ISSBA the perturbation is
   invisible, differs from image to image and is produced for any image (test images
   included) by the same function; unlike ISSBA it is not optimised to be decodable or
   least visible, so it is an approximation of the family, not the published attack.
@@ -131,7 +134,8 @@ class PoisonConfig:
     sig_frequency : float
         Backdoor-sig: cycles across the image width (Barni et al.: 6).
     issba_eps : float
-        Backdoor-issba: L_inf bound of the per-image perturbation as a share of 255.
+        Backdoor-issba: L_inf bound of the per-image perturbation as a share of 255
+        (16/255: PSNR 28 dB, as ISSBA's poisoned images).
     text_token : str
         Text-trigger: the trigger word (one word, no spaces or braces).
     templates : tuple of str
@@ -151,7 +155,7 @@ class PoisonConfig:
     warp_strength: float = 1.0
     sig_delta: float = 20 / 255
     sig_frequency: float = 6.0
-    issba_eps: float = 8 / 255
+    issba_eps: float = 16 / 255
     text_token: str = "cf"
     templates: tuple[str, ...] = CAPTION_TEMPLATES
 
