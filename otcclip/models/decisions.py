@@ -327,6 +327,34 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     return out
 
 
+def _object_array(items: list[str]) -> np.ndarray:
+    """A 1-D object array of the strings ``items``."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _flag_labels(flags: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Which of ``flags`` (name -> (N,) bool) each row has, without a loop over rows.
+
+    Returns
+    -------
+    names : ndarray, shape (N,), object
+        The names of the row's flags joined by commas, in ``flags``' order ("" for none).
+    code : ndarray, shape (N,), int64
+        Index of the row's name in ``labels``.
+    labels : list of str
+        The distinct names.
+    """
+    bits = np.zeros(n, dtype=np.int64)
+    for j, v in enumerate(flags.values()):
+        bits |= np.asarray(v, dtype=bool).astype(np.int64) << j
+    uniq, code = np.unique(bits, return_inverse=True)
+    labels = [",".join(k for j, k in enumerate(flags) if c >> j & 1) for c in uniq.tolist()]
+    code = code.reshape(-1)
+    return _object_array(labels)[code], code, labels
+
+
 def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv()) -> Decisions:
     """Decide keep / reassign / drop for every pair (see the module doc for the rules).
 
@@ -361,11 +389,10 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     if dup is not None:
         known["duplicates"] = duplicate_flags(m, dup)
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
-    flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
+    flag_names, _, _ = _flag_labels(flags, n)
     # a duplicate is not a poisoning verdict: the group's action applies it, after the rest
-    verdicts = {k: v for k, v in flags.items() if k != "duplicates"}
-    verdict_names = np.array([",".join(k for k, v in verdicts.items() if v[i]) for i in range(n)], dtype=object)
-    any_flag = np.array([bool(s) for s in verdict_names], dtype=bool)
+    verdict_names, verdict_code, verdict_labels = _flag_labels({k: v for k, v in flags.items() if k != "duplicates"}, n)
+    any_flag = verdict_names != ""
     margin = best_f - own_f
     # margins in units of the spread of own-pair scores (robust: MAD)
     zm = np.zeros(n)
@@ -420,8 +447,8 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         strong = (own_z < -settings.evidence_z) & random_like
         strong &= (action != "reassign") | ((zm > settings.evidence_z) & (best_z >= 0))
         # a trusted detector's flag is its evidence whatever other detectors also flagged
-        first_trusted = np.array([next((x for x in str(f).split(",") if x in settings.weak_model_detectors), "")
-                                  for f in verdict_names], dtype=object)
+        first_trusted = _object_array([next((x for x in f.split(",") if x in settings.weak_model_detectors), "")
+                                       for f in verdict_labels])[verdict_code]
         trusted = first_trusted != ""
         if weak:
             unsure = score_based | ((action != "keep") & any_flag & ~trusted)
