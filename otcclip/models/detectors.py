@@ -88,7 +88,7 @@ def register(name: str) -> Callable[[DetectorFn], DetectorFn]:
 
 
 #: Rows per block of the row-wise work in :func:`unit_rows` and :func:`_knn`.
-ROW_BLOCK = 65_536
+ROW_BLOCK = 8192
 
 
 def unit_rows(parts: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -132,15 +132,13 @@ def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -
     kk = min(k + 1, len(v))
     sims, idx = self_search(v, kk, settings=env.index, seed=env.seed)
     del v
-    out_s = np.empty((len(idx), kk - 1), dtype=sims.dtype)
-    out_i = np.empty((len(idx), kk - 1), dtype=idx.dtype)
-    for s in range(0, len(idx), ROW_BLOCK):  # drop the row itself, best first; temporaries (ROW_BLOCK, k)
+    for s in range(0, len(idx), ROW_BLOCK):  # drop the row itself, best first, in place; temporaries (ROW_BLOCK, k)
         sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
-        sb = np.where(ib == np.arange(s, s + len(ib))[:, None], -np.inf, sb)
-        order = np.argsort(-sb, axis=1, kind="stable")[:, : kk - 1]
-        out_s[s : s + ROW_BLOCK] = np.take_along_axis(sb, order, axis=1)
-        out_i[s : s + ROW_BLOCK] = np.take_along_axis(ib, order, axis=1)
-    return out_s, out_i
+        sb[ib == np.arange(s, s + len(ib))[:, None]] = -np.inf
+        order = np.argsort(-sb, axis=1, kind="stable")
+        sb[:] = np.take_along_axis(sb, order, axis=1)
+        ib[:] = np.take_along_axis(ib, order, axis=1)
+    return sims[:, : kk - 1], idx[:, : kk - 1]
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:

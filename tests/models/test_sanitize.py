@@ -325,3 +325,22 @@ def test_narrow_keeps_the_own_and_the_best_column() -> None:
     np.testing.assert_array_equal(nw.candidates[:, 1], sc.candidates[rows, best])
     np.testing.assert_array_equal(nw.ot[:, 1], sc.ot[rows, best])
     assert (best != 0).any() and (best == 0).any()
+
+
+def test_model_quality_control_does_not_depend_on_its_block_size() -> None:
+    from otcclip.models.decisions import assess_model
+
+    m = MatchScores.concat([s.scores for s in _score_shards(300, 300, 4, 16)])
+    whole = assess_model(m, block=10**6)
+    assert assess_model(m, block=7) == whole and whole["control_auc"] > 0.5
+
+
+def test_rank_sum_matches_ranks_with_averaged_ties() -> None:
+    from scipy.stats import rankdata
+
+    from otcclip.models.decisions import _rank_sum
+
+    rng = np.random.default_rng(0)
+    v = np.round(rng.standard_normal(500), 1)  # many ties
+    assert _rank_sum(v, 200) == rankdata(v)[:200].sum()
+    assert _rank_sum(np.arange(10.0), 3) == 6.0
