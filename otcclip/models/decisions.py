@@ -326,9 +326,8 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         sh = np.concatenate(shuf) if shuf else np.zeros(0, np.float32)
         if len(sh):
             r_own = _rank_sum(np.concatenate([own, sh]).astype(np.float64), len(own))
-            auc = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
             (mo, so), (ms, ss) = _robust(own), _robust(sh)
-            out["control_auc"] = float(auc)
+            out["control_auc"] = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
             out["own_cosine"] = [float(mo), float(so)]
             out["shuffled_cosine"] = [float(ms), float(ss)]
             out["control_d_prime"] = float((mo - ms) / np.sqrt((so**2 + ss**2) / 2))
