@@ -11,7 +11,8 @@
    same features are matched again with the old path (old solver, no pruning) for the
    comparison.
 3. Scaling on synthetic features at the default settings: ms per pair for match and
-   decide, and peak memory, per size.
+   decide, peak memory, and the decide step's own peak memory (on saved score shards,
+   as a job runs it), per size.
 
 ``--gpu N`` instead runs the whole engine on a CUDA device (``bench/gpu.sh`` installs and
 calls it): ``ViT-B-32`` with random weights encodes ``N`` synthetic images (random
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import random
 import resource
 import tempfile
@@ -176,12 +178,14 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
 
 
 def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
+    from decide_memory import AnonPeak, _status, reset_peak_rss
+
     from otcclip.models.config import DecisionSettings
-    from otcclip.models.decisions import DetectorEnv, MatchScores, decide_pairs
     from otcclip.models.sanitize import (
         FeatureShard,
         SanitizeConfig,
         build_caption_index,
+        decide,
         match_shard,
     )
 
@@ -190,8 +194,12 @@ def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
           f"index {cfg.index.factory} above {cfg.index.exact_threshold:,} (list_size {cfg.index.list_size}, "
           f"nprobe {cfg.index.nprobe}); P={p}, L={length}, d={d}; "
           f"detectors density, caption_burst; CPU)\n")
-    print("| pairs | match s | decide s | match ms/pair | decide ms/pair | total ms/pair | peak traced MB | max RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("Match on in-memory feature shards, each score shard saved to a temporary directory; decide on the saved "
+          "shards (as a job). Decide columns: its peak traced memory and its peak RSS (VmHWM) and anonymous RSS "
+          "(RssAnon, sampled) above the process's RSS when it starts (features, index and imports excluded).\n")
+    print("| pairs | match s | decide s | match ms/pair | decide ms/pair | total ms/pair | peak traced MB | max RSS MB "
+          "| decide traced MB | decide RSS MB | decide anon MB | decide anon B/pair |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     # a warm-up size first, not printed: the first OT call and the first decide pay one-off
     # costs (lazy initialisation) that would inflate whichever size came first
     for warm, n in [(True, 2048), *((False, n) for n in sizes)]:
@@ -208,22 +216,33 @@ def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
                 caption_local=F.normalize(torch.randn(m, length, d, generator=rng), dim=-1).half(),
                 caption_mask=torch.ones(m, length, dtype=torch.bool),
                 caption_hash=torch.arange(s, e, dtype=torch.int64)))
-        tracemalloc.start()
-        t0 = time.perf_counter()
-        cidx = build_caption_index(shards, config=cfg)
-        scores = [match_shard(sh, cidx, config=cfg).scores for sh in shards]
-        t1 = time.perf_counter()
-        decide_pairs(MatchScores.concat(scores), settings=cfg.decisions, env=DetectorEnv(index=cfg.index, seed=cfg.seed))
-        t2 = time.perf_counter()
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+        with tempfile.TemporaryDirectory(prefix="bench-scores-") as tmp:
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            cidx = build_caption_index(shards, config=cfg)
+            paths = [match_shard(sh, cidx, config=cfg).save(Path(tmp) / f"scores_{sh.start:09d}.npz") for sh in shards]
+            t1 = time.perf_counter()
+            gc.collect()
+            base, match_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            rss0, anon0 = _status("VmRSS"), _status("RssAnon")
+            reset_peak_rss()
+            td = time.perf_counter()
+            with AnonPeak() as ap:
+                decide(paths, config=cfg)
+            t2 = time.perf_counter()
+            dec_rss, dec_anon = _status("VmHWM") - rss0, ap.peak - anon0
+            _, dec_peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if warm:
-            del shards, scores, cidx
+            del shards, cidx
             continue
-        print(f"| {n:,} | {t1 - t0:.1f} | {t2 - t1:.1f} | {1000 * (t1 - t0) / n:.3f} | {1000 * (t2 - t1) / n:.3f} "
-              f"| {1000 * (t2 - t0) / n:.3f} | {peak / 2**20:.0f} | {rss:.0f} |", flush=True)
-        del shards, scores, cidx
+        t_match, t_dec = t1 - t0, t2 - td
+        print(f"| {n:,} | {t_match:.1f} | {t_dec:.1f} | {1000 * t_match / n:.3f} | {1000 * t_dec / n:.3f} "
+              f"| {1000 * (t_match + t_dec) / n:.3f} | {max(match_peak, dec_peak) / 2**20:.0f} | {rss:.0f} | {(dec_peak - base) / 2**20:.0f} "
+              f"| {dec_rss / 2**20:.0f} | {dec_anon / 2**20:.0f} | {dec_anon / n:.0f} |", flush=True)
+        del shards, cidx
 
 
 def bench_gpu(n: int, *, model_name: str = "ViT-B-32", batch: int = 1024, device: str = "cuda") -> None:

@@ -209,18 +209,19 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
         s = np.asarray(s, dtype=np.float64)
         out = np.ones(len(s), dtype=np.float32)
         fin = np.isfinite(s)
-        if fin.any():
-            post = g2.predict_proba(s[fin][:, None])[:, hi]
+        fin_rows = np.nonzero(fin)[0]
+        for b in range(0, len(fin_rows), 65_536):  # row by row: blocks bound sklearn's (rows, 2) temporaries
+            r = fin_rows[b : b + 65_536]
+            post = g2.predict_proba(s[r][:, None])[:, hi]
             # above the clean mean is always clean (the GMM tail can flip there)
-            post = np.where(s[fin] >= info["mean_clean"], 1.0, post)
-            out[fin] = post
+            out[r] = np.where(s[r] >= info["mean_clean"], 1.0, post)
         out[~fin] = 0.0
         return out
 
     return p_clean, info
 
 
-def _own_cosine(m: MatchScores, *, block: int = 65_536) -> np.ndarray:
+def _own_cosine(m: MatchScores, *, block: int = 8192) -> np.ndarray:
     """(N,) cosine of each image's global embedding with its own caption's, the quantity
     the model-quality control measures; in row blocks, so the temporaries stay
     (block, d) whatever N."""
@@ -239,7 +240,45 @@ def _robust(x: np.ndarray) -> tuple[float, float]:
     return med, float(np.median(np.abs(x - med))) * 1.4826 + 1e-6
 
 
-def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), seed: int = 0) -> dict[str, Any]:
+def _unit_f32(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` in float32, scaled to unit length."""
+    v = x.astype(np.float32)
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v
+
+
+def _rank_sum(values: np.ndarray, n_first: int) -> float:
+    """Sum of the ranks (1 = smallest; tied values share their average rank, NaNs tie and
+    come last) of ``values[:n_first]`` among all ``values``, from one sort.
+
+    Exact: ranks are half-integers and their sums stay far below 2**53.
+    """
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    first = order < n_first
+    del order
+    new = v[1:] != v[:-1]
+    new &= ~(np.isnan(v[1:]) & np.isnan(v[:-1]))
+    del v
+    starts = np.flatnonzero(np.concatenate([[True], new]))
+    del new
+    # a tie group at sorted positions start..end-1 holds ranks start+1..end: average (start+1+end)/2
+    mean_rank = (starts + 1 + np.append(starts[1:], len(values))) / 2.0
+    return float((np.add.reduceat(first, starts, dtype=np.int64) * mean_rank).sum())
+
+
+def _pair_cosine(m: MatchScores, img_rows: np.ndarray, cap_rows: np.ndarray, *, block: int) -> np.ndarray:
+    """(R,) float32 cosine of image ``img_rows[j]``'s global with caption ``cap_rows[j]``'s,
+    in blocks of ``block`` rows (the temporaries stay (block, d) whatever R)."""
+    out = np.empty(len(img_rows), dtype=np.float32)
+    for s in range(0, len(img_rows), block):
+        out[s : s + block] = (_unit_f32(m.image_global[img_rows[s : s + block]])
+                              * _unit_f32(m.caption_global[cap_rows[s : s + block]])).sum(axis=1)
+    return out
+
+
+def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), seed: int = 0,
+                 block: int = 8192) -> dict[str, Any]:
     """Does the model separate matched from mismatched pairs on this data?
 
     A shuffled-caption control: every readable image is scored (global cosine) against
@@ -255,6 +294,8 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         ``min_control_auc`` and ``min_quality_pairs`` decide the verdict.
     seed : int
         Seeds the shuffles.
+    block : int
+        Pairs whose cosines are computed at once (memory, not results).
 
     Returns
     -------
@@ -271,11 +312,7 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     out: dict[str, Any] = {"pairs": int(n), "min_control_auc": settings.min_control_auc,
                            "min_control_separation": settings.min_control_separation}
     if n >= 2:
-        img = m.image_global[ok].astype(np.float32)
-        cap = m.caption_global[ok].astype(np.float32)
-        img /= np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
-        cap /= np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
-        own = (img * cap).sum(axis=1)
+        own = _pair_cosine(m, ok, ok, block=block)
         rng = np.random.default_rng(seed)
         # permute in id-key order, so the same pairs in any row order get the same control
         base = np.argsort(np.asarray(m.row_key)[ok], kind="stable") if m.row_key is not None else np.arange(n)
@@ -284,22 +321,13 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
             p = base[rng.permutation(n)]
             q = np.empty(n, dtype=np.int64)
             q[p] = np.roll(p, -1)  # a derangement: pair p[j] gets the caption of p[j+1]
-            keep = m.caption_hash[ok] != m.caption_hash[ok][q]
-            shuf.append((img[keep] * cap[q[keep]]).sum(axis=1))
+            keep = np.nonzero(m.caption_hash[ok] != m.caption_hash[ok][q])[0]
+            shuf.append(_pair_cosine(m, ok[keep], ok[q[keep]], block=block))
         sh = np.concatenate(shuf) if shuf else np.zeros(0, np.float32)
         if len(sh):
-            allv = np.concatenate([own, sh]).astype(np.float64)
-            order = np.argsort(allv, kind="stable")
-            ranks = np.empty(len(allv))
-            ranks[order] = np.arange(1, len(allv) + 1)
-            # average ranks of ties
-            _, inv, cnt = np.unique(allv, return_inverse=True, return_counts=True)
-            sums = np.bincount(inv, weights=ranks)
-            ranks = (sums / cnt)[inv]
-            r_own = ranks[: len(own)].sum()
-            auc = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
+            r_own = _rank_sum(np.concatenate([own, sh]).astype(np.float64), len(own))
             (mo, so), (ms, ss) = _robust(own), _robust(sh)
-            out["control_auc"] = float(auc)
+            out["control_auc"] = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
             out["own_cosine"] = [float(mo), float(so)]
             out["shuffled_cosine"] = [float(ms), float(ss)]
             out["control_d_prime"] = float((mo - ms) / np.sqrt((so**2 + ss**2) / 2))
@@ -325,6 +353,34 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
                           f"a random one {100 * auc:.0f} % of the time); captions were changed only on a calibrated "
                           f"margin, the rest marked for review.")
     return out
+
+
+def _object_array(items: list[str]) -> np.ndarray:
+    """A 1-D object array of the strings ``items``."""
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def _flag_labels(flags: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Which of ``flags`` (name -> (N,) bool) each row has, without a loop over rows.
+
+    Returns
+    -------
+    names : ndarray, shape (N,), object
+        The names of the row's flags joined by commas, in ``flags``' order ("" for none).
+    code : ndarray, shape (N,), int64
+        Index of the row's name in ``labels``.
+    labels : list of str
+        The distinct names.
+    """
+    bits = np.zeros(n, dtype=np.int64)
+    for j, v in enumerate(flags.values()):
+        bits |= np.asarray(v, dtype=bool).astype(np.int64) << j
+    uniq, code = np.unique(bits, return_inverse=True)
+    labels = [",".join(k for j, k in enumerate(flags) if c >> j & 1) for c in uniq.tolist()]
+    code = code.reshape(-1)
+    return _object_array(labels)[code], code, labels
 
 
 def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv()) -> Decisions:
@@ -361,11 +417,10 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     if dup is not None:
         known["duplicates"] = duplicate_flags(m, dup)
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
-    flag_names = np.array([",".join(k for k, v in flags.items() if v[i]) for i in range(n)], dtype=object)
+    flag_names, _, _ = _flag_labels(flags, n)
     # a duplicate is not a poisoning verdict: the group's action applies it, after the rest
-    verdicts = {k: v for k, v in flags.items() if k != "duplicates"}
-    verdict_names = np.array([",".join(k for k, v in verdicts.items() if v[i]) for i in range(n)], dtype=object)
-    any_flag = np.array([bool(s) for s in verdict_names], dtype=bool)
+    verdict_names, verdict_code, verdict_labels = _flag_labels({k: v for k, v in flags.items() if k != "duplicates"}, n)
+    any_flag = verdict_names != ""
     margin = best_f - own_f
     # margins in units of the spread of own-pair scores (robust: MAD)
     zm = np.zeros(n)
@@ -420,8 +475,8 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         strong = (own_z < -settings.evidence_z) & random_like
         strong &= (action != "reassign") | ((zm > settings.evidence_z) & (best_z >= 0))
         # a trusted detector's flag is its evidence whatever other detectors also flagged
-        first_trusted = np.array([next((x for x in str(f).split(",") if x in settings.weak_model_detectors), "")
-                                  for f in verdict_names], dtype=object)
+        first_trusted = _object_array([next((x for x in f.split(",") if x in settings.weak_model_detectors), "")
+                                       for f in verdict_labels])[verdict_code]
         trusted = first_trusted != ""
         if weak:
             unsure = score_based | ((action != "keep") & any_flag & ~trusted)

@@ -19,7 +19,8 @@ turns flags and scores into decisions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from otcclip.models.shortlist import self_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "duplicate_flags", "duplicate_groups",
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "unit_rows", "duplicate_flags", "duplicate_groups",
            "nearest_distinct_distance", "typical_pairs_per_image", "typical_size",
            "run_detectors", "register"]
 
@@ -86,20 +87,58 @@ def register(name: str) -> Callable[[DetectorFn], DetectorFn]:
     return deco
 
 
-def _knn(vectors: np.ndarray, k: int, env: DetectorEnv) -> tuple[np.ndarray, np.ndarray]:
+#: Rows per block of the row-wise work in :func:`unit_rows` and :func:`_knn`.
+ROW_BLOCK = 8192
+
+
+def unit_rows(parts: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """The rows of ``parts`` side by side, in float32, each scaled to unit length.
+
+    Built block by block: the temporaries are (``ROW_BLOCK``, d). When any part is
+    memory-mapped (``np.memmap``: :func:`~otcclip.models.sanitize.decide` on saved
+    shards), the result is as well, in an anonymous temporary file, so that an ``N x d``
+    work copy is not held in RAM.
+
+    Parameters
+    ----------
+    parts : ndarray, shape (N, d), or sequence of ndarray, shapes (N, d_i)
+
+    Returns
+    -------
+    ndarray, shape (N, sum d_i), float32, C-contiguous
+    """
+    ps = [parts] if isinstance(parts, np.ndarray) else list(parts)
+    n, d = len(ps[0]), sum(p.shape[1] for p in ps)
+    if n and d and any(isinstance(p, np.memmap) for p in ps):
+        with tempfile.TemporaryFile(prefix="otcclip-knn-") as f:  # unlinked: freed with the map
+            v: np.ndarray = np.memmap(f, dtype=np.float32, mode="w+", shape=(n, d))
+    else:
+        v = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, ROW_BLOCK):
+        b = np.concatenate([p[s : s + ROW_BLOCK] for p in ps], axis=1).astype(np.float32)
+        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        v[s : s + ROW_BLOCK] = b
+    return v
+
+
+def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours by cosine (self excluded): (sims (N,k), idx (N,k)).
 
-    Exact up to ``env.index.exact_threshold`` rows; above it a list-by-list self-join
+    ``vectors``: (N, d), or column blocks of it (:func:`unit_rows`). Exact up to
+    ``env.index.exact_threshold`` rows; above it a list-by-list self-join
     (:func:`~otcclip.models.shortlist.self_search`) whose cost per row does not grow with N.
     """
-    v = np.array(vectors, dtype=np.float32, order="C", copy=True)
-    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = unit_rows(vectors)
     kk = min(k + 1, len(v))
     sims, idx = self_search(v, kk, settings=env.index, seed=env.seed)
-    self_hit = idx == np.arange(len(idx))[:, None]
-    sims = np.where(self_hit, -np.inf, sims)
-    order = np.argsort(-sims, axis=1, kind="stable")[:, : kk - 1]
-    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(idx, order, axis=1)
+    del v
+    for s in range(0, len(idx), ROW_BLOCK):  # drop the row itself, best first, in place; temporaries (ROW_BLOCK, k)
+        sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
+        sb[ib == np.arange(s, s + len(ib))[:, None]] = -np.inf
+        order = np.argsort(-sb, axis=1, kind="stable")
+        sb[:] = np.take_along_axis(sb, order, axis=1)
+        ib[:] = np.take_along_axis(ib, order, axis=1)
+    return sims[:, : kk - 1], idx[:, : kk - 1]
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:
@@ -223,8 +262,7 @@ def detect_density(m: MatchScores, st: DensitySettings, env: DetectorEnv = Detec
     n = len(m)
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
-    joint = np.concatenate([m.image_global, m.caption_global], axis=1)  # _knn takes its own float32 copy
-    sims, _ = _knn(joint, st.knn, env)
+    sims, _ = _knn((m.image_global, m.caption_global), st.knn, env)
     kdist = 1.0 - sims[:, -1]
     return robust_z(kdist) > st.outlier_z
 
@@ -241,12 +279,12 @@ def detect_caption_burst(m: MatchScores, st: CaptionBurstSettings, env: Detector
     # each group's rows in row order, from one sort (not one pass over all rows per group)
     by_group = np.argsort(inverse, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    img = m.image_global.astype(np.float32)
     for g in np.nonzero(counts >= st.burst_min)[0]:
         rows = by_group[bounds[g] : bounds[g + 1]]
-        centre = img[rows].mean(axis=0)
+        img = m.image_global[rows].astype(np.float32)  # one group's rows, not a copy of all
+        centre = img.mean(axis=0)
         centre /= max(float(np.linalg.norm(centre)), 1e-12)
-        sim = img[rows] @ centre
+        sim = img @ centre
         flag[rows[robust_z(sim) < -st.outlier_z]] = True
     return flag
 

@@ -15,12 +15,15 @@ runs matching and decisions on in-memory features (the trainer's re-matching). T
 files are :mod:`otcclip.models.shards`.
 
 Memory: an encode holds one shard; a match holds one image shard, the caption globals
-(``N x d`` float32) and one caption shard at a time (shards load memory-mapped).
+(``N x d`` float32) and one caption shard at a time (shards load memory-mapped); a decide
+holds one score shard, two candidate columns and a few numbers per pair, and
+memory-maps the embeddings (see :func:`decide`).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -266,8 +269,15 @@ def match_shard(
 
 
 def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeConfig = SanitizeConfig()) -> Decisions:
-    """Decisions for every pair from the score shards of the whole dataset (shards given
-    as paths are loaded one at a time into the whole dataset's arrays)."""
+    """Decisions for every pair from the score shards of the whole dataset.
+
+    Each shard is narrowed to the two candidate columns the decisions read
+    (:meth:`MatchScores.narrow`) before it joins the others. Shards given as paths are
+    loaded one at a time, and their embedding-wide arrays (image and caption globals,
+    thumbnails) go to memory-mapped files in a temporary directory (removed on return),
+    so resident memory is one shard plus a few dozen bytes per pair besides what the
+    detectors' kNN holds (:func:`~otcclip.models.detectors.unit_rows`).
+    """
     spans = sorted(((s.start, s.stop, s) if isinstance(s, ScoreShard) else (*ScoreShard.span(s), s)
                     for s in score_shards), key=lambda t: t[0])
     pos = 0
@@ -275,9 +285,15 @@ def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeC
         if start != pos:
             raise ValueError(f"score shards do not cover the rows contiguously: gap or overlap at row {pos}")
         pos = stop
-    scores = MatchScores.stack(((s if isinstance(s, ScoreShard) else ScoreShard.load(s)).scores for _, _, s in spans),
-                               pos)
-    return decide_pairs(scores, settings=config.decisions, env=DetectorEnv(index=config.index, seed=config.seed))
+    env = DetectorEnv(index=config.index, seed=config.seed)
+    parts = ((s if isinstance(s, ScoreShard) else ScoreShard.load(s)).scores.narrow() for _, _, s in spans)
+    if all(isinstance(s, ScoreShard) for _, _, s in spans):  # in memory already: nothing to spill
+        return decide_pairs(MatchScores.stack(parts, pos), settings=config.decisions, env=env)
+    with tempfile.TemporaryDirectory(prefix="otcclip-decide-") as tmp:
+        scores = MatchScores.stack(parts, pos, spill=tmp)
+        decisions = decide_pairs(scores, settings=config.decisions, env=env)
+        del scores
+    return decisions
 
 
 def sanitize(

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
+
+#: Per-pair arrays as wide as an embedding: :meth:`MatchScores.stack` with ``spill``
+#: memory-maps them from files instead of holding them in RAM.
+WIDE_FIELDS = ("image_global", "caption_global", "image_thumb")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,24 @@ class MatchScores:
     def __len__(self) -> int:
         return int(self.candidates.shape[0])
 
+    def narrow(self) -> MatchScores:
+        """The same pairs with two candidate columns: the own caption (column 0) and the
+        best-scored one (column 1; the own caption again where it scores best).
+
+        The decisions read no other column: :func:`~otcclip.models.decisions.decide_pairs`
+        takes the own column and the column of the largest fused score (the first such,
+        ``-1`` candidates and non-finite scores counting as ``-inf``), and narrowing
+        keeps both, so it decides every pair as on the full arrays. (N, K) -> (N, 2).
+        """
+        if self.candidates.shape[1] <= 2:
+            return self
+        n = len(self)
+        fused = np.where(self.candidates >= 0, self.fused, -np.inf)
+        best = np.argmax(np.where(np.isfinite(fused), fused, -np.inf), axis=1)
+        cols = np.stack([np.zeros(n, dtype=best.dtype), best], axis=1)
+        return replace(self, **{k: np.take_along_axis(getattr(self, k), cols, axis=1)
+                                for k in ("candidates", "global_", "ot", "fused")})
+
     @staticmethod
     def concat(parts: Sequence[MatchScores]) -> MatchScores:
         """Concatenate row blocks (candidate columns padded with -1 / NaN; an optional
@@ -64,9 +87,13 @@ class MatchScores:
         return MatchScores.stack(iter(parts), sum(len(p) for p in parts))
 
     @staticmethod
-    def stack(parts: Iterable[MatchScores], n: int) -> MatchScores:
+    def stack(parts: Iterable[MatchScores], n: int, *, spill: str | Path | None = None) -> MatchScores:
         """:meth:`concat` of row blocks that together hold ``n`` rows, holding one block at
         a time besides the result (``parts`` may load each block lazily).
+
+        With ``spill`` (a directory), the :data:`WIDE_FIELDS` of the result are ``.npy``
+        files there, memory-mapped (``np.memmap``; they live as long as the files), so
+        the result holds in RAM only the per-pair numbers and the candidate columns.
 
         Raises
         ------
@@ -86,7 +113,10 @@ class MatchScores:
                     out[f.name] = None  # a block lacks it: so does the result
                     continue
                 r = out.get(f.name)
-                if r is None:
+                if r is None and spill is not None and f.name in WIDE_FIELDS:
+                    r = np.lib.format.open_memmap(Path(spill) / f"{f.name}.npy", mode="w+", dtype=a.dtype,
+                                                  shape=(n, *a.shape[1:]))
+                elif r is None:
                     r = np.empty((n, *a.shape[1:]), dtype=a.dtype)
                     if f.name in fill:
                         r[:pos] = fill[f.name]

@@ -58,7 +58,7 @@ def gpu_available() -> bool:
         return False
 
 
-def content_order(x: np.ndarray, *, seed: int = 0, chunk: int = 65_536) -> np.ndarray:
+def content_order(x: np.ndarray, *, seed: int = 0, chunk: int = 8192) -> np.ndarray:
     """Row indices of ``x`` sorted by content (the same rows in any order give the same sequence).
 
     Rows are ordered by their projection on a fixed random direction (drawn from ``seed``),

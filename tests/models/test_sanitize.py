@@ -242,3 +242,105 @@ def test_pruned_candidates_get_no_ot_and_are_never_chosen() -> None:
     for r, c in zip(rows, chosen, strict=True):
         col = int(np.nonzero(m.candidates[r] == c)[0][0])
         assert has_ot[r, col]
+
+
+def _score_shards(n: int, shard: int, k: int, d: int, *, seed: int = 0) -> list[ScoreShard]:
+    """Synthetic score shards with what the decisions react to: matched and swapped
+    captions, candidates missing (-1) or unscored (NaN), ties with the own score, a
+    repeated caption on unrelated images, repeated images, unreadable rows, purified views."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((8, d))
+    cls = rng.integers(0, 8, n)
+    img = centres[cls] + 0.3 * rng.standard_normal((n, d))
+    cap = centres[cls] + 0.3 * rng.standard_normal((n, d))
+    swapped = rng.random(n) < 0.1
+    cap[swapped] = centres[(cls[swapped] + 1) % 8] + 0.3 * rng.standard_normal((int(swapped.sum()), d))
+    img[n // 2 : n // 2 + 6] = img[n // 2]  # repeated images
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    cap /= np.linalg.norm(cap, axis=1, keepdims=True)
+    chash = np.arange(n, dtype=np.int64)
+    chash[rng.choice(n, 12, replace=False)] = -7  # one caption on 12 unrelated images
+    cand = np.concatenate([np.arange(n)[:, None], rng.integers(0, n, (n, k))], axis=1)
+    glob = np.einsum("nd,nkd->nk", img, cap[cand]).astype(np.float32)
+    ot = (glob + 0.05 * rng.standard_normal(glob.shape)).astype(np.float32)
+    ot[:, 1 + k // 2 :] = np.nan
+    fused = np.where(np.isfinite(ot), 0.5 * (glob + ot), glob).astype(np.float32)
+    cand[rng.random((n, k + 1)) < 0.05] = -1
+    cand[:, 0] = np.arange(n)
+    fused[rng.random((n, k + 1)) < 0.03] = np.nan
+    tie = rng.random(n) < 0.05
+    fused[tie, 2] = fused[tie, 0]
+    ok = rng.random(n) > 0.02
+    purified = (glob[:, :1] - np.abs(0.05 * rng.standard_normal((n, 2)))).astype(np.float32)
+    purified[:5] -= 0.8  # collapse on a purified view
+    ihash = rng.integers(1, 2**62, n)
+    ihash[n // 2 : n // 2 + 6] = 11
+    out = []
+    for s in range(0, n, shard):
+        e = min(n, s + shard)
+        out.append(ScoreShard(s, e, MatchScores(
+            candidates=cand[s:e], global_=glob[s:e], ot=ot[s:e], fused=fused[s:e], ok=ok[s:e],
+            image_global=img[s:e].astype(np.float16), caption_global=cap[s:e].astype(np.float16),
+            caption_hash=chash[s:e], purified_own=purified[s:e], image_hash=ihash[s:e],
+            row_key=rng.integers(1, 2**62, e - s), image_thumb=rng.random((e - s, 6)).astype(np.float16))))
+    return out
+
+
+def test_streamed_narrow_memory_mapped_decide_equals_in_memory_decisions(tmp_path: Path) -> None:
+    """decide() on saved shards (narrowed to two candidate columns, embeddings memory-mapped,
+    the detectors' kNN through the IVF self-join on a memory-mapped work copy) decides every
+    pair as decide_pairs on the full in-memory arrays."""
+    from otcclip.models.config import IndexSettings
+    from otcclip.models.config.detectors import DETECTORS
+    from otcclip.models.decisions import DetectorEnv, decide_pairs
+
+    shards = _score_shards(900, 128, 8, 16)
+    index = IndexSettings(exact_threshold=200, list_size=64, nprobe=4)
+    for abstain in (True, False):
+        cfg = SanitizeConfig(k=8, shard_size=128, index=index, device="cpu",
+                             decisions=DecisionSettings(detectors=DETECTORS, abstain=abstain))
+        full = MatchScores.concat([s.scores for s in shards])
+        ref = decide_pairs(full, settings=cfg.decisions, env=DetectorEnv(index=index, seed=cfg.seed))
+        paths = [s.save(tmp_path / f"scores_{s.start:09d}_{abstain}.npz") for s in shards]
+        for got in (decide(paths, config=cfg), decide(shards, config=cfg)):
+            for name, v in vars(ref).items():
+                if isinstance(v, np.ndarray):
+                    np.testing.assert_array_equal(getattr(got, name), v, err_msg=name)
+            assert got.gmm == ref.gmm and got.model_quality == ref.model_quality
+            assert got.dup_fallback.keys() == ref.dup_fallback.keys()
+            for name, v in ref.dup_fallback.items():
+                np.testing.assert_array_equal(got.dup_fallback[name], v, err_msg=name)
+        assert (ref.action != "keep").sum() > 10 and len(set(ref.reason.tolist())) >= 4  # the case decides things
+        assert set(ref.detectors.tolist()) - {""}  # and detectors flag
+
+
+def test_narrow_keeps_the_own_and_the_best_column() -> None:
+    sc = _score_shards(200, 200, 8, 16)[0].scores
+    nw = sc.narrow()
+    assert nw.candidates.shape == (200, 2) and nw.fused.shape == (200, 2)
+    fused = np.where(sc.candidates >= 0, sc.fused, -np.inf)
+    best = np.argmax(np.where(np.isfinite(fused), fused, -np.inf), axis=1)
+    rows = np.arange(200)
+    np.testing.assert_array_equal(nw.candidates[:, 0], sc.candidates[:, 0])
+    np.testing.assert_array_equal(nw.candidates[:, 1], sc.candidates[rows, best])
+    np.testing.assert_array_equal(nw.ot[:, 1], sc.ot[rows, best])
+    assert (best != 0).any() and (best == 0).any()
+
+
+def test_model_quality_control_does_not_depend_on_its_block_size() -> None:
+    from otcclip.models.decisions import assess_model
+
+    m = MatchScores.concat([s.scores for s in _score_shards(300, 300, 4, 16)])
+    whole = assess_model(m, block=10**6)
+    assert assess_model(m, block=7) == whole and whole["control_auc"] > 0.5
+
+
+def test_rank_sum_matches_ranks_with_averaged_ties() -> None:
+    from scipy.stats import rankdata
+
+    from otcclip.models.decisions import _rank_sum
+
+    rng = np.random.default_rng(0)
+    v = np.round(rng.standard_normal(500), 1)  # many ties
+    assert _rank_sum(v, 200) == rankdata(v)[:200].sum()
+    assert _rank_sum(np.arange(10.0), 3) == 6.0

@@ -1,0 +1,163 @@
+"""Where the decide stage's memory goes, per pair, on synthetic score shards.
+
+Writes ``N`` synthetic pairs as score shards (``ScoreShard.save``: K = k + 1 candidate
+columns, float16 globals of width ``d``) to a temporary directory, then runs
+:func:`otcclip.models.sanitize.decide` on the saved paths (what a job does) and prints,
+per size: the decide step's peak traced (numpy / Python) memory and its peak RSS above
+the process's RSS before it (``VmHWM`` reset through ``/proc/self/clear_refs``), both
+per pair, and its peak anonymous RSS above the start (``RssAnon``, sampled every 10 ms:
+RSS without the file-backed pages of memory-mapped arrays, which the kernel can drop);
+``--breakdown`` adds the traced memory per component.
+
+Usage::
+
+    .venv/bin/python bench/decide_memory.py --sizes 50000,200000 [--d 64] [--breakdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+
+def _status(key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class AnonPeak:
+    """Largest ``RssAnon`` seen while the ``with`` block runs (sampled every 10 ms)."""
+
+    def __enter__(self) -> AnonPeak:
+        self.peak = _status("RssAnon")
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _status("RssAnon"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _status("RssAnon"))
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def write_shards(root: Path, n: int, *, d: int, k: int, shard_size: int, seed: int = 0) -> list[Path]:
+    """Synthetic score shards of ``n`` pairs: random unit globals, own caption in column
+    0, random candidates, OT scores on the first half of the columns (NaN beyond)."""
+    from otcclip.models.scores import MatchScores
+    from otcclip.models.shards import ScoreShard
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for s in range(0, n, shard_size):
+        e = min(n, s + shard_size)
+        m = e - s
+        img = rng.standard_normal((m, d)).astype(np.float32)
+        cap = (img + rng.standard_normal((m, d))).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        cap /= np.linalg.norm(cap, axis=1, keepdims=True)
+        cand = np.concatenate([np.arange(s, e)[:, None], rng.integers(0, n, (m, k))], axis=1).astype(np.int64)
+        glob = rng.normal(0.2, 0.05, (m, k + 1)).astype(np.float32)
+        glob[:, 0] = (img * cap).sum(axis=1)
+        ot = rng.normal(0.3, 0.05, (m, k + 1)).astype(np.float32)
+        ot[:, (k + 1) // 2:] = np.nan
+        fused = np.where(np.isfinite(ot), 0.5 * glob + 0.5 * ot, glob).astype(np.float32)
+        sc = MatchScores(candidates=cand, global_=glob, ot=ot, fused=fused, ok=np.ones(m, bool),
+                         image_global=img.astype(np.float16), caption_global=cap.astype(np.float16),
+                         caption_hash=np.arange(s, e, dtype=np.int64), image_hash=rng.integers(1, 2**62, m),
+                         row_key=rng.integers(1, 2**62, m))
+        paths.append(ScoreShard(s, e, sc).save(root / f"scores_{s:09d}.npz"))
+    return paths
+
+
+def breakdown(paths: list[Path], n: int, cfg: object) -> None:
+    """Traced bytes per pair of the inputs (all shards stacked), of ``decide_pairs``
+    without and with the detectors, and of its output."""
+    from dataclasses import fields, replace
+
+    from otcclip.models.decisions import DetectorEnv, decide_pairs
+    from otcclip.models.scores import MatchScores
+    from otcclip.models.shards import ScoreShard
+
+    m = MatchScores.stack((ScoreShard.load(p).scores for p in paths), n)
+    print("\ninput (MatchScores of all pairs), bytes per pair:")
+    for f in fields(MatchScores):
+        a = getattr(m, f.name)
+        if a is not None:
+            print(f"  {f.name:16s} {a.dtype!s:8s} {a.shape!s:14s} {a.nbytes / n:7.1f}")
+    print(f"  {'total':16s} {'':8s} {'':14s} {sum(getattr(m, f.name).nbytes for f in fields(MatchScores) if getattr(m, f.name) is not None) / n:7.1f}")
+    st = cfg.decisions  # type: ignore[attr-defined]
+    env = DetectorEnv(index=cfg.index, seed=cfg.seed)  # type: ignore[attr-defined]
+    for label, s in (("decide_pairs, no detectors", replace(st, detectors=())), ("decide_pairs, detectors " + ",".join(st.detectors), st)):
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        d = decide_pairs(m, settings=s, env=env)
+        cur, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(f"{label}: peak above its input {(peak - base) / n:.0f} B/pair; output held {(cur - base) / n:.0f} B/pair")
+    out = sum(v.nbytes for v in vars(d).values() if isinstance(v, np.ndarray))
+    print(f"Decisions arrays: {out / n:.0f} B/pair (object columns: 8 B pointers, strings shared or extra)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="50000,200000")
+    ap.add_argument("--d", type=int, default=64, help="embedding width of the synthetic globals")
+    ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    import faiss
+
+    from otcclip.models.config import DecisionSettings
+    from otcclip.models.sanitize import SanitizeConfig, decide
+
+    faiss.omp_set_num_threads(args.threads)
+    cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=("density", "caption_burst")))
+    print(f"# decide memory: d={args.d}, K={cfg.k + 1}, shard_size={cfg.shard_size}, detectors density, caption_burst")
+    print("| pairs | decide s | peak traced MB | traced B/pair | peak RSS above start MB | RSS B/pair "
+          "| peak anon RSS above start MB | anon B/pair |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = write_shards(Path(tmp), n, d=args.d, k=cfg.k, shard_size=cfg.shard_size)
+            gc.collect()
+            rss0, anon0 = _status("VmRSS"), _status("RssAnon")
+            reset_peak_rss()
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            with AnonPeak() as ap:
+                d = decide(paths, config=cfg)
+            dt = time.perf_counter() - t0
+            anon = ap.peak - anon0
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            hwm = _status("VmHWM") - rss0
+            print(f"| {n:,} | {dt:.1f} | {peak / 2**20:.0f} | {peak / n:.0f} | {hwm / 2**20:.0f} | {hwm / n:.0f} "
+                  f"| {anon / 2**20:.0f} | {anon / n:.0f} |", flush=True)
+            del d
+            if args.breakdown:
+                breakdown(paths, n, cfg)
+
+
+if __name__ == "__main__":
+    main()
