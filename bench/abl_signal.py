@@ -6,8 +6,15 @@ pair with each warm-up checkpoint:
 
 - ``loss``: the pair's image-to-caption loss against the distinct captions of the set
   (low = learnt easily; ABL isolates the lowest-loss share);
+- ``loss z``: the robust z of ``loss`` over all pairs (what the ``fast_fit`` detector
+  thresholds, at its own temperature 0.07 where this uses the model's: about the same
+  early in training);
 - ``z``: robust z of the own-caption score within the pairs sharing its caption text
   (high = fits its caption far better than its caption's other images).
+
+Selection rule of ``fast_fit`` (fixed before its training use; validation split only):
+the smallest ``loss z`` threshold of the grid whose clean false-flag rate is at most 1 %,
+at the first warm-up epoch where one exists.
 
 Prints precision, recall per attack and the clean false-flag rate at a few shares and
 thresholds, and writes ``WORK/quick/abl_signal.json``.
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from defence import QUICK, SPLITS, build_clean, build_split  # noqa: E402
 
 from otcclip.models.checkpoint import load_checkpoint  # noqa: E402
+from otcclip.models.detectors import robust_z  # noqa: E402
 from otcclip.models.evaluation import encode_images  # noqa: E402
 from otcclip.models.progress import Cancelled  # noqa: E402
 from otcclip.models.training import TrainConfig, train  # noqa: E402
@@ -127,6 +135,9 @@ def main() -> int:
                 rules[f"z high {q:.0%}"] = sig["z"] >= np.quantile(sig["z"], 1 - q)
             for t in (2.0, 3.0, 4.0):
                 rules[f"z >= {t:g}"] = sig["z"] >= t
+            loss_z = robust_z(sig["loss"])
+            for t in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0):
+                rules[f"loss z <= -{t:g}"] = loss_z <= -t
             for name, flag in rules.items():
                 r = report(flag, attack, attacks)
                 results[key][name] = r
