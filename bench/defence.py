@@ -24,6 +24,9 @@ Rows (:data:`ROWS`; ``NAME:field=value`` adds TrainConfig overrides, e.g. ablati
   template search, restart and unlikelihood on quarantined pairs, score proposals ignored;
 - ``otcclip+collapse`` (not a default): ``otcclip+`` whose passes also run the ``collapse``
   detector, dropping and quarantining what it flags.
+- ``otcclip+abl`` (not a default): ``otcclip+`` with two warm-up epochs whose first pass
+  also runs ``fast_fit`` (Anti-Backdoor Learning's isolation of the pairs learnt far
+  faster than the rest), dropping and quarantining (unlearning) what it flags.
 
 Each model is evaluated on a held-out test slice: zero-shot top-1, linear probe, each
 attack's ASR (and, for backdoors, the clean base rate: the share of untriggered test
@@ -82,6 +85,16 @@ ROWS: dict[str, dict[str, Any]] = {
         "defence": "otcclip", "drop_reasons": ["image_burst", "caption_burst", "trigger_sensitivity", "collapse"],
         "sticky_reasons": ["image_burst", "trigger_sensitivity", "collapse"],
         "sanitize": {"decisions": {"detectors": ["image_burst", "trigger_sensitivity", "collapse"]}},
+    },
+    # not a default: otcclip+ with Anti-Backdoor Learning's isolation: two warm-up epochs, and
+    # the first pass also runs fast_fit (pairs learnt far faster than the rest), trusted under
+    # the warm-up's weak model, whose flags are dropped and unlearnt (quarantine)
+    "otcclip+abl": {
+        "defence": "otcclip", "warmup_epochs": 2,
+        "drop_reasons": ["image_burst", "caption_burst", "trigger_sensitivity", "fast_fit"],
+        "sticky_reasons": ["image_burst", "trigger_sensitivity", "fast_fit"],
+        "sanitize": {"decisions": {"detectors": ["image_burst", "trigger_sensitivity", "fast_fit"],
+                                   "weak_model_detectors": ["image_burst", "fast_fit"]}},
     },
 }
 

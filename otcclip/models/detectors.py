@@ -11,6 +11,8 @@ turns flags and scores into decisions.
   caption cluster, whatever the trigger.
 - ``collapse``: images of different content that the model maps
   abnormally close together under one caption class (a learnt backdoor, any trigger).
+- ``fast_fit`` (off by default): pairs a model early in training already fits far better
+  than the rest (Anti-Backdoor Learning's isolation, any trigger).
 - ``duplicates``: groups of repeated images (exact and near duplicates); its flag marks
   the members, and :func:`~otcclip.models.decisions.decide_pairs` applies the group's
   action (:func:`duplicate_groups`).
@@ -34,6 +36,7 @@ from otcclip.models.config.detectors import (
     DecisionSettings,
     DensitySettings,
     DuplicatesSettings,
+    FastFitSettings,
     ImageBurstSettings,
     SpectralSettings,
     TriggerSensitivitySettings,
@@ -44,7 +47,7 @@ from otcclip.models.shortlist import self_search
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "unit_rows", "duplicate_flags", "duplicate_groups",
+__all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups", "collapse_evidence", "unit_rows", "duplicate_flags", "duplicate_groups", "fit_loss",
            "nearest_distinct_distance", "typical_pairs_per_image", "typical_size",
            "run_detectors", "register"]
 
@@ -650,6 +653,67 @@ def detect_collapse(m: MatchScores, st: CollapseSettings, env: DetectorEnv = Det
     tight, share = collapse_evidence(m, st, env)
     with np.errstate(invalid="ignore"):
         return np.asarray((tight < -st.tight_z) & (share >= st.caption_share))
+
+
+def fit_loss(m: MatchScores, st: FastFitSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
+    """Each pair's image-to-caption loss over the set's distinct captions.
+
+    Parameters
+    ----------
+    m : MatchScores
+        Uses ``image_global`` (N, d), ``caption_global`` (N, d), ``caption_hash`` (N,),
+        ``ok`` and, when present, ``row_key`` (the caption sample does not depend on row order).
+    st : FastFitSettings
+    env : DetectorEnv
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        ``-log softmax(cos(image, c) / temperature)[own]`` over the distinct captions ``c``
+        of the readable pairs (at most ``st.max_captions``, a random sample beyond; the own
+        caption is always among them). NaN where the image is unreadable.
+    """
+    n = len(m)
+    loss = np.full(n, np.nan)
+    ok = np.nonzero(m.ok)[0]
+    if len(ok) < 2:
+        return loss
+    order = ok[np.argsort(m.row_key[ok], kind="stable")] if m.row_key is not None else ok
+    hashes = np.asarray(m.caption_hash, dtype=np.int64)
+    _, first = np.unique(hashes[order], return_index=True)
+    reps = order[np.sort(first)]  # one row per distinct caption, in id-key order
+    if len(reps) > st.max_captions:
+        reps = np.sort(np.random.default_rng(env.seed).choice(reps, size=st.max_captions, replace=False))
+    cap = np.asarray(m.caption_global, dtype=np.float32)
+    cap = cap / np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
+    img = np.asarray(m.image_global, dtype=np.float32)
+    img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+    rep_hash = set(hashes[reps].tolist())
+    for s in range(0, len(ok), 4096):
+        rows = ok[s : s + 4096]
+        logits = (img[rows] @ cap[reps].T).astype(np.float64) / st.temperature  # (R, C)
+        own = (img[rows] * cap[rows]).sum(axis=1).astype(np.float64) / st.temperature
+        # the own caption joins the sample when the sample left it out
+        missing = np.array([h not in rep_hash for h in hashes[rows].tolist()])
+        top = np.maximum(logits.max(axis=1), own)
+        lse = np.log(np.exp(logits - top[:, None]).sum(axis=1) + missing * np.exp(own - top)) + top
+        loss[rows] = lse - own
+    return loss
+
+
+@register("fast_fit")
+def detect_fast_fit(m: MatchScores, st: FastFitSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:
+    """Pairs learnt far faster than the rest (Anti-Backdoor Learning's isolation).
+
+    Flagged: readable pairs whose :func:`fit_loss` lies more than ``st.z`` robust std
+    below the median loss of the readable pairs. Returns (N,) bool.
+    """
+    loss = fit_loss(m, st, env)
+    flag = np.zeros(len(m), dtype=bool)
+    good = np.isfinite(loss)
+    if good.sum() >= 2:
+        flag[good] = robust_z(loss[good]) < -st.z
+    return flag
 
 
 def run_detectors(

@@ -118,6 +118,31 @@ class CollapseSettings(Settings):
             raise ValueError(f"collapse: search ({self.search}) must be at least knn ({self.knn})")
 
 
+@dataclass(frozen=True)
+class FastFitSettings(Settings):
+    """``fast_fit``: pairs learnt far faster than the rest (Anti-Backdoor Learning, Li et al.,
+    NeurIPS 2021). Early in training a backdoor's pairs reach a much lower loss than any
+    clean pair: the trigger is a shortcut. The loss of each pair is its image's cross
+    entropy over the set's distinct captions; a pair whose loss lies ``z`` robust std
+    below the median is flagged.
+
+    Only meaningful on a model early in its training (the trainer's first pass); a trained
+    model fits its clean pairs well too, and a weak one's low-loss tail is clean pairs.
+    Off by default. ``z`` was chosen on the validation attacks only (bench/abl_signal.py,
+    docs/benchmarks.md section 8.2): the smallest threshold of the grid 2 / 2.5 / 3 / 3.5 /
+    4 / 5 that flags at most 1 % of the clean pairs after two warm-up epochs.
+    """
+
+    z: float = setting(3.0, "robust z of the pair's loss below -this that flags it", gt=0)
+    temperature: float = setting(0.07, "softmax temperature of the loss (CLIP's initial one: the scale of a model "
+                                       "early in its training)", gt=0)
+    max_captions: int = setting(4096, "distinct captions the loss is taken over (a random sample beyond this; the "
+                                      "own caption always counts)", ge=2)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 #: What the ``duplicates`` check does with a group: keep its best member, drop every member, or only report it.
 DUPLICATE_ACTIONS: tuple[str, ...] = ("keep_one", "drop_all", "keep_all")
 
@@ -158,6 +183,7 @@ DETECTOR_SETTINGS: dict[str, type] = {
     "spectral": SpectralSettings,
     "duplicates": DuplicatesSettings,
     "collapse": CollapseSettings,
+    "fast_fit": FastFitSettings,
 }
 DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
 #: The detectors enabled by default. ``spectral`` is left out: on the validation attacks
@@ -167,7 +193,9 @@ DETECTORS: tuple[str, ...] = tuple(DETECTOR_SETTINGS)
 #: other defaults' flags (78.8 % -> 92.6 % of them) at 0.2 % added false flags. It is not
 #: among ``weak_model_detectors``: under a weak model it added only false drops on the
 #: validation attacks and on the demo's digits (docs/method.md section 5).
-DEFAULT_DETECTORS: tuple[str, ...] = tuple(d for d in DETECTORS if d != "spectral")
+#: ``fast_fit`` is left out: it reads training dynamics (a model early in its training),
+#: not the finished model a sanitize job scores with.
+DEFAULT_DETECTORS: tuple[str, ...] = tuple(d for d in DETECTORS if d not in ("spectral", "fast_fit"))
 
 
 @dataclass(frozen=True)
@@ -211,6 +239,8 @@ class DecisionSettings(Settings):
     duplicates: DuplicatesSettings = setting(DuplicatesSettings(), "duplicates check: groups of repeated images")
     collapse: CollapseSettings = setting(CollapseSettings(), "collapse detector: distinct images the model maps "
                                                              "abnormally close, under one caption class")
+    fast_fit: FastFitSettings = setting(FastFitSettings(), "fast_fit detector: pairs learnt far faster than the rest "
+                                                           "(a model early in training; off by default)")
 
     def __post_init__(self) -> None:
         check(self)

@@ -94,6 +94,9 @@ class TrainConfig(Settings):
     sticky_reasons: tuple[str, ...] = setting(("image_burst", "trigger_sensitivity"),
                                               "otcclip: pairs dropped for these reasons stay dropped at later passes",
                                               item_choices=_REASONS)
+    first_pass_detectors: tuple[str, ...] = setting(("fast_fit",), "otcclip: detectors that run at the first pass only "
+                                                    "(they read a model early in its training); the others run at every "
+                                                    "pass", item_choices=DETECTORS)
     purified_rematch: bool = setting(False, "otcclip: re-match trigger-flagged pairs through their purified view "
                                             "instead of dropping them")
     purified_keep_top: float = setting(0.05, "otcclip: a flagged pair keeps its caption when it ranks in this top share "

@@ -134,6 +134,9 @@ class OtcClipPasses(Defence):
         c = self.ctx.config
         img, txt = self.encode_all(local=True)
         cfg = replace(c.sanitize, device=self.ctx.device.type, seed=c.seed)
+        if self.next_pass is not None and c.first_pass_detectors:  # a later pass
+            dec = cfg.decisions
+            cfg = replace(cfg, decisions=replace(dec, detectors=tuple(d for d in dec.detectors if d not in c.first_pass_detectors)))
         purified = self.encode_purified() if "trigger_sensitivity" in cfg.decisions.detectors else None
         thumbs = self.encode_thumbs() if "collapse" in cfg.decisions.detectors else None
         decisions = sanitize_features(img, txt, config=cfg, purified=purified, thumbs=thumbs)
