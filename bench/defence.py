@@ -242,7 +242,8 @@ def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], sp
 
 def table(results: list[dict[str, Any]], split: str) -> str:
     """One line per row and attack of ``split``; ``base`` is a backdoor's clean base rate,
-    ``learnt`` marks the attacks where ``none`` reaches an ASR of at least 50 %."""
+    ``learnt`` marks the attacks where ``none`` reaches an ASR of at least 50 %; ``x none``
+    is a row's s/epoch over ``none``'s (empty without a ``none`` row)."""
     rows = [r for r in results if r["split"] == split]
     attacks = [a for a, _ in SPLITS[split]]
 
@@ -255,8 +256,10 @@ def table(results: list[dict[str, Any]], split: str) -> str:
         return out
 
     none = next((asr_of(r) for r in rows if r["name"] == "none"), {})
+    # s/epoch over none's, both trained by this invocation (a ratio across runs or loads means little)
+    none_s = next((r["epoch_s"] for r in rows if r["name"] == "none"), None)
     w = max([26] + [len(r["name"]) + 2 for r in rows])
-    head = f"{'row':<{w}}{'attack':<20}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'base':>7}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}"
+    head = f"{'row':<{w}}{'attack':<20}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'base':>7}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}{'x none':>8}"
     lines = [f"## {split}: " + ", ".join(f"{a} -> {t}" for a, t in SPLITS[split]), head, "-" * len(head)]
     for r in rows:
         ev, det, asr = r["eval"], r["detection"], asr_of(r)
@@ -268,7 +271,7 @@ def table(results: list[dict[str, Any]], split: str) -> str:
             lines.append(
                 f"{r['name']:<{w}}{attack:<20}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
                 f"{'' if a is None or attack == 'clean' else f'{a*100:.1f}':>8}{'' if base is None else f'{base*100:.1f}':>7}"
-                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{learnt}"
+                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{'' if not none_s else f"{r['epoch_s'] / none_s:.2f}":>8}{learnt}"
             )
     return "\n".join(lines)
 

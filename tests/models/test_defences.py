@@ -359,3 +359,26 @@ def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
         bad = d.quarantine[idx]
         un = unlikelihood_loss(fi.global_[bad], text_features(m, d.ctx.tokens[idx[bad]]).global_, ft.global_, m.logit_scale.exp())
         assert terms["unlearn"] == pytest.approx(float(un), rel=1e-5)
+
+
+def test_only_the_first_pass_computes_purified_views_unless_later_purified() -> None:
+    """later_purified off (the default): the first pass computes purified views, later
+    ones do not, also after a resume; on, every pass does. Triggered pairs to re-match
+    through their views (purified_rematch) need them at every pass."""
+    d = _otcclip(3, warmup_epochs=1, rematch_every=2)
+    assert d.wants_purified()  # before any pass
+    d.schedule_next(1, changed=True)
+    assert not d.wants_purified()
+    resumed = _otcclip(3, warmup_epochs=1, rematch_every=2)
+    resumed.load_state_dict(d.state_dict())
+    assert not resumed.wants_purified()
+    every = _otcclip(3, warmup_epochs=1, rematch_every=2, later_purified=True)
+    every.schedule_next(1, changed=True)
+    assert every.wants_purified()
+    rematch = _otcclip(3, warmup_epochs=1, rematch_every=2, purified_rematch=True)
+    rematch.schedule_next(1, changed=True)
+    assert not rematch.wants_purified()  # nothing triggered yet
+    rematch.state = _state(3, triggered=(1,), views={1: 0})
+    assert rematch.wants_purified()
+    off = _otcclip(3, sanitize={"decisions": {"detectors": ["image_burst"]}})
+    assert not off.wants_purified()  # no trigger-sensitivity detector, no views

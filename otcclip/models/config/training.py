@@ -98,6 +98,10 @@ class TrainConfig(Settings):
                                             "instead of dropping them")
     purified_keep_top: float = setting(0.05, "otcclip: a flagged pair keeps its caption when it ranks in this top share "
                                              "for the purified view", ge=0, le=1)
+    later_purified: bool = setting(False, "otcclip: passes after the first also compute purified views (trigger-"
+                                          "sensitivity detector, trigger-template search); off, only the first pass "
+                                          "does and its quarantine and templates carry over (purified_rematch with "
+                                          "triggered pairs computes them at every pass)")
     score_rematch: bool = setting(False, "otcclip: also apply the engine's score-based re-assignments while training")
     sanitize: SanitizeConfig = setting(TRAINER_SANITIZE, "otcclip: the engine's settings in the re-matching passes "
                                                          "(device and seed follow the run's)")
