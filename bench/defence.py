@@ -267,11 +267,12 @@ def table(results: list[dict[str, Any]], split: str) -> str:
             a, base = asr.get(attack, (None, None))
             p = det.get("precision") if det and attack != "clean" else None
             rc = det.get(f"recall_{attack}") if det else None
+            ratio = f"{r['epoch_s'] / none_s:.2f}" if none_s else ""
             learnt = "" if attack == "clean" or attack not in none else ("" if none[attack][0] >= 0.5 else " (none <50%)")
             lines.append(
                 f"{r['name']:<{w}}{attack:<20}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
                 f"{'' if a is None or attack == 'clean' else f'{a*100:.1f}':>8}{'' if base is None else f'{base*100:.1f}':>7}"
-                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{'' if not none_s else f"{r['epoch_s'] / none_s:.2f}":>8}{learnt}"
+                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{ratio:>8}{learnt}"
             )
     return "\n".join(lines)
 
