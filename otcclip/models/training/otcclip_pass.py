@@ -188,6 +188,7 @@ class OtcClipPasses(Defence):
         clock.lap("policy")
         return {
             "pass_time_s": clock.laps,
+            "pass_cpu_s": clock.cpu,
             "rematch": verdicts.counts(),
             "rematch_changed": changed,
             "next_rematch": self.schedule_next(epoch, changed=changed),
@@ -252,16 +253,19 @@ class OtcClipPasses(Defence):
 
 
 class _Clock:
-    """Seconds per named section of a pass (``pass_time_s`` in the epoch's metrics)."""
+    """Wall and CPU seconds per named section of a pass (``pass_time_s`` and
+    ``pass_cpu_s`` in the epoch's metrics)."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self.cpu: dict[str, float] = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.laps[name] = round(now - self._t, 3)
-        self._t = now
+        self.cpu[name] = round(cpu - self._c, 3)
+        self._t, self._c = now, cpu
 
 
 def _decision_columns(decisions: Decisions, n: int) -> dict[str, Any]:
