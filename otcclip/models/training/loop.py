@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
 #: Config fields that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes",
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes", "encode_batch_size",
                                "keep_checkpoints"})
 
 
