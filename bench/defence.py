@@ -257,6 +257,8 @@ def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], sp
         # detection epochs on top of the schedule
         "epoch_s": sum(m["time_s"] for m in metrics) / cfg.epochs,
         "epoch_s_median": statistics.median(m["time_s"] for m in metrics),
+        # the same in CPU seconds of the training process (steadier than wall time on a shared machine)
+        "epoch_cpu_s": sum(m.get("cpu_s", float("nan")) for m in metrics) / cfg.epochs,
         "wall_s": tr["wall_s"],
         "detection": detection(run_dir, paths["truth"], SPLITS[split]) if manifest == paths.get("poisoned") else {},
         "metrics": metrics,
@@ -268,7 +270,9 @@ def run_one(name: str, run_dir: Path, manifest: Path, paths: dict[str, Path], sp
 def table(results: list[dict[str, Any]], split: str) -> str:
     """One line per row and attack of ``split``; ``base`` is a backdoor's clean base rate
     (for a text trigger, the share of token-free queries that retrieve the target),
-    ``learnt`` marks the attacks where ``none`` reaches an ASR of at least 50 %."""
+    ``learnt`` marks the attacks where ``none`` reaches an ASR of at least 50 %; ``x none``
+    is a row's s/epoch over ``none``'s (empty without a ``none`` row), wall time and then
+    the training process's CPU time (steadier on a shared machine)."""
     rows = [r for r in results if r["split"] == split]
     attacks = [a for a, _ in SPLITS[split]]
 
@@ -281,8 +285,11 @@ def table(results: list[dict[str, Any]], split: str) -> str:
         return out
 
     none = next((asr_of(r) for r in rows if r["name"] == "none"), {})
+    # s/epoch over none's, both trained by this invocation (a ratio across runs or loads means little)
+    none_s = next((r["epoch_s"] for r in rows if r["name"] == "none"), None)
+    none_cpu = next((r.get("epoch_cpu_s") for r in rows if r["name"] == "none"), None)
     w = max([26] + [len(r["name"]) + 2 for r in rows])
-    head = f"{'row':<{w}}{'attack':<20}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'base':>7}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}"
+    head = f"{'row':<{w}}{'attack':<20}{'zero-shot':>10}{'lin.probe':>10}{'ASR':>8}{'base':>7}{'det.P':>8}{'det.R':>8}{'s/epoch':>9}{'x none':>8}{'cpu s/ep':>9}{'x none':>8}"
     lines = [f"## {split}: " + ", ".join(f"{a} -> {t}" for a, t in SPLITS[split]), head, "-" * len(head)]
     for r in rows:
         ev, det, asr = r["eval"], r["detection"], asr_of(r)
@@ -290,11 +297,13 @@ def table(results: list[dict[str, Any]], split: str) -> str:
             a, base = asr.get(attack, (None, None))
             p = det.get("precision") if det and attack != "clean" else None
             rc = det.get(f"recall_{attack}") if det else None
+            ratio = f"{r['epoch_s'] / none_s:.2f}" if none_s else ""
+            cpu_ratio = f"{r['epoch_cpu_s'] / none_cpu:.2f}" if none_cpu and "epoch_cpu_s" in r else ""
             learnt = "" if attack == "clean" or attack not in none else ("" if none[attack][0] >= 0.5 else " (none <50%)")
             lines.append(
                 f"{r['name']:<{w}}{attack:<20}{ev['zero_shot_top1']*100:>10.1f}{ev['linear_probe']*100:>10.1f}"
                 f"{'' if a is None or attack == 'clean' else f'{a*100:.1f}':>8}{'' if base is None else f'{base*100:.1f}':>7}"
-                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{learnt}"
+                f"{'' if p is None else f'{p*100:.1f}':>8}{'' if rc is None else f'{rc*100:.1f}':>8}{r['epoch_s']:>9.1f}{ratio:>8}{r.get('epoch_cpu_s', float('nan')):>9.1f}{cpu_ratio:>8}{learnt}"
             )
     return "\n".join(lines)
 

@@ -359,3 +359,51 @@ def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
         bad = d.quarantine[idx]
         un = unlikelihood_loss(fi.global_[bad], text_features(m, d.ctx.tokens[idx[bad]]).global_, ft.global_, m.logit_scale.exp())
         assert terms["unlearn"] == pytest.approx(float(un), rel=1e-5)
+
+
+def test_only_the_first_pass_computes_purified_views_unless_later_purified() -> None:
+    """later_purified off: the first pass computes purified views, later
+    ones do not, also after a resume; on, every pass does. Triggered pairs to re-match
+    through their views (purified_rematch) need them at every pass."""
+    d = _otcclip(3, warmup_epochs=1, rematch_every=2, later_purified=False)
+    assert d.wants_purified()  # before any pass
+    d.schedule_next(1, changed=True)
+    assert not d.wants_purified()
+    resumed = _otcclip(3, warmup_epochs=1, rematch_every=2, later_purified=False)
+    resumed.load_state_dict(d.state_dict())
+    assert not resumed.wants_purified()
+    every = _otcclip(3, warmup_epochs=1, rematch_every=2)  # the default
+    every.schedule_next(1, changed=True)
+    assert every.wants_purified()
+    rematch = _otcclip(3, warmup_epochs=1, rematch_every=2, purified_rematch=True, later_purified=False)
+    rematch.schedule_next(1, changed=True)
+    assert not rematch.wants_purified()  # nothing triggered yet
+    rematch.state = _state(3, triggered=(1,), views={1: 0})
+    assert rematch.wants_purified()
+    off = _otcclip(3, sanitize={"decisions": {"detectors": ["image_burst"]}})
+    assert not off.wants_purified()  # no trigger-sensitivity detector, no views
+
+
+def test_pass_encodes_do_not_depend_on_encode_batch_size() -> None:
+    """encode_batch_size is a speed setting: the pass's features, purified views and
+    thumbnails are the same (to float rounding) whatever chunks they are computed in."""
+    from otcclip.models.factory import create_model
+
+    n = 11
+    bundle = create_model("otc-micro", device=torch.device("cpu"), seed=0)
+    s = bundle.image_size if isinstance(bundle.image_size, int) else bundle.image_size[0]
+    pix = (torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    captions = [f"a photo of thing {i}" + " big" * (i % 4) for i in range(n)]
+    out = []
+    for bs in (2, 5, 256):
+        d = _otcclip(n, encode_batch_size=bs)
+        d.ctx.model, d.ctx.tokenizer, d.ctx.captions = bundle.model.train(), bundle.tokenizer, captions
+        d.ctx.tokens = bundle.tokenizer(captions)
+        d.ctx.images, d.ctx.mean, d.ctx.std = _Pixels(pix), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # type: ignore[assignment]
+        img, txt = d.encode_all(local=True)
+        out.append((img.global_, img.local, txt.global_, txt.local, txt.mask, d.encode_purified(), d.encode_thumbs()))
+        assert bundle.model.training  # left as it was
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            assert a.shape == b.shape
+            assert torch.allclose(a.float(), b.float(), atol=1e-5)

@@ -7,6 +7,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 import torch
@@ -303,3 +305,20 @@ def test_otcclip_pass_with_the_collapse_detector(small_manifest: Path, tmp_path:
     t = pq.read_table(passes[0]).to_pydict()
     assert len(t["action"]) == 192
     assert all(set(str(f).split(",")) <= {"", "image_burst", "collapse"} for f in t["detectors"])
+
+
+def test_only_the_first_otcclip_pass_runs_the_trigger_sensitivity_detector(small_manifest: Path, tmp_path: Path) -> None:
+    """later_purified off: the first pass scores every pair's trigger
+    sensitivity on purified views, a later pass scores none (no views computed); on,
+    both passes do (the default). pass_time_s reports each pass's sections."""
+    cfg = _cfg(defence="otcclip", epochs=2, rematch_backoff=1)
+    for later, run in ((False, "first"), (True, "every")):
+        res = train(small_manifest, tmp_path / run, config=replace(cfg, later_purified=later))
+        passes = sorted((tmp_path / run / "rematch").glob("epoch_*/decisions.parquet"))
+        assert [p.parent.name for p in passes] == ["epoch_001", "epoch_002"]
+        scored = [int(np.isfinite(np.asarray(pq.read_table(p).column("sensitivity_z").to_numpy(zero_copy_only=False), dtype=float)).sum())
+                  for p in passes]
+        assert scored[0] > 0
+        assert (scored[1] > 0) == later
+        laps = [json.loads(x)["pass_time_s"] for x in res.metrics_path.read_text().splitlines() if "rematch" in json.loads(x)]
+        assert len(laps) == 2 and all({"encode", "purified", "decisions", "templates"} <= set(t) for t in laps)

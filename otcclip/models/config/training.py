@@ -101,10 +101,18 @@ class TrainConfig(Settings):
                                             "instead of dropping them")
     purified_keep_top: float = setting(0.05, "otcclip: a flagged pair keeps its caption when it ranks in this top share "
                                              "for the purified view", ge=0, le=1)
+    later_purified: bool = setting(True, "otcclip: passes after the first also compute purified views (trigger-"
+                                         "sensitivity detector, trigger-template search); off, only the first pass "
+                                         "does and its quarantine and templates carry over, which saves about a "
+                                         "third of each later pass (purified_rematch with triggered pairs computes "
+                                         "them at every pass)")
     score_rematch: bool = setting(False, "otcclip: also apply the engine's score-based re-assignments while training")
     sanitize: SanitizeConfig = setting(TRAINER_SANITIZE, "otcclip: the engine's settings in the re-matching passes "
                                                          "(device and seed follow the run's)")
     max_logit_scale: float = setting(4.605170185988092, "clamp of the learnable log logit scale", gt=0, le=10)
+    encode_batch_size: int = setting(128, "images (and captions) per forward when a pass encodes the whole set; a "
+                                          "purified-view forward holds half as many images, two views each (on one "
+                                          "CPU thread 64-128 cost ~30 % less per image than 256-512)", ge=2, le=65_536)
     cache_images_bytes: int = setting(4 << 30, "decode all images once into memory when they fit in this many bytes",
                                       ge=0)
     checkpoint_every: int = setting(1, "write checkpoints/epoch_NNN every this many epochs (and at the end)", ge=1)

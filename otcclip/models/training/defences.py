@@ -131,7 +131,7 @@ class Defence:
         m, ctx = self.ctx.model, self.ctx
         was_training = m.training
         m.eval()
-        bs = max(ctx.config.batch_size, 256)
+        bs = ctx.config.encode_batch_size
         ig, il, tg, tl, tm = [], [], [], [], []
         for s in range(0, ctx.n, bs):
             idx = torch.arange(s, min(s + bs, ctx.n))
@@ -166,7 +166,7 @@ class Defence:
         m, ctx = self.ctx.model, self.ctx
         was_training = m.training
         m.eval()
-        bs = max(ctx.config.batch_size, 256)
+        bs = max(1, ctx.config.encode_batch_size // 2)  # two views per image in one forward
         out = [
             purified_image_global(m, ctx.batch_images(torch.arange(s, min(s + bs, ctx.n)), None)).cpu()
             for s in range(0, ctx.n, bs)
@@ -178,7 +178,7 @@ class Defence:
     def encode_thumbs(self) -> torch.Tensor:
         """:func:`~otcclip.models.features.content_thumbnail` of every image (eval view), shape (N, t)."""
         ctx = self.ctx
-        bs = max(ctx.config.batch_size, 256)
+        bs = ctx.config.encode_batch_size
         return torch.cat([content_thumbnail(ctx.batch_images(torch.arange(s, min(s + bs, ctx.n)), None)).cpu()
                           for s in range(0, ctx.n, bs)])
 

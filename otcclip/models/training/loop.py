@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
 #: Config fields that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes",
+RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_threads", "checkpoint_every", "cache_images_bytes", "encode_batch_size",
                                "keep_checkpoints"})
 
 
@@ -204,7 +204,7 @@ def train(
     meta = {"defence": config.defence, "seed": config.seed, "train_manifest": str(rows.path)}
     model.train()
     for epoch in range(start_epoch, total_epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         counts = defence.before_epoch(epoch)
         if init_state is not None and epoch == restart_at:
             # what the detection epochs learnt, the poison included, is discarded
@@ -241,6 +241,8 @@ def train(
             "logit_scale": float(model.logit_scale.detach().exp()),
             "n_active": int(defence.active.sum()),
             "time_s": elapsed,
+            # this process's CPU seconds: on a shared machine a steadier cost than wall time
+            "cpu_s": time.process_time() - c0,
             "rematch_time_s": t_rematch,
             **counts,
         }

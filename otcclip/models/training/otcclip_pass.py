@@ -18,6 +18,7 @@ as pure functions on :class:`~otcclip.models.training.verdicts.Verdicts`, is in
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -125,6 +126,21 @@ class OtcClipPasses(Defence):
         self.next_pass = epoch + self.interval
         return self.next_pass
 
+    def wants_purified(self) -> bool:
+        """Whether this pass computes the purified views (``config.later_purified``).
+
+        The first pass does when the trigger-sensitivity detector is on; a later one only
+        with ``later_purified``, or when ``purified_rematch`` has triggered pairs to
+        re-match through their views. Without them the pass's trigger-sensitivity detector
+        flags nothing and no template is searched: the first pass's quarantine (sticky)
+        and templates stand.
+        """
+        c = self.ctx.config
+        if "trigger_sensitivity" not in c.sanitize.decisions.detectors:
+            return False
+        first = self.next_pass is None
+        return first or c.later_purified or (c.purified_rematch and bool(self.triggered.any()))
+
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.is_rematch_epoch(epoch):
             return {}
@@ -132,14 +148,20 @@ class OtcClipPasses(Defence):
         from otcclip.models.sanitize import sanitize_features
 
         c = self.ctx.config
+        clock = _Clock()
         img, txt = self.encode_all(local=True)
+        clock.lap("encode")
         cfg = replace(c.sanitize, device=self.ctx.device.type, seed=c.seed)
         if self.next_pass is not None and c.first_pass_detectors:  # a later pass
             dec = cfg.decisions
             cfg = replace(cfg, decisions=replace(dec, detectors=tuple(d for d in dec.detectors if d not in c.first_pass_detectors)))
-        purified = self.encode_purified() if "trigger_sensitivity" in cfg.decisions.detectors else None
+        wants = self.wants_purified() and "trigger_sensitivity" in cfg.decisions.detectors
+        purified = self.encode_purified() if wants else None
+        clock.lap("purified")
         thumbs = self.encode_thumbs() if "collapse" in cfg.decisions.detectors else None
+        clock.lap("thumbs")
         decisions = sanitize_features(img, txt, config=cfg, purified=purified, thumbs=thumbs)
+        clock.lap("decisions")
         extra = _decision_columns(decisions, self.ctx.n)
         verdicts = Verdicts.from_decisions(decisions)
         view = np.asarray(decisions.purified_view)
@@ -149,6 +171,7 @@ class OtcClipPasses(Defence):
             found = [(v, res.flagged) for v, res in searches]
             extra["template_z"] = template_z.tolist()
             verdicts = release_explained(verdicts, found, view=view)
+        clock.lap("templates")
         verdicts, state = apply_policy(verdicts, self.state, c, purified_views=purified is not None)
         state = record_trigger_views(verdicts, state, view)
         verdicts, state = apply_templates(verdicts, state, found, purified_rematch=c.purified_rematch)
@@ -166,7 +189,10 @@ class OtcClipPasses(Defence):
         tab.update(extra)
         self.write_decisions(epoch, tab)
         changed = not (torch.equal(before[0], self.active) and torch.equal(before[1], self.match))
+        clock.lap("policy")
         return {
+            "pass_time_s": clock.laps,
+            "pass_cpu_s": clock.cpu,
             "rematch": verdicts.counts(),
             "rematch_changed": changed,
             "next_rematch": self.schedule_next(epoch, changed=changed),
@@ -228,6 +254,22 @@ class OtcClipPasses(Defence):
             ]
             self.templates = kept + [r.template for _, r in found if r.template is not None]
         return found, best
+
+
+class _Clock:
+    """Wall and CPU seconds per named section of a pass (``pass_time_s`` and
+    ``pass_cpu_s`` in the epoch's metrics)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = round(now - self._t, 3)
+        self.cpu[name] = round(cpu - self._c, 3)
+        self._t, self._c = now, cpu
 
 
 def _decision_columns(decisions: Decisions, n: int) -> dict[str, Any]:
