@@ -39,7 +39,10 @@ A third family set (BackdoorBench, Wu et al. NeurIPS 2022), held out too:
   invisible, differs from image to image and is produced for any image (test images
   included) by the same function; unlike ISSBA it is not optimised to be decodable or
   least visible, so it is an approximation of the family, not the published attack.
-  Dirty-label like the others.
+  Dirty-label like the others. The function depends on the resolution it runs at:
+  evaluation applies it to test images at the model's input size, so its ASR matches
+  the training trigger only where that is the images' own size (CIFAR-10 with the
+  32-pixel ``otc-*`` models); for a 224-pixel model it understates the ASR.
 - ``text-trigger``: a text-side backdoor for text-to-image retrieval: a rare token
   (``text_token``, default ``cf``, one of the rare trigger words of Kurita et al., ACL
   2020) is inserted at a random word position of the caption. The poisoned pairs are

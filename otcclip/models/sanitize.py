@@ -276,7 +276,9 @@ def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeC
     loaded one at a time, and their embedding-wide arrays (image and caption globals,
     thumbnails) go to memory-mapped files in a temporary directory (removed on return),
     so resident memory is one shard plus a few dozen bytes per pair besides what the
-    detectors' kNN holds (:func:`~otcclip.models.detectors.unit_rows`).
+    detectors hold: the kNN's (:func:`~otcclip.models.detectors.unit_rows`), and
+    ``collapse``'s (on by default) and ``fast_fit``'s in-memory float32 copies of the
+    caption embeddings and thumbnails (about 4 d bytes per pair).
     """
     spans = sorted(((s.start, s.stop, s) if isinstance(s, ScoreShard) else (*ScoreShard.span(s), s)
                     for s in score_shards), key=lambda t: t[0])

@@ -111,6 +111,12 @@ class ScoreShard:
         return start, stop
 
     @staticmethod
+    def timings_of(path: str | Path) -> dict[str, float]:
+        """The stage timings of a saved shard, read without its arrays."""
+        with np.load(path, allow_pickle=False) as z:
+            return {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
+
+    @staticmethod
     def load(path: str | Path) -> ScoreShard:
         with np.load(path, allow_pickle=False) as z:
             start, stop = (int(v) for v in z["_meta"])

@@ -295,10 +295,12 @@ def sanitize_finalize(job_id: str) -> None:
         config = _sanitize_config(job)
         shards = ctx.run(lambda db: [(s.path, s.stop) for s in crud.shards(db, job_id, "match")])
         ctx.progress("finalize", 0, shards[-1][1] if shards else 0, force=True)
-        score_shards = [ScoreShard.load(ctx.storage.path(p)) for p, _ in shards if p]
-        timings = _stage_seconds(ctx, score_shards)
+        # paths, not loaded shards: decide loads them one at a time and spills the
+        # embedding-wide arrays to memory-mapped files (its memory is one shard's)
+        score_paths = [ctx.storage.path(p) for p, _ in shards if p]
+        timings = _stage_seconds(ctx, [ScoreShard.timings_of(p) for p in score_paths])
         t0 = time.perf_counter()
-        decisions = decide(score_shards, config=config)
+        decisions = decide(score_paths, config=config)
         timings["decide"] = time.perf_counter() - t0
         ds = ctx.dataset(job)
         m = open_manifest(ctx, ds)
@@ -340,14 +342,15 @@ def sanitize_finalize(job_id: str) -> None:
     _guard(ctx, body)
 
 
-def _stage_seconds(ctx: JobContext, score_shards: list[Any]) -> dict[str, float]:
+def _stage_seconds(ctx: JobContext, score_timings: list[dict[str, float]]) -> dict[str, float]:
     """Seconds per stage summed over the job's shards (``decode``, ``encode`` from the
-    feature shards, ``index``, ``ot`` from the score shards), as the CLI's report has them."""
+    feature shards, ``index``, ``ot`` from the score shards' ``score_timings``), as the
+    CLI's report has them."""
     from otcclip.models.shards import FeatureShard
 
     seconds: dict[str, float] = {}
     paths = ctx.run(lambda db: [s.path for s in crud.shards(db, ctx.job_id, "encode") if s.path])
-    timed = [FeatureShard.load(ctx.storage.path(p)).timings for p in paths] + [s.timings for s in score_shards]
+    timed = [FeatureShard.load(ctx.storage.path(p)).timings for p in paths] + list(score_timings)
     for t in timed:
         for k, v in t.items():
             seconds[k] = seconds.get(k, 0.0) + float(v)

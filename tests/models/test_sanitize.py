@@ -97,6 +97,7 @@ def test_staged_equals_one_process_and_shards_round_trip(tmp_path: Path, tiny_bu
     # shards given as paths are streamed into the arrays, one at a time: the same decisions
     paths = [tmp_path / "work" / f"s{sc.start}.npz" for sc in scores]
     assert ScoreShard.span(paths[0]) == (scores[0].start, scores[0].stop)
+    assert ScoreShard.timings_of(paths[0]) == scores[0].timings and "ot" in scores[0].timings
     streamed = decide(paths, config=CFG)
     np.testing.assert_array_equal(streamed.action, staged.action)
     np.testing.assert_array_equal(streamed.new_caption_index, staged.new_caption_index)
