@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,12 +115,17 @@ class ScoreShard:
     def timings_of(path: str | Path) -> dict[str, float]:
         """The stage timings of a saved shard, read without its arrays."""
         with np.load(path, allow_pickle=False) as z:
-            return {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
+            return _timings(z)
 
     @staticmethod
     def load(path: str | Path) -> ScoreShard:
         with np.load(path, allow_pickle=False) as z:
             start, stop = (int(v) for v in z["_meta"])
             scores = MatchScores(**{f.name: z[f.name] for f in fields(MatchScores) if f.name in z.files})
-            timings = {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
+            timings = _timings(z)
         return ScoreShard(start=start, stop=stop, scores=scores, timings=timings)
+
+
+def _timings(z: Any) -> dict[str, float]:
+    """The stage timings saved in an open shard file (``_tnames`` / ``_tvals``)."""
+    return {str(k): float(v) for k, v in zip(z["_tnames"], z["_tvals"], strict=True)}
