@@ -44,7 +44,8 @@ class OtcClip(OtcClipPasses):
         if restart is not None and epoch < restart:
             # detection epochs: their model only feeds the first pass and is then discarded
             return super().batch_loss(idx, epoch, gen, rng)
-        idx = self.fill_batch(idx, gen)
+        b0 = idx.numel()
+        idx = self.cap_dropped(self.fill_batch(idx, gen), b0, gen)
         b = idx.numel()
         x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
         act = self.active[idx]
@@ -54,17 +55,22 @@ class OtcClip(OtcClipPasses):
         pos = torch.zeros(0, dtype=torch.long)
         if c.lam_intra > 0 and c.intra_subsample > 0:
             # L_intra rows, dropped pairs first, and their second view
-            n_sub = max(1, int(round(c.intra_subsample * b)))
+            n_sub = max(1, int(round(c.intra_subsample * b0)))
             pos = torch.argsort(act.float() + torch.rand(b, generator=gen))[:n_sub]
             x = torch.cat([x, ctx.batch_images(idx[pos], gen)])
         fi_all = image_features(m, x)
         fi = ImageFeatures(fi_all.global_[:b], fi_all.local[:b])
-        # captions: trained-with (active rows), own (unlearnt rows, L_intra rows), edits
-        own_rows = torch.unique(torch.cat([idx[bad] if unlearn else idx[:0], idx[pos]]))
+        # captions: trained-with (active rows), own (unlearnt rows, L_intra rows), edits;
+        # an active row trained with its own caption has it encoded already
+        nu = use.numel()
+        own_at = {int(r): j for j, r in enumerate(use.tolist()) if int(self.match[r]) == int(r)}
+        wanted = torch.unique(torch.cat([idx[bad] if unlearn else idx[:0], idx[pos]]))
+        own_rows = wanted[torch.tensor([int(r) not in own_at for r in wanted.tolist()], dtype=torch.bool)]
+        own_at.update({int(r): nu + j for j, r in enumerate(own_rows.tolist())})
         edits = ctx.tokenizer([augment_caption(ctx.captions[int(i)], rng) for i in idx[pos]]) if pos.numel() else None
         toks = [ctx.tokens[self.match[use]], ctx.tokens[own_rows]] + ([edits] if edits is not None else [])
         ft_all = text_features(m, torch.cat(toks).to(ctx.device))
-        nu, no = use.numel(), own_rows.numel()
+        no = own_rows.numel()
         ft = _rows(ft_all, torch.arange(nu))
         dev_act = act.to(ctx.device)
         gi = fi.global_[dev_act]
@@ -75,7 +81,6 @@ class OtcClip(OtcClipPasses):
             inter = self._ot_loss(fi.local[dev_act], ft.local, y_mask=ft.mask)
             loss = loss + c.lam_inter * inter
             terms["inter"] = float(inter.detach())
-        own_at = {int(r): nu + j for j, r in enumerate(own_rows.tolist())}
         if pos.numel():
             k = pos.numel()
             li = self._ot_loss(fi.local[pos.to(ctx.device)], fi_all.local[b:])
@@ -117,6 +122,36 @@ class OtcClip(OtcClipPasses):
         ok[idx] = False
         cand = torch.nonzero(ok).flatten()
         return torch.cat([idx, cand[torch.randperm(cand.numel(), generator=gen)[:k]]])
+
+    def cap_dropped(self, idx: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+        """Batch ``idx`` with at most ``config.dropped_share * size`` of its dropped pairs.
+
+        A dropped pair in a step costs an image and a caption forward for ``L_intra`` and
+        the unlikelihood term, on top of the full batch of kept pairs (``fill_batches``).
+        Beyond the cap a random subset of them stays; the others sit this step out and
+        come back in later epochs' batches (each epoch's order is a new permutation).
+
+        Parameters
+        ----------
+        idx : Tensor, shape (B',)
+            A batch as :meth:`fill_batch` returns it.
+        size : int
+            The batch size the share is of (the loop's batch, before the refill).
+
+        Returns
+        -------
+        Tensor, shape (B'',)
+            ``idx`` without the dropped rows beyond the cap (order otherwise kept).
+        """
+        gone = ~self.active[idx]
+        cap = int(round(self.ctx.config.dropped_share * size))
+        k = int(gone.sum())
+        if k <= cap:
+            return idx
+        rows = torch.nonzero(gone).flatten()
+        keep = torch.ones(idx.numel(), dtype=torch.bool)
+        keep[rows[torch.randperm(k, generator=gen)[cap:]]] = False
+        return idx[keep]
 
     def inoculate(self, idx: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Stamp the trigger onto clean images, which keep their captions.
