@@ -164,6 +164,29 @@ def test_fill_batch_tops_up_dropped_slots_with_kept_pairs_from_outside_the_batch
     assert off.fill_batch(idx, torch.Generator()).tolist() == idx.tolist()
 
 
+def test_cap_dropped_keeps_every_kept_pair_and_at_most_the_share_of_dropped_ones() -> None:
+    d = _otcclip(40, dropped_share=0.25)
+    d.active[torch.arange(0, 40, 2)] = False  # every even row is dropped
+    idx = torch.arange(0, 16)  # 8 dropped, 8 kept
+    seen: set[int] = set()
+    for seed in range(20):
+        out = d.cap_dropped(idx, 16, torch.Generator().manual_seed(seed))
+        kept, gone = out[d.active[out]], out[~d.active[out]]
+        assert kept.tolist() == list(range(1, 16, 2))  # all kept pairs, in order
+        assert gone.numel() == 4 and set(gone.tolist()) <= set(range(0, 16, 2))  # 0.25 * 16
+        seen |= set(gone.tolist())
+    assert seen == set(range(0, 16, 2))  # a random subset: every dropped pair gets its turn
+    # the share is of the loop's batch size, not of the refilled batch
+    assert (~d.active[d.cap_dropped(idx, 8, torch.Generator())]).sum() == 2
+    # at the default share, or under the cap, the batch is unchanged
+    assert torch.equal(_otcclip(40).cap_dropped(idx, 16, torch.Generator()), idx)
+    assert torch.equal(d.cap_dropped(torch.tensor([0, 1, 3, 5]), 16, torch.Generator()), torch.tensor([0, 1, 3, 5]))
+    # share 0: no dropped pair trains
+    none = _otcclip(40, dropped_share=0.0)
+    none.active[torch.arange(0, 40, 2)] = False
+    assert none.cap_dropped(idx, 16, torch.Generator()).tolist() == list(range(1, 16, 2))
+
+
 class _Pixels:
     """Images of a run as the trainer's ImageSource serves them: ``source[idx] -> (pixels, ok)``."""
 
@@ -324,7 +347,8 @@ def test_one_pass_per_modality_gives_each_term_as_defined() -> None:
     m = bundle.model.eval()  # no dropout either way; eval only pins it
     names = ["cat", "dog", "frog", "truck", "ship", "bird"]
     captions = [f"a photo of a {names[i % 6]} number {i}" for i in range(n)]
-    d = _otcclip(n, restart=False, fill_batches=False, lam_inter=0.5, lam_intra=0.5, lam_unlearn=1.0, intra_subsample=0.45)
+    d = _otcclip(n, restart=False, fill_batches=False, lam_inter=0.5, lam_intra=0.5, lam_unlearn=1.0, intra_subsample=0.45,
+                 dropped_share=1.0)
     s = bundle.image_size if isinstance(bundle.image_size, int) else bundle.image_size[0]
     pix = (torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
     d.ctx.model, d.ctx.tokenizer, d.ctx.captions = m, bundle.tokenizer, captions

@@ -66,11 +66,11 @@ class TrainConfig(Settings):
     ot: OTSettings = setting(OTSettings(iters=50), "otcclip: OT solver of the L_inter / L_intra losses")
     ot_negatives: int = setting(0, "otcclip: in-batch negatives of the contrastive OT losses (0: mean OT distance)", ge=0)
     ot_temperature: float = setting(0.1, "otcclip: temperature of the contrastive OT losses", gt=0)
-    intra_subsample: float = setting(0.125, "otcclip: share of each batch (of batch_size pairs) used for L_intra",
+    intra_subsample: float = setting(0.0625, "otcclip: share of each batch (of batch_size pairs) used for L_intra",
                                      ge=0, le=1)
-    dropped_share: float = setting(1.0, "otcclip: dropped pairs a step keeps for L_intra and the unlikelihood term, "
-                                        "at most this share of batch_size; the others sit the step out (they come "
-                                        "back in later epochs' batches)", ge=0, le=1)
+    dropped_share: float = setting(0.0625, "otcclip: dropped pairs a step keeps for L_intra and the unlikelihood term, "
+                                           "at most this share of batch_size; the others sit the step out (they come "
+                                           "back in later epochs' batches)", ge=0, le=1)
     pool_fraction: float = setting(0.2, "roclip: size of the FIFO caption memory bank as a share of the dataset",
                                    gt=0, le=1)
     unimodal_temperature: float = setting(0.1, "safeclip: temperature of the unimodal losses", gt=0)
