@@ -68,7 +68,7 @@ class TrainConfig(Settings):
     ot_temperature: float = setting(0.1, "otcclip: temperature of the contrastive OT losses", gt=0)
     intra_subsample: float = setting(0.0625, "otcclip: share of each batch (of batch_size pairs) used for L_intra",
                                      ge=0, le=1)
-    dropped_share: float = setting(0.0625, "otcclip: dropped pairs a step keeps for L_intra and the unlikelihood term, "
+    dropped_share: float = setting(0.125, "otcclip: dropped pairs a step keeps for L_intra and the unlikelihood term, "
                                            "at most this share of batch_size; the others sit the step out (they come "
                                            "back in later epochs' batches)", ge=0, le=1)
     pool_fraction: float = setting(0.2, "roclip: size of the FIFO caption memory bank as a share of the dataset",
