@@ -54,10 +54,13 @@ __all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups"
 
 @dataclass(frozen=True)
 class DetectorEnv:
-    """What every detector shares: the neighbour index's settings and the seed."""
+    """What every detector shares: the neighbour index's settings, the seed and the
+    spill directory (``spill``: when set, per-pair work arrays are memory-mapped files
+    there, :mod:`otcclip.models.spill`; results are the same)."""
 
     index: IndexSettings = IndexSettings()
     seed: int = 0
+    spill: str | None = None
 
 
 DetectorFn = Callable[[MatchScores, Any, DetectorEnv], np.ndarray]
@@ -94,17 +97,19 @@ def register(name: str) -> Callable[[DetectorFn], DetectorFn]:
 ROW_BLOCK = 8192
 
 
-def unit_rows(parts: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+def unit_rows(parts: np.ndarray | Sequence[np.ndarray], *, spill: str | None = None) -> np.ndarray:
     """The rows of ``parts`` side by side, in float32, each scaled to unit length.
 
     Built block by block: the temporaries are (``ROW_BLOCK``, d). When any part is
     memory-mapped (``np.memmap``: :func:`~otcclip.models.sanitize.decide` on saved
-    shards), the result is as well, in an anonymous temporary file, so that an ``N x d``
-    work copy is not held in RAM.
+    shards), or with ``spill``, the result is as well, in an anonymous temporary file
+    (in ``spill`` when given), so that an ``N x d`` work copy is not held in RAM.
 
     Parameters
     ----------
     parts : ndarray, shape (N, d), or sequence of ndarray, shapes (N, d_i)
+    spill : str, optional
+        Directory of the temporary file.
 
     Returns
     -------
@@ -112,8 +117,8 @@ def unit_rows(parts: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """
     ps = [parts] if isinstance(parts, np.ndarray) else list(parts)
     n, d = len(ps[0]), sum(p.shape[1] for p in ps)
-    if n and d and any(isinstance(p, np.memmap) for p in ps):
-        with tempfile.TemporaryFile(prefix="otcclip-knn-") as f:  # unlinked: freed with the map
+    if n and d and (spill is not None or any(isinstance(p, np.memmap) for p in ps)):
+        with tempfile.TemporaryFile(prefix="otcclip-knn-", dir=spill) as f:  # unlinked: freed with the map
             v: np.ndarray = np.memmap(f, dtype=np.float32, mode="w+", shape=(n, d))
     else:
         v = np.empty((n, d), dtype=np.float32)
@@ -131,9 +136,9 @@ def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -
     ``env.index.exact_threshold`` rows; above it a list-by-list self-join
     (:func:`~otcclip.models.shortlist.self_search`) whose cost per row does not grow with N.
     """
-    v = unit_rows(vectors)
+    v = unit_rows(vectors, spill=env.spill)
     kk = min(k + 1, len(v))
-    sims, idx = self_search(v, kk, settings=env.index, seed=env.seed)
+    sims, idx = self_search(v, kk, settings=env.index, seed=env.seed, spill=env.spill)
     del v
     for s in range(0, len(idx), ROW_BLOCK):  # drop the row itself, best first, in place; temporaries (ROW_BLOCK, k)
         sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
