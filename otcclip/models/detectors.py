@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,10 @@ from otcclip.models.config.detectors import (
 from otcclip.models.config.sanitize import IndexSettings
 from otcclip.models.scores import MatchScores
 from otcclip.models.shortlist import self_search
+from otcclip.models.spill import empty as spill_empty
+from otcclip.models.spill import full as spill_full
+from otcclip.models.spill import median as spill_median
+from otcclip.models.spill import median_abs_dev as spill_median_abs_dev
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +153,22 @@ def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -
     return sims[:, : kk - 1], idx[:, : kk - 1]
 
 
-def robust_z(x: np.ndarray) -> np.ndarray:
+def robust_z(x: np.ndarray, *, spill: str | None = None) -> np.ndarray:
     """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move.
 
     Computed in float64: with a MAD of about 0 (all values equal but a few) the quotient
-    exceeds float32's range.
+    exceeds float32's range. With ``spill`` (a directory) the float64 copy, the order
+    statistics' work and the result are memory-mapped files there, built in row blocks.
     """
+    if spill is not None:
+        xs = spill_empty(spill, len(x), np.float64)
+        for s in range(0, len(x), ROW_BLOCK):
+            xs[s : s + ROW_BLOCK] = x[s : s + ROW_BLOCK]
+        med = spill_median(xs, spill)
+        mad = spill_median_abs_dev(xs, med, spill) * 1.4826 + 1e-12
+        for s in range(0, len(x), ROW_BLOCK):
+            xs[s : s + ROW_BLOCK] = (xs[s : s + ROW_BLOCK] - med) / mad
+        return xs
     x = np.asarray(x, dtype=np.float64)
     med = np.median(x)
     mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
@@ -271,8 +285,17 @@ def detect_density(m: MatchScores, st: DensitySettings, env: DetectorEnv = Detec
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
     sims, _ = _knn((m.image_global, m.caption_global), st.knn, env)
-    kdist = 1.0 - sims[:, -1]
-    return robust_z(kdist) > st.outlier_z
+    if env.spill is None:
+        kdist = 1.0 - sims[:, -1]
+        return robust_z(kdist) > st.outlier_z
+    kd = spill_empty(env.spill, n, sims.dtype)  # the same, in row blocks
+    for s in range(0, n, ROW_BLOCK):
+        kd[s : s + ROW_BLOCK] = 1.0 - sims[s : s + ROW_BLOCK, -1]
+    z = robust_z(kd, spill=env.spill)
+    out = spill_empty(env.spill, n, bool)
+    for s in range(0, n, ROW_BLOCK):
+        out[s : s + ROW_BLOCK] = z[s : s + ROW_BLOCK] > st.outlier_z
+    return out
 
 
 @register("caption_burst")
@@ -281,20 +304,48 @@ def detect_caption_burst(m: MatchScores, st: CaptionBurstSettings, env: Detector
     outlier among those images (robust z of its similarity to the group's mean image
     below ``-outlier_z``): one caption on many dissimilar images (backdoors)."""
     n = len(m)
-    flag = np.zeros(n, dtype=bool)
-    _, inverse, counts = np.unique(m.caption_hash, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    # each group's rows in row order, from one sort (not one pass over all rows per group)
-    by_group = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    for g in np.nonzero(counts >= st.burst_min)[0]:
-        rows = by_group[bounds[g] : bounds[g + 1]]
+    flag = spill_full(env.spill, n, False, bool)
+    for rows in _hash_groups(m.caption_hash, st.burst_min, env.spill):
         img = m.image_global[rows].astype(np.float32)  # one group's rows, not a copy of all
         centre = img.mean(axis=0)
         centre /= max(float(np.linalg.norm(centre)), 1e-12)
         sim = img @ centre
         flag[rows[robust_z(sim) < -st.outlier_z]] = True
     return flag
+
+
+def _hash_groups(hashes: np.ndarray, min_size: int, spill: str | None) -> Iterator[np.ndarray]:
+    """The rows of each group of equal ``hashes`` (N,) with at least ``min_size`` rows, in
+    row order, groups by increasing hash. With ``spill``, from an in-place sort of
+    (hash, row) records in a memory-mapped file, scanned in row blocks; without, from
+    one stable argsort."""
+    n = len(hashes)
+    if spill is None:
+        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        # each group's rows in row order, from one sort (not one pass over all rows per group)
+        by_group = np.argsort(inverse, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for g in np.nonzero(counts >= min_size)[0]:
+            yield by_group[bounds[g] : bounds[g + 1]]
+        return
+    rec = spill_empty(spill, n, [("h", np.int64), ("r", np.int64)])
+    for s in range(0, n, ROW_BLOCK):
+        rec["h"][s : s + ROW_BLOCK] = hashes[s : s + ROW_BLOCK]
+        rec["r"][s : s + ROW_BLOCK] = np.arange(s, min(s + ROW_BLOCK, n))
+    rec.sort(order=["h", "r"])
+    start = 0  # first sorted position of the group that the scan is in
+    for s in range(0, n, ROW_BLOCK):
+        h = rec["h"][s : s + ROW_BLOCK]
+        cuts = np.flatnonzero(h[1:] != h[:-1]) + 1 + s
+        if s and rec["h"][s - 1] != h[0]:
+            cuts = np.concatenate([[s], cuts])
+        for c in cuts.tolist():
+            if c - start >= min_size:
+                yield np.asarray(rec["r"][start:c])
+            start = c
+    if n - start >= min_size:
+        yield np.asarray(rec["r"][start:n])
 
 
 def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
@@ -735,5 +786,10 @@ def run_detectors(
         if name not in REGISTRY:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
         flag = known[name] if known and name in known else REGISTRY[name].fn(m, settings.detector(name), env)
-        out[name] = flag & m.ok
+        if env.spill is None:
+            out[name] = flag & m.ok
+            continue
+        out[name] = spill_empty(env.spill, len(m), bool)
+        for s in range(0, len(m), ROW_BLOCK):
+            out[name][s : s + ROW_BLOCK] = flag[s : s + ROW_BLOCK] & m.ok[s : s + ROW_BLOCK]
     return out

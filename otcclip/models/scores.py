@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class MatchScores:
     """Shortlist scores for ``N`` pairs (rows of the whole dataset, in order).
