@@ -645,10 +645,14 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         sens, view = spill_full(sp, n, np.nan, np.float32), spill_full(sp, n, -1, np.int64)
     else:
         filled, crowd = ev
-        view = np.where(np.isfinite(filled).any(axis=1), filled.argmax(axis=1), -1).astype(np.int64)
-        sens = np.where(view >= 0, filled[np.arange(n), np.maximum(view, 0)], np.nan).astype(np.float32)
-        if crowd is not None:
-            enrich = crowd.max(axis=1).astype(np.float32)
+        view, sens = spill_empty(sp, n, np.int64), spill_empty(sp, n, np.float32)
+        for s in range(0, n, block):
+            f = filled[s : s + block]
+            view[s : s + block] = np.where(np.isfinite(f).any(axis=1), f.argmax(axis=1), -1)
+            v = view[s : s + block]
+            sens[s : s + block] = np.where(v >= 0, f[np.arange(len(f)), np.maximum(v, 0)], np.nan)
+            if crowd is not None:
+                enrich[s : s + block] = crowd[s : s + block].max(axis=1)
     cols = {k: spill_empty(sp, n, dt) for k, dt in (
         ("row", np.int64), ("caption_index", np.int64), ("new_caption_index", np.int64), ("global_score", np.float32),
         ("ot_score", np.float32), ("fused_score", np.float32), ("best_caption_index", np.int64),
