@@ -479,7 +479,7 @@ def _flag_labels(flags: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.n
 
 
 def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv(),
-                 block: int = 1 << 16) -> Decisions:
+                 block: int = 1 << 14) -> Decisions:
     """Decide keep / reassign / drop for every pair (see the module doc for the rules).
 
     Parameters

@@ -153,6 +153,16 @@ def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -
     return sims[:, : kk - 1], idx[:, : kk - 1]
 
 
+def _take_rows(x: np.ndarray, rows: np.ndarray, spill: str | None) -> np.ndarray:
+    """``x[rows]``; with ``spill``, gathered in row blocks into a memory-mapped file there."""
+    if spill is None:
+        return x[rows]
+    out = spill_empty(spill, (len(rows), *x.shape[1:]), x.dtype)
+    for s in range(0, len(rows), ROW_BLOCK):
+        out[s : s + ROW_BLOCK] = x[rows[s : s + ROW_BLOCK]]
+    return out
+
+
 def robust_z(x: np.ndarray, *, spill: str | None = None) -> np.ndarray:
     """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move.
 
@@ -557,7 +567,7 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
         src.append(np.arange(len(ok)))
         dst.append(first[inverse])
         exact[ok] = counts[inverse] > 1
-    sims, idx = _knn(m.image_global[ok], min(st.knn, len(ok) - 1), env)
+    sims, idx = _knn(_take_rows(m.image_global, ok, env.spill), min(st.knn, len(ok) - 1), env)
     typical = _median_or_zero(nearest_distinct_distance(sims, idx, None if hashes is None else hashes[ok]))
     thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
     hit = np.isfinite(sims) & (sims >= thr)
@@ -646,7 +656,7 @@ def collapse_evidence(
     if len(ok) <= st.knn + 1:
         return tight, share
     k = min(max(st.search, st.knn), len(ok) - 1)
-    sims, idx = _knn(m.image_global[ok], k, env)
+    sims, idx = _knn(_take_rows(m.image_global, ok, env.spill), k, env)
     distinct = np.isfinite(sims)
     if m.image_hash is not None:
         h = np.asarray(m.image_hash, dtype=np.int64)[ok]
