@@ -680,9 +680,19 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     if dup is not None:
         dup_group[:] = dup.group
     return Decisions(
+        row=cols["row"],
         action=action,
         reason=reason,
         detectors=flag_names,
+        caption_index=cols["caption_index"],
+        new_caption_index=cols["new_caption_index"],
+        global_score=cols["global_score"],
+        ot_score=cols["ot_score"],
+        fused_score=cols["fused_score"],
+        best_caption_index=cols["best_caption_index"],
+        best_global_score=cols["best_global_score"],
+        best_ot_score=cols["best_ot_score"],
+        best_fused_score=cols["best_fused_score"],
         p_clean=p_own,
         sensitivity_z=sens,
         purified_view=view,
@@ -694,7 +704,6 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         gmm=info,
         model_quality=quality,
         dup_fallback=fallback,
-        **cols,
     )
 
 
