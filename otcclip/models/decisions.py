@@ -647,10 +647,10 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         filled, crowd = ev
         view, sens = spill_empty(sp, n, np.int64), spill_empty(sp, n, np.float32)
         for s in range(0, n, block):
-            f = filled[s : s + block]
-            view[s : s + block] = np.where(np.isfinite(f).any(axis=1), f.argmax(axis=1), -1)
+            fb = filled[s : s + block]
+            view[s : s + block] = np.where(np.isfinite(fb).any(axis=1), fb.argmax(axis=1), -1)
             v = view[s : s + block]
-            sens[s : s + block] = np.where(v >= 0, f[np.arange(len(f)), np.maximum(v, 0)], np.nan)
+            sens[s : s + block] = np.where(v >= 0, fb[np.arange(len(fb)), np.maximum(v, 0)], np.nan)
             if crowd is not None:
                 enrich[s : s + block] = crowd[s : s + block].max(axis=1)
     cols = {k: spill_empty(sp, n, dt) for k, dt in (
