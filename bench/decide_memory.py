@@ -7,17 +7,26 @@ per size: the decide step's peak traced (numpy / Python) memory and its peak RSS
 the process's RSS before it (``VmHWM`` reset through ``/proc/self/clear_refs``), both
 per pair, and its peak anonymous RSS above the start (``RssAnon``, sampled every 10 ms:
 RSS without the file-backed pages of memory-mapped arrays, which the kernel can drop);
-``--breakdown`` adds the traced memory per component.
+``--breakdown`` adds the traced memory per component. Each size runs in a fresh process.
+With two sizes or more it ends with each peak's growth per extra pair between the two
+largest sizes (above ``gmm_sample`` = 200,000 readable pairs the GMM's sample stops
+growing), and calls a peak ``bounded`` when that growth is below ``--bound``
+bytes (default 64: decide's result keeps four string columns of 8-byte object pointers
+per pair in RAM), else ``linear``.
 
 Usage::
 
     .venv/bin/python bench/decide_memory.py --sizes 50000,200000 [--d 64] [--breakdown]
+        [--detectors density,caption_burst]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -119,44 +128,76 @@ def breakdown(paths: list[Path], n: int, cfg: object) -> None:
     print(f"Decisions arrays: {out / n:.0f} B/pair (object columns: 8 B pointers, strings shared or extra)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="50000,200000")
-    ap.add_argument("--d", type=int, default=64, help="embedding width of the synthetic globals")
-    ap.add_argument("--breakdown", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
+    """Write ``n`` synthetic pairs as score shards, run decide on their paths, return its
+    seconds and peaks (bytes above the start)."""
     import faiss
 
     from otcclip.models.config import DecisionSettings
     from otcclip.models.sanitize import SanitizeConfig, decide
 
     faiss.omp_set_num_threads(args.threads)
-    cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=("density", "caption_burst")))
-    print(f"# decide memory: d={args.d}, K={cfg.k + 1}, shard_size={cfg.shard_size}, detectors density, caption_burst")
+    cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=tuple(args.detectors.split(","))))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_shards(Path(tmp), n, d=args.d, k=cfg.k, shard_size=cfg.shard_size)
+        gc.collect()
+        rss0, anon0 = _status("VmRSS"), _status("RssAnon")
+        reset_peak_rss()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        with AnonPeak() as ap:
+            d = decide(paths, config=cfg)
+        dt = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out = {"n": n, "s": dt, "traced": peak, "rss": _status("VmHWM") - rss0, "anon": ap.peak - anon0}
+        del d
+        if args.breakdown:
+            breakdown(paths, n, cfg)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="50000,200000")
+    ap.add_argument("--d", type=int, default=64, help="embedding width of the synthetic globals")
+    ap.add_argument("--detectors", default="density,caption_burst", help="enabled detectors, comma-separated")
+    ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bound", type=float, default=64.0,
+                    help="growth in bytes per extra pair below which a peak counts as bounded")
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # one size, in this process
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(measure(args.one, args)), flush=True)
+        return
+    from otcclip.models.sanitize import SanitizeConfig
+
+    cfg = SanitizeConfig()
+    print(f"# decide memory: d={args.d}, K={cfg.k + 1}, shard_size={cfg.shard_size}, detectors {args.detectors}; "
+          "each size in a fresh process")
     print("| pairs | decide s | peak traced MB | traced B/pair | peak RSS above start MB | RSS B/pair "
           "| peak anon RSS above start MB | anon B/pair |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = write_shards(Path(tmp), n, d=args.d, k=cfg.k, shard_size=cfg.shard_size)
-            gc.collect()
-            rss0, anon0 = _status("VmRSS"), _status("RssAnon")
-            reset_peak_rss()
-            tracemalloc.start()
-            t0 = time.perf_counter()
-            with AnonPeak() as ap:
-                d = decide(paths, config=cfg)
-            dt = time.perf_counter() - t0
-            anon = ap.peak - anon0
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            hwm = _status("VmHWM") - rss0
-            print(f"| {n:,} | {dt:.1f} | {peak / 2**20:.0f} | {peak / n:.0f} | {hwm / 2**20:.0f} | {hwm / n:.0f} "
-                  f"| {anon / 2**20:.0f} | {anon / n:.0f} |", flush=True)
-            del d
-            if args.breakdown:
-                breakdown(paths, n, cfg)
+        cmd = [sys.executable, __file__, "--one", str(n), "--d", str(args.d), "--detectors", args.detectors,
+               "--threads", str(args.threads)] + (["--breakdown"] if args.breakdown else [])
+        res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        lines = res.stdout.splitlines()
+        r = json.loads(lines[-1])
+        rows.append(r)
+        print(f"| {n:,} | {r['s']:.1f} | {r['traced'] / 2**20:.0f} | {r['traced'] / n:.0f} | {r['rss'] / 2**20:.0f} "
+              f"| {r['rss'] / n:.0f} | {r['anon'] / 2**20:.0f} | {r['anon'] / n:.0f} |", flush=True)
+        if args.breakdown:
+            print("\n".join(lines[:-1]))
+    if len(rows) >= 2:
+        lo, hi = sorted(rows, key=lambda r: r["n"])[-2:]
+        dn = hi["n"] - lo["n"]
+        print(f"\ngrowth per extra pair, {lo['n']:,} -> {hi['n']:,} pairs (bounded: below {args.bound:g} B):")
+        for key, label in (("traced", "peak traced"), ("anon", "peak anon RSS"), ("rss", "peak RSS (with mapped file pages)")):
+            g = (hi[key] - lo[key]) / dn
+            print(f"  {label}: {g:.0f} B/pair -> {'bounded' if g < args.bound else 'linear'}")
 
 
 if __name__ == "__main__":

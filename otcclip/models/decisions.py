@@ -94,6 +94,11 @@ from otcclip.models.detectors import (
     typical_pairs_per_image,
 )
 from otcclip.models.scores import MatchScores
+from otcclip.models.spill import copy_of as spill_copy
+from otcclip.models.spill import empty as spill_empty
+from otcclip.models.spill import full as spill_full
+from otcclip.models.spill import median as spill_median
+from otcclip.models.spill import median_abs_dev as spill_median_abs_dev
 
 __all__ = ["ACTIONS", "DROP_DETECTORS", "DUPLICATE", "REVIEW", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores",
            "assess_model", "decide_pairs", "fit_p_clean", "keep_best_survivor"]
@@ -108,6 +113,8 @@ REVIEW = "review"
 DUPLICATE = "duplicate"
 #: Shuffled-caption draws of the model-quality control.
 CONTROL_DRAWS = 3
+#: Rows per block of the model-quality control's index work (memory, not results).
+INDEX_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -175,15 +182,22 @@ class Decisions:
         return {"action": acts, "reason": dict(sorted(reasons.items()))}
 
 
-def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, float]]:
+def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0,
+                spill: str | None = None) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, float]]:
     """Fit a 2-component GMM on own-pair scores.
 
     Returns ``(p_clean_fn, info)`` where ``p_clean_fn(scores)`` is the posterior of the
     higher-mean component. When one Gaussian explains the scores better (lower BIC) or
     there are fewer than 10 scores, every score counts as clean (``p_clean = 1``).
+    With ``spill`` (a directory) the sorted scores are a memory-mapped file there
+    (:mod:`otcclip.models.spill`): what stays in RAM is the ``sample``.
     """
     # sorted first: the sample and the fit depend on the scores, not on the rows' order
-    x = np.sort(own[np.isfinite(own)].astype(np.float64))
+    if spill is None:
+        x = np.sort(own[np.isfinite(own)].astype(np.float64))
+    else:
+        x = _select(own, lambda s, e: np.isfinite(own[s:e]), spill, dtype=np.float64)
+        x.sort()
     if len(x) > sample:
         x = np.random.default_rng(seed).choice(x, size=sample, replace=False)
     if len(x) < 10 or float(x.std()) < 1e-8:
@@ -221,23 +235,53 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tup
     return p_clean, info
 
 
-def _own_cosine(m: MatchScores, *, block: int = 8192) -> np.ndarray:
-    """(N,) cosine of each image's global embedding with its own caption's, the quantity
-    the model-quality control measures; in row blocks, so the temporaries stay
-    (block, d) whatever N."""
-    out = np.empty(len(m), dtype=np.float32)
-    for s in range(0, len(m), block):
-        img = m.image_global[s : s + block].astype(np.float32)
-        cap = m.caption_global[s : s + block].astype(np.float32)
+def _own_cosine(m: MatchScores, *, block: int = 8192, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """(stop - start,) cosine of each image's global embedding with its own caption's
+    (rows ``start:stop``, default all), the quantity the model-quality control measures;
+    in row blocks, so the temporaries stay (block, d) whatever N."""
+    stop = len(m) if stop is None else stop
+    out = np.empty(stop - start, dtype=np.float32)
+    for s in range(start, stop, block):
+        e = min(s + block, stop)
+        img = m.image_global[s:e].astype(np.float32)
+        cap = m.caption_global[s:e].astype(np.float32)
         den = np.maximum(np.linalg.norm(img, axis=1) * np.linalg.norm(cap, axis=1), 1e-12)
-        out[s : s + block] = (img * cap).sum(axis=1) / den
+        out[s - start : e - start] = (img * cap).sum(axis=1) / den
     return out
 
 
-def _robust(x: np.ndarray) -> tuple[float, float]:
-    """``(median, 1.4826 MAD)`` of ``x``."""
-    med = float(np.median(x))
-    return med, float(np.median(np.abs(x - med))) * 1.4826 + 1e-6
+def _robust(x: np.ndarray, spill: str | None = None) -> tuple[float, float]:
+    """``(median, 1.4826 MAD)`` of ``x`` (its order statistics on spilled copies with ``spill``)."""
+    med = float(spill_median(x, spill))
+    return med, float(spill_median_abs_dev(x, med, spill)) * 1.4826 + 1e-6
+
+
+def _select(x: np.ndarray, keep: Callable[[int, int], np.ndarray] | np.ndarray, spill: str | None, *,
+            dtype: Any = None, block: int = 1 << 16) -> np.ndarray:
+    """``x[mask].astype(dtype)`` for a 1-D ``x``, built in row blocks into a spilled array
+    (:func:`~otcclip.models.spill.empty`; in RAM without ``spill``); ``keep`` is the (N,)
+    bool mask or a function ``keep(start, stop)`` giving the mask of rows ``start:stop``."""
+    n = len(x)
+
+    def mask(s: int) -> np.ndarray:
+        e = min(s + block, n)
+        return np.asarray(keep(s, e) if callable(keep) else keep[s:e], dtype=bool)
+
+    count = sum(int(mask(s).sum()) for s in range(0, n, block))
+    out = spill_empty(spill, count, x.dtype if dtype is None else dtype)
+    pos = 0
+    for s in range(0, n, block):
+        b = x[s : s + block][mask(s)]
+        out[pos : pos + len(b)] = b
+        pos += len(b)
+    return out
+
+
+def _nonzero(mask: np.ndarray, spill: str | None, *, block: int = 1 << 16) -> np.ndarray:
+    """``np.nonzero(mask)[0]`` of a 1-D bool array, in a spilled array."""
+    if spill is None:
+        return np.nonzero(mask)[0]
+    return _select(np.arange(len(mask), dtype=np.int64), mask, spill, block=block)
 
 
 def _unit_f32(x: np.ndarray) -> np.ndarray:
@@ -247,30 +291,32 @@ def _unit_f32(x: np.ndarray) -> np.ndarray:
     return v
 
 
-def _rank_sum(values: np.ndarray, n_first: int) -> float:
+def _rank_sum(values: np.ndarray, n_first: int, *, spill: str | None = None, block: int = 1 << 16) -> float:
     """Sum of the ranks (1 = smallest; tied values share their average rank, NaNs tie and
-    come last) of ``values[:n_first]`` among all ``values``, from one sort.
+    come last) of ``values[:n_first]`` among all ``values``, from one sort (of a spilled
+    copy with ``spill``).
 
-    Exact: ranks are half-integers and their sums stay far below 2**53.
+    A value ``v`` whose ties sit at sorted positions ``lo..hi-1`` has rank
+    ``(lo + 1 + hi) / 2``. Exact: ranks are half-integers and their sums stay far below
+    2**53.
     """
-    order = np.argsort(values, kind="stable")
-    v = values[order]
-    first = order < n_first
-    del order
-    new = v[1:] != v[:-1]
-    new &= ~(np.isnan(v[1:]) & np.isnan(v[:-1]))
-    del v
-    starts = np.flatnonzero(np.concatenate([[True], new]))
-    del new
-    # a tie group at sorted positions start..end-1 holds ranks start+1..end: average (start+1+end)/2
-    mean_rank = (starts + 1 + np.append(starts[1:], len(values))) / 2.0
-    return float((np.add.reduceat(first, starts, dtype=np.int64) * mean_rank).sum())
+    srt = spill_copy(spill, values) if spill is not None else values.copy()
+    srt.sort()  # NaNs last, as searchsorted expects
+    total = 0.0
+    for s in range(0, n_first, block):
+        v = values[s : min(s + block, n_first)]
+        lo = np.searchsorted(srt, v, side="left")
+        hi = np.searchsorted(srt, v, side="right")
+        total += float(((lo + 1 + hi) / 2.0).sum())
+    return total
 
 
-def _pair_cosine(m: MatchScores, img_rows: np.ndarray, cap_rows: np.ndarray, *, block: int) -> np.ndarray:
+def _pair_cosine(m: MatchScores, img_rows: np.ndarray, cap_rows: np.ndarray, *, block: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """(R,) float32 cosine of image ``img_rows[j]``'s global with caption ``cap_rows[j]``'s,
-    in blocks of ``block`` rows (the temporaries stay (block, d) whatever R)."""
-    out = np.empty(len(img_rows), dtype=np.float32)
+    in blocks of ``block`` rows (the temporaries stay (block, d) whatever R), into
+    ``out`` when given."""
+    out = np.empty(len(img_rows), dtype=np.float32) if out is None else out
     for s in range(0, len(img_rows), block):
         out[s : s + block] = (_unit_f32(m.image_global[img_rows[s : s + block]])
                               * _unit_f32(m.caption_global[cap_rows[s : s + block]])).sum(axis=1)
@@ -278,7 +324,7 @@ def _pair_cosine(m: MatchScores, img_rows: np.ndarray, cap_rows: np.ndarray, *, 
 
 
 def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), seed: int = 0,
-                 block: int = 8192) -> dict[str, Any]:
+                 block: int = 8192, spill: str | None = None) -> dict[str, Any]:
     """Does the model separate matched from mismatched pairs on this data?
 
     A shuffled-caption control: every readable image is scored (global cosine) against
@@ -296,6 +342,10 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         Seeds the shuffles.
     block : int
         Pairs whose cosines are computed at once (memory, not results).
+    spill : str, optional
+        A directory: the per-pair work arrays (cosines, permutations, the sort of the
+        rank sum) are memory-mapped files there (:mod:`otcclip.models.spill`), so RAM
+        holds (``block``, d) temporaries whatever N. Same results.
 
     Returns
     -------
@@ -307,35 +357,61 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         pairs whose best-scored shortlisted caption has the own caption's text) and
         ``gmm_separation`` (filled in by :func:`decide_pairs`).
     """
-    ok = np.nonzero(m.ok)[0]
+    ok = _nonzero(np.asarray(m.ok), spill)
     n = len(ok)
     out: dict[str, Any] = {"pairs": int(n), "min_control_auc": settings.min_control_auc,
                            "min_control_separation": settings.min_control_separation}
+    big = INDEX_BLOCK
     if n >= 2:
-        own = _pair_cosine(m, ok, ok, block=block)
+        own = _pair_cosine(m, ok, ok, block=block, out=spill_empty(spill, n, np.float32))
         rng = np.random.default_rng(seed)
         # permute in id-key order, so the same pairs in any row order get the same control
-        base = np.argsort(np.asarray(m.row_key)[ok], kind="stable") if m.row_key is not None else np.arange(n)
-        shuf = []
+        base = _id_order(m, ok, spill)
+        chash = spill_empty(spill, n, np.asarray(m.caption_hash[:0]).dtype)  # the readable pairs' caption hashes
+        for s in range(0, n, big):
+            chash[s : s + big] = m.caption_hash[ok[s : s + big]]
+        sh = spill_empty(spill, CONTROL_DRAWS * n, np.float32)
+        n_sh = 0
+        perm = spill_empty(spill, n, np.int64)
+        p = spill_empty(spill, n, np.int64)
+        q = spill_empty(spill, n, np.int64)
         for _ in range(CONTROL_DRAWS):
-            p = base[rng.permutation(n)]
-            q = np.empty(n, dtype=np.int64)
-            q[p] = np.roll(p, -1)  # a derangement: pair p[j] gets the caption of p[j+1]
-            keep = np.nonzero(m.caption_hash[ok] != m.caption_hash[ok][q])[0]
-            shuf.append(_pair_cosine(m, ok[keep], ok[q[keep]], block=block))
-        sh = np.concatenate(shuf) if shuf else np.zeros(0, np.float32)
+            for s in range(0, n, big):  # perm = rng.permutation(n), shuffled in place
+                perm[s : s + big] = np.arange(s, min(s + big, n))
+            rng.shuffle(perm)
+            for s in range(0, n, big):
+                p[s : s + big] = base[perm[s : s + big]]
+            for s in range(0, n, big):  # a derangement: pair p[j] gets the caption of p[j+1]
+                e = min(s + big, n)
+                q[p[s:e]] = np.concatenate([p[s + 1 : e], p[:1]]) if e == n else p[s + 1 : e + 1]
+            for s in range(0, n, big):
+                e = min(s + big, n)
+                keep = np.nonzero(chash[s:e] != chash[q[s:e]])[0]
+                _pair_cosine(m, ok[s:e][keep], ok[q[s:e][keep]], block=block, out=sh[n_sh : n_sh + len(keep)])
+                n_sh += len(keep)
+        del perm, p, q, chash
+        sh = sh[:n_sh]
         if len(sh):
-            r_own = _rank_sum(np.concatenate([own, sh]).astype(np.float64), len(own))
-            (mo, so), (ms, ss) = _robust(own), _robust(sh)
+            vals = spill_empty(spill, n + len(sh), np.float64)
+            for s in range(0, n, big):
+                vals[s : min(s + big, n)] = own[s : s + big]
+            for s in range(0, len(sh), big):
+                vals[n + s : n + s + big] = sh[s : s + big]
+            r_own = _rank_sum(vals, n, spill=spill)
+            del vals
+            (mo, so), (ms, ss) = _robust(own, spill), _robust(sh, spill)
             out["control_auc"] = (r_own - len(own) * (len(own) + 1) / 2) / (len(own) * len(sh))
             out["own_cosine"] = [float(mo), float(so)]
             out["shuffled_cosine"] = [float(ms), float(ss)]
             out["control_d_prime"] = float((mo - ms) / np.sqrt((so**2 + ss**2) / 2))
-        rows = np.arange(len(m))[ok]
-        fused = np.where(m.candidates[ok] >= 0, m.fused[ok], -np.inf)
-        fused = np.where(np.isfinite(fused), fused, -np.inf)
-        best = m.candidates[rows, np.argmax(fused, axis=1)]
-        out["own_top1"] = float((m.caption_hash[best] == m.caption_hash[rows]).mean())
+        hits = 0
+        for s in range(0, n, big):
+            rows = ok[s : s + big]
+            fused = np.where(m.candidates[rows] >= 0, m.fused[rows], -np.inf)
+            fused = np.where(np.isfinite(fused), fused, -np.inf)
+            best = m.candidates[rows, np.argmax(fused, axis=1)]
+            hits += int((m.caption_hash[best] == m.caption_hash[rows]).sum())
+        out["own_top1"] = hits / n
     auc = out.get("control_auc")
     if n < settings.min_quality_pairs or auc is None:
         out["verdict"] = "weak"
@@ -353,6 +429,25 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
                           f"a random one {100 * auc:.0f} % of the time); captions were changed only on a calibrated "
                           f"margin, the rest marked for review.")
     return out
+
+
+def _id_order(m: MatchScores, ok: np.ndarray, spill: str | None) -> np.ndarray:
+    """``np.argsort(m.row_key[ok], kind="stable")`` (``arange`` without id keys); with
+    ``spill``, a sort in place of (key, position) records in a spilled array."""
+    n = len(ok)
+    if m.row_key is None:
+        out = spill_empty(spill, n, np.int64)
+        out[:] = np.arange(n)
+        return out
+    if spill is None:
+        return np.argsort(np.asarray(m.row_key)[ok], kind="stable")
+    rec = spill_empty(spill, n, [("key", np.int64), ("pos", np.int64)])
+    for s in range(0, n, 1 << 16):
+        e = min(s + (1 << 16), n)
+        rec["key"][s:e] = m.row_key[ok[s:e]]
+        rec["pos"][s:e] = np.arange(s, e)
+    rec.sort(order=["key", "pos"])  # ties by position: the stable order
+    return rec["pos"]
 
 
 def _object_array(items: list[str]) -> np.ndarray:
@@ -383,7 +478,8 @@ def _flag_labels(flags: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.n
     return _object_array(labels)[code], code, labels
 
 
-def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv()) -> Decisions:
+def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSettings(), env: DetectorEnv = DetectorEnv(),
+                 block: int = 1 << 14) -> Decisions:
     """Decide keep / reassign / drop for every pair (see the module doc for the rules).
 
     Parameters
@@ -393,23 +489,35 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     settings : DecisionSettings
         Thresholds, enabled detectors and each detector's settings.
     env : DetectorEnv
-        Neighbour-index settings and seed shared by the detectors and the GMM.
+        Neighbour-index settings and seed shared by the detectors and the GMM; with
+        ``env.spill`` (a directory) the per-pair work arrays and the numeric columns of
+        the result are memory-mapped files there (:mod:`otcclip.models.spill`).
+    block : int
+        Rows decided at once once the data-wide statistics are known (memory, not
+        results).
 
     Returns
     -------
     Decisions
     """
     n = len(m)
-    rows = np.arange(n)
-    fused = np.where(m.candidates >= 0, m.fused, -np.inf)
-    fused = np.where(np.isfinite(fused), fused, -np.inf)
-    best_col = np.argmax(fused, axis=1)
-    best = m.candidates[rows, best_col]
+    sp = env.spill
+    ok = np.asarray(m.ok, dtype=bool)
     own_f = m.fused[:, 0]
-    best_f = m.fused[rows, best_col]
-    p_fn, info = fit_p_clean(own_f[m.ok], sample=settings.gmm_sample, seed=env.seed)
-    p_own = p_fn(own_f)
-    p_best = p_fn(best_f)
+    # the best-scored candidate of every pair, row block by row block
+    best_col = spill_empty(sp, n, np.int64)
+    best = spill_empty(sp, n, np.int64)
+    best_f = spill_empty(sp, n, m.fused.dtype)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        fused = np.where(m.candidates[s:e] >= 0, m.fused[s:e], -np.inf)
+        fused = np.where(np.isfinite(fused), fused, -np.inf)
+        bc = np.argmax(fused, axis=1)
+        r = np.arange(e - s)
+        best_col[s:e] = bc
+        best[s:e] = m.candidates[s:e][r, bc]
+        best_f[s:e] = m.fused[s:e][r, bc]
+    p_fn, info = fit_p_clean(_select(own_f, ok, sp), sample=settings.gmm_sample, seed=env.seed, spill=sp)
     ts = settings.trigger_sensitivity
     ev = trigger_evidence(m, ts, env) if n else None
     known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else {}
@@ -417,130 +525,182 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     if dup is not None:
         known["duplicates"] = duplicate_flags(m, dup)
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
-    flag_names, _, _ = _flag_labels(flags, n)
     # a duplicate is not a poisoning verdict: the group's action applies it, after the rest
-    verdict_names, verdict_code, verdict_labels = _flag_labels({k: v for k, v in flags.items() if k != "duplicates"}, n)
-    any_flag = verdict_names != ""
-    margin = best_f - own_f
+    verdict_flags = {k: v for k, v in flags.items() if k != "duplicates"}
     # margins in units of the spread of own-pair scores (robust: MAD)
-    zm = np.zeros(n)
-    if m.ok.any():
-        o = own_f[m.ok & np.isfinite(own_f)]
-        scale = float(np.median(np.abs(o - np.median(o)))) * 1.4826 + 1e-6 if len(o) else 1.0
-        zm = margin / scale
-    low = p_own < settings.p_clean_threshold
-    alt = (best_col != 0) & (p_best >= settings.p_clean_threshold)
-    wide = zm > settings.margin_z
-    re = alt & ((low & (zm > settings.low_margin_z)) | wide | (any_flag & (margin > 0)))
-
-    action = np.full(n, "keep", dtype=object)
-    reason = np.full(n, "own_best", dtype=object)
-    reason[best_col != 0] = "clean_score"
-    action[re] = "reassign"
-    reason[re & wide] = "better_caption"
-    reason[re & any_flag] = [s.split(",")[0] for s in verdict_names[re & any_flag]]
-    reason[re & low] = "low_own_score"
-    dr = (low | any_flag) & ~alt
-    action[dr] = "drop"
-    reason[dr] = "no_plausible_caption"
-    reason[dr & any_flag] = [s.split(",")[0] for s in verdict_names[dr & any_flag]]
-    for name in DROP_DETECTORS:
-        if name in flags:
-            hit = flags[name]
-            action[hit] = "drop"
-            reason[hit] = name
-    review = np.zeros(n, dtype=bool)
-    review_reason = np.full(n, "", dtype=object)
+    scale: float | None = None
+    med = sd = 0.0
+    has_o = False
+    if ok.any():
+        o = _select(own_f, lambda s, e: ok[s:e] & np.isfinite(own_f[s:e]), sp)
+        scale = float(spill_median_abs_dev(o, spill_median(o, sp), sp)) * 1.4826 + 1e-6 if len(o) else 1.0
+        if len(o):
+            med, sd = _robust(o, sp)
+        has_o = bool(len(o))
+        del o
     quality: dict[str, Any] = {}
     weak = False
     if settings.abstain:
-        quality = assess_model(m, settings=settings, seed=env.seed)
+        quality = assess_model(m, settings=settings, seed=env.seed, spill=sp)
         if info.get("bimodal"):
             quality["gmm_separation"] = float(abs(info["mean_clean"] - info["mean_noisy"])
                                               / np.sqrt((info["std_clean"] ** 2 + info["std_noisy"] ** 2) / 2 + 1e-12))
         weak = quality["verdict"] == "weak"
-        own_z, best_z = np.zeros(n), np.zeros(n)
-        if m.ok.any():
-            o = own_f[m.ok & np.isfinite(own_f)]
-            if len(o):
-                med, sd = _robust(o)
-                own_z, best_z = (own_f - med) / sd, (best_f - med) / sd
-        score_based = (action != "keep") & ~any_flag
-        # calibrated evidence that the own caption is wrong: its score is a tail event for a
-        # true pair, and its cosine no higher than a random caption's typically is (the
-        # control's median shuffled-pair cosine); a re-assignment also needs the new caption
-        # to beat the own one by as many robust std and to score at least as well as the
-        # median own pair (the new pair looks like a typical true one)
-        random_like = _own_cosine(m) <= quality.get("shuffled_cosine", [-np.inf])[0]
-        strong = (own_z < -settings.evidence_z) & random_like
-        strong &= (action != "reassign") | ((zm > settings.evidence_z) & (best_z >= 0))
-        # a trusted detector's flag is its evidence whatever other detectors also flagged
-        first_trusted = _object_array([next((x for x in f.split(",") if x in settings.weak_model_detectors), "")
-                                       for f in verdict_labels])[verdict_code]
-        trusted = first_trusted != ""
-        if weak:
-            unsure = score_based | ((action != "keep") & any_flag & ~trusted)
-            why = "weak model"
-            # a trusted detector still drops, but a weak model's best caption is no repair
-            sure_flag = (action != "keep") & any_flag & trusted
-            action[sure_flag & (action == "reassign")] = "drop"
-            reason[sure_flag] = first_trusted[sure_flag]
-            whys = np.full(n, why, dtype=object)
-        else:
-            # an untrusted detector's flag says the pair is unusual, not that its caption is
-            # wrong: it changes the pair only with the calibrated score evidence
-            flag_based = (action != "keep") & any_flag & ~trusted
-            unsure = (score_based | flag_based) & ~strong
-            whys = np.where(flag_based, "detector flag without calibrated score evidence",
-                            "margin not calibrated-strong").astype(object)
-        review_reason[unsure] = [f"{a}/{r}: {w}" for a, r, w in
-                                 zip(action[unsure], reason[unsure], whys[unsure], strict=True)]
-        review[unsure] = True
-        action[unsure] = "keep"
-        reason[unsure] = REVIEW
+    shuffled_med = quality.get("shuffled_cosine", [-np.inf])[0]
+    trusted_of: dict[str, str] = {}  # interned strings: one object per distinct value, not per row
+    strings: dict[str, str] = {}
+
+    def intern(values: list[str]) -> list[str]:
+        return [strings.setdefault(v, v) for v in values]
+
+    action = np.empty(n, dtype=object)
+    reason = np.empty(n, dtype=object)
+    flag_names = np.empty(n, dtype=object)
+    review = spill_full(sp, n, False, bool)
+    review_reason = np.empty(n, dtype=object)
+    p_own = spill_empty(sp, n, np.float32)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        bn = e - s
+        own_b, best_b, bcol = own_f[s:e], best_f[s:e], best_col[s:e]
+        ok_b = ok[s:e]
+        p_own_b = p_fn(own_b)
+        p_best = p_fn(best_b)
+        _, code, labels = _flag_labels({k: v[s:e] for k, v in flags.items()}, bn)
+        flag_names[s:e] = _object_array(intern(labels))[code]
+        verdict_names, verdict_code, verdict_labels = _flag_labels({k: v[s:e] for k, v in verdict_flags.items()}, bn)
+        any_flag = verdict_names != ""
+        margin = best_b - own_b
+        zm = np.zeros(bn) if scale is None else margin / scale
+        low = p_own_b < settings.p_clean_threshold
+        alt = (bcol != 0) & (p_best >= settings.p_clean_threshold)
+        wide = zm > settings.margin_z
+        re = alt & ((low & (zm > settings.low_margin_z)) | wide | (any_flag & (margin > 0)))
+        act = action[s:e]
+        rsn = reason[s:e]
+        act[:] = "keep"
+        rsn[:] = "own_best"
+        rsn[bcol != 0] = "clean_score"
+        act[re] = "reassign"
+        rsn[re & wide] = "better_caption"
+        rsn[re & any_flag] = intern([x.split(",")[0] for x in verdict_names[re & any_flag]])
+        rsn[re & low] = "low_own_score"
+        dr = (low | any_flag) & ~alt
+        act[dr] = "drop"
+        rsn[dr] = "no_plausible_caption"
+        rsn[dr & any_flag] = intern([x.split(",")[0] for x in verdict_names[dr & any_flag]])
+        for name in DROP_DETECTORS:
+            if name in flags:
+                hit = np.asarray(flags[name][s:e], dtype=bool)
+                act[hit] = "drop"
+                rsn[hit] = name
+        rr = review_reason[s:e]
+        rr[:] = ""
+        if settings.abstain:
+            own_z, best_z = np.zeros(bn), np.zeros(bn)
+            if scale is not None and has_o:
+                own_z, best_z = (own_b - med) / sd, (best_b - med) / sd
+            score_based = (act != "keep") & ~any_flag
+            # calibrated evidence that the own caption is wrong: its score is a tail event for a
+            # true pair, and its cosine no higher than a random caption's typically is (the
+            # control's median shuffled-pair cosine); a re-assignment also needs the new caption
+            # to beat the own one by as many robust std and to score at least as well as the
+            # median own pair (the new pair looks like a typical true one)
+            random_like = _own_cosine(m, start=s, stop=e) <= shuffled_med
+            strong = (own_z < -settings.evidence_z) & random_like
+            strong &= (act != "reassign") | ((zm > settings.evidence_z) & (best_z >= 0))
+            # a trusted detector's flag is its evidence whatever other detectors also flagged
+            for f in verdict_labels:
+                if f not in trusted_of:
+                    trusted_of[f] = next((x for x in f.split(",") if x in settings.weak_model_detectors), "")
+            first_trusted = _object_array(intern([trusted_of[f] for f in verdict_labels]))[verdict_code]
+            trusted = first_trusted != ""
+            if weak:
+                unsure = score_based | ((act != "keep") & any_flag & ~trusted)
+                why = "weak model"
+                # a trusted detector still drops, but a weak model's best caption is no repair
+                sure_flag = (act != "keep") & any_flag & trusted
+                act[sure_flag & (act == "reassign")] = "drop"
+                rsn[sure_flag] = first_trusted[sure_flag]
+                whys = np.full(bn, why, dtype=object)
+            else:
+                # an untrusted detector's flag says the pair is unusual, not that its caption is
+                # wrong: it changes the pair only with the calibrated score evidence
+                flag_based = (act != "keep") & any_flag & ~trusted
+                unsure = (score_based | flag_based) & ~strong
+                whys = np.where(flag_based, "detector flag without calibrated score evidence",
+                                "margin not calibrated-strong").astype(object)
+            rr[unsure] = intern([f"{a}/{r}: {w}" for a, r, w in zip(act[unsure], rsn[unsure], whys[unsure], strict=True)])
+            review[s:e][unsure] = True
+            act[unsure] = "keep"
+            rsn[unsure] = REVIEW
+        p_own[s:e] = np.where(ok_b, p_own_b, 0.0).astype(np.float32)
     fallback: dict[str, np.ndarray] = {}
     if dup is not None:
         kept_score = np.where(action == "reassign", best_f, own_f)
         fallback = _apply_duplicates(m, dup, settings.duplicates, kept_score, action, reason, review, review_reason,
                                      weak=weak)
-    action[~m.ok] = "drop"
-    reason[~m.ok] = "unreadable_image"
-    review[~m.ok] = False
-    review_reason[~m.ok] = ""
-    p_own = np.where(m.ok, p_own, 0.0).astype(np.float32)
-    enrich = np.full(n, np.nan, dtype=np.float32)
+    enrich = spill_full(sp, n, np.nan, np.float32)
     if ev is None or ev[0].shape[1] == 0:
-        sens, view = np.full(n, np.nan, dtype=np.float32), np.full(n, -1, dtype=np.int64)
+        sens, view = spill_full(sp, n, np.nan, np.float32), spill_full(sp, n, -1, np.int64)
     else:
         filled, crowd = ev
-        view = np.where(np.isfinite(filled).any(axis=1), filled.argmax(axis=1), -1).astype(np.int64)
-        sens = np.where(view >= 0, filled[rows, np.maximum(view, 0)], np.nan).astype(np.float32)
-        if crowd is not None:
-            enrich = crowd.max(axis=1).astype(np.float32)
-
-    new_idx = np.where(action == "keep", m.candidates[:, 0], np.where(action == "reassign", best, -1))
+        view, sens = spill_empty(sp, n, np.int64), spill_empty(sp, n, np.float32)
+        for s in range(0, n, block):
+            fb = filled[s : s + block]
+            view[s : s + block] = np.where(np.isfinite(fb).any(axis=1), fb.argmax(axis=1), -1)
+            v = view[s : s + block]
+            sens[s : s + block] = np.where(v >= 0, fb[np.arange(len(fb)), np.maximum(v, 0)], np.nan)
+            if crowd is not None:
+                enrich[s : s + block] = crowd[s : s + block].max(axis=1)
+    cols = {k: spill_empty(sp, n, dt) for k, dt in (
+        ("row", np.int64), ("caption_index", np.int64), ("new_caption_index", np.int64), ("global_score", np.float32),
+        ("ot_score", np.float32), ("fused_score", np.float32), ("best_caption_index", np.int64),
+        ("best_global_score", np.float32), ("best_ot_score", np.float32), ("best_fused_score", np.float32))}
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        bad = ~ok[s:e]
+        action[s:e][bad] = "drop"
+        reason[s:e][bad] = "unreadable_image"
+        review[s:e][bad] = False
+        review_reason[s:e][bad] = ""
+        r, bc, act = np.arange(e - s), best_col[s:e], action[s:e]
+        own_c = m.candidates[s:e, 0]
+        cols["row"][s:e] = np.arange(s, e)
+        cols["caption_index"][s:e] = own_c
+        cols["new_caption_index"][s:e] = np.where(act == "keep", own_c, np.where(act == "reassign", best[s:e], -1))
+        cols["global_score"][s:e] = m.global_[s:e, 0]
+        cols["ot_score"][s:e] = m.ot[s:e, 0]
+        cols["fused_score"][s:e] = own_f[s:e]
+        cols["best_caption_index"][s:e] = best[s:e]
+        cols["best_global_score"][s:e] = m.global_[s:e][r, bc]
+        cols["best_ot_score"][s:e] = m.ot[s:e][r, bc]
+        cols["best_fused_score"][s:e] = best_f[s:e]
+    dup_group = spill_full(sp, n, -1, np.int64)
+    if dup is not None:
+        dup_group[:] = dup.group
     return Decisions(
-        row=rows.astype(np.int64),
+        row=cols["row"],
         action=action,
         reason=reason,
         detectors=flag_names,
-        caption_index=m.candidates[:, 0].astype(np.int64),
-        new_caption_index=new_idx.astype(np.int64),
-        global_score=m.global_[:, 0].astype(np.float32),
-        ot_score=m.ot[:, 0].astype(np.float32),
-        fused_score=own_f.astype(np.float32),
-        best_caption_index=best.astype(np.int64),
-        best_global_score=m.global_[rows, best_col].astype(np.float32),
-        best_ot_score=m.ot[rows, best_col].astype(np.float32),
-        best_fused_score=best_f.astype(np.float32),
+        caption_index=cols["caption_index"],
+        new_caption_index=cols["new_caption_index"],
+        global_score=cols["global_score"],
+        ot_score=cols["ot_score"],
+        fused_score=cols["fused_score"],
+        best_caption_index=cols["best_caption_index"],
+        best_global_score=cols["best_global_score"],
+        best_ot_score=cols["best_ot_score"],
+        best_fused_score=cols["best_fused_score"],
         p_clean=p_own,
         sensitivity_z=sens,
         purified_view=view,
         sensitivity_enrichment=enrich,
         review=review,
         review_reason=review_reason,
-        template_z=np.zeros(n, dtype=np.float32),
-        dup_group=(dup.group if dup is not None else np.full(n, -1)).astype(np.int64),
+        template_z=spill_full(sp, n, 0.0, np.float32),
+        dup_group=dup_group,
         gmm=info,
         model_quality=quality,
         dup_fallback=fallback,

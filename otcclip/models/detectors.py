@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,10 @@ from otcclip.models.config.detectors import (
 from otcclip.models.config.sanitize import IndexSettings
 from otcclip.models.scores import MatchScores
 from otcclip.models.shortlist import self_search
+from otcclip.models.spill import empty as spill_empty
+from otcclip.models.spill import full as spill_full
+from otcclip.models.spill import median as spill_median
+from otcclip.models.spill import median_abs_dev as spill_median_abs_dev
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,13 @@ __all__ = ["DETECTORS", "REGISTRY", "Detector", "DetectorEnv", "DuplicateGroups"
 
 @dataclass(frozen=True)
 class DetectorEnv:
-    """What every detector shares: the neighbour index's settings and the seed."""
+    """What every detector shares: the neighbour index's settings, the seed and the
+    spill directory (``spill``: when set, per-pair work arrays are memory-mapped files
+    there, :mod:`otcclip.models.spill`; results are the same)."""
 
     index: IndexSettings = IndexSettings()
     seed: int = 0
+    spill: str | None = None
 
 
 DetectorFn = Callable[[MatchScores, Any, DetectorEnv], np.ndarray]
@@ -94,17 +101,19 @@ def register(name: str) -> Callable[[DetectorFn], DetectorFn]:
 ROW_BLOCK = 8192
 
 
-def unit_rows(parts: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+def unit_rows(parts: np.ndarray | Sequence[np.ndarray], *, spill: str | None = None) -> np.ndarray:
     """The rows of ``parts`` side by side, in float32, each scaled to unit length.
 
     Built block by block: the temporaries are (``ROW_BLOCK``, d). When any part is
     memory-mapped (``np.memmap``: :func:`~otcclip.models.sanitize.decide` on saved
-    shards), the result is as well, in an anonymous temporary file, so that an ``N x d``
-    work copy is not held in RAM.
+    shards), or with ``spill``, the result is as well, in an anonymous temporary file
+    (in ``spill`` when given), so that an ``N x d`` work copy is not held in RAM.
 
     Parameters
     ----------
     parts : ndarray, shape (N, d), or sequence of ndarray, shapes (N, d_i)
+    spill : str, optional
+        Directory of the temporary file.
 
     Returns
     -------
@@ -112,8 +121,8 @@ def unit_rows(parts: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """
     ps = [parts] if isinstance(parts, np.ndarray) else list(parts)
     n, d = len(ps[0]), sum(p.shape[1] for p in ps)
-    if n and d and any(isinstance(p, np.memmap) for p in ps):
-        with tempfile.TemporaryFile(prefix="otcclip-knn-") as f:  # unlinked: freed with the map
+    if n and d and (spill is not None or any(isinstance(p, np.memmap) for p in ps)):
+        with tempfile.TemporaryFile(prefix="otcclip-knn-", dir=spill) as f:  # unlinked: freed with the map
             v: np.ndarray = np.memmap(f, dtype=np.float32, mode="w+", shape=(n, d))
     else:
         v = np.empty((n, d), dtype=np.float32)
@@ -131,9 +140,9 @@ def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -
     ``env.index.exact_threshold`` rows; above it a list-by-list self-join
     (:func:`~otcclip.models.shortlist.self_search`) whose cost per row does not grow with N.
     """
-    v = unit_rows(vectors)
+    v = unit_rows(vectors, spill=env.spill)
     kk = min(k + 1, len(v))
-    sims, idx = self_search(v, kk, settings=env.index, seed=env.seed)
+    sims, idx = self_search(v, kk, settings=env.index, seed=env.seed, spill=env.spill)
     del v
     for s in range(0, len(idx), ROW_BLOCK):  # drop the row itself, best first, in place; temporaries (ROW_BLOCK, k)
         sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
@@ -144,12 +153,32 @@ def _knn(vectors: np.ndarray | Sequence[np.ndarray], k: int, env: DetectorEnv) -
     return sims[:, : kk - 1], idx[:, : kk - 1]
 
 
-def robust_z(x: np.ndarray) -> np.ndarray:
+def _take_rows(x: np.ndarray, rows: np.ndarray, spill: str | None) -> np.ndarray:
+    """``x[rows]``; with ``spill``, gathered in row blocks into a memory-mapped file there."""
+    if spill is None:
+        return x[rows]
+    out = spill_empty(spill, (len(rows), *x.shape[1:]), x.dtype)
+    for s in range(0, len(rows), ROW_BLOCK):
+        out[s : s + ROW_BLOCK] = x[rows[s : s + ROW_BLOCK]]
+    return out
+
+
+def robust_z(x: np.ndarray, *, spill: str | None = None) -> np.ndarray:
     """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move.
 
     Computed in float64: with a MAD of about 0 (all values equal but a few) the quotient
-    exceeds float32's range.
+    exceeds float32's range. With ``spill`` (a directory) the float64 copy, the order
+    statistics' work and the result are memory-mapped files there, built in row blocks.
     """
+    if spill is not None:
+        xs = spill_empty(spill, len(x), np.float64)
+        for s in range(0, len(x), ROW_BLOCK):
+            xs[s : s + ROW_BLOCK] = x[s : s + ROW_BLOCK]
+        med = spill_median(xs, spill)
+        mad = spill_median_abs_dev(xs, med, spill) * 1.4826 + 1e-12
+        for s in range(0, len(x), ROW_BLOCK):
+            xs[s : s + ROW_BLOCK] = (xs[s : s + ROW_BLOCK] - med) / mad
+        return xs
     x = np.asarray(x, dtype=np.float64)
     med = np.median(x)
     mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
@@ -266,8 +295,17 @@ def detect_density(m: MatchScores, st: DensitySettings, env: DetectorEnv = Detec
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
     sims, _ = _knn((m.image_global, m.caption_global), st.knn, env)
-    kdist = 1.0 - sims[:, -1]
-    return robust_z(kdist) > st.outlier_z
+    if env.spill is None:
+        kdist = 1.0 - sims[:, -1]
+        return robust_z(kdist) > st.outlier_z
+    kd = spill_empty(env.spill, n, sims.dtype)  # the same, in row blocks
+    for s in range(0, n, ROW_BLOCK):
+        kd[s : s + ROW_BLOCK] = 1.0 - sims[s : s + ROW_BLOCK, -1]
+    z = robust_z(kd, spill=env.spill)
+    out = spill_empty(env.spill, n, bool)
+    for s in range(0, n, ROW_BLOCK):
+        out[s : s + ROW_BLOCK] = z[s : s + ROW_BLOCK] > st.outlier_z
+    return out
 
 
 @register("caption_burst")
@@ -276,20 +314,48 @@ def detect_caption_burst(m: MatchScores, st: CaptionBurstSettings, env: Detector
     outlier among those images (robust z of its similarity to the group's mean image
     below ``-outlier_z``): one caption on many dissimilar images (backdoors)."""
     n = len(m)
-    flag = np.zeros(n, dtype=bool)
-    _, inverse, counts = np.unique(m.caption_hash, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    # each group's rows in row order, from one sort (not one pass over all rows per group)
-    by_group = np.argsort(inverse, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    for g in np.nonzero(counts >= st.burst_min)[0]:
-        rows = by_group[bounds[g] : bounds[g + 1]]
+    flag = spill_full(env.spill, n, False, bool)
+    for rows in _hash_groups(m.caption_hash, st.burst_min, env.spill):
         img = m.image_global[rows].astype(np.float32)  # one group's rows, not a copy of all
         centre = img.mean(axis=0)
         centre /= max(float(np.linalg.norm(centre)), 1e-12)
         sim = img @ centre
         flag[rows[robust_z(sim) < -st.outlier_z]] = True
     return flag
+
+
+def _hash_groups(hashes: np.ndarray, min_size: int, spill: str | None) -> Iterator[np.ndarray]:
+    """The rows of each group of equal ``hashes`` (N,) with at least ``min_size`` rows, in
+    row order, groups by increasing hash. With ``spill``, from an in-place sort of
+    (hash, row) records in a memory-mapped file, scanned in row blocks; without, from
+    one stable argsort."""
+    n = len(hashes)
+    if spill is None:
+        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        # each group's rows in row order, from one sort (not one pass over all rows per group)
+        by_group = np.argsort(inverse, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for g in np.nonzero(counts >= min_size)[0]:
+            yield by_group[bounds[g] : bounds[g + 1]]
+        return
+    rec = spill_empty(spill, n, [("h", np.int64), ("r", np.int64)])
+    for s in range(0, n, ROW_BLOCK):
+        rec["h"][s : s + ROW_BLOCK] = hashes[s : s + ROW_BLOCK]
+        rec["r"][s : s + ROW_BLOCK] = np.arange(s, min(s + ROW_BLOCK, n))
+    rec.sort(order=["h", "r"])
+    start = 0  # first sorted position of the group that the scan is in
+    for s in range(0, n, ROW_BLOCK):
+        h = rec["h"][s : s + ROW_BLOCK]
+        cuts = np.flatnonzero(h[1:] != h[:-1]) + 1 + s
+        if s and rec["h"][s - 1] != h[0]:
+            cuts = np.concatenate([[s], cuts])
+        for c in cuts.tolist():
+            if c - start >= min_size:
+                yield np.asarray(rec["r"][start:c])
+            start = c
+    if n - start >= min_size:
+        yield np.asarray(rec["r"][start:n])
 
 
 def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
@@ -501,7 +567,7 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
         src.append(np.arange(len(ok)))
         dst.append(first[inverse])
         exact[ok] = counts[inverse] > 1
-    sims, idx = _knn(m.image_global[ok], min(st.knn, len(ok) - 1), env)
+    sims, idx = _knn(_take_rows(m.image_global, ok, env.spill), min(st.knn, len(ok) - 1), env)
     typical = _median_or_zero(nearest_distinct_distance(sims, idx, None if hashes is None else hashes[ok]))
     thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
     hit = np.isfinite(sims) & (sims >= thr)
@@ -590,7 +656,7 @@ def collapse_evidence(
     if len(ok) <= st.knn + 1:
         return tight, share
     k = min(max(st.search, st.knn), len(ok) - 1)
-    sims, idx = _knn(m.image_global[ok], k, env)
+    sims, idx = _knn(_take_rows(m.image_global, ok, env.spill), k, env)
     distinct = np.isfinite(sims)
     if m.image_hash is not None:
         h = np.asarray(m.image_hash, dtype=np.int64)[ok]
@@ -730,5 +796,10 @@ def run_detectors(
         if name not in REGISTRY:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
         flag = known[name] if known and name in known else REGISTRY[name].fn(m, settings.detector(name), env)
-        out[name] = flag & m.ok
+        if env.spill is None:
+            out[name] = flag & m.ok
+            continue
+        out[name] = spill_empty(env.spill, len(m), bool)
+        for s in range(0, len(m), ROW_BLOCK):
+            out[name][s : s + ROW_BLOCK] = flag[s : s + ROW_BLOCK] & m.ok[s : s + ROW_BLOCK]
     return out

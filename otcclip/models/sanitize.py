@@ -16,8 +16,8 @@ files are :mod:`otcclip.models.shards`.
 
 Memory: an encode holds one shard; a match holds one image shard, the caption globals
 (``N x d`` float32) and one caption shard at a time (shards load memory-mapped); a decide
-holds one score shard, two candidate columns and a few numbers per pair, and
-memory-maps the embeddings (see :func:`decide`).
+holds one score shard and row blocks, and keeps its per-pair arrays in memory-mapped
+files of a temporary spill directory (see :func:`decide`).
 """
 
 from __future__ import annotations
@@ -268,17 +268,30 @@ def match_shard(
     return ScoreShard(img.start, img.stop, scores, timings={"index": t1 - t0, "ot": t2 - t1})
 
 
-def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeConfig = SanitizeConfig()) -> Decisions:
+def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeConfig = SanitizeConfig(),
+           spill_dir: str | Path | None = None) -> Decisions:
     """Decisions for every pair from the score shards of the whole dataset.
 
     Each shard is narrowed to the two candidate columns the decisions read
     (:meth:`MatchScores.narrow`) before it joins the others. Shards given as paths are
-    loaded one at a time, and their embedding-wide arrays (image and caption globals,
-    thumbnails) go to memory-mapped files in a temporary directory (removed on return),
-    so resident memory is one shard plus a few dozen bytes per pair besides what the
-    detectors hold: the kNN's (:func:`~otcclip.models.detectors.unit_rows`), and
-    ``collapse``'s (on by default) and ``fast_fit``'s in-memory float32 copies of the
-    caption embeddings and thumbnails (about 4 d bytes per pair).
+    loaded one at a time into memory-mapped files in a temporary spill directory, and
+    the decision pass keeps its per-pair arrays there too (``DetectorEnv.spill``,
+    :mod:`otcclip.models.spill`): the scores, the kNN's neighbours and work copy, the
+    model-quality control's cosines and sorts, the GMM's sorted scores, and the numeric
+    columns of the returned :class:`Decisions` (still readable after the directory is
+    removed: the maps keep the files' pages). Anonymous memory is then one shard, the
+    data-wide row blocks' temporaries and, per pair, the four string columns' object
+    pointers (32 B) and what some detectors still hold in RAM (see docs/benchmarks.md
+    section 2.3).
+
+    Parameters
+    ----------
+    score_shards : sequence of ScoreShard or paths
+        Covering rows 0..N contiguously, in any order. All in memory: nothing is spilled.
+    config : SanitizeConfig
+    spill_dir : path, optional
+        Where the temporary spill directory is made (default: the system's temporary
+        directory, ``TMPDIR``). The directory is removed on return and on any error.
     """
     spans = sorted(((s.start, s.stop, s) if isinstance(s, ScoreShard) else (*ScoreShard.span(s), s)
                     for s in score_shards), key=lambda t: t[0])
@@ -287,11 +300,12 @@ def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeC
         if start != pos:
             raise ValueError(f"score shards do not cover the rows contiguously: gap or overlap at row {pos}")
         pos = stop
-    env = DetectorEnv(index=config.index, seed=config.seed)
     parts = ((s if isinstance(s, ScoreShard) else ScoreShard.load(s)).scores.narrow() for _, _, s in spans)
     if all(isinstance(s, ScoreShard) for _, _, s in spans):  # in memory already: nothing to spill
+        env = DetectorEnv(index=config.index, seed=config.seed)
         return decide_pairs(MatchScores.stack(parts, pos), settings=config.decisions, env=env)
-    with tempfile.TemporaryDirectory(prefix="otcclip-decide-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="otcclip-decide-", dir=spill_dir) as tmp:
+        env = DetectorEnv(index=config.index, seed=config.seed, spill=tmp)
         scores = MatchScores.stack(parts, pos, spill=tmp)
         decisions = decide_pairs(scores, settings=config.decisions, env=env)
         del scores

@@ -8,10 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-#: Per-pair arrays as wide as an embedding: :meth:`MatchScores.stack` with ``spill``
-#: memory-maps them from files instead of holding them in RAM.
-WIDE_FIELDS = ("image_global", "caption_global", "image_thumb")
-
 
 @dataclass(frozen=True)
 class MatchScores:
@@ -91,9 +87,9 @@ class MatchScores:
         """:meth:`concat` of row blocks that together hold ``n`` rows, holding one block at
         a time besides the result (``parts`` may load each block lazily).
 
-        With ``spill`` (a directory), the :data:`WIDE_FIELDS` of the result are ``.npy``
-        files there, memory-mapped (``np.memmap``; they live as long as the files), so
-        the result holds in RAM only the per-pair numbers and the candidate columns.
+        With ``spill`` (a directory), every array of the result is a ``.npy`` file
+        there, memory-mapped (``np.memmap``; they live as long as the files), so the
+        result holds nothing per pair in RAM (a wider block still pads in RAM).
 
         Raises
         ------
@@ -113,11 +109,12 @@ class MatchScores:
                     out[f.name] = None  # a block lacks it: so does the result
                     continue
                 r = out.get(f.name)
-                if r is None and spill is not None and f.name in WIDE_FIELDS:
-                    r = np.lib.format.open_memmap(Path(spill) / f"{f.name}.npy", mode="w+", dtype=a.dtype,
-                                                  shape=(n, *a.shape[1:]))
-                elif r is None:
-                    r = np.empty((n, *a.shape[1:]), dtype=a.dtype)
+                if r is None:
+                    if spill is not None:
+                        r = np.lib.format.open_memmap(Path(spill) / f"{f.name}.npy", mode="w+", dtype=a.dtype,
+                                                      shape=(n, *a.shape[1:]))
+                    else:
+                        r = np.empty((n, *a.shape[1:]), dtype=a.dtype)
                     if f.name in fill:
                         r[:pos] = fill[f.name]
                 elif a.ndim == 2 and a.shape[1] > r.shape[1]:  # a wider block: pad what came before

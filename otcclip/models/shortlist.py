@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
 from otcclip.models.config.sanitize import IndexSettings
+from otcclip.models.spill import empty as spill_empty
+from otcclip.models.spill import full as spill_full
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +268,7 @@ def self_search(
     *,
     settings: IndexSettings = IndexSettings(),
     seed: int = 0,
+    spill: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best rows of ``vectors`` for every row of it (a kNN self-join, the row
     itself included), by inner product.
@@ -286,6 +290,9 @@ def self_search(
         As for :func:`build_index`.
     seed : int
         Seed of the quantiser's training sample.
+    spill : path, optional
+        A directory: the outputs and the per-row work arrays of the list-by-list join
+        are memory-mapped files there (:mod:`otcclip.models.spill`), not RAM.
 
     Returns
     -------
@@ -310,15 +317,26 @@ def self_search(
         scores[idx < 0] = -np.inf
         return scores, idx
     nlist = quantizer.ntotal
-    assign = np.empty(m, dtype=np.int64)
+    assign = spill_empty(spill, m, np.int64)
     for s in range(0, m, 65_536):
         assign[s : s + 65_536] = quantizer.search(xb[s : s + 65_536], 1)[1][:, 0]
     centroids = quantizer.reconstruct_n(0, nlist)
     _, probe = quantizer.search(centroids, min(settings.nprobe, nlist))
-    order = np.argsort(assign, kind="stable")
-    bounds = np.searchsorted(assign[order], np.arange(nlist + 1))
-    scores = np.full((m, k), -np.inf, dtype=np.float32)
-    idx = np.full((m, k), -1, dtype=np.int64)
+    # the rows of each list in row order (a stable sort of assign, by counting)
+    counts = np.bincount(assign, minlength=nlist)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    order = spill_empty(spill, m, np.int64)
+    fill = bounds[:-1].copy()
+    for s in range(0, m, 65_536):
+        a = assign[s : s + 65_536]
+        srt = np.argsort(a, kind="stable")
+        a_s = a[srt]
+        first = np.searchsorted(a_s, a_s, side="left")  # position within the block's run of its list
+        order[fill[a_s] + np.arange(len(a_s)) - first] = s + srt
+        fill += np.bincount(a, minlength=nlist)
+    del assign
+    scores = spill_full(spill, (m, k), -np.inf, np.float32)
+    idx = spill_full(spill, (m, k), -1, np.int64)
     for lst in range(nlist):
         rows = order[bounds[lst] : bounds[lst + 1]]
         if len(rows) == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -303,16 +304,80 @@ def test_streamed_narrow_memory_mapped_decide_equals_in_memory_decisions(tmp_pat
         full = MatchScores.concat([s.scores for s in shards])
         ref = decide_pairs(full, settings=cfg.decisions, env=DetectorEnv(index=index, seed=cfg.seed))
         paths = [s.save(tmp_path / f"scores_{s.start:09d}_{abstain}.npz") for s in shards]
-        for got in (decide(paths, config=cfg), decide(shards, config=cfg)):
+        spill = tmp_path / f"spill_{abstain}"
+        spill.mkdir()
+        with tempfile.TemporaryDirectory(dir=spill) as blocks_dir:  # every row block boundary inside the data
+            tiny = decide_pairs(MatchScores.stack((s.scores.narrow() for s in shards), len(full), spill=blocks_dir),
+                                settings=cfg.decisions, env=DetectorEnv(index=index, seed=cfg.seed, spill=blocks_dir),
+                                block=7)
+        streamed = decide(paths, config=cfg, spill_dir=spill)
+        assert not any(spill.iterdir())  # the spill directory is gone once decide returns
+        for got in (streamed, decide(shards, config=cfg), tiny):
             for name, v in vars(ref).items():
                 if isinstance(v, np.ndarray):
                     np.testing.assert_array_equal(getattr(got, name), v, err_msg=name)
+                    assert getattr(got, name).dtype == v.dtype, name
             assert got.gmm == ref.gmm and got.model_quality == ref.model_quality
             assert got.dup_fallback.keys() == ref.dup_fallback.keys()
             for name, v in ref.dup_fallback.items():
                 np.testing.assert_array_equal(got.dup_fallback[name], v, err_msg=name)
+        # the streamed numeric columns are memory-mapped files, the in-memory ones are not
+        numeric = [k for k, v in vars(streamed).items() if isinstance(v, np.ndarray) and v.dtype != object]
+        assert len(numeric) >= 15 and all(_mapped(getattr(streamed, k)) for k in numeric)
+        assert not any(_mapped(getattr(ref, k)) for k in numeric)
         assert (ref.action != "keep").sum() > 10 and len(set(ref.reason.tolist())) >= 4  # the case decides things
         assert set(ref.detectors.tolist()) - {""}  # and detectors flag
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether ``a``'s memory is a memory-mapped file."""
+    import mmap
+
+    b = a
+    while b is not None:
+        if isinstance(b, mmap.mmap):
+            return True
+        b = getattr(b, "base", None)
+    return False
+
+
+def test_decide_removes_its_spill_directory_on_error(tmp_path: Path) -> None:
+    shards = _score_shards(300, 100, 4, 8)
+    paths = [s.save(tmp_path / f"scores_{s.start:09d}.npz") for s in shards]
+    with np.load(paths[1]) as z:  # a shard whose span reads but whose scores do not load
+        kept = {k: z[k] for k in z.files if k != "fused"}
+    np.savez(paths[1], **kept)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    with pytest.raises(TypeError):
+        decide(paths, config=SanitizeConfig(k=4, shard_size=100, device="cpu"), spill_dir=spill)
+    assert not any(spill.iterdir())
+
+
+def test_spilled_order_statistics_equal_numpy() -> None:
+    from otcclip.models import spill as sp
+    from otcclip.models.decisions import _rank_sum
+
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as d:
+        for n in (1, 2, 1001, 1002):
+            x = np.round(rng.standard_normal(n), 2).astype(np.float32)
+            med = sp.median(x, d)
+            assert med == np.median(x) and med.dtype == np.median(x).dtype
+            assert sp.median_abs_dev(x, med, d, block=100) == np.median(np.abs(x - med))
+            assert sp.median_abs_dev(x, float(med), d) == np.median(np.abs(x - float(med)))
+        v = np.array([1.0, np.nan, 0.0, np.nan, 1.0])
+        assert _rank_sum(v, 2, spill=d) == _rank_sum(v, 2) == 2.5 + 4.5  # ties share ranks, NaNs last
+
+
+def test_caption_groups_from_the_spilled_sort_equal_the_in_memory_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otcclip.models import detectors
+
+    monkeypatch.setattr(detectors, "ROW_BLOCK", 5)  # groups across row blocks
+    h = np.random.default_rng(2).integers(0, 30, 400).astype(np.int64)
+    with tempfile.TemporaryDirectory() as d:
+        got = [g.tolist() for g in detectors._hash_groups(h, 12, d)]
+    assert got == [g.tolist() for g in detectors._hash_groups(h, 12, None)] and len(got) > 5
 
 
 def test_narrow_keeps_the_own_and_the_best_column() -> None:
