@@ -181,6 +181,8 @@ def test_cap_dropped_keeps_every_kept_pair_and_at_most_the_share_of_dropped_ones
     # at the default share, or under the cap, the batch is unchanged
     assert torch.equal(_otcclip(40).cap_dropped(idx, 16, torch.Generator()), idx)
     assert torch.equal(d.cap_dropped(torch.tensor([0, 1, 3, 5]), 16, torch.Generator()), torch.tensor([0, 1, 3, 5]))
+    # a small batch keeps one (the share rounds up), share 0 none
+    assert (~d.active[d.cap_dropped(idx, 2, torch.Generator())]).sum() == 1
     # share 0: no dropped pair trains
     none = _otcclip(40, dropped_share=0.0)
     none.active[torch.arange(0, 40, 2)] = False

@@ -10,6 +10,7 @@ loop and the baselines are in :mod:`otcclip.models.training.defences`.
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -124,7 +125,7 @@ class OtcClip(OtcClipPasses):
         return torch.cat([idx, cand[torch.randperm(cand.numel(), generator=gen)[:k]]])
 
     def cap_dropped(self, idx: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-        """Batch ``idx`` with at most ``config.dropped_share * size`` of its dropped pairs.
+        """Batch ``idx`` with at most ``ceil(config.dropped_share * size)`` of its dropped pairs.
 
         A dropped pair in a step costs an image and a caption forward for ``L_intra`` and
         the unlikelihood term, on top of the full batch of kept pairs (``fill_batches``).
@@ -144,7 +145,7 @@ class OtcClip(OtcClipPasses):
             ``idx`` without the dropped rows beyond the cap (order otherwise kept).
         """
         gone = ~self.active[idx]
-        cap = int(round(self.ctx.config.dropped_share * size))
+        cap = math.ceil(self.ctx.config.dropped_share * size)  # a small batch still keeps one
         k = int(gone.sum())
         if k <= cap:
             return idx
