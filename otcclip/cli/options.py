@@ -56,7 +56,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[s
         flags = ["--" + ".".join(p.replace("_", "-") for p in path)]
         flags += ["--" + ".".join((*path[:-1], a)).replace("_", "-") for a in md.get("aliases", ())]
         kw: dict[str, Any] = {"dest": _PREFIX + ".".join(path), "default": argparse.SUPPRESS,
-                              "help": f"{md.get('help', '')} (default: {_shown(default)})"}
+                              # argparse %-formats help strings: a literal '%' (as in "30 %") must be doubled
+                              "help": f"{md.get('help', '')} (default: {_shown(default)})".replace("%", "%%")}
         base = _base(hint)
         origin = typing.get_origin(base)
         if base is bool:

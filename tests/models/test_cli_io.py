@@ -26,6 +26,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert ei.value.code == 0 and capsys.readouterr().out.strip() == f"otcclip {__version__}"
 
 
+@pytest.mark.parametrize("command", ["train", "sanitize", "poison", "evaluate", "serve", "worker", "demo", "keys"])
+def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` lists every setting with its default; a literal '%' in a setting's help
+    (argparse %-formats help strings) must not break it."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ")
+    if command == "train":
+        assert "--dropped-share" in out and "% less per image" in out
+
+
 def test_library_logs_quiet_unless_verbose() -> None:
     try:
         configure_logging(verbose=False)
