@@ -2,9 +2,9 @@
 
 The passes (:mod:`otcclip.models.training.otcclip_pass`) decide which pairs train and
 with which caption. A step trains the kept and re-matched pairs with ``L_CLIP +
-lam_inter * L_inter`` on full batches (``fill_batches``), the dropped ones only through
-``L_intra`` and, when quarantined, the unlikelihood term that pushes them off the captions
-they were poisoned with; optionally a found trigger inoculates clean images. The shared
+lam_inter * L_inter`` on full batches (``fill_batches``), the dropped ones (at most
+``dropped_share`` of a batch per step) only through ``L_intra`` and, when quarantined, the
+unlikelihood term that pushes them off the captions they were poisoned with; optionally a found trigger inoculates clean images. The shared
 loop and the baselines are in :mod:`otcclip.models.training.defences`.
 """
 
