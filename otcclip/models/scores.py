@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from otcclip.models.spill import empty as spill_empty
+
 
 @dataclass(frozen=True)
 class MatchScores:
@@ -87,9 +89,9 @@ class MatchScores:
         """:meth:`concat` of row blocks that together hold ``n`` rows, holding one block at
         a time besides the result (``parts`` may load each block lazily).
 
-        With ``spill`` (a directory), every array of the result is a ``.npy`` file
-        there, memory-mapped (``np.memmap``; they live as long as the files), so the
-        result holds nothing per pair in RAM (a wider block still pads in RAM).
+        With ``spill`` (a directory), every array of the result is a memory-mapped
+        ``.npy`` file there (:func:`otcclip.models.spill.empty`), so the result holds
+        nothing per pair in RAM (a wider block still pads in RAM).
 
         Raises
         ------
@@ -110,11 +112,7 @@ class MatchScores:
                     continue
                 r = out.get(f.name)
                 if r is None:
-                    if spill is not None:
-                        r = np.lib.format.open_memmap(Path(spill) / f"{f.name}.npy", mode="w+", dtype=a.dtype,
-                                                      shape=(n, *a.shape[1:]))
-                    else:
-                        r = np.empty((n, *a.shape[1:]), dtype=a.dtype)
+                    r = spill_empty(spill, (n, *a.shape[1:]), a.dtype)
                     if f.name in fill:
                         r[:pos] = fill[f.name]
                 elif a.ndim == 2 and a.shape[1] > r.shape[1]:  # a wider block: pad what came before
