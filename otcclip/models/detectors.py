@@ -536,14 +536,15 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     pixels) and near duplicates (image-embedding cosine >= ``near_threshold`` among each
     image's ``knn`` nearest, and a cosine distance at most ``near_relative`` x the median
     distance of an image to its nearest *distinct* image: on a model whose embeddings
-    crowd together, nothing counts as near). Groups are the connected components of both
+    crowd together, nothing counts as near; where ``image_thumb`` is present, also a
+    content-thumbnail cosine of at least ``near_thumbnail``). Groups are the connected components of both
     relations; unreadable images never join one.
 
     Parameters
     ----------
     m : MatchScores
         Uses ``image_global`` (N, d), ``ok`` and, when present, ``image_hash``,
-        ``caption_hash`` and ``row_key`` (group ids).
+        ``image_thumb`` (N, t), ``caption_hash`` and ``row_key`` (group ids).
 
     Returns
     -------
@@ -571,6 +572,10 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     typical = _median_or_zero(nearest_distinct_distance(sims, idx, None if hashes is None else hashes[ok]))
     thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
     hit = np.isfinite(sims) & (sims >= thr)
+    if m.image_thumb is not None:
+        # the embedding alone can put distinct images of one plain subject together
+        thumb = np.asarray(m.image_thumb, dtype=np.float32)[ok]
+        hit &= _row_cos(thumb, idx) >= st.near_thumbnail
     rows = np.repeat(np.arange(len(ok)), hit.sum(axis=1))
     src.append(rows)
     dst.append(idx[hit])

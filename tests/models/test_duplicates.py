@@ -15,8 +15,10 @@ from PIL import Image
 
 from otcclip.models.config import OTSettings
 from otcclip.models.config.detectors import DecisionSettings, DuplicatesSettings
+from otcclip.models.detectors import duplicate_groups
 from otcclip.models.manifest import read_manifest
 from otcclip.models.sanitize import SanitizeConfig, sanitize
+from otcclip.models.scores import MatchScores
 
 CLASSES = ("cat", "dog", "ship")
 N_DISTINCT = 60
@@ -257,3 +259,49 @@ def test_keep_one_keeps_the_best_member_that_the_trigger_template_search_leaves(
 
     bare, _ = apply_templates(replace(d, dup_fallback={}), lambda i: x[i], settings=st)
     assert all(bare.action[r] == "drop" for r in (a, b1, b2))
+
+
+def _gate_scores(*, thumbs: bool) -> tuple[MatchScores, np.ndarray, np.ndarray]:
+    """120 spread images; 12 distinct images of one plain subject that the embedding packs
+    within cosine 0.999 of each other but whose content thumbnails differ (cosine ~0.9),
+    and 12 copies of one image (embedding and thumbnail both within rounding).
+    Returns scores, the distinct-subject mask and the copies mask."""
+    rng = np.random.default_rng(7)
+    d, t = 32, 64
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    n = 120
+    image = unit(rng.normal(size=(n, d)))
+    thumb = unit(rng.normal(size=(n, t)))
+    subject, copies = np.arange(0, 12), np.arange(12, 24)
+    image[subject] = unit(image[0] + 0.02 * rng.normal(size=(12, d)))
+    thumb[subject] = unit(thumb[0] + 0.3 * unit(rng.normal(size=(12, t))))
+    image[copies] = unit(image[12] + 0.01 * rng.normal(size=(12, d)))
+    thumb[copies] = unit(thumb[12] + 0.02 * unit(rng.normal(size=(12, t))))
+    m = MatchScores(
+        candidates=np.arange(n)[:, None], global_=np.zeros((n, 1), np.float32), ot=np.zeros((n, 1), np.float32),
+        fused=np.zeros((n, 1), np.float32), ok=np.ones(n, dtype=bool), image_global=image.astype(np.float32),
+        caption_global=unit(rng.normal(size=(n, d))).astype(np.float32), caption_hash=np.arange(n, dtype=np.int64),
+        image_hash=np.arange(1, n + 1, dtype=np.int64), image_thumb=thumb.astype(np.float16) if thumbs else None,
+    )
+    return m, np.isin(np.arange(n), subject), np.isin(np.arange(n), copies)
+
+
+def test_near_duplicates_need_matching_content_thumbnails() -> None:
+    """The embedding alone groups distinct images of one plain subject; their thumbnails
+    keep them apart, while re-encoded copies (thumbnails within rounding) stay grouped."""
+    m, subject, copies = _gate_scores(thumbs=True)
+    t = np.asarray(m.image_thumb, dtype=np.float32)
+    assert (t[subject] @ t[subject].T)[np.triu_indices(12, 1)].max() < DuplicatesSettings().near_thumbnail
+    g = duplicate_groups(m, DuplicatesSettings())
+    assert not g.member[subject].any()
+    assert g.member[copies].all() and len(set(g.group[copies])) == 1
+    # without thumbnails (features that carry none) the embedding decides, as before
+    m_plain, _, _ = _gate_scores(thumbs=False)
+    g_plain = duplicate_groups(m_plain, DuplicatesSettings())
+    assert g_plain.member[subject].all() and g_plain.member[copies].all()
+    # a gate at -1 lets every embedding near duplicate through
+    g_open = duplicate_groups(m, DuplicatesSettings(near_thumbnail=-1.0))
+    assert g_open.member[subject].all()

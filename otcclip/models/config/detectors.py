@@ -161,6 +161,10 @@ class DuplicatesSettings(Settings):
     near_relative: float = setting(0.25, "...and cosine distance at most this share of the median distance to the "
                                         "nearest distinct image (scale-free: a collapsed model's embeddings group nothing)",
                                    ge=0, le=1)
+    near_thumbnail: float = setting(0.99, "...and content-thumbnail cosine at least this, where the encode stage "
+                                          "recorded thumbnails (model-independent: re-encoded, resized or noised "
+                                          "copies stay above it, distinct images of one plain subject fall below)",
+                                    ge=-1, le=1)
     knn: int = setting(20, "neighbours searched per image for near duplicates", ge=1, le=1000)
     min_size: int = setting(8, "groups showing fewer images are only reported (dup_group) and kept whole; the action "
                                "applies from this size (a burst of copies, not a few near-identical images), counted "

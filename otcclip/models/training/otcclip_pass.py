@@ -158,7 +158,8 @@ class OtcClipPasses(Defence):
         wants = self.wants_purified() and "trigger_sensitivity" in cfg.decisions.detectors
         purified = self.encode_purified() if wants else None
         clock.lap("purified")
-        thumbs = self.encode_thumbs() if "collapse" in cfg.decisions.detectors else None
+        needs_thumbs = {"collapse", "duplicates"} & set(cfg.decisions.detectors)
+        thumbs = self.encode_thumbs() if needs_thumbs else None
         clock.lap("thumbs")
         decisions = sanitize_features(img, txt, config=cfg, purified=purified, thumbs=thumbs)
         clock.lap("decisions")
