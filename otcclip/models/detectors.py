@@ -572,13 +572,19 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     typical = _median_or_zero(nearest_distinct_distance(sims, idx, None if hashes is None else hashes[ok]))
     thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
     hit = np.isfinite(sims) & (sims >= thr)
-    if m.image_thumb is not None:
-        # the embedding alone can put distinct images of one plain subject together
-        thumb = np.asarray(m.image_thumb, dtype=np.float32)[ok]
-        hit &= _row_cos(thumb, idx) >= st.near_thumbnail
     rows = np.repeat(np.arange(len(ok)), hit.sum(axis=1))
+    cols = np.asarray(idx[hit], dtype=np.int64)
+    if m.image_thumb is not None and len(rows):
+        # the embedding alone can put distinct images of one plain subject together: the
+        # content thumbnails must agree too (tested on the few embedding hits only)
+        same = np.empty(len(rows), dtype=bool)
+        for s in range(0, len(rows), 65_536):
+            a = np.asarray(m.image_thumb[ok[rows[s:s + 65_536]]], dtype=np.float32)
+            b = np.asarray(m.image_thumb[ok[cols[s:s + 65_536]]], dtype=np.float32)
+            same[s:s + 65_536] = (a * b).sum(axis=1) >= st.near_thumbnail
+        rows, cols = rows[same], cols[same]
     src.append(rows)
-    dst.append(idx[hit])
+    dst.append(cols)
     a, b = np.concatenate(src), np.concatenate(dst)
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(ok), len(ok)))
     _, label = connected_components(graph, directed=False)

@@ -33,6 +33,7 @@ from PIL import Image
 from otcclip.models.attacks import TextTrigger, Trigger, apply_trigger, insert_token, load_trigger
 from otcclip.models.config.evaluation import EvalSettings
 from otcclip.models.factory import ClipBundle
+from otcclip.models.features import encode_text
 from otcclip.models.progress import ProgressFn, StopFn, check_stop
 from otcclip.models.training.augment import normalize
 from otcclip.models.training.data import DataError, ImageSource, load_image, read_rows
@@ -80,7 +81,7 @@ def class_embeddings(bundle: ClipBundle, classes: Sequence[str], templates: Sequ
     out = []
     for c in classes:
         toks = bundle.tokenizer([t.format(c) for t in templates]).to(bundle.device)
-        e = F.normalize(m.encode_text(toks), dim=-1).mean(0)
+        e = F.normalize(encode_text(m, toks), dim=-1).mean(0)
         out.append(F.normalize(e, dim=-1))
     return torch.stack(out)
 
@@ -264,7 +265,7 @@ def text_trigger_asr(
             hits.append(0.0)
             continue
         toks = bundle.tokenizer(queries).to(bundle.device)
-        q = F.normalize(bundle.model.encode_text(toks).float(), dim=-1).cpu()
+        q = F.normalize(encode_text(bundle.model, toks).float(), dim=-1).cpu()
         top = (q @ feats.float().t()).argmax(1).numpy()
         hits.append(float((y[top] == t).mean()))
     return {"attack": trig.attack, "target_class": target, "token": trig.token, "asr": hits[0], "clean_rate": hits[1], "n": len(clean)}

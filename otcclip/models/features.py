@@ -202,13 +202,89 @@ def purified_image_global(model: torch.nn.Module, images: torch.Tensor) -> torch
     return F.normalize(z, dim=-1).view(len(views), images.shape[0], -1).transpose(0, 1)
 
 
+def _builtin_tower(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has open_clip's built-in text tower (``CLIP``, not
+    ``CustomTextCLIP``) with EOT / EOS pooling, the features of :func:`text_features`."""
+    m: Any = model
+    return (
+        hasattr(m, "token_embedding")
+        and getattr(m, "text_pool_type", "argmax") in ("argmax", "eos")
+        and (getattr(m, "text_pool_type", "argmax") != "eos" or getattr(m, "text_eos_id", None) is not None)
+    )
+
+
+def _eot_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(N,) int64: the position each caption is pooled at (its EOT / EOS token)."""
+    m: Any = model
+    if getattr(m, "text_pool_type", "argmax") == "eos":
+        return (tokens == m.text_eos_id).int().argmax(dim=-1)
+    return tokens.argmax(dim=-1)  # EOT has the largest id in open_clip's vocab
+
+
+def _text_tower(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The built-in text tower on the context cut after the batch's longest caption.
+
+    With a causal attention mask (open_clip's default; otherwise the full context runs)
+    causal attention lets no position see a later one, so positions past the last EOT of
+    the batch (padding) change nothing before it: cutting them is exact and saves their
+    share of the tower (a caption of ~15 tokens in a 77-token context: ~80 %).
+
+    Returns
+    -------
+    x : Tensor, shape (N, L', width)
+        ``ln_final`` output at positions 0..L'-1, ``L' = max EOT + 1``.
+    eot : Tensor, shape (N,), int64
+    """
+    m: Any = model
+    eot = _eot_positions(model, tokens)
+    mask = m.attn_mask
+    # without a causal mask every position sees the padding: the full context runs
+    length = (int(eot.max().item()) + 1 if tokens.shape[0] else 1) if mask is not None else tokens.shape[1]
+    cast_dtype = m.transformer.get_cast_dtype()
+    x = m.token_embedding(tokens[:, :length]).to(cast_dtype)
+    x = x + m.positional_embedding[:length].to(cast_dtype)
+    x = m.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+    return m.ln_final(x), eot
+
+
+def _project(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    proj = getattr(model, "text_projection", None)
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+def encode_text(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text(tokens)``, cut to the batch's longest caption where that is exact.
+
+    Parameters
+    ----------
+    model : open_clip model
+        With open_clip's built-in text tower (``CLIP``) and its causal mask the context is
+        cut after the batch's last EOT (:func:`_text_tower`); any other text tower (Hugging
+        Face, ``CustomTextCLIP``) runs ``model.encode_text`` on the full context.
+    tokens : Tensor, shape (N, context_length), int64
+
+    Returns
+    -------
+    Tensor, shape (N, d)
+        Not normalised, as ``encode_text``.
+    """
+    m: Any = model
+    if not _builtin_tower(model):
+        return m.encode_text(tokens)
+    x, eot = _text_tower(model, tokens)
+    return _project(model, x[torch.arange(x.shape[0], device=x.device), eot])
+
+
 def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> TextFeatures:
     """Encode a batch of tokenized captions.
 
     Parameters
     ----------
     model : open_clip.CLIP
-        Model with open_clip's built-in causal text tower (``argmax`` EOT pooling).
+        Model with open_clip's built-in text tower (EOT or EOS pooling); with its causal
+        mask the context is cut after the batch's longest caption (:func:`_text_tower`).
     tokens : Tensor, shape (N, context_length), int64
 
     Returns
@@ -216,16 +292,10 @@ def text_features(model: torch.nn.Module, tokens: torch.Tensor) -> TextFeatures:
     TextFeatures
         ``local`` and ``mask`` cover positions 1..max EOT in the batch.
     """
-    m: Any = model  # open_clip CLIP text-tower internals
-    cast_dtype = m.transformer.get_cast_dtype()
-    x = m.token_embedding(tokens).to(cast_dtype)
-    x = x + m.positional_embedding.to(cast_dtype)
-    x = m.transformer(x, attn_mask=m.attn_mask)
-    x = m.ln_final(x)
-    proj = m.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    eot = tokens.argmax(dim=-1)  # (N,) EOT has the largest id in open_clip's vocab
+    if not _builtin_tower(model):
+        raise ValueError("text_features needs open_clip's built-in text tower (CLIP with EOT or EOS pooling)")
+    x, eot = _text_tower(model, tokens)
+    x = _project(model, x)
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]
     length = int(eot.max().item()) if tokens.shape[0] else 0
     local = x[:, 1 : length + 1]

@@ -296,11 +296,12 @@ def sanitize_finalize(job_id: str) -> None:
         shards = ctx.run(lambda db: [(s.path, s.stop) for s in crud.shards(db, job_id, "match")])
         ctx.progress("finalize", 0, shards[-1][1] if shards else 0, force=True)
         # paths, not loaded shards: decide loads them one at a time and spills the
-        # embedding-wide arrays to memory-mapped files (its memory is one shard's)
+        # embedding-wide arrays to memory-mapped files (its memory is one shard's), in the
+        # job's own directory: the disk that holds its shards, not a TMPDIR that may be RAM
         score_paths = [ctx.storage.path(p) for p, _ in shards if p]
         timings = _stage_seconds(ctx, [ScoreShard.timings_of(p) for p in score_paths])
         t0 = time.perf_counter()
-        decisions = decide(score_paths, config=config)
+        decisions = decide(score_paths, config=config, spill_dir=ctx.job_dir())
         timings["decide"] = time.perf_counter() - t0
         ds = ctx.dataset(job)
         m = open_manifest(ctx, ds)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from otcclip.models.factory import ClipBundle
 from otcclip.models.features import (
     PURIFIERS,
+    encode_text,
     fill_local,
     image_features,
     low_pass,
@@ -58,6 +59,39 @@ def test_text_features_mask_eot_and_global(tiny_bundle: ClipBundle) -> None:
         assert torch.allclose(t.local[i, k - 1], t.global_[i], atol=1e-5)  # EOT token == global
         assert torch.allclose(t.local[i, :k].norm(dim=-1), torch.ones(k), atol=1e-5)
         assert t.local[i, k:].abs().sum() == 0 and not t.mask[i, k:].any()
+
+
+def test_encode_text_cut_to_the_longest_caption_equals_open_clip(tiny_bundle: ClipBundle) -> None:
+    """The context is cut after the batch's last EOT; causal attention makes that exact,
+    forward and backward, and a caption's features do not depend on its batch."""
+    b = tiny_bundle
+    tokens = b.tokenizer(CAPTIONS)
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # there is padding to cut
+    ref = b.model.encode_text(tokens)
+    got = encode_text(b.model, tokens)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5)
+    alone = encode_text(b.model, b.tokenizer(CAPTIONS[:1]))  # a shorter cut
+    assert torch.allclose(alone[0], ref[0], atol=1e-5)
+    g_ref = torch.autograd.grad(ref.square().sum(), b.model.token_embedding.weight)[0]
+    g_got = torch.autograd.grad(encode_text(b.model, tokens).square().sum(), b.model.token_embedding.weight)[0]
+    assert torch.allclose(g_got, g_ref, rtol=1e-4, atol=1e-3)
+
+
+def test_encode_text_runs_the_full_context_without_a_causal_mask(tiny_bundle: ClipBundle) -> None:
+    """Without the causal mask padding is seen by every position: nothing is cut."""
+    import copy
+
+    m = copy.deepcopy(b := tiny_bundle).model
+    m.attn_mask = None
+    tokens = b.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        ref = m.encode_text(tokens)
+        assert torch.allclose(encode_text(m, tokens), ref, atol=1e-5)
+        assert torch.allclose(text_features(m, tokens).global_, F.normalize(ref, dim=-1), atol=1e-5)
+        # and a cut would not have been exact here
+        x = m.token_embedding(tokens[:, :8]) + m.positional_embedding[:8]
+        assert not torch.allclose(m.ln_final(m.transformer(x))[:, 0], m.ln_final(
+            m.transformer(m.token_embedding(tokens) + m.positional_embedding))[:, 0], atol=1e-5)
 
 
 def test_pad_text_features_equals_joint_batch(tiny_bundle: ClipBundle) -> None:

@@ -40,6 +40,7 @@ from otcclip.models.features import (
     ImageFeatures,
     TextFeatures,
     content_thumbnail,
+    encode_text,
     image_features,
     purified_image_global,
     text_features,
@@ -120,7 +121,7 @@ class Defence:
         use = idx[self.active[idx]]
         x = self.ctx.batch_images(use, gen)
         img = F.normalize(m.encode_image(x), dim=-1)
-        txt = F.normalize(m.encode_text(self.ctx.tokens[self.match[use]].to(self.ctx.device)), dim=-1)
+        txt = F.normalize(encode_text(m, self.ctx.tokens[self.match[use]].to(self.ctx.device)), dim=-1)
         loss = clip_loss(img, txt, m.logit_scale.exp())
         return loss, {"clip": float(loss.detach())}
 
@@ -147,7 +148,7 @@ class Defence:
                 tm.append(ft.mask.cpu())
             else:
                 ig.append(F.normalize(m.encode_image(x), dim=-1).cpu())
-                tg.append(F.normalize(m.encode_text(toks), dim=-1).cpu())
+                tg.append(F.normalize(encode_text(m, toks), dim=-1).cpu())
         m.train(was_training)
         if local:
             length = max(t.shape[1] for t in tl)
@@ -193,7 +194,7 @@ class Defence:
         li = nt_xent(a[: len(idx)], a[len(idx) :], temperature=ctx.config.unimodal_temperature)
         caps = [ctx.captions[int(i)] for i in idx]
         aug = ctx.tokenizer([augment_caption(c, rng) for c in caps])
-        t = F.normalize(m.encode_text(torch.cat([ctx.tokens[idx], aug]).to(ctx.device)), dim=-1)
+        t = F.normalize(encode_text(m, torch.cat([ctx.tokens[idx], aug]).to(ctx.device)), dim=-1)
         lt = nt_xent(t[: len(idx)], t[len(idx) :], temperature=ctx.config.unimodal_temperature)
         return li + lt
 
@@ -319,7 +320,7 @@ class RoClip(Defence):
     def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
         m, ctx = self.ctx.model, self.ctx
         img = F.normalize(m.encode_image(ctx.batch_images(idx, gen)), dim=-1)
-        txt = F.normalize(m.encode_text(self.caption_tokens(idx).to(ctx.device)), dim=-1)
+        txt = F.normalize(encode_text(m, self.caption_tokens(idx).to(ctx.device)), dim=-1)
         scale = m.logit_scale.exp()
         if not self.is_rematch_epoch(epoch):
             loss = clip_loss(img, txt, scale)
@@ -432,7 +433,7 @@ class SafeClip(Defence):
         m = self.ctx.model
         x = self.ctx.batch_images(safe, gen)
         img = F.normalize(m.encode_image(x), dim=-1)
-        txt = F.normalize(m.encode_text(self.ctx.tokens[safe].to(self.ctx.device)), dim=-1)
+        txt = F.normalize(encode_text(m, self.ctx.tokens[safe].to(self.ctx.device)), dim=-1)
         clip = clip_loss(img, txt, m.logit_scale.exp())
         uni = self.unimodal_loss(risky, gen, rng)
         return clip + uni, {"clip": float(clip.detach()), "unimodal": float(uni.detach())}
