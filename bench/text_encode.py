@@ -69,8 +69,8 @@ def main() -> int:
             b.model.train(backward)
             ctx = torch.enable_grad() if backward else torch.no_grad()
             with ctx:
-                full = _time(lambda: b.model.encode_text(tokens), backward=backward, repeats=args.repeats)
-                cut = _time(lambda: encode_text(b.model, tokens), backward=backward, repeats=args.repeats)
+                full = _time(lambda m=b.model, t=tokens: m.encode_text(t), backward=backward, repeats=args.repeats)
+                cut = _time(lambda m=b.model, t=tokens: encode_text(m, t), backward=backward, repeats=args.repeats)
             print(f"| {name} | {tokens.shape[1]} | {longest} | {mode} | {args.batch / full:,.0f} | "
                   f"{args.batch / cut:,.0f} | {full / cut:.2f}x | {diff:.1e} |")
     return 0
