@@ -7,7 +7,9 @@
 2. End to end on a poisoned CIFAR-10 slice (10 % of the captions swapped to another
    class) with an ``otc-tiny`` model trained on the clean slice, at the default settings
    (k = 32): seconds per stage, the OT stage as a share of the encode stage, and the
-   decisions (recall and precision of the swapped pairs among the pairs not kept). The
+   decisions (recall and precision of the swapped pairs among the pairs not kept; the
+   pairs kept for review, the swapped ones among them, and the model check's verdict:
+   under a model judged weak the decision step changes no caption and marks them). The
    same features are matched again with the old path (old solver, no pruning) for the
    comparison.
 3. Scaling on synthetic features at the default settings: ms per pair for match and
@@ -164,8 +166,9 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
     print(f"\n## 2. End to end: otc-tiny ({epochs} epochs on the clean slice), poisoned CIFAR-10 slice of {n} pairs "
           f"({len(CLASSES)} classes, {len(swapped)} captions swapped), "
           f"k={cfg.k}, k_ot={cfg.k_ot}, ot_margin={cfg.ot_margin}, CPU\n")
-    print("| path | decode s | encode s | index s | OT s | decide s | OT / encode | pairs/s | recall | precision |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| path | decode s | encode s | index s | OT s | decide s | OT / encode | pairs/s | recall | precision "
+          "| review (swapped) | model check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     ids = man.ids
     for name, tim, d in rows:
         t = {k: enc[k] if k in ("decode", "encode") else tim[k] for k in ("decode", "encode", "index", "ot", "decide")}
@@ -173,8 +176,12 @@ def bench_end_to_end(per_class: int, epochs: int) -> None:
         truth = np.array([i in swapped for i in ids])
         rec = (flagged & truth).sum() / max(1, truth.sum())
         prec = (flagged & truth).sum() / max(1, flagged.sum())
+        review = np.asarray(d.review, dtype=bool) & ~flagged
+        q = d.model_quality
+        check = f"{q.get('verdict', '-')} (AUC {q.get('control_auc') or float('nan'):.2f})"
         print(f"| {name} | {t['decode']:.2f} | {t['encode']:.2f} | {t['index']:.2f} | {t['ot']:.2f} | {t['decide']:.2f} "
-              f"| {100 * t['ot'] / t['encode']:.0f}% | {n / sum(t.values()):.0f} | {rec:.2f} | {prec:.2f} |")
+              f"| {100 * t['ot'] / t['encode']:.0f}% | {n / sum(t.values()):.0f} | {rec:.2f} | {prec:.2f} "
+              f"| {int(review.sum())} ({int((review & truth).sum())}) | {check} |")
 
 
 def bench_scaling(sizes: list[int], p: int, length: int, d: int) -> None:
