@@ -173,7 +173,8 @@ def _job_row(settings: Settings, job_id: str) -> Job:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lost", [("encode", 1), ("match", 2)])
-def test_a_lost_shard_is_resent_alone_and_the_outputs_equal_an_uninterrupted_run(env_settings, tiny_dataset, lost):
+def test_a_lost_shard_is_resent_alone_and_the_outputs_equal_an_uninterrupted_run(env_settings, tiny_dataset, lost,
+                                                                                   monkeypatch, tmp_path):
     from otcclip.cli.embedded import run_service
 
     settings = env_settings
@@ -210,9 +211,14 @@ def test_a_lost_shard_is_resent_alone_and_the_outputs_equal_an_uninterrupted_run
         assert {i: p.stat().st_mtime_ns for i, p in kept.items()} == mtimes  # finished shards' files kept
 
         ref_id = api.job("sanitize", ds, config).json()["id"]
-        _drain(settings)
+        with monkeypatch.context() as mp:  # finalize spills in the job's directory, not in TMPDIR
+            import tempfile
+
+            mp.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))
+            _drain(settings)
         ref = _job_row(settings, ref_id)
         assert ref.state == "succeeded", ref.error
+        assert not list(settings.storage_root.rglob("otcclip-decide-*"))  # and removes the spill
         assert job.result["counts"] == ref.result["counts"]  # type: ignore[index]
         for name in ("cleaned.csv", "decisions.parquet"):
             got = api.http.get(f"/v1/artifacts/{api.artifact(job_id, name)['id']}").content
