@@ -139,6 +139,8 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--near-thumbnail", type=float, default=0.99,
+                    help="the end-to-end run's thumbnail gate (the default's value; -1: none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from otcclip.models.checkpoint import load_checkpoint
@@ -197,7 +199,7 @@ def main() -> int:
         w.writeheader()
         w.writerows(rows)
     cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(
-        duplicates=DuplicatesSettings(near_threshold=t_best, near_relative=r_best)))
+        duplicates=DuplicatesSettings(near_threshold=t_best, near_relative=r_best, near_thumbnail=args.near_thumbnail)))
     m = read_manifest(e2e)
     d = sanitize(m, bundle, config=cfg).decisions
     fam = [r["dup_of"] or r["id"] for r in rows]
