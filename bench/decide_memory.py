@@ -14,9 +14,13 @@ growing), and calls a peak ``bounded`` when that growth is below ``--bound``
 bytes (default 64: decide's result keeps four string columns of 8-byte object pointers
 per pair in RAM), else ``linear``.
 
+It imports ``otcclip`` as the interpreter finds it: from a worktree whose virtualenv
+is another checkout's editable install, run it with ``PYTHONPATH=.`` to measure the
+worktree's code.
+
 Usage::
 
-    .venv/bin/python bench/decide_memory.py --sizes 50000,200000 [--d 64] [--breakdown]
+    PYTHONPATH=. .venv/bin/python bench/decide_memory.py --sizes 50000,200000 [--d 64] [--breakdown]
         [--detectors density,caption_burst | --detectors default]
 """
 
