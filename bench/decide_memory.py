@@ -14,10 +14,14 @@ growing), and calls a peak ``bounded`` when that growth is below ``--bound``
 bytes (default 64: decide's result keeps four string columns of 8-byte object pointers
 per pair in RAM), else ``linear``.
 
+It imports ``otcclip`` as the interpreter finds it: from a worktree whose virtualenv
+is another checkout's editable install, run it with ``PYTHONPATH=.`` to measure the
+worktree's code.
+
 Usage::
 
-    .venv/bin/python bench/decide_memory.py --sizes 50000,200000 [--d 64] [--breakdown]
-        [--detectors density,caption_burst]
+    PYTHONPATH=. .venv/bin/python bench/decide_memory.py --sizes 50000,200000 [--d 64] [--breakdown]
+        [--detectors density,caption_burst | --detectors default]
 """
 
 from __future__ import annotations
@@ -69,9 +73,15 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+#: Entries of the synthetic content thumbnails (``features.THUMB_SIDE ** 2``) and purified views.
+THUMB, VIEWS = 64, 2
+
+
 def write_shards(root: Path, n: int, *, d: int, k: int, shard_size: int, seed: int = 0) -> list[Path]:
     """Synthetic score shards of ``n`` pairs: random unit globals, own caption in column
-    0, random candidates, OT scores on the first half of the columns (NaN beyond)."""
+    0, random candidates, OT scores on the first half of the columns (NaN beyond), and
+    what every default detector reads: image hashes and content thumbnails (1% exact
+    image copies), caption hashes (1% repeated captions), purified-view scores."""
     from otcclip.models.scores import MatchScores
     from otcclip.models.shards import ScoreShard
 
@@ -86,14 +96,31 @@ def write_shards(root: Path, n: int, *, d: int, k: int, shard_size: int, seed: i
         cap /= np.linalg.norm(cap, axis=1, keepdims=True)
         cand = np.concatenate([np.arange(s, e)[:, None], rng.integers(0, n, (m, k))], axis=1).astype(np.int64)
         glob = rng.normal(0.2, 0.05, (m, k + 1)).astype(np.float32)
-        glob[:, 0] = (img * cap).sum(axis=1)
         ot = rng.normal(0.3, 0.05, (m, k + 1)).astype(np.float32)
         ot[:, (k + 1) // 2:] = np.nan
+        ihash = rng.integers(1, 2**62, m)
+        chash = np.arange(s, e, dtype=np.int64)
+        thumb = rng.standard_normal((m, THUMB)).astype(np.float32)
+        # 1% of the pairs repeat the image of the pair before them (exact copies: one
+        # pixel hash, one embedding, one thumbnail) under a caption of their own, and 1%
+        # repeat the caption of the pair before them: duplicates, image_burst and
+        # caption_burst see real groups
+        dup = np.nonzero(rng.random(m) < 0.01)[0]
+        dup = dup[dup > 0]
+        img[dup], ihash[dup], thumb[dup] = img[dup - 1], ihash[dup - 1], thumb[dup - 1]
+        rep = np.nonzero(rng.random(m) < 0.01)[0]
+        rep = rep[rep > 0]
+        chash[rep] = chash[rep - 1]
+        thumb /= np.linalg.norm(thumb, axis=1, keepdims=True)
+        glob[:, 0] = (img * cap).sum(axis=1)
+        # own-caption scores of the purified views: a small drop, a few pairs collapse
+        purified = (glob[:, :1] - rng.normal(0.02, 0.01, (m, VIEWS))).astype(np.float32)
+        purified[rng.random(m) < 0.001] -= 0.3
         fused = np.where(np.isfinite(ot), 0.5 * glob + 0.5 * ot, glob).astype(np.float32)
         sc = MatchScores(candidates=cand, global_=glob, ot=ot, fused=fused, ok=np.ones(m, bool),
                          image_global=img.astype(np.float16), caption_global=cap.astype(np.float16),
-                         caption_hash=np.arange(s, e, dtype=np.int64), image_hash=rng.integers(1, 2**62, m),
-                         row_key=rng.integers(1, 2**62, m))
+                         caption_hash=chash, image_hash=ihash, row_key=rng.integers(1, 2**62, m),
+                         purified_own=purified, image_thumb=thumb.astype(np.float16))
         paths.append(ScoreShard(s, e, sc).save(root / f"scores_{s:09d}.npz"))
     return paths
 
@@ -128,6 +155,13 @@ def breakdown(paths: list[Path], n: int, cfg: object) -> None:
     print(f"Decisions arrays: {out / n:.0f} B/pair (object columns: 8 B pointers, strings shared or extra)")
 
 
+def _detectors(spec: str) -> tuple[str, ...]:
+    """``--detectors``: comma-separated names, or ``default`` (``DEFAULT_DETECTORS``)."""
+    from otcclip.models.config.detectors import DEFAULT_DETECTORS
+
+    return DEFAULT_DETECTORS if spec == "default" else tuple(spec.split(","))
+
+
 def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
     """Write ``n`` synthetic pairs as score shards, run decide on their paths, return its
     seconds and peaks (bytes above the start)."""
@@ -137,7 +171,7 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, float]:
     from otcclip.models.sanitize import SanitizeConfig, decide
 
     faiss.omp_set_num_threads(args.threads)
-    cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=tuple(args.detectors.split(","))))
+    cfg = SanitizeConfig(device="cpu", decisions=DecisionSettings(detectors=_detectors(args.detectors)))
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_shards(Path(tmp), n, d=args.d, k=cfg.k, shard_size=cfg.shard_size)
         gc.collect()
@@ -161,7 +195,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="50000,200000")
     ap.add_argument("--d", type=int, default=64, help="embedding width of the synthetic globals")
-    ap.add_argument("--detectors", default="density,caption_burst", help="enabled detectors, comma-separated")
+    ap.add_argument("--detectors", default="density,caption_burst", help="enabled detectors, comma-separated, or 'default'")
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bound", type=float, default=64.0,
@@ -174,7 +208,8 @@ def main() -> None:
     from otcclip.models.sanitize import SanitizeConfig
 
     cfg = SanitizeConfig()
-    print(f"# decide memory: d={args.d}, K={cfg.k + 1}, shard_size={cfg.shard_size}, detectors {args.detectors}; "
+    print(f"# decide memory: d={args.d}, K={cfg.k + 1}, shard_size={cfg.shard_size}, "
+          f"detectors {','.join(_detectors(args.detectors))}; "
           "each size in a fresh process")
     print("| pairs | decide s | peak traced MB | traced B/pair | peak RSS above start MB | RSS B/pair "
           "| peak anon RSS above start MB | anon B/pair |")

@@ -520,10 +520,10 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     p_fn, info = fit_p_clean(_select(own_f, ok, sp), sample=settings.gmm_sample, seed=env.seed, spill=sp)
     ts = settings.trigger_sensitivity
     ev = trigger_evidence(m, ts, env) if n else None
-    known = {"trigger_sensitivity": trigger_flags(*ev, ts)} if ev is not None and ev[0].shape[1] else {}
+    known = {"trigger_sensitivity": trigger_flags(*ev, ts, spill=sp)} if ev is not None and ev[0].shape[1] else {}
     dup = duplicate_groups(m, settings.duplicates, env) if n and "duplicates" in settings.detectors else None
     if dup is not None:
-        known["duplicates"] = duplicate_flags(m, dup)
+        known["duplicates"] = duplicate_flags(m, dup, spill=sp)
     flags = run_detectors(m, settings, env=env, known=known) if n else {}
     # a duplicate is not a poisoning verdict: the group's action applies it, after the rest
     verdict_flags = {k: v for k, v in flags.items() if k != "duplicates"}
@@ -637,9 +637,15 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         p_own[s:e] = np.where(ok_b, p_own_b, 0.0).astype(np.float32)
     fallback: dict[str, np.ndarray] = {}
     if dup is not None:
-        kept_score = np.where(action == "reassign", best_f, own_f)
+        if sp is None:
+            kept_score = np.where(action == "reassign", best_f, own_f)
+        else:
+            kept_score = spill_empty(sp, n, np.result_type(best_f.dtype, own_f.dtype))
+            for s in range(0, n, block):
+                kept_score[s : s + block] = np.where(action[s : s + block] == "reassign", best_f[s : s + block],
+                                                     own_f[s : s + block])
         fallback = _apply_duplicates(m, dup, settings.duplicates, kept_score, action, reason, review, review_reason,
-                                     weak=weak)
+                                     weak=weak, spill=sp)
     enrich = spill_full(sp, n, np.nan, np.float32)
     if ev is None or ev[0].shape[1] == 0:
         sens, view = spill_full(sp, n, np.nan, np.float32), spill_full(sp, n, -1, np.int64)
@@ -758,9 +764,12 @@ def _apply_duplicates(
     review_reason: np.ndarray,
     *,
     weak: bool,
+    spill: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Apply each duplicate group's action in place (arrays of shape (N,)); returns
     ``keep_one``'s fall-back (:attr:`Decisions.dup_fallback`; empty for the other actions).
+    With ``spill`` (a directory) the same, on the group members' rows only
+    (:func:`_apply_duplicates_members`): no work array of N pairs in RAM.
 
     Only groups of at least ``min_size`` images' worth of members are acted on:
     ``min_size`` x the data's typical pairs per image
@@ -777,6 +786,9 @@ def _apply_duplicates(
     or of another member for ``drop_all``): a near duplicate rests on the model's
     embeddings, so it is kept for review.
     """
+    if spill is not None:
+        return _apply_duplicates_members(m, dup, st, score, action, reason, review, review_reason, weak=weak,
+                                         spill=spill)
     n = len(action)
     grp = np.asarray(dup.group).copy()
     if (grp >= 0).any():  # groups below the burst size are reported, not acted on
@@ -825,4 +837,76 @@ def _apply_duplicates(
     review_reason[unsure] = [f"{r}; {why}" if r else why for r in review_reason[unsure]]
     review[unsure] = True
     reason[unsure & (action == "keep")] = REVIEW
+    return fallback if st.action == "keep_one" else {}
+
+
+def _apply_duplicates_members(
+    m: MatchScores,
+    dup: DuplicateGroups,
+    st: DuplicatesSettings,
+    score: np.ndarray,
+    action: np.ndarray,
+    reason: np.ndarray,
+    review: np.ndarray,
+    review_reason: np.ndarray,
+    *,
+    weak: bool,
+    spill: str,
+) -> dict[str, np.ndarray]:
+    """:func:`_apply_duplicates` on the rows of the groups' members only (M,), found in
+    row blocks: the same changes to ``action``, ``reason``, ``review`` and
+    ``review_reason`` (N,), the same fall-back; every work array is (M,) or per group."""
+    n = len(action)
+    g_all = dup.group
+    # the members' rows, ascending (few: groups of repeated images), found in row blocks
+    mem = np.concatenate([np.zeros(0, dtype=np.int64)] + [np.flatnonzero(g_all[s : s + (1 << 16)] >= 0) + s
+                                                          for s in range(0, n, 1 << 16)])
+    grp = np.asarray(g_all[mem], dtype=np.int64)
+    if len(mem):  # groups below the burst size are reported, not acted on
+        sizes = np.bincount(grp)
+        need = st.min_size * typical_pairs_per_image(m, spill=spill)
+        big = sizes[grp] >= need
+        mem, grp = mem[big], grp[big]
+    if st.action == "keep_all" or not len(mem):
+        return {}
+    alive = action[mem] != "drop"
+    ih = np.zeros(len(mem), dtype=np.int64) if m.image_hash is None else np.asarray(m.image_hash[mem], dtype=np.int64)
+    ch = np.asarray(m.caption_hash[mem], dtype=np.int64)
+    rk = mem if m.row_key is None else np.asarray(m.row_key[mem], dtype=np.int64)
+    kept = np.zeros(len(mem), dtype=bool)
+    kept_hash = np.zeros(int(grp.max()) + 1, dtype=np.int64)
+    order = np.zeros(0, dtype=np.int64)  # positions in mem
+    if st.action == "keep_one" and alive.any():
+        cand = np.nonzero(alive)[0]
+        _, unit, cnt = np.unique(np.stack([grp[cand], ih[cand], ch[cand]], axis=1), axis=0, return_inverse=True,
+                                 return_counts=True)
+        unit = unit.reshape(-1)
+        sc = np.nan_to_num(np.asarray(score[mem[cand]], dtype=np.float64), nan=-1e9, neginf=-1e9, posinf=1e9)
+        unit_score = np.round(np.bincount(unit, weights=sc) / cnt, 4)[unit]
+        order = cand[np.lexsort((rk[cand], ch[cand], ih[cand], -unit_score, grp[cand]))]
+        g = grp[order]
+        best = order[np.r_[True, g[1:] != g[:-1]]]
+        kept[best] = True
+        kept_hash[grp[best]] = ih[best]
+    target = alive & ~kept
+    if st.action == "keep_one":
+        has_kept = np.zeros(len(kept_hash), dtype=bool)
+        has_kept[grp[kept]] = True
+        certain = target & has_kept[grp] & (ih == kept_hash[grp]) & (m.image_hash is not None)
+    else:
+        certain = target & np.asarray(dup.exact[mem], dtype=bool)
+    sure = target & (certain | (not weak))
+    unsure = target & ~sure
+    fb_rows = mem[order[sure[order]]]  # keep_one's members in preference order, best first per group
+    fallback = {"rows": fb_rows, "action": action[fb_rows].copy(), "reason": reason[fb_rows].copy(),
+                "review": np.asarray(review[fb_rows]).copy(), "review_reason": review_reason[fb_rows].copy()}
+    sure_rows, unsure_rows = mem[sure], mem[unsure]
+    action[sure_rows] = "drop"
+    reason[sure_rows] = DUPLICATE
+    review[sure_rows] = False
+    review_reason[sure_rows] = ""
+    why = "drop/duplicate: weak model (near duplicate)"
+    review_reason[unsure_rows] = [f"{r}; {why}" if r else why for r in review_reason[unsure_rows]]
+    review[unsure_rows] = True
+    reason[unsure_rows[action[unsure_rows] == "keep"]] = REVIEW
     return fallback if st.action == "keep_one" else {}

@@ -163,6 +163,54 @@ def _take_rows(x: np.ndarray, rows: np.ndarray, spill: str | None) -> np.ndarray
     return out
 
 
+def _compress(x: np.ndarray, keep: Callable[[int, int], np.ndarray], spill: str | None, *,
+              dtype: Any = None) -> np.ndarray:
+    """``x[mask]`` (optionally cast to ``dtype``) of a 1-D ``x`` (N,), where ``keep(s, e)``
+    gives the (e - s,) bool mask of rows ``s:e``; built in row blocks into a spilled array
+    (:func:`~otcclip.models.spill.empty`; in RAM without ``spill``)."""
+    n = len(x)
+    count = sum(int(np.count_nonzero(keep(s, min(s + ROW_BLOCK, n)))) for s in range(0, n, ROW_BLOCK))
+    out = spill_empty(spill, count, x.dtype if dtype is None else dtype)
+    pos = 0
+    for s in range(0, n, ROW_BLOCK):
+        e = min(s + ROW_BLOCK, n)
+        v = x[s:e][keep(s, e)]
+        out[pos : pos + len(v)] = v
+        pos += len(v)
+    return out
+
+
+def _rows_where(n: int, keep: Callable[[int, int], np.ndarray], spill: str | None) -> np.ndarray:
+    """(R,) int64: the rows ``r`` of ``0..n-1`` where ``keep(s, e)`` (the (e - s,) bool
+    mask of rows ``s:e``) holds, in row blocks into a spilled array (in RAM without
+    ``spill``)."""
+    count = sum(int(np.count_nonzero(keep(s, min(s + ROW_BLOCK, n)))) for s in range(0, n, ROW_BLOCK))
+    out = spill_empty(spill, count, np.int64)
+    pos = 0
+    for s in range(0, n, ROW_BLOCK):
+        e = min(s + ROW_BLOCK, n)
+        v = np.flatnonzero(keep(s, e)) + s
+        out[pos : pos + len(v)] = v
+        pos += len(v)
+    return out
+
+
+def _ok_rows(m: MatchScores, spill: str | None) -> np.ndarray:
+    """``np.nonzero(m.ok)[0]`` (R,) int64, in a spilled array with ``spill``."""
+    if spill is None:
+        return np.nonzero(m.ok)[0]
+    return _rows_where(len(m), lambda s, e: np.asarray(m.ok[s:e], dtype=bool), spill)
+
+
+def _finite_median(x: np.ndarray, keep: np.ndarray | None, spill: str | None) -> float:
+    """:func:`_median_or_zero` of ``x[keep]`` (``x`` and ``keep`` (N,)), through a spilled
+    copy of the selected values with ``spill`` (the same value)."""
+    if spill is None:
+        return _median_or_zero(x if keep is None else x[keep])
+    sel = _compress(x, lambda s, e: np.isfinite(x[s:e]) & (True if keep is None else keep[s:e]), spill)
+    return float(spill_median(sel, spill)) if len(sel) else 0.0
+
+
 def robust_z(x: np.ndarray, *, spill: str | None = None) -> np.ndarray:
     """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move.
 
@@ -185,8 +233,11 @@ def robust_z(x: np.ndarray, *, spill: str | None = None) -> np.ndarray:
     return (x - med) / mad
 
 
-def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndarray | None) -> np.ndarray:
+def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndarray | None, *,
+                              spill: str | None = None) -> np.ndarray:
     """Cosine distance of each image to its nearest *distinct* image (not a copy).
+
+    Row-wise, in blocks of ``ROW_BLOCK`` rows: the temporaries are (``ROW_BLOCK``, k).
 
     Parameters
     ----------
@@ -194,6 +245,8 @@ def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndar
         Each row's neighbours among the same N rows (:func:`_knn`; ``-inf`` where none).
     hashes : ndarray, shape (N,), optional
         Decoded-pixel hash of each row's image: neighbours with the row's hash are copies.
+    spill : str, optional
+        Directory where the result is a memory-mapped file (:mod:`otcclip.models.spill`).
 
     Returns
     -------
@@ -202,11 +255,15 @@ def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndar
         measured against: copies are skipped, so data where every image is repeated
         (several captions per image) keeps the scale of its distinct images.
     """
-    distinct = np.isfinite(sims) & (sims < 1.0 - 1e-6)
-    if hashes is not None:
-        distinct &= hashes[idx] != hashes[:, None]
-    nearest = np.where(distinct, sims, -np.inf).max(axis=1).astype(np.float64)
-    return np.where(np.isfinite(nearest), 1.0 - nearest, np.nan)
+    out = spill_empty(spill, len(sims), np.float64)
+    for s in range(0, len(sims), ROW_BLOCK):
+        sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
+        distinct = np.isfinite(sb) & (sb < 1.0 - 1e-6)
+        if hashes is not None:
+            distinct &= hashes[ib] != hashes[s : s + ROW_BLOCK, None]
+        nearest = np.where(distinct, sb, -np.inf).max(axis=1).astype(np.float64)
+        out[s : s + ROW_BLOCK] = np.where(np.isfinite(nearest), 1.0 - nearest, np.nan)
+    return out
 
 
 def _median_or_zero(x: np.ndarray) -> float:
@@ -214,48 +271,139 @@ def _median_or_zero(x: np.ndarray) -> float:
     return float(np.median(x)) if len(x) else 0.0
 
 
-def typical_size(size: np.ndarray, ok: np.ndarray, ratio: float, floor: int) -> int:
+def typical_size(size: np.ndarray, ok: np.ndarray, ratio: float, floor: int, *, spill: str | None = None) -> int:
     """The smallest count that is a burst: at least ``floor`` and more than ``ratio`` x
     the median of ``size`` over the readable rows ``ok`` (shapes (N,)).
 
     Scale-free: on data with one caption per image the median is 1 and ``floor``
     decides; on data whose images each carry several correct captions (COCO: 5) a
-    burst must stand out from them.
+    burst must stand out from them. With ``spill`` the median is taken on a spilled
+    copy of the readable rows' sizes (the same value).
     """
-    typical = float(np.median(size[ok])) if ok.any() else 1.0
+    if spill is None:
+        typical = float(np.median(size[ok])) if ok.any() else 1.0
+    else:
+        sel = _compress(size, lambda s, e: np.asarray(ok[s:e], dtype=bool), spill)
+        typical = float(spill_median(sel, spill)) if len(sel) else 1.0
     return max(int(floor), int(np.floor(ratio * typical)) + 1)
 
 
-def typical_pairs_per_image(m: MatchScores) -> int:
+def _sorted_runs(x: np.ndarray, spill: str | None) -> np.ndarray:
+    """(R,) int64: the first position of each run of equal values of a sorted 1-D ``x``
+    (N,), found in row blocks (spilled with ``spill``)."""
+    def starts(s: int, e: int) -> np.ndarray:
+        b = x[s:e]
+        new = np.empty(len(b), dtype=bool)
+        new[1:] = b[1:] != b[:-1]
+        if len(b):
+            new[0] = s == 0 or bool(x[s - 1] != b[0])
+        return new
+
+    return _rows_where(len(x), starts, spill)
+
+
+def typical_pairs_per_image(m: MatchScores, *, spill: str | None = None) -> int:
     """The median, over readable pairs, of the pairs showing the same image (the same
     decoded pixels, ``image_hash``): 1 on single-caption data, 5 on COCO-style data.
-    1 without image hashes."""
+    1 without image hashes.
+
+    With ``spill`` the same median from spilled arrays: the readable rows' hashes sorted
+    in place, their runs' lengths sorted in place, and the one or two middle entries of
+    the per-pair counts (each run's length repeated that many times) read off their
+    cumulative sum."""
     ok = np.asarray(m.ok, dtype=bool)
     if m.image_hash is None or not ok.any():
         return 1
-    _, inverse, counts = np.unique(np.asarray(m.image_hash, dtype=np.int64)[ok], return_inverse=True,
-                                   return_counts=True)
-    return max(1, int(np.median(counts[inverse.reshape(-1)])))
+    if spill is None:
+        _, inverse, counts = np.unique(np.asarray(m.image_hash, dtype=np.int64)[ok], return_inverse=True,
+                                       return_counts=True)
+        return max(1, int(np.median(counts[inverse.reshape(-1)])))
+    h = _compress(m.image_hash, lambda s, e: ok[s:e], spill, dtype=np.int64)
+    h.sort()
+    total = len(h)
+    runs = _sorted_runs(h, spill)
+    del h
+    length = spill_empty(spill, len(runs), np.int64)
+    for s in range(0, len(runs), ROW_BLOCK):
+        nxt = runs[s + 1 : s + ROW_BLOCK + 1]
+        end = np.concatenate([nxt, [total]]) if s + ROW_BLOCK >= len(runs) else nxt
+        length[s : s + ROW_BLOCK] = end - runs[s : s + ROW_BLOCK]
+    length.sort()
+    # the pair at sorted position p has count length[i] for the first i with cumsum(length)[i] > p
+    want = sorted({(total - 1) // 2, total // 2})
+    found: list[int] = []
+    before = 0
+    for s in range(0, len(length), ROW_BLOCK):
+        c = np.cumsum(length[s : s + ROW_BLOCK]) + before
+        while len(found) < len(want) and c[-1] > want[len(found)]:
+            found.append(int(length[s + int(np.searchsorted(c, want[len(found)], side="right"))]))
+        before = int(c[-1])
+    a, b = found[0], found[-1]
+    return max(1, int((a + b) / 2))
 
 
-def _distinct_captions_per_hash(caption_hash: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-    """(N,) int: distinct caption texts over all the rows with each row's pixel hash."""
-    pairs = np.unique(np.stack([hashes, np.asarray(caption_hash, dtype=np.int64)], axis=1), axis=0)
-    img, per = np.unique(pairs[:, 0], return_counts=True)
-    return np.asarray(per[np.searchsorted(img, hashes)], dtype=np.int64)
+def _distinct_captions_per_hash(caption_hash: np.ndarray, hashes: np.ndarray, *,
+                                spill: str | None = None) -> np.ndarray:
+    """(N,) int64: distinct caption texts over all the rows with each row's pixel hash.
+
+    With ``spill``: from an in-place sort of (image hash, caption hash) records in a
+    memory-mapped file, scanned in row blocks; the result is spilled too."""
+    if spill is None:
+        pairs = np.unique(np.stack([hashes, np.asarray(caption_hash, dtype=np.int64)], axis=1), axis=0)
+        img, per = np.unique(pairs[:, 0], return_counts=True)
+        return np.asarray(per[np.searchsorted(img, hashes)], dtype=np.int64)
+    n = len(hashes)
+    rec = spill_empty(spill, n, [("h", np.int64), ("c", np.int64)])
+    for s in range(0, n, ROW_BLOCK):
+        rec["h"][s : s + ROW_BLOCK] = hashes[s : s + ROW_BLOCK]
+        rec["c"][s : s + ROW_BLOCK] = caption_hash[s : s + ROW_BLOCK]
+    rec.sort(order=["h", "c"])
+    h, c = rec["h"], rec["c"]
+    # running count of distinct (image, caption) records up to each sorted position
+    seen = spill_empty(spill, n, np.int64)
+    before = 0
+    for s in range(0, n, ROW_BLOCK):
+        e = min(s + ROW_BLOCK, n)
+        new = np.empty(e - s, dtype=bool)
+        new[1:] = (h[s + 1 : e] != h[s : e - 1]) | (c[s + 1 : e] != c[s : e - 1])
+        new[0] = s == 0 or bool(h[s - 1] != h[s] or c[s - 1] != c[s])
+        seen[s:e] = np.cumsum(new) + before
+        before = int(seen[e - 1])
+    first = _sorted_runs(h, spill)  # (I,) first sorted position of each image hash
+    img = spill_empty(spill, len(first), np.int64)
+    per = spill_empty(spill, len(first), np.int64)
+    for s in range(0, len(first), ROW_BLOCK):
+        a = first[s : s + ROW_BLOCK]
+        nxt = first[s + 1 : s + ROW_BLOCK + 1]
+        end = np.concatenate([nxt, [n]]) if s + ROW_BLOCK >= len(first) else nxt
+        img[s : s + ROW_BLOCK] = h[a]
+        per[s : s + ROW_BLOCK] = seen[end - 1] - seen[a] + 1
+    del rec, seen, first
+    out = spill_empty(spill, n, np.int64)
+    for s in range(0, n, ROW_BLOCK):
+        out[s : s + ROW_BLOCK] = per[np.searchsorted(img, hashes[s : s + ROW_BLOCK])]
+    return out
 
 
 def _distinct_captions(caption_hash: np.ndarray, sims: np.ndarray, idx: np.ndarray, thr: float,
-                       hashes: np.ndarray | None) -> np.ndarray:
-    """(N,) int: distinct caption texts on each row's image and its copies and near
-    duplicates among its neighbours (same pixel hash, or cosine >= ``thr``)."""
+                       hashes: np.ndarray | None, *, spill: str | None = None) -> np.ndarray:
+    """(N,) int64: distinct caption texts on each row's image and its copies and near
+    duplicates among its neighbours (same pixel hash, or cosine >= ``thr``).
+
+    Row-wise, in blocks of ``ROW_BLOCK`` rows (temporaries (``ROW_BLOCK``, k + 1)); the
+    result is spilled with ``spill``."""
     own = np.asarray(caption_hash, dtype=np.int64)
-    hit = np.isfinite(sims) & (sims >= thr)
-    if hashes is not None:
-        hit |= np.isfinite(sims) & (hashes[idx] == hashes[:, None])
-    texts = np.concatenate([own[:, None], np.where(hit, own[idx], own[:, None])], axis=1)
-    texts.sort(axis=1)
-    return np.asarray(1 + (np.diff(texts, axis=1) != 0).sum(axis=1), dtype=np.int64)
+    out = spill_empty(spill, len(sims), np.int64)
+    for s in range(0, len(sims), ROW_BLOCK):
+        sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
+        ob = own[s : s + ROW_BLOCK, None]
+        hit = np.isfinite(sb) & (sb >= thr)
+        if hashes is not None:
+            hit |= np.isfinite(sb) & (hashes[ib] == hashes[s : s + ROW_BLOCK, None])
+        texts = np.concatenate([ob, np.where(hit, own[ib], ob)], axis=1)
+        texts.sort(axis=1)
+        out[s : s + ROW_BLOCK] = 1 + (np.diff(texts, axis=1) != 0).sum(axis=1)
+    return out
 
 
 @register("image_burst")
@@ -271,20 +419,28 @@ def detect_image_burst(m: MatchScores, st: ImageBurstSettings, env: DetectorEnv 
         return np.zeros(n, dtype=bool)
     hashes = None if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
     k = max(st.knn, st.burst_min * 2)
+    sp = env.spill
     sims, idx = _knn(m.image_global, k, env)
     # scale-free: a near-duplicate is also far closer than a typical distinct nearest neighbour
     ok = np.asarray(m.ok, dtype=bool)
-    typical = _median_or_zero(nearest_distinct_distance(sims, idx, hashes)[ok])
+    typical = _finite_median(nearest_distinct_distance(sims, idx, hashes, spill=sp), ok, sp)
     thr = max(st.dup_threshold, 1.0 - st.dup_relative * typical)
-    count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes)
-    need = typical_size(count, ok, st.typical_ratio, st.burst_min)
+    count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes, spill=sp)
+    need = typical_size(count, ok, st.typical_ratio, st.burst_min, spill=sp)
     if 2 * need > k and k < n - 1:  # multi-caption data: search as far as a burst reaches
         k = min(2 * need, n - 1)
+        del sims, idx
         sims, idx = _knn(m.image_global, k, env)
-        count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes)
-    if hashes is not None:  # every copy counts, not only those among the searched neighbours
-        count = np.maximum(count, _distinct_captions_per_hash(m.caption_hash, hashes))
-    return np.asarray((count >= need) & ok, dtype=bool)  # unreadable rows share hash 0: never a burst
+        count = _distinct_captions(m.caption_hash, sims, idx, thr, hashes, spill=sp)
+    del sims, idx
+    per_hash = None if hashes is None else _distinct_captions_per_hash(m.caption_hash, hashes, spill=sp)
+    out = spill_empty(sp, n, bool)
+    for s in range(0, n, ROW_BLOCK):
+        c = count[s : s + ROW_BLOCK]
+        if per_hash is not None:  # every copy counts, not only those among the searched neighbours
+            c = np.maximum(c, per_hash[s : s + ROW_BLOCK])
+        out[s : s + ROW_BLOCK] = (c >= need) & ok[s : s + ROW_BLOCK]  # unreadable rows share hash 0: never a burst
+    return out
 
 
 @register("density")
@@ -358,8 +514,18 @@ def _hash_groups(hashes: np.ndarray, min_size: int, spill: str | None) -> Iterat
         yield np.asarray(rec["r"][start:n])
 
 
-def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
+def _drop_block(m: MatchScores, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``s:e``'s score drops on the purified views (e - s, V) float64 and whether
+    the row counts (readable, every drop finite) (e - s,) bool."""
+    drop = m.global_[s:e, :1].astype(np.float64) - m.purified_own[s:e].reshape(e - s, -1).astype(np.float64)  # type: ignore[index]
+    return drop, np.asarray(m.ok[s:e], dtype=bool) & np.isfinite(drop).all(axis=1)
+
+
+def sensitivity_scores(m: MatchScores, *, spill: str | None = None) -> np.ndarray | None:
     """Robust z, per purified view, of how much the own-caption score drops on the view.
+
+    With ``spill`` (a directory) the same values, computed in row blocks: each view's
+    order statistics on spilled copies, the result a memory-mapped file there.
 
     Returns
     -------
@@ -370,6 +536,29 @@ def sensitivity_scores(m: MatchScores) -> np.ndarray | None:
     if m.purified_own is None:
         return None
     n = len(m)
+    if spill is not None:
+        n_views = int(np.prod(m.purified_own.shape[1:]))
+        z = spill_full(spill, (n, n_views), np.nan, np.float64)
+        n_good = sum(int(_drop_block(m, s, min(s + ROW_BLOCK, n))[1].sum()) for s in range(0, n, ROW_BLOCK))
+        if n_good < 10:
+            return z
+        med = np.empty(n_views)
+        mad = np.empty(n_views)
+        for v in range(n_views):
+            col = spill_empty(spill, n_good, np.float64)
+            pos = 0
+            for s in range(0, n, ROW_BLOCK):
+                drop, good = _drop_block(m, s, min(s + ROW_BLOCK, n))
+                col[pos : pos + int(good.sum())] = drop[good, v]
+                pos += int(good.sum())
+            med[v] = spill_median(col, spill)
+            mad[v] = spill_median_abs_dev(col, med[v], spill) * 1.4826 + 1e-6
+            del col
+        for s in range(0, n, ROW_BLOCK):
+            drop, good = _drop_block(m, s, min(s + ROW_BLOCK, n))
+            zb = z[s : s + ROW_BLOCK]
+            zb[good] = (drop[good] - med) / mad
+        return z
     drop = m.global_[:, :1].astype(np.float64) - m.purified_own.reshape(n, -1).astype(np.float64)
     good = m.ok & np.isfinite(drop).all(axis=1)
     z = np.full(drop.shape, np.nan)
@@ -416,8 +605,9 @@ def sensitivity_enrichment(
         return out
     _, idx = _knn(m.caption_global, k, env)
     for v in np.nonzero(live)[0]:
-        share = sensitive[idx, v].mean(axis=1)
-        out[:, v] = (share - p[v]) / np.sqrt(p[v] * (1.0 - p[v]) / k)
+        for s in range(0, n, ROW_BLOCK):  # row-wise: temporaries (ROW_BLOCK, k)
+            share = sensitive[idx[s : s + ROW_BLOCK], v].mean(axis=1)
+            out[s : s + ROW_BLOCK, v] = (share - p[v]) / np.sqrt(p[v] * (1.0 - p[v]) / k)
     return out
 
 
@@ -433,22 +623,34 @@ def trigger_evidence(
         :func:`sensitivity_enrichment` of ``z > st.z`` when ``st.knn`` >
         0, else None. None when ``m.purified_own`` is missing.
     """
-    raw = sensitivity_scores(m)
+    raw = sensitivity_scores(m, spill=env.spill)
     if raw is None:
         return None
-    z = np.nan_to_num(raw, nan=-np.inf)
+    if env.spill is None:
+        z = np.nan_to_num(raw, nan=-np.inf)
+    else:  # in place, in row blocks
+        z = raw
+        for s in range(0, len(z), ROW_BLOCK):
+            np.nan_to_num(z[s : s + ROW_BLOCK], copy=False, nan=-np.inf)
     crowd = sensitivity_enrichment(m, z > st.z, st, env) if st.knn > 0 and len(m) > 1 else None
     return z, crowd
 
 
-def trigger_flags(z: np.ndarray, crowd: np.ndarray | None, st: TriggerSensitivitySettings) -> np.ndarray:
+def trigger_flags(z: np.ndarray, crowd: np.ndarray | None, st: TriggerSensitivitySettings, *,
+                  spill: str | None = None) -> np.ndarray:
     """(N,) bool: pairs whose sensitivity z (N, V) on some view exceeds ``st.z``,
     or, with the neighbourhood test (``crowd`` (N, V) enrichment), the region threshold
-    inside a crowded neighbourhood."""
-    if crowd is None:
-        return np.asarray(z.max(axis=1) > st.z)
-    region = crowd > st.enrichment_z
-    return np.asarray((region & (z > min(st.region_z, st.z))).any(axis=1))
+    inside a crowded neighbourhood. Row-wise, in row blocks; the result is a
+    memory-mapped file in ``spill`` when given."""
+    out = spill_empty(spill, len(z), bool)
+    for s in range(0, len(z), ROW_BLOCK):
+        zb = z[s : s + ROW_BLOCK]
+        if crowd is None:
+            out[s : s + ROW_BLOCK] = zb.max(axis=1) > st.z
+        else:
+            region = crowd[s : s + ROW_BLOCK] > st.enrichment_z
+            out[s : s + ROW_BLOCK] = (region & (zb > min(st.region_z, st.z))).any(axis=1)
+    return out
 
 
 @register("trigger_sensitivity")
@@ -467,7 +669,7 @@ def detect_trigger_sensitivity(
     if ev is None:
         log.warning("trigger_sensitivity: features lack the purified views; detector skipped")
         return np.zeros(len(m), dtype=bool)
-    return trigger_flags(*ev, st)
+    return trigger_flags(*ev, st, spill=env.spill)
 
 
 @register("spectral")
@@ -550,6 +752,8 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     -------
     DuplicateGroups
     """
+    if env.spill is not None:
+        return _duplicate_groups_spilled(m, st, env)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -608,17 +812,118 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     return DuplicateGroups(group, exact, thr)
 
 
-def duplicate_flags(m: MatchScores, g: DuplicateGroups) -> np.ndarray:
+def _duplicate_groups_spilled(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv) -> DuplicateGroups:
+    """:func:`duplicate_groups` with ``env.spill`` set: the same groups, with no array of
+    N pairs in RAM. The exact-copy families come from an in-place sort of the hashes
+    (:func:`_hash_groups`), the near-duplicate hits from the neighbours in row blocks,
+    and the connected components are taken over the pairs that have an edge to another
+    pair only (edges are few; every other pair is a group of one). ``group`` and
+    ``exact`` are memory-mapped files in ``env.spill``."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    sp = env.spill
+    n = len(m)
+    group = spill_full(sp, n, -1, np.int64)
+    exact = spill_full(sp, n, False, bool)
+    ok = _ok_rows(m, sp)
+    r = len(ok)
+    if r < 2:
+        return DuplicateGroups(group, exact)
+    src: list[np.ndarray] = []
+    dst: list[np.ndarray] = []
+    hashes = None if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
+    h_ok = None if hashes is None else _take_rows(hashes, ok, sp)
+    if h_ok is not None:
+        fam_rows: list[np.ndarray] = []
+        for rows in _hash_groups(h_ok, 2, sp):  # each family of exact copies: an edge from each member to its first
+            fam_rows.append(rows)
+            if len(fam_rows) >= 4096:
+                src.append(np.concatenate(fam_rows))
+                dst.append(np.concatenate([np.full(len(x), x[0]) for x in fam_rows]))
+                fam_rows = []
+        if fam_rows:
+            src.append(np.concatenate(fam_rows))
+            dst.append(np.concatenate([np.full(len(x), x[0]) for x in fam_rows]))
+        for x in src:
+            exact[ok[x]] = True
+    sims, idx = _knn(_take_rows(m.image_global, ok, sp), min(st.knn, r - 1), env)
+    typical = _finite_median(nearest_distinct_distance(sims, idx, h_ok, spill=sp), None, sp)
+    thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
+    hit_rows: list[np.ndarray] = []
+    hit_cols: list[np.ndarray] = []
+    for s in range(0, r, ROW_BLOCK):
+        sb, ib = sims[s : s + ROW_BLOCK], idx[s : s + ROW_BLOCK]
+        hit = np.isfinite(sb) & (sb >= thr)
+        hit_rows.append(np.repeat(np.arange(s, s + len(sb)), hit.sum(axis=1)))
+        hit_cols.append(np.asarray(ib[hit], dtype=np.int64))
+    del sims, idx
+    rows, cols = np.concatenate(hit_rows), np.concatenate(hit_cols)
+    if m.image_thumb is not None and len(rows):
+        # the embedding alone can put distinct images of one plain subject together: the
+        # content thumbnails must agree too (tested on the few embedding hits only)
+        same = np.empty(len(rows), dtype=bool)
+        for s in range(0, len(rows), 65_536):
+            ta = np.asarray(m.image_thumb[ok[rows[s:s + 65_536]]], dtype=np.float32)
+            tb = np.asarray(m.image_thumb[ok[cols[s:s + 65_536]]], dtype=np.float32)
+            same[s:s + 65_536] = (ta * tb).sum(axis=1) >= st.near_thumbnail
+        rows, cols = rows[same], cols[same]
+    src.append(rows)
+    dst.append(cols)
+    a, b = np.concatenate(src), np.concatenate(dst)
+    edge = a != b
+    a, b = a[edge], b[edge]
+    nodes = np.unique(np.concatenate([a, b]))  # the readable rows (positions in ok) with an edge
+    if not len(nodes):
+        return DuplicateGroups(group, exact, thr)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (np.searchsorted(nodes, a), np.searchsorted(nodes, b))),
+                       shape=(len(nodes), len(nodes)))
+    _, label = connected_components(graph, directed=False)
+    # number the groups by their content, not their rows (as duplicate_groups does)
+    rows_of = np.asarray(ok[nodes])
+    keys = np.stack([hashes[rows_of] if hashes is not None else np.zeros(len(nodes), dtype=np.int64),
+                     np.asarray(m.caption_hash[rows_of], dtype=np.int64),
+                     m.row_key[rows_of] if m.row_key is not None else rows_of.astype(np.int64)], axis=1)
+    by_group = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0], label))
+    lab = label[by_group]
+    firsts = by_group[np.r_[True, lab[1:] != lab[:-1]]]
+    ranked = firsts[np.lexsort((keys[firsts, 2], keys[firsts, 1], keys[firsts, 0]))]
+    new_id = np.full(int(label.max()) + 1, -1, dtype=np.int64)
+    new_id[label[ranked]] = np.arange(len(ranked))
+    group[rows_of] = new_id[label]
+    for s in range(0, n, ROW_BLOCK):
+        exact[s : s + ROW_BLOCK] &= group[s : s + ROW_BLOCK] >= 0
+    return DuplicateGroups(group, exact, thr)
+
+
+def duplicate_flags(m: MatchScores, g: DuplicateGroups, *, spill: str | None = None) -> np.ndarray:
     """(N,) bool: the members of ``g``'s groups that hold more pairs than the data's
     typical image (:func:`typical_pairs_per_image`; on single-caption data every member).
     On COCO-style data one image's several captions are no finding: their group is still
-    reported in ``dup_group``, not flagged."""
-    member = g.member
-    typical = typical_pairs_per_image(m)
-    if typical > 1 and member.any():
-        sizes = np.bincount(g.group[member])
-        member = member & (sizes[np.maximum(g.group, 0)] > typical)
-    return np.asarray(member, dtype=bool)
+    reported in ``dup_group``, not flagged. With ``spill`` the same, in row blocks, into
+    a memory-mapped result there."""
+    if spill is None:
+        member = g.member
+        typical = typical_pairs_per_image(m)
+        if typical > 1 and member.any():
+            sizes = np.bincount(g.group[member])
+            member = member & (sizes[np.maximum(g.group, 0)] > typical)
+        return np.asarray(member, dtype=bool)
+    n = len(g.group)
+    out = spill_empty(spill, n, bool)
+    for s in range(0, n, ROW_BLOCK):
+        out[s : s + ROW_BLOCK] = g.group[s : s + ROW_BLOCK] >= 0
+    typical = typical_pairs_per_image(m, spill=spill)
+    n_groups = max((int(g.group[s : s + ROW_BLOCK].max()) + 1 for s in range(0, n, ROW_BLOCK)), default=0)
+    if typical > 1 and n_groups > 0:
+        sizes = np.zeros(n_groups, dtype=np.int64)
+        for s in range(0, n, ROW_BLOCK):
+            gb = g.group[s : s + ROW_BLOCK]
+            sizes += np.bincount(gb[gb >= 0], minlength=n_groups)
+        for s in range(0, n, ROW_BLOCK):
+            gb = g.group[s : s + ROW_BLOCK]
+            out[s : s + ROW_BLOCK] &= sizes[np.maximum(gb, 0)] > typical
+    return out
 
 
 @register("duplicates")
@@ -626,7 +931,7 @@ def detect_duplicates(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv =
     """(N,) bool: members of a group of repeated images (:func:`duplicate_groups`,
     :func:`duplicate_flags`); what happens to them is the group's ``action``, applied by
     the decision step."""
-    return duplicate_flags(m, duplicate_groups(m, st, env))
+    return duplicate_flags(m, duplicate_groups(m, st, env), spill=env.spill)
 
 
 def collapse_evidence(
@@ -660,6 +965,8 @@ def collapse_evidence(
         distance between the two own-caption globals at most ``st.caption_relative`` x
         the median distance between the captions of random pairs. NaN where untested.
     """
+    if env.spill is not None:
+        return _collapse_evidence_spilled(m, st, env)
     n = len(m)
     tight = np.full(n, np.nan)
     share = np.full(n, np.nan)
@@ -699,6 +1006,97 @@ def collapse_evidence(
     return tight, share
 
 
+#: Rows per block of :func:`_collapse_evidence_spilled` (its gathered thumbnails are
+#: (block, search, t) float32: 13 MB at 1024 x 50 x 64).
+COLLAPSE_BLOCK = 1024
+
+
+def _collapse_evidence_spilled(
+    m: MatchScores, st: CollapseSettings, env: DetectorEnv, *, block: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`collapse_evidence` with ``env.spill`` set: the same values, computed in
+    blocks of ``block`` readable rows (default :data:`COLLAPSE_BLOCK`), so that the
+    (N, search) work arrays never exist; the per-pair arrays (the readable rows, the
+    neighbours, the unit caption globals, the id-key order, both results) are
+    memory-mapped files in ``env.spill``.
+
+    Returns
+    -------
+    tight_z, caption_share : ndarray, shape (N,), float64
+    """
+    sp = env.spill
+    blk = COLLAPSE_BLOCK if block is None else block
+    n = len(m)
+    tight = spill_full(sp, n, np.nan, np.float64)
+    share = spill_full(sp, n, np.nan, np.float64)
+    ok = _ok_rows(m, sp)
+    r = len(ok)
+    if r <= st.knn + 1:
+        return tight, share
+    k = min(max(st.search, st.knn), r - 1)
+    sims, idx = _knn(_take_rows(m.image_global, ok, sp), k, env)
+    h = None if m.image_hash is None else _take_rows(np.asarray(m.image_hash, dtype=np.int64), ok, sp)
+    thumb = m.image_thumb
+    cap = unit_rows(_take_rows(m.caption_global, ok, sp), spill=sp)
+    # scale-free: "one class" is far closer than two random pairs' captions; random pairs
+    # drawn in the order of the id keys (a stable argsort: (key, position) records sorted in place)
+    if m.row_key is not None:
+        rec = spill_empty(sp, r, [("key", np.int64), ("pos", np.int64)])
+        for s in range(0, r, ROW_BLOCK):
+            rec["key"][s : s + ROW_BLOCK] = m.row_key[ok[s : s + ROW_BLOCK]]
+            rec["pos"][s : s + ROW_BLOCK] = np.arange(s, min(s + ROW_BLOCK, r))
+        rec.sort(order=["key", "pos"])
+        by_key = rec["pos"]
+    else:
+        by_key = np.arange(r)
+    rng = np.random.default_rng(env.seed)
+    a = np.asarray(by_key[rng.integers(0, r, size=min(20_000, 10 * r))])
+    b = np.asarray(by_key[rng.integers(0, r, size=len(a))])
+    del by_key
+    typical = float(np.median(1.0 - (cap[a] * cap[b]).sum(axis=1)))
+    logk = spill_empty(sp, r, np.float64)  # log k-distance of the tested rows, NaN elsewhere
+    shr = spill_empty(sp, r, np.float64)
+    for s in range(0, r, blk):
+        e = min(s + blk, r)
+        sb, ib = sims[s:e], idx[s:e]
+        distinct = np.isfinite(sb)
+        if h is not None:
+            distinct &= h[ib] != h[s:e, None]
+        if thumb is not None:
+            t_own = np.asarray(thumb[ok[s:e]], dtype=np.float32)
+            t_nb = np.asarray(thumb[ok[ib]], dtype=np.float32)
+            distinct &= np.einsum("nd,nkd->nk", t_own, t_nb) < st.same_content
+            del t_nb
+        rank = np.cumsum(distinct, axis=1, dtype=np.int32)
+        tested = rank[:, -1] >= st.knn
+        rows = np.nonzero(tested)[0]
+        logk[s:e] = np.nan
+        shr[s:e] = np.nan
+        if not len(rows):
+            continue
+        pos = np.argmax(rank[rows] >= st.knn, axis=1)
+        kd = np.maximum(1.0 - sb[rows, pos].astype(np.float64), 1e-6)
+        logk[s + rows] = np.log(kd)
+        first = distinct[rows] & (rank[rows] <= st.knn)
+        nb = np.take_along_axis(ib[rows], np.argsort(~first, axis=1, kind="stable")[:, : st.knn], axis=1)
+        same = (1.0 - _row_cos(cap, nb, s + rows)) <= st.caption_relative * typical
+        shr[s + rows] = same.mean(axis=1)
+    del sims, idx
+    tested_logk = _compress(logk, lambda s, e: np.isfinite(logk[s:e]), sp)
+    if len(tested_logk) < 2:
+        return tight, share
+    z = robust_z(tested_logk, spill=sp)
+    pos_z = 0
+    for s in range(0, r, ROW_BLOCK):
+        lb = logk[s : s + ROW_BLOCK]
+        rows = np.nonzero(np.isfinite(lb))[0]
+        dst = ok[s : s + ROW_BLOCK][rows]
+        tight[dst] = z[pos_z : pos_z + len(rows)]
+        share[dst] = shr[s : s + ROW_BLOCK][rows]
+        pos_z += len(rows)
+    return tight, share
+
+
 def _row_cos(v: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None, chunk: int = 4096) -> np.ndarray:
     """``out[r, j] = v[rows[r]] . v[idx[r, j]]`` for ``v`` (M, d), ``idx`` (R, k) (rows
     default 0..R-1), in row chunks so the gathered (chunk, k, d) block stays small."""
@@ -728,8 +1126,12 @@ def detect_collapse(m: MatchScores, st: CollapseSettings, env: DetectorEnv = Det
         log.warning("collapse: features lack the content thumbnails; detector skipped")
         return np.zeros(len(m), dtype=bool)
     tight, share = collapse_evidence(m, st, env)
+    out = spill_empty(env.spill, len(m), bool)
     with np.errstate(invalid="ignore"):
-        return np.asarray((tight < -st.tight_z) & (share >= st.caption_share))
+        for s in range(0, len(m), ROW_BLOCK):
+            out[s : s + ROW_BLOCK] = ((tight[s : s + ROW_BLOCK] < -st.tight_z)
+                                      & (share[s : s + ROW_BLOCK] >= st.caption_share))
+    return out
 
 
 def fit_loss(m: MatchScores, st: FastFitSettings, env: DetectorEnv = DetectorEnv()) -> np.ndarray:

@@ -279,10 +279,11 @@ def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeC
     :mod:`otcclip.models.spill`): the scores, the kNN's neighbours and work copy, the
     model-quality control's cosines and sorts, the GMM's sorted scores, and the numeric
     columns of the returned :class:`Decisions` (still readable after the directory is
-    removed: the maps keep the files' pages). Anonymous memory is then one shard, the
-    data-wide row blocks' temporaries and, per pair, the four string columns' object
-    pointers (32 B) and what some detectors still hold in RAM (see docs/benchmarks.md
-    section 2.3).
+    removed: the maps keep the files' pages). The default detectors work in row blocks
+    and spill their per-pair arrays as well (their ``env.spill`` paths). Anonymous
+    memory is then one shard, the data-wide row blocks' temporaries, the few pairs of
+    the groups of repeated images and, per pair, the four string columns' object
+    pointers (32 B) (see docs/benchmarks.md section 2.3).
 
     Parameters
     ----------
