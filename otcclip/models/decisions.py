@@ -637,13 +637,10 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         p_own[s:e] = np.where(ok_b, p_own_b, 0.0).astype(np.float32)
     fallback: dict[str, np.ndarray] = {}
     if dup is not None:
-        if sp is None:
-            kept_score = np.where(action == "reassign", best_f, own_f)
-        else:
-            kept_score = spill_empty(sp, n, np.result_type(best_f.dtype, own_f.dtype))
-            for s in range(0, n, block):
-                kept_score[s : s + block] = np.where(action[s : s + block] == "reassign", best_f[s : s + block],
-                                                     own_f[s : s + block])
+        kept_score = spill_empty(sp, n, np.result_type(best_f.dtype, own_f.dtype))
+        for s in range(0, n, block):
+            kept_score[s : s + block] = np.where(action[s : s + block] == "reassign", best_f[s : s + block],
+                                                 own_f[s : s + block])
         fallback = _apply_duplicates(m, dup, settings.duplicates, kept_score, action, reason, review, review_reason,
                                      weak=weak, spill=sp)
     enrich = spill_full(sp, n, np.nan, np.float32)
@@ -768,8 +765,9 @@ def _apply_duplicates(
 ) -> dict[str, np.ndarray]:
     """Apply each duplicate group's action in place (arrays of shape (N,)); returns
     ``keep_one``'s fall-back (:attr:`Decisions.dup_fallback`; empty for the other actions).
-    With ``spill`` (a directory) the same, on the group members' rows only
-    (:func:`_apply_duplicates_members`): no work array of N pairs in RAM.
+    The work is on the group members' rows only (M,), found in row blocks (``spill``: where
+    :func:`~otcclip.models.detectors.typical_pairs_per_image` sorts): no work array of N
+    pairs.
 
     Only groups of at least ``min_size`` images' worth of members are acted on:
     ``min_size`` x the data's typical pairs per image
@@ -786,76 +784,6 @@ def _apply_duplicates(
     or of another member for ``drop_all``): a near duplicate rests on the model's
     embeddings, so it is kept for review.
     """
-    if spill is not None:
-        return _apply_duplicates_members(m, dup, st, score, action, reason, review, review_reason, weak=weak,
-                                         spill=spill)
-    n = len(action)
-    grp = np.asarray(dup.group).copy()
-    if (grp >= 0).any():  # groups below the burst size are reported, not acted on
-        sizes = np.bincount(grp[grp >= 0])
-        need = st.min_size * typical_pairs_per_image(m)
-        grp[(grp >= 0) & (sizes[np.maximum(grp, 0)] < need)] = -1
-    members = grp >= 0
-    if st.action == "keep_all" or not members.any():
-        return {}
-    alive = members & (action != "drop")
-    ih = np.zeros(n, dtype=np.int64) if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
-    ch = np.asarray(m.caption_hash, dtype=np.int64)
-    rk = np.arange(n, dtype=np.int64) if m.row_key is None else np.asarray(m.row_key, dtype=np.int64)
-    kept = np.zeros(n, dtype=bool)
-    kept_hash = np.zeros(int(grp.max()) + 1, dtype=np.int64)
-    order = np.zeros(0, dtype=np.int64)
-    if st.action == "keep_one" and alive.any():
-        cand = np.nonzero(alive)[0]
-        _, unit, cnt = np.unique(np.stack([grp[cand], ih[cand], ch[cand]], axis=1), axis=0, return_inverse=True,
-                                 return_counts=True)
-        unit = unit.reshape(-1)
-        sc = np.nan_to_num(np.asarray(score, dtype=np.float64)[cand], nan=-1e9, neginf=-1e9, posinf=1e9)
-        unit_score = np.round(np.bincount(unit, weights=sc) / cnt, 4)[unit]
-        order = cand[np.lexsort((rk[cand], ch[cand], ih[cand], -unit_score, grp[cand]))]
-        g = grp[order]
-        best = order[np.r_[True, g[1:] != g[:-1]]]
-        kept[best] = True
-        kept_hash[grp[best]] = ih[best]
-    target = alive & ~kept
-    if st.action == "keep_one":
-        has_kept = np.zeros(len(kept_hash), dtype=bool)
-        has_kept[grp[kept]] = True
-        certain = target & has_kept[np.maximum(grp, 0)] & (ih == kept_hash[np.maximum(grp, 0)]) & (m.image_hash is not None)
-    else:
-        certain = target & dup.exact
-    sure = target & (certain | (not weak))
-    unsure = target & ~sure
-    fb_rows = order[sure[order]]  # keep_one's members in preference order, best first per group
-    fallback = {"rows": fb_rows, "action": action[fb_rows].copy(), "reason": reason[fb_rows].copy(),
-                "review": review[fb_rows].copy(), "review_reason": review_reason[fb_rows].copy()}
-    action[sure] = "drop"
-    reason[sure] = DUPLICATE
-    review[sure] = False
-    review_reason[sure] = ""
-    why = "drop/duplicate: weak model (near duplicate)"
-    review_reason[unsure] = [f"{r}; {why}" if r else why for r in review_reason[unsure]]
-    review[unsure] = True
-    reason[unsure & (action == "keep")] = REVIEW
-    return fallback if st.action == "keep_one" else {}
-
-
-def _apply_duplicates_members(
-    m: MatchScores,
-    dup: DuplicateGroups,
-    st: DuplicatesSettings,
-    score: np.ndarray,
-    action: np.ndarray,
-    reason: np.ndarray,
-    review: np.ndarray,
-    review_reason: np.ndarray,
-    *,
-    weak: bool,
-    spill: str,
-) -> dict[str, np.ndarray]:
-    """:func:`_apply_duplicates` on the rows of the groups' members only (M,), found in
-    row blocks: the same changes to ``action``, ``reason``, ``review`` and
-    ``review_reason`` (N,), the same fall-back; every work array is (M,) or per group."""
     n = len(action)
     g_all = dup.group
     # the members' rows, ascending (few: groups of repeated images), found in row blocks

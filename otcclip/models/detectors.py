@@ -752,69 +752,12 @@ def duplicate_groups(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv = 
     -------
     DuplicateGroups
     """
-    if env.spill is not None:
-        return _duplicate_groups_spilled(m, st, env)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(m)
-    ok = np.nonzero(m.ok)[0]
-    group = np.full(n, -1, dtype=np.int64)
-    exact = np.zeros(n, dtype=bool)
-    if len(ok) < 2:
-        return DuplicateGroups(group, exact)
-    src: list[np.ndarray] = []
-    dst: list[np.ndarray] = []
-    hashes = None if m.image_hash is None else np.asarray(m.image_hash, dtype=np.int64)
-    if hashes is not None:
-        _, first, inverse, counts = np.unique(hashes[ok], return_index=True, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        src.append(np.arange(len(ok)))
-        dst.append(first[inverse])
-        exact[ok] = counts[inverse] > 1
-    sims, idx = _knn(_take_rows(m.image_global, ok, env.spill), min(st.knn, len(ok) - 1), env)
-    typical = _median_or_zero(nearest_distinct_distance(sims, idx, None if hashes is None else hashes[ok]))
-    thr = max(st.near_threshold, 1.0 - st.near_relative * typical)
-    hit = np.isfinite(sims) & (sims >= thr)
-    rows = np.repeat(np.arange(len(ok)), hit.sum(axis=1))
-    cols = np.asarray(idx[hit], dtype=np.int64)
-    if m.image_thumb is not None and len(rows):
-        # the embedding alone can put distinct images of one plain subject together: the
-        # content thumbnails must agree too (tested on the few embedding hits only)
-        same = np.empty(len(rows), dtype=bool)
-        for s in range(0, len(rows), 65_536):
-            a = np.asarray(m.image_thumb[ok[rows[s:s + 65_536]]], dtype=np.float32)
-            b = np.asarray(m.image_thumb[ok[cols[s:s + 65_536]]], dtype=np.float32)
-            same[s:s + 65_536] = (a * b).sum(axis=1) >= st.near_thumbnail
-        rows, cols = rows[same], cols[same]
-    src.append(rows)
-    dst.append(cols)
-    a, b = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(len(ok), len(ok)))
-    _, label = connected_components(graph, directed=False)
-    sizes = np.bincount(label)
-    multi = sizes[label] > 1
-    if not multi.any():
-        return DuplicateGroups(group, exact, thr)
-    # number the groups by their content, not their rows
-    zero = np.zeros(len(ok), dtype=np.int64)
-    keys = np.stack([hashes[ok] if hashes is not None else zero, m.caption_hash[ok].astype(np.int64),
-                     m.row_key[ok] if m.row_key is not None else ok.astype(np.int64)], axis=1)
-    sel = np.nonzero(multi)[0]
-    by_group = sel[np.lexsort((keys[sel, 2], keys[sel, 1], keys[sel, 0], label[sel]))]
-    lab = label[by_group]
-    firsts = by_group[np.r_[True, lab[1:] != lab[:-1]]]  # each group's member with the smallest key
-    ranked = firsts[np.lexsort((keys[firsts, 2], keys[firsts, 1], keys[firsts, 0]))]
-    new_id = np.full(int(label.max()) + 1, -1, dtype=np.int64)
-    new_id[label[ranked]] = np.arange(len(ranked))
-    group[ok[multi]] = new_id[label[multi]]
-    exact &= group >= 0
-    return DuplicateGroups(group, exact, thr)
+    return _duplicate_groups_blocked(m, st, env)
 
 
-def _duplicate_groups_spilled(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv) -> DuplicateGroups:
-    """:func:`duplicate_groups` with ``env.spill`` set: the same groups, with no array of
-    N pairs in RAM. The exact-copy families come from an in-place sort of the hashes
+def _duplicate_groups_blocked(m: MatchScores, st: DuplicatesSettings, env: DetectorEnv) -> DuplicateGroups:
+    """:func:`duplicate_groups`'s work, with no (N, k) array at once and, with ``env.spill``
+    set, no array of N pairs in RAM. The exact-copy families come from an in-place sort of the hashes
     (:func:`_hash_groups`), the near-duplicate hits from the neighbours in row blocks,
     and the connected components are taken over the pairs that have an edge to another
     pair only (edges are few; every other pair is a group of one). ``group`` and
@@ -902,13 +845,6 @@ def duplicate_flags(m: MatchScores, g: DuplicateGroups, *, spill: str | None = N
     On COCO-style data one image's several captions are no finding: their group is still
     reported in ``dup_group``, not flagged. With ``spill`` the same, in row blocks, into
     a memory-mapped result there."""
-    if spill is None:
-        member = g.member
-        typical = typical_pairs_per_image(m)
-        if typical > 1 and member.any():
-            sizes = np.bincount(g.group[member])
-            member = member & (sizes[np.maximum(g.group, 0)] > typical)
-        return np.asarray(member, dtype=bool)
     n = len(g.group)
     out = spill_empty(spill, n, bool)
     for s in range(0, n, ROW_BLOCK):
@@ -965,60 +901,21 @@ def collapse_evidence(
         distance between the two own-caption globals at most ``st.caption_relative`` x
         the median distance between the captions of random pairs. NaN where untested.
     """
-    if env.spill is not None:
-        return _collapse_evidence_spilled(m, st, env)
-    n = len(m)
-    tight = np.full(n, np.nan)
-    share = np.full(n, np.nan)
-    ok = np.nonzero(m.ok)[0]
-    if len(ok) <= st.knn + 1:
-        return tight, share
-    k = min(max(st.search, st.knn), len(ok) - 1)
-    sims, idx = _knn(_take_rows(m.image_global, ok, env.spill), k, env)
-    distinct = np.isfinite(sims)
-    if m.image_hash is not None:
-        h = np.asarray(m.image_hash, dtype=np.int64)[ok]
-        distinct &= h[idx] != h[:, None]
-    if m.image_thumb is not None:
-        t = np.asarray(m.image_thumb, dtype=np.float32)[ok]
-        distinct &= _row_cos(t, idx) < st.same_content
-    rank = np.cumsum(distinct, axis=1, dtype=np.int32)
-    tested = rank[:, -1] >= st.knn
-    rows = np.nonzero(tested)[0]
-    if len(rows) < 2:
-        return tight, share
-    pos = np.argmax(rank[rows] >= st.knn, axis=1)
-    kdist = np.maximum(1.0 - sims[rows, pos].astype(np.float64), 1e-6)
-    tight[ok[rows]] = robust_z(np.log(kdist))
-    cap = np.asarray(m.caption_global, dtype=np.float32)[ok]
-    cap = cap / np.maximum(np.linalg.norm(cap, axis=1, keepdims=True), 1e-12)
-    # scale-free: "one class" is far closer than two random pairs' captions
-    # random pairs drawn in the order of the id keys, not the rows: the same pairs in any row order
-    by_key = np.argsort(m.row_key[ok], kind="stable") if m.row_key is not None else np.arange(len(ok))
-    rng = np.random.default_rng(env.seed)
-    a = by_key[rng.integers(0, len(ok), size=min(20_000, 10 * len(ok)))]
-    b = by_key[rng.integers(0, len(ok), size=len(a))]
-    typical = float(np.median(1.0 - (cap[a] * cap[b]).sum(axis=1)))
-    first = distinct[rows] & (rank[rows] <= st.knn)
-    nb = np.take_along_axis(idx[rows], np.argsort(~first, axis=1, kind="stable")[:, : st.knn], axis=1)
-    same = (1.0 - _row_cos(cap, nb, rows)) <= st.caption_relative * typical
-    share[ok[rows]] = same.mean(axis=1)
-    return tight, share
+    return _collapse_evidence_blocked(m, st, env)
 
 
-#: Rows per block of :func:`_collapse_evidence_spilled` (its gathered thumbnails are
+#: Rows per block of :func:`_collapse_evidence_blocked` (its gathered thumbnails are
 #: (block, search, t) float32: 13 MB at 1024 x 50 x 64).
 COLLAPSE_BLOCK = 1024
 
 
-def _collapse_evidence_spilled(
+def _collapse_evidence_blocked(
     m: MatchScores, st: CollapseSettings, env: DetectorEnv, *, block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`collapse_evidence` with ``env.spill`` set: the same values, computed in
-    blocks of ``block`` readable rows (default :data:`COLLAPSE_BLOCK`), so that the
-    (N, search) work arrays never exist; the per-pair arrays (the readable rows, the
-    neighbours, the unit caption globals, the id-key order, both results) are
-    memory-mapped files in ``env.spill``.
+    """:func:`collapse_evidence`'s work, in blocks of ``block`` readable rows (default
+    :data:`COLLAPSE_BLOCK`), so that the (N, search) work arrays never exist; with
+    ``env.spill`` set the per-pair arrays (the readable rows, the neighbours, the unit
+    caption globals, the id-key order, both results) are memory-mapped files there.
 
     Returns
     -------
