@@ -29,6 +29,7 @@ from otcclip.models.sanitize import (
     sanitize_features,
 )
 from otcclip.models.scores import MatchScores
+from tests.models.same_decisions import assert_same_decisions
 
 CFG = SanitizeConfig(k=4, batch_size=8, shard_size=10, device="cpu", ot=OTSettings(iters=30))
 
@@ -313,14 +314,7 @@ def test_streamed_narrow_memory_mapped_decide_equals_in_memory_decisions(tmp_pat
         streamed = decide(paths, config=cfg, spill_dir=spill)
         assert not any(spill.iterdir())  # the spill directory is gone once decide returns
         for got in (streamed, decide(shards, config=cfg), tiny):
-            for name, v in vars(ref).items():
-                if isinstance(v, np.ndarray):
-                    np.testing.assert_array_equal(getattr(got, name), v, err_msg=name)
-                    assert getattr(got, name).dtype == v.dtype, name
-            assert got.gmm == ref.gmm and got.model_quality == ref.model_quality
-            assert got.dup_fallback.keys() == ref.dup_fallback.keys()
-            for name, v in ref.dup_fallback.items():
-                np.testing.assert_array_equal(got.dup_fallback[name], v, err_msg=name)
+            assert_same_decisions(got, ref)
         # the streamed numeric columns are memory-mapped files, the in-memory ones are not
         numeric = [k for k, v in vars(streamed).items() if isinstance(v, np.ndarray) and v.dtype != object]
         assert len(numeric) >= 15 and all(_mapped(getattr(streamed, k)) for k in numeric)

@@ -22,6 +22,7 @@ from otcclip.models.config.detectors import (
 from otcclip.models.decisions import decide_pairs
 from otcclip.models.detectors import DetectorEnv
 from otcclip.models.scores import MatchScores
+from tests.models.same_decisions import assert_same_decisions
 from tests.models.test_collapse import _scores as collapse_scores
 from tests.models.test_sanitize import _score_shards
 
@@ -176,11 +177,4 @@ def test_decisions_with_the_default_detectors_and_small_blocks_spilled_equal_in_
     assert (ref.reason == "duplicate").sum() >= 10 and set(ref.detectors.tolist()) - {""}
     with tempfile.TemporaryDirectory() as d:
         got = decide_pairs(_spilled(full, d), settings=settings, env=DetectorEnv(index=INDEX, spill=d), block=53)
-        for name, v in vars(ref).items():
-            if isinstance(v, np.ndarray):
-                np.testing.assert_array_equal(getattr(got, name), v, err_msg=name)
-                assert getattr(got, name).dtype == v.dtype, name
-        assert got.gmm == ref.gmm and got.model_quality == ref.model_quality
-        assert got.dup_fallback.keys() == ref.dup_fallback.keys()
-        for name, v in ref.dup_fallback.items():
-            np.testing.assert_array_equal(got.dup_fallback[name], v, err_msg=name)
+        assert_same_decisions(got, ref)
