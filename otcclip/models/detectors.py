@@ -809,7 +809,9 @@ def _duplicate_groups_blocked(m: MatchScores, st: DuplicatesSettings, env: Detec
         for s in range(0, len(rows), 65_536):
             ta = np.asarray(m.image_thumb[ok[rows[s:s + 65_536]]], dtype=np.float32)
             tb = np.asarray(m.image_thumb[ok[cols[s:s + 65_536]]], dtype=np.float32)
-            same[s:s + 65_536] = (ta * tb).sum(axis=1) >= st.near_thumbnail
+            # a flat image's thumbnail is zero (no content to compare): two flat ones agree
+            flat = (np.linalg.norm(ta, axis=1) < 0.5) & (np.linalg.norm(tb, axis=1) < 0.5)
+            same[s:s + 65_536] = ((ta * tb).sum(axis=1) >= st.near_thumbnail) | flat
         rows, cols = rows[same], cols[same]
     src.append(rows)
     dst.append(cols)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,11 @@ def test_near_duplicates_need_matching_content_thumbnails() -> None:
     # a gate at -1 lets every embedding near duplicate through
     g_open = duplicate_groups(m, DuplicatesSettings(near_thumbnail=-1.0))
     assert g_open.member[subject].all()
+    # flat images (blank placeholders at different sizes: other pixel hashes) have zero
+    # thumbnails, nothing to compare: two flat ones agree, a flat and a textured one do not
+    rows = np.nonzero(copies)[0]
+    flat = np.asarray(m.image_thumb).copy()
+    flat[rows[:6]] = 0.0
+    g_flat = duplicate_groups(replace(m, image_thumb=flat), DuplicatesSettings())
+    assert g_flat.member[rows].all()
+    assert len(set(g_flat.group[rows[:6]])) == 1 and len(set(g_flat.group[rows])) == 2
