@@ -197,16 +197,14 @@ def _rows_where(n: int, keep: Callable[[int, int], np.ndarray], spill: str | Non
 
 def _ok_rows(m: MatchScores, spill: str | None) -> np.ndarray:
     """``np.nonzero(m.ok)[0]`` (R,) int64, in a spilled array with ``spill``."""
-    if spill is None:
-        return np.nonzero(m.ok)[0]
     return _rows_where(len(m), lambda s, e: np.asarray(m.ok[s:e], dtype=bool), spill)
 
 
 def _finite_median(x: np.ndarray, keep: np.ndarray | None, spill: str | None) -> float:
-    """:func:`_median_or_zero` of ``x[keep]`` (``x`` and ``keep`` (N,)), through a spilled
-    copy of the selected values with ``spill`` (the same value)."""
-    if spill is None:
-        return _median_or_zero(x if keep is None else x[keep])
+    """The median of the finite values of ``x[keep]`` (``x`` and ``keep`` (N,)), 0 when
+    there are none, through a copy of the selected values (spilled with ``spill``). Rows
+    without a value (NaN: a row whose neighbours are all copies of its image) do not
+    count: a burst of copies leaves the data's scale as it is."""
     sel = _compress(x, lambda s, e: np.isfinite(x[s:e]) & (True if keep is None else keep[s:e]), spill)
     return float(spill_median(sel, spill)) if len(sel) else 0.0
 
@@ -266,25 +264,17 @@ def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndar
     return out
 
 
-def _median_or_zero(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(np.median(x)) if len(x) else 0.0
-
-
 def typical_size(size: np.ndarray, ok: np.ndarray, ratio: float, floor: int, *, spill: str | None = None) -> int:
     """The smallest count that is a burst: at least ``floor`` and more than ``ratio`` x
     the median of ``size`` over the readable rows ``ok`` (shapes (N,)).
 
     Scale-free: on data with one caption per image the median is 1 and ``floor``
     decides; on data whose images each carry several correct captions (COCO: 5) a
-    burst must stand out from them. With ``spill`` the median is taken on a spilled
-    copy of the readable rows' sizes (the same value).
+    burst must stand out from them. The median is taken on a copy of the readable rows'
+    sizes (spilled with ``spill``).
     """
-    if spill is None:
-        typical = float(np.median(size[ok])) if ok.any() else 1.0
-    else:
-        sel = _compress(size, lambda s, e: np.asarray(ok[s:e], dtype=bool), spill)
-        typical = float(spill_median(sel, spill)) if len(sel) else 1.0
+    sel = _compress(size, lambda s, e: np.asarray(ok[s:e], dtype=bool), spill)
+    typical = float(spill_median(sel, spill)) if len(sel) else 1.0
     return max(int(floor), int(np.floor(ratio * typical)) + 1)
 
 
@@ -307,17 +297,13 @@ def typical_pairs_per_image(m: MatchScores, *, spill: str | None = None) -> int:
     decoded pixels, ``image_hash``): 1 on single-caption data, 5 on COCO-style data.
     1 without image hashes.
 
-    With ``spill`` the same median from spilled arrays: the readable rows' hashes sorted
+    Computed in row blocks (spilled with ``spill``): the readable rows' hashes sorted
     in place, their runs' lengths sorted in place, and the one or two middle entries of
     the per-pair counts (each run's length repeated that many times) read off their
     cumulative sum."""
     ok = np.asarray(m.ok, dtype=bool)
     if m.image_hash is None or not ok.any():
         return 1
-    if spill is None:
-        _, inverse, counts = np.unique(np.asarray(m.image_hash, dtype=np.int64)[ok], return_inverse=True,
-                                       return_counts=True)
-        return max(1, int(np.median(counts[inverse.reshape(-1)])))
     h = _compress(m.image_hash, lambda s, e: ok[s:e], spill, dtype=np.int64)
     h.sort()
     total = len(h)
@@ -346,12 +332,8 @@ def _distinct_captions_per_hash(caption_hash: np.ndarray, hashes: np.ndarray, *,
                                 spill: str | None = None) -> np.ndarray:
     """(N,) int64: distinct caption texts over all the rows with each row's pixel hash.
 
-    With ``spill``: from an in-place sort of (image hash, caption hash) records in a
-    memory-mapped file, scanned in row blocks; the result is spilled too."""
-    if spill is None:
-        pairs = np.unique(np.stack([hashes, np.asarray(caption_hash, dtype=np.int64)], axis=1), axis=0)
-        img, per = np.unique(pairs[:, 0], return_counts=True)
-        return np.asarray(per[np.searchsorted(img, hashes)], dtype=np.int64)
+    From an in-place sort of (image hash, caption hash) records, scanned in row blocks
+    (every array spilled with ``spill``)."""
     n = len(hashes)
     rec = spill_empty(spill, n, [("h", np.int64), ("c", np.int64)])
     for s in range(0, n, ROW_BLOCK):
