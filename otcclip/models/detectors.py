@@ -433,10 +433,7 @@ def detect_density(m: MatchScores, st: DensitySettings, env: DetectorEnv = Detec
     if n <= st.knn + 1:
         return np.zeros(n, dtype=bool)
     sims, _ = _knn((m.image_global, m.caption_global), st.knn, env)
-    if env.spill is None:
-        kdist = 1.0 - sims[:, -1]
-        return robust_z(kdist) > st.outlier_z
-    kd = spill_empty(env.spill, n, sims.dtype)  # the same, in row blocks
+    kd = spill_empty(env.spill, n, sims.dtype)  # in row blocks
     for s in range(0, n, ROW_BLOCK):
         kd[s : s + ROW_BLOCK] = 1.0 - sims[s : s + ROW_BLOCK, -1]
     z = robust_z(kd, spill=env.spill)
@@ -464,19 +461,9 @@ def detect_caption_burst(m: MatchScores, st: CaptionBurstSettings, env: Detector
 
 def _hash_groups(hashes: np.ndarray, min_size: int, spill: str | None) -> Iterator[np.ndarray]:
     """The rows of each group of equal ``hashes`` (N,) with at least ``min_size`` rows, in
-    row order, groups by increasing hash. With ``spill``, from an in-place sort of
-    (hash, row) records in a memory-mapped file, scanned in row blocks; without, from
-    one stable argsort."""
+    row order, groups by increasing hash: from an in-place sort of (hash, row) records
+    (a memory-mapped file with ``spill``), scanned in row blocks."""
     n = len(hashes)
-    if spill is None:
-        _, inverse, counts = np.unique(hashes, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        # each group's rows in row order, from one sort (not one pass over all rows per group)
-        by_group = np.argsort(inverse, kind="stable")
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        for g in np.nonzero(counts >= min_size)[0]:
-            yield by_group[bounds[g] : bounds[g + 1]]
-        return
     rec = spill_empty(spill, n, [("h", np.int64), ("r", np.int64)])
     for s in range(0, n, ROW_BLOCK):
         rec["h"][s : s + ROW_BLOCK] = hashes[s : s + ROW_BLOCK]
@@ -608,12 +595,9 @@ def trigger_evidence(
     raw = sensitivity_scores(m, spill=env.spill)
     if raw is None:
         return None
-    if env.spill is None:
-        z = np.nan_to_num(raw, nan=-np.inf)
-    else:  # in place, in row blocks
-        z = raw
-        for s in range(0, len(z), ROW_BLOCK):
-            np.nan_to_num(z[s : s + ROW_BLOCK], copy=False, nan=-np.inf)
+    z = raw  # its own array: NaN to -inf in place, in row blocks
+    for s in range(0, len(z), ROW_BLOCK):
+        np.nan_to_num(z[s : s + ROW_BLOCK], copy=False, nan=-np.inf)
     crowd = sensitivity_enrichment(m, z > st.z, st, env) if st.knn > 0 and len(m) > 1 else None
     return z, crowd
 
@@ -1090,9 +1074,6 @@ def run_detectors(
         if name not in REGISTRY:
             raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
         flag = known[name] if known and name in known else REGISTRY[name].fn(m, settings.detector(name), env)
-        if env.spill is None:
-            out[name] = flag & m.ok
-            continue
         out[name] = spill_empty(env.spill, len(m), bool)
         for s in range(0, len(m), ROW_BLOCK):
             out[name][s : s + ROW_BLOCK] = flag[s : s + ROW_BLOCK] & m.ok[s : s + ROW_BLOCK]
