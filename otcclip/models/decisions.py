@@ -99,6 +99,8 @@ from otcclip.models.spill import empty as spill_empty
 from otcclip.models.spill import full as spill_full
 from otcclip.models.spill import median as spill_median
 from otcclip.models.spill import median_abs_dev as spill_median_abs_dev
+from otcclip.models.spill import nonzero as spill_nonzero
+from otcclip.models.spill import select as spill_select
 
 __all__ = ["ACTIONS", "DROP_DETECTORS", "DUPLICATE", "REVIEW", "DecisionSettings", "Decisions", "DetectorEnv", "MatchScores",
            "assess_model", "decide_pairs", "fit_p_clean", "keep_best_survivor"]
@@ -193,11 +195,8 @@ def fit_p_clean(own: np.ndarray, *, sample: int = 200_000, seed: int = 0,
     (:mod:`otcclip.models.spill`): what stays in RAM is the ``sample``.
     """
     # sorted first: the sample and the fit depend on the scores, not on the rows' order
-    if spill is None:
-        x = np.sort(own[np.isfinite(own)].astype(np.float64))
-    else:
-        x = _select(own, lambda s, e: np.isfinite(own[s:e]), spill, dtype=np.float64)
-        x.sort()
+    x = spill_select(own, lambda s, e: np.isfinite(own[s:e]), spill, dtype=np.float64)
+    x.sort()
     if len(x) > sample:
         x = np.random.default_rng(seed).choice(x, size=sample, replace=False)
     if len(x) < 10 or float(x.std()) < 1e-8:
@@ -254,34 +253,6 @@ def _robust(x: np.ndarray, spill: str | None = None) -> tuple[float, float]:
     """``(median, 1.4826 MAD)`` of ``x`` (its order statistics on spilled copies with ``spill``)."""
     med = float(spill_median(x, spill))
     return med, float(spill_median_abs_dev(x, med, spill)) * 1.4826 + 1e-6
-
-
-def _select(x: np.ndarray, keep: Callable[[int, int], np.ndarray] | np.ndarray, spill: str | None, *,
-            dtype: Any = None, block: int = 1 << 16) -> np.ndarray:
-    """``x[mask].astype(dtype)`` for a 1-D ``x``, built in row blocks into a spilled array
-    (:func:`~otcclip.models.spill.empty`; in RAM without ``spill``); ``keep`` is the (N,)
-    bool mask or a function ``keep(start, stop)`` giving the mask of rows ``start:stop``."""
-    n = len(x)
-
-    def mask(s: int) -> np.ndarray:
-        e = min(s + block, n)
-        return np.asarray(keep(s, e) if callable(keep) else keep[s:e], dtype=bool)
-
-    count = sum(int(mask(s).sum()) for s in range(0, n, block))
-    out = spill_empty(spill, count, x.dtype if dtype is None else dtype)
-    pos = 0
-    for s in range(0, n, block):
-        b = x[s : s + block][mask(s)]
-        out[pos : pos + len(b)] = b
-        pos += len(b)
-    return out
-
-
-def _nonzero(mask: np.ndarray, spill: str | None, *, block: int = 1 << 16) -> np.ndarray:
-    """``np.nonzero(mask)[0]`` of a 1-D bool array, in a spilled array."""
-    if spill is None:
-        return np.nonzero(mask)[0]
-    return _select(np.arange(len(mask), dtype=np.int64), mask, spill, block=block)
 
 
 def _unit_f32(x: np.ndarray) -> np.ndarray:
@@ -357,7 +328,7 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         pairs whose best-scored shortlisted caption has the own caption's text) and
         ``gmm_separation`` (filled in by :func:`decide_pairs`).
     """
-    ok = _nonzero(np.asarray(m.ok), spill)
+    ok = spill_nonzero(len(m.ok), np.asarray(m.ok), spill)
     n = len(ok)
     out: dict[str, Any] = {"pairs": int(n), "min_control_auc": settings.min_control_auc,
                            "min_control_separation": settings.min_control_separation}
@@ -432,15 +403,13 @@ def assess_model(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
 
 
 def _id_order(m: MatchScores, ok: np.ndarray, spill: str | None) -> np.ndarray:
-    """``np.argsort(m.row_key[ok], kind="stable")`` (``arange`` without id keys); with
-    ``spill``, a sort in place of (key, position) records in a spilled array."""
+    """``np.argsort(m.row_key[ok], kind="stable")`` (``arange`` without id keys), from a
+    sort in place of (key, position) records (a spilled array with ``spill``)."""
     n = len(ok)
     if m.row_key is None:
         out = spill_empty(spill, n, np.int64)
         out[:] = np.arange(n)
         return out
-    if spill is None:
-        return np.argsort(np.asarray(m.row_key)[ok], kind="stable")
     rec = spill_empty(spill, n, [("key", np.int64), ("pos", np.int64)])
     for s in range(0, n, 1 << 16):
         e = min(s + (1 << 16), n)
@@ -517,7 +486,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
         best_col[s:e] = bc
         best[s:e] = m.candidates[s:e][r, bc]
         best_f[s:e] = m.fused[s:e][r, bc]
-    p_fn, info = fit_p_clean(_select(own_f, ok, sp), sample=settings.gmm_sample, seed=env.seed, spill=sp)
+    p_fn, info = fit_p_clean(spill_select(own_f, ok, sp), sample=settings.gmm_sample, seed=env.seed, spill=sp)
     ts = settings.trigger_sensitivity
     ev = trigger_evidence(m, ts, env) if n else None
     known = {"trigger_sensitivity": trigger_flags(*ev, ts, spill=sp)} if ev is not None and ev[0].shape[1] else {}
@@ -532,7 +501,7 @@ def decide_pairs(m: MatchScores, *, settings: DecisionSettings = DecisionSetting
     med = sd = 0.0
     has_o = False
     if ok.any():
-        o = _select(own_f, lambda s, e: ok[s:e] & np.isfinite(own_f[s:e]), sp)
+        o = spill_select(own_f, lambda s, e: ok[s:e] & np.isfinite(own_f[s:e]), sp)
         scale = float(spill_median_abs_dev(o, spill_median(o, sp), sp)) * 1.4826 + 1e-6 if len(o) else 1.0
         if len(o):
             med, sd = _robust(o, sp)

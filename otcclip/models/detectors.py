@@ -48,6 +48,8 @@ from otcclip.models.spill import empty as spill_empty
 from otcclip.models.spill import full as spill_full
 from otcclip.models.spill import median as spill_median
 from otcclip.models.spill import median_abs_dev as spill_median_abs_dev
+from otcclip.models.spill import nonzero as spill_nonzero
+from otcclip.models.spill import select as spill_select
 
 log = logging.getLogger(__name__)
 
@@ -163,41 +165,9 @@ def _take_rows(x: np.ndarray, rows: np.ndarray, spill: str | None) -> np.ndarray
     return out
 
 
-def _compress(x: np.ndarray, keep: Callable[[int, int], np.ndarray], spill: str | None, *,
-              dtype: Any = None) -> np.ndarray:
-    """``x[mask]`` (optionally cast to ``dtype``) of a 1-D ``x`` (N,), where ``keep(s, e)``
-    gives the (e - s,) bool mask of rows ``s:e``; built in row blocks into a spilled array
-    (:func:`~otcclip.models.spill.empty`; in RAM without ``spill``)."""
-    n = len(x)
-    count = sum(int(np.count_nonzero(keep(s, min(s + ROW_BLOCK, n)))) for s in range(0, n, ROW_BLOCK))
-    out = spill_empty(spill, count, x.dtype if dtype is None else dtype)
-    pos = 0
-    for s in range(0, n, ROW_BLOCK):
-        e = min(s + ROW_BLOCK, n)
-        v = x[s:e][keep(s, e)]
-        out[pos : pos + len(v)] = v
-        pos += len(v)
-    return out
-
-
-def _rows_where(n: int, keep: Callable[[int, int], np.ndarray], spill: str | None) -> np.ndarray:
-    """(R,) int64: the rows ``r`` of ``0..n-1`` where ``keep(s, e)`` (the (e - s,) bool
-    mask of rows ``s:e``) holds, in row blocks into a spilled array (in RAM without
-    ``spill``)."""
-    count = sum(int(np.count_nonzero(keep(s, min(s + ROW_BLOCK, n)))) for s in range(0, n, ROW_BLOCK))
-    out = spill_empty(spill, count, np.int64)
-    pos = 0
-    for s in range(0, n, ROW_BLOCK):
-        e = min(s + ROW_BLOCK, n)
-        v = np.flatnonzero(keep(s, e)) + s
-        out[pos : pos + len(v)] = v
-        pos += len(v)
-    return out
-
-
 def _ok_rows(m: MatchScores, spill: str | None) -> np.ndarray:
     """``np.nonzero(m.ok)[0]`` (R,) int64, in a spilled array with ``spill``."""
-    return _rows_where(len(m), lambda s, e: np.asarray(m.ok[s:e], dtype=bool), spill)
+    return spill_nonzero(len(m), lambda s, e: np.asarray(m.ok[s:e], dtype=bool), spill)
 
 
 def _finite_median(x: np.ndarray, keep: np.ndarray | None, spill: str | None) -> float:
@@ -205,7 +175,7 @@ def _finite_median(x: np.ndarray, keep: np.ndarray | None, spill: str | None) ->
     there are none, through a copy of the selected values (spilled with ``spill``). Rows
     without a value (NaN: a row whose neighbours are all copies of its image) do not
     count: a burst of copies leaves the data's scale as it is."""
-    sel = _compress(x, lambda s, e: np.isfinite(x[s:e]) & (True if keep is None else keep[s:e]), spill)
+    sel = spill_select(x, lambda s, e: np.isfinite(x[s:e]) & (True if keep is None else keep[s:e]), spill)
     return float(spill_median(sel, spill)) if len(sel) else 0.0
 
 
@@ -213,22 +183,17 @@ def robust_z(x: np.ndarray, *, spill: str | None = None) -> np.ndarray:
     """``(x - median) / (1.4826 MAD)``: z-scores that a minority of outliers does not move.
 
     Computed in float64: with a MAD of about 0 (all values equal but a few) the quotient
-    exceeds float32's range. With ``spill`` (a directory) the float64 copy, the order
-    statistics' work and the result are memory-mapped files there, built in row blocks.
+    exceeds float32's range. The float64 copy, the order statistics' work and the result
+    are built in row blocks (memory-mapped files in ``spill``, a directory, when given).
     """
-    if spill is not None:
-        xs = spill_empty(spill, len(x), np.float64)
-        for s in range(0, len(x), ROW_BLOCK):
-            xs[s : s + ROW_BLOCK] = x[s : s + ROW_BLOCK]
-        med = spill_median(xs, spill)
-        mad = spill_median_abs_dev(xs, med, spill) * 1.4826 + 1e-12
-        for s in range(0, len(x), ROW_BLOCK):
-            xs[s : s + ROW_BLOCK] = (xs[s : s + ROW_BLOCK] - med) / mad
-        return xs
-    x = np.asarray(x, dtype=np.float64)
-    med = np.median(x)
-    mad = np.median(np.abs(x - med)) * 1.4826 + 1e-12
-    return (x - med) / mad
+    xs = spill_empty(spill, len(x), np.float64)
+    for s in range(0, len(x), ROW_BLOCK):
+        xs[s : s + ROW_BLOCK] = x[s : s + ROW_BLOCK]
+    med = spill_median(xs, spill)
+    mad = spill_median_abs_dev(xs, med, spill) * 1.4826 + 1e-12
+    for s in range(0, len(x), ROW_BLOCK):
+        xs[s : s + ROW_BLOCK] = (xs[s : s + ROW_BLOCK] - med) / mad
+    return xs
 
 
 def nearest_distinct_distance(sims: np.ndarray, idx: np.ndarray, hashes: np.ndarray | None, *,
@@ -273,7 +238,7 @@ def typical_size(size: np.ndarray, ok: np.ndarray, ratio: float, floor: int, *, 
     burst must stand out from them. The median is taken on a copy of the readable rows'
     sizes (spilled with ``spill``).
     """
-    sel = _compress(size, lambda s, e: np.asarray(ok[s:e], dtype=bool), spill)
+    sel = spill_select(size, lambda s, e: np.asarray(ok[s:e], dtype=bool), spill)
     typical = float(spill_median(sel, spill)) if len(sel) else 1.0
     return max(int(floor), int(np.floor(ratio * typical)) + 1)
 
@@ -289,7 +254,7 @@ def _sorted_runs(x: np.ndarray, spill: str | None) -> np.ndarray:
             new[0] = s == 0 or bool(x[s - 1] != b[0])
         return new
 
-    return _rows_where(len(x), starts, spill)
+    return spill_nonzero(len(x), starts, spill)
 
 
 def typical_pairs_per_image(m: MatchScores, *, spill: str | None = None) -> int:
@@ -304,7 +269,7 @@ def typical_pairs_per_image(m: MatchScores, *, spill: str | None = None) -> int:
     ok = np.asarray(m.ok, dtype=bool)
     if m.image_hash is None or not ok.any():
         return 1
-    h = _compress(m.image_hash, lambda s, e: ok[s:e], spill, dtype=np.int64)
+    h = spill_select(m.image_hash, lambda s, e: ok[s:e], spill, dtype=np.int64)
     h.sort()
     total = len(h)
     runs = _sorted_runs(h, spill)
@@ -947,7 +912,7 @@ def _collapse_evidence_blocked(
         same = (1.0 - _row_cos(cap, nb, s + rows)) <= st.caption_relative * typical
         shr[s + rows] = same.mean(axis=1)
     del sims, idx
-    tested_logk = _compress(logk, lambda s, e: np.isfinite(logk[s:e]), sp)
+    tested_logk = spill_select(logk, lambda s, e: np.isfinite(logk[s:e]), sp)
     if len(tested_logk) < 2:
         return tight, share
     z = robust_z(tested_logk, spill=sp)

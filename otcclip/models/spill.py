@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["empty", "full", "copy_of", "median", "median_abs_dev"]
+__all__ = ["empty", "full", "copy_of", "select", "nonzero", "median", "median_abs_dev"]
 
 
 def empty(spill: str | Path | None, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -63,6 +64,45 @@ def copy_of(spill: str | Path | None, x: np.ndarray, *, block: int = 1 << 16) ->
         out[s : s + block] = x[s : s + block]
     return out
 
+
+
+Mask = Callable[[int, int], np.ndarray] | np.ndarray
+
+
+def _mask(keep: Mask, s: int, e: int) -> np.ndarray:
+    return np.asarray(keep(s, e) if callable(keep) else keep[s:e], dtype=bool)
+
+
+def select(x: np.ndarray, keep: Mask, spill: str | Path | None, *, dtype: Any = None,
+           block: int = 1 << 16) -> np.ndarray:
+    """``x[mask].astype(dtype)`` of a 1-D ``x`` (N,), built in row blocks into a spilled
+    array (:func:`empty`; in RAM without ``spill``).
+
+    ``keep`` is the (N,) bool mask, or a function ``keep(start, stop)`` giving the mask of
+    rows ``start:stop`` (so no (N,) mask need exist)."""
+    n = len(x)
+    count = sum(int(np.count_nonzero(_mask(keep, s, min(s + block, n)))) for s in range(0, n, block))
+    out = empty(spill, count, x.dtype if dtype is None else dtype)
+    pos = 0
+    for s in range(0, n, block):
+        b = x[s : s + block][_mask(keep, s, min(s + block, n))]
+        out[pos : pos + len(b)] = b
+        pos += len(b)
+    return out
+
+
+def nonzero(n: int, keep: Mask, spill: str | Path | None, *, block: int = 1 << 16) -> np.ndarray:
+    """(R,) int64: ``np.nonzero(mask)[0]`` of the (N,) mask ``keep`` (an array, or a
+    function ``keep(start, stop)`` as in :func:`select`), built in row blocks into a
+    spilled array."""
+    count = sum(int(np.count_nonzero(_mask(keep, s, min(s + block, n)))) for s in range(0, n, block))
+    out = empty(spill, count, np.int64)
+    pos = 0
+    for s in range(0, n, block):
+        v = np.flatnonzero(_mask(keep, s, min(s + block, n))) + s
+        out[pos : pos + len(v)] = v
+        pos += len(v)
+    return out
 
 def median(x: np.ndarray, spill: str | Path | None) -> Any:
     """``np.median(x)`` of a 1-D array, from a spilled copy partitioned in place."""
