@@ -271,7 +271,7 @@ def _rank_sum(values: np.ndarray, n_first: int, *, spill: str | None = None, blo
     ``(lo + 1 + hi) / 2``. Exact: ranks are half-integers and their sums stay far below
     2**53.
     """
-    srt = spill_copy(spill, values) if spill is not None else values.copy()
+    srt = spill_copy(spill, values)
     srt.sort()  # NaNs last, as searchsorted expects
     total = 0.0
     for s in range(0, n_first, block):

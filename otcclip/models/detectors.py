@@ -458,8 +458,8 @@ def _drop_block(m: MatchScores, s: int, e: int) -> tuple[np.ndarray, np.ndarray]
 def sensitivity_scores(m: MatchScores, *, spill: str | None = None) -> np.ndarray | None:
     """Robust z, per purified view, of how much the own-caption score drops on the view.
 
-    With ``spill`` (a directory) the same values, computed in row blocks: each view's
-    order statistics on spilled copies, the result a memory-mapped file there.
+    Computed in row blocks: each view's order statistics on a copy of its drops, the
+    copies and the result memory-mapped files in ``spill`` (a directory) when given.
 
     Returns
     -------
@@ -470,38 +470,27 @@ def sensitivity_scores(m: MatchScores, *, spill: str | None = None) -> np.ndarra
     if m.purified_own is None:
         return None
     n = len(m)
-    if spill is not None:
-        n_views = int(np.prod(m.purified_own.shape[1:]))
-        z = spill_full(spill, (n, n_views), np.nan, np.float64)
-        n_good = sum(int(_drop_block(m, s, min(s + ROW_BLOCK, n))[1].sum()) for s in range(0, n, ROW_BLOCK))
-        if n_good < 10:
-            return z
-        med = np.empty(n_views)
-        mad = np.empty(n_views)
-        for v in range(n_views):
-            col = spill_empty(spill, n_good, np.float64)
-            pos = 0
-            for s in range(0, n, ROW_BLOCK):
-                drop, good = _drop_block(m, s, min(s + ROW_BLOCK, n))
-                col[pos : pos + int(good.sum())] = drop[good, v]
-                pos += int(good.sum())
-            med[v] = spill_median(col, spill)
-            mad[v] = spill_median_abs_dev(col, med[v], spill) * 1.4826 + 1e-6
-            del col
+    n_views = int(np.prod(m.purified_own.shape[1:]))
+    z = spill_full(spill, (n, n_views), np.nan, np.float64)
+    n_good = sum(int(_drop_block(m, s, min(s + ROW_BLOCK, n))[1].sum()) for s in range(0, n, ROW_BLOCK))
+    if n_good < 10:
+        return z
+    med = np.empty(n_views)
+    mad = np.empty(n_views)
+    for v in range(n_views):
+        col = spill_empty(spill, n_good, np.float64)
+        pos = 0
         for s in range(0, n, ROW_BLOCK):
             drop, good = _drop_block(m, s, min(s + ROW_BLOCK, n))
-            zb = z[s : s + ROW_BLOCK]
-            zb[good] = (drop[good] - med) / mad
-        return z
-    drop = m.global_[:, :1].astype(np.float64) - m.purified_own.reshape(n, -1).astype(np.float64)
-    good = m.ok & np.isfinite(drop).all(axis=1)
-    z = np.full(drop.shape, np.nan)
-    if good.sum() < 10:
-        return z
-    d = drop[good]
-    med = np.median(d, axis=0)
-    mad = np.median(np.abs(d - med), axis=0) * 1.4826 + 1e-6
-    z[good] = (d - med) / mad
+            col[pos : pos + int(good.sum())] = drop[good, v]
+            pos += int(good.sum())
+        med[v] = spill_median(col, spill)
+        mad[v] = spill_median_abs_dev(col, med[v], spill) * 1.4826 + 1e-6
+        del col
+    for s in range(0, n, ROW_BLOCK):
+        drop, good = _drop_block(m, s, min(s + ROW_BLOCK, n))
+        zb = z[s : s + ROW_BLOCK]
+        zb[good] = (drop[good] - med) / mad
     return z
 
 
