@@ -305,7 +305,9 @@ def decide(score_shards: Sequence[ScoreShard | str | Path], *, config: SanitizeC
     if all(isinstance(s, ScoreShard) for _, _, s in spans):  # in memory already: nothing to spill
         env = DetectorEnv(index=config.index, seed=config.seed)
         return decide_pairs(MatchScores.stack(parts, pos), settings=config.decisions, env=env)
-    with tempfile.TemporaryDirectory(prefix="otcclip-decide-", dir=spill_dir) as tmp:
+    # a network filesystem may keep renamed stand-ins of the unlinked, still-mapped files
+    # (.nfsXXXX) until the maps go: the directory's removal must not fail the decisions
+    with tempfile.TemporaryDirectory(prefix="otcclip-decide-", dir=spill_dir, ignore_cleanup_errors=True) as tmp:
         env = DetectorEnv(index=config.index, seed=config.seed, spill=tmp)
         scores = MatchScores.stack(parts, pos, spill=tmp)
         decisions = decide_pairs(scores, settings=config.decisions, env=env)

@@ -26,8 +26,10 @@ __all__ = ["empty", "full", "copy_of", "select", "nonzero", "median", "median_ab
 
 def empty(spill: str | Path | None, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialised array: in RAM without ``spill``, else memory-mapped from a new
-    file in that directory (the file lives as long as the directory; the map outlives
-    its removal on POSIX systems).
+    file in that directory. The file is unlinked as soon as it is mapped (POSIX keeps a
+    mapped file's pages until the last map goes), so each array's disk is freed when the
+    array is dropped, not when the directory is removed; where the unlink fails (a
+    system that refuses to unlink an open file) the file stays until the directory goes.
 
     Parameters
     ----------
@@ -47,7 +49,12 @@ def empty(spill: str | Path | None, shape: int | tuple[int, ...], dtype: Any) ->
         return np.empty(shp, dtype=dt)
     fd, name = tempfile.mkstemp(dir=spill, suffix=".npy")
     os.close(fd)
-    return np.asarray(np.lib.format.open_memmap(name, mode="w+", dtype=dt, shape=shp))
+    out = np.asarray(np.lib.format.open_memmap(name, mode="w+", dtype=dt, shape=shp))
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+    return out
 
 
 def full(spill: str | Path | None, shape: int | tuple[int, ...], value: Any, dtype: Any) -> np.ndarray:

@@ -348,6 +348,28 @@ def test_decide_removes_its_spill_directory_on_error(tmp_path: Path) -> None:
     assert not any(spill.iterdir())
 
 
+def test_a_spilled_array_frees_its_file_when_dropped(tmp_path: Path) -> None:
+    """The file behind a spilled array is unlinked once mapped: the directory holds
+    nothing while the array works, and its disk is freed when the array goes."""
+    import gc
+    import shutil
+
+    from otcclip.models import spill as sp
+
+    x = sp.empty(tmp_path, (1000, 64), np.float32)
+    x[:] = np.arange(64, dtype=np.float32)
+    y = sp.select(x[:, 3], lambda s, e: np.arange(s, e) % 2 == 0, tmp_path, block=7)
+    assert not list(tmp_path.iterdir())
+    assert float(x.sum()) == 1000 * sum(range(64)) and len(y) == 500 and (y == 3).all()
+    assert sp.nonzero(10, lambda s, e: np.arange(s, e) >= 7, tmp_path, block=3).tolist() == [7, 8, 9]
+    used = shutil.disk_usage(tmp_path).used
+    big = sp.full(tmp_path, 64 << 20, 1, np.uint8)  # 64 MB written
+    assert int(big[-1]) == 1 and shutil.disk_usage(tmp_path).used >= used + (32 << 20)
+    del big
+    gc.collect()
+    assert shutil.disk_usage(tmp_path).used < used + (32 << 20)
+
+
 def test_spilled_order_statistics_equal_numpy() -> None:
     from otcclip.models import spill as sp
     from otcclip.models.decisions import _rank_sum
