@@ -45,19 +45,10 @@ CANDIDATES = (0.97, 0.98, 0.985, 0.99, 0.995)
 MIN_SIZE = 8  # DuplicatesSettings.min_size's default, read below and checked
 
 
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-def _resize(img: Image.Image, side: int) -> Image.Image:
-    return img.resize((side, side), Image.BICUBIC)
-
-
 def copy_kinds(rng: np.random.Generator) -> dict[str, Callable[[Image.Image], Image.Image]]:
     """The copies measured: those of ``bench/duplicates.py`` (JPEG 50/75/90, resized to
-    24/40/64 px) plus Gaussian noise of std 4/255 and a 10 % brightness gain."""
+    24/40/64 px and saved as JPEG 95: :func:`duplicates.variant`) plus Gaussian noise of
+    std 4/255 and a 10 % brightness gain."""
 
     def noise(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float32)
@@ -66,11 +57,12 @@ def copy_kinds(rng: np.random.Generator) -> dict[str, Callable[[Image.Image], Im
     def bright(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * 1.1, 0, 255).astype(np.uint8))
 
-    kinds: dict[str, Callable[[Image.Image], Image.Image]] = {}
-    for q in (50, 75, 90):
-        kinds[f"jpeg{q}"] = lambda im, q=q: _jpeg(im, q)
-    for s in (24, 40, 64):
-        kinds[f"resize{s}"] = lambda im, s=s: _resize(im, s)
+    from duplicates import VARIANTS, variant  # bench/duplicates.py: the same copies there
+
+    kinds: dict[str, Callable[[Image.Image], Image.Image]] = {
+        f"{kind}{arg}": lambda im, kind=kind, arg=arg: Image.open(io.BytesIO(variant(im, kind, arg))).convert("RGB")
+        for kind, arg in VARIANTS
+    }
     kinds["noise4"] = noise
     kinds["bright10"] = bright
     return kinds
