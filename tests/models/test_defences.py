@@ -189,38 +189,6 @@ def test_cap_dropped_keeps_every_kept_pair_and_at_most_the_share_of_dropped_ones
     assert none.cap_dropped(idx, 16, torch.Generator()).tolist() == list(range(1, 16, 2))
 
 
-def test_epoch_over_kept_walks_each_kept_pair_once_in_full_batches_with_capped_dropped_ones() -> None:
-    rows = torch.arange(50)  # row 50..59 unreadable: not in rows
-    d = _otcclip(60, epoch_over="kept", dropped_share=0.25)
-    d.active[torch.arange(0, 60, 3)] = False  # 20 dropped, 17 of them readable; 33 kept
-    for seed in range(5):
-        batches = d.epoch_batches(rows, 8, torch.Generator().manual_seed(seed))
-        assert len(batches) == 33 // 8
-        kept = torch.cat([b[d.active[b]] for b in batches])
-        gone = torch.cat([b[~d.active[b]] for b in batches])
-        assert all(int(d.active[b].sum()) == 8 for b in batches)  # full batches of kept pairs
-        assert all(bool(d.active[b[:8]].all()) for b in batches)  # kept first, then dropped
-        assert kept.unique().numel() == 32 and set(kept.tolist()) <= set(range(50))  # each once
-        assert all(int((~d.active[b]).sum()) == 2 for b in batches)  # ceil(0.25 * 8)
-        assert gone.unique().numel() == 8 and set(gone.tolist()) <= {r for r in range(0, 50, 3)}
-    # every dropped pair gets its turn over epochs
-    seen = {int(r) for s in range(30) for b in d.epoch_batches(rows, 8, torch.Generator().manual_seed(s))
-            for r in b[~d.active[b]]}
-    assert seen == set(range(0, 50, 3))
-    # "all", or nothing dropped: the plain order, identical draw
-    for other in (_otcclip(60, dropped_share=0.25), _otcclip(60, epoch_over="kept")):
-        if other.ctx.config.epoch_over == "all":
-            other.active[torch.arange(0, 60, 3)] = False
-        got = other.epoch_batches(rows, 8, torch.Generator().manual_seed(3))
-        want = rows[torch.randperm(50, generator=torch.Generator().manual_seed(3))]
-        assert len(got) == 6 and torch.equal(torch.cat(got), want[:48])
-    # fewer kept pairs than a batch: one batch of them
-    few = _otcclip(60, epoch_over="kept")
-    few.active[5:] = False
-    (only,) = few.epoch_batches(rows, 8, torch.Generator())
-    assert sorted(only[few.active[only]].tolist()) == [0, 1, 2, 3, 4]
-
-
 class _Pixels:
     """Images of a run as the trainer's ImageSource serves them: ``source[idx] -> (pixels, ok)``."""
 

@@ -322,31 +322,3 @@ def test_only_the_first_otcclip_pass_runs_the_trigger_sensitivity_detector(small
         assert (scored[1] > 0) == later
         laps = [json.loads(x)["pass_time_s"] for x in res.metrics_path.read_text().splitlines() if "rematch" in json.loads(x)]
         assert len(laps) == 2 and all({"encode", "purified", "decisions", "templates"} <= set(t) for t in laps)
-
-
-def test_an_epoch_of_fewer_steps_keeps_the_learning_rate_schedule(
-    small_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """otcclip's ``epoch_over="kept"`` walks fewer batches than the data holds: the cosine
-    schedule still spans ``epochs`` and reaches zero at the last step, and progress still
-    counts to its total."""
-    from otcclip.models.training import loop
-    from otcclip.models.training.defences import Defence
-
-    class FirstHalf(Defence):
-        def epoch_batches(self, rows: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-            return super().epoch_batches(rows, batch_size, gen)[:3]
-
-    cfg = _cfg(epochs=2, batch_size=32, lr_warmup_steps=0)
-    plain = train(small_manifest, tmp_path / "plain", config=cfg)
-    monkeypatch.setitem(loop.DEFENCE_CLASSES, "none", FirstHalf)
-    calls: list[tuple[str, int, int]] = []
-    half = train(small_manifest, tmp_path / "half", config=cfg, progress=lambda s, d, t: calls.append((s, d, t)))
-    a = [json.loads(x) for x in plain.metrics_path.read_text().splitlines()]
-    b = [json.loads(x) for x in half.metrics_path.read_text().splitlines()]
-    assert [x["steps"] for x in a] == [6, 6] and [x["steps"] for x in b] == [3, 3]
-    # 192 rows // 32 = 6 steps an epoch: half-way the cosine is at half the rate, then 0
-    assert [x["lr"] for x in a] == pytest.approx([cfg.lr / 2, 0.0], abs=1e-12)
-    assert [x["lr"] for x in b] == pytest.approx([x["lr"] for x in a], abs=1e-12)
-    train_calls = [c for c in calls if c[0] == "train"]
-    assert [c[1] for c in train_calls] == [2, 4, 6, 8, 10, 12] and {c[2] for c in train_calls} == {12}

@@ -94,11 +94,7 @@ class TrainConfig(Settings):
                                      gt=0)
     template_pool: float = setting(0.15, "otcclip: share of the most sensitive pairs per view that also seed it", ge=0, le=1)
     restart: bool = setting(True, "otcclip: after the first pass restart from the initial weights on what it kept")
-    epoch_over: str = setting("all", "otcclip: an epoch walks every pair (a dropped pair's slot refilled with a kept "
-                                     "pair: fill_batches) or only the kept ones, each batch joined by at most "
-                                     "dropped_share dropped pairs (a dropped pair then costs no step of its own)",
-                              choices=("all", "kept"))
-    fill_batches: bool = setting(True, "otcclip: with epoch_over=all, refill a dropped pair's batch slot with a kept pair")
+    fill_batches: bool = setting(True, "otcclip: refill a dropped pair's batch slot with a kept pair")
     sticky_reasons: tuple[str, ...] = setting(("image_burst", "trigger_sensitivity"),
                                               "otcclip: pairs dropped for these reasons stay dropped at later passes",
                                               item_choices=_REASONS)

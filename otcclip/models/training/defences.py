@@ -115,28 +115,6 @@ class Defence:
         """Update the per-pair state before ``epoch`` (0-based); returns counts for metrics."""
         return {}
 
-    # --- batches ---------------------------------------------------------------------
-    def epoch_batches(self, rows: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-        """The batches of one epoch: a random order of ``rows``, in full batches.
-
-        Parameters
-        ----------
-        rows : Tensor, shape (N',)
-            The trainable pairs (readable images).
-        batch_size : int
-            Pairs per batch, at most N'.
-        gen : torch.Generator
-            The epoch's generator (drawn from first, so every defence walks the same order).
-
-        Returns
-        -------
-        list of Tensor, each shape (batch_size,)
-            ``N' // batch_size`` batches; the last ``N' % batch_size`` pairs of the order
-            sit the epoch out.
-        """
-        perm = rows[torch.randperm(rows.numel(), generator=gen)]
-        return [perm[s * batch_size : (s + 1) * batch_size] for s in range(rows.numel() // batch_size)]
-
     # --- loss ------------------------------------------------------------------------
     def batch_loss(self, idx: torch.Tensor, epoch: int, gen: torch.Generator, rng: random.Random) -> tuple[torch.Tensor, dict[str, float]]:
         m = self.ctx.model

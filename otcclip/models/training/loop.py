@@ -215,20 +215,15 @@ def train(
         t_rematch = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         rng = random.Random(config.seed * 1_000_003 + epoch)
-        batches = defence.epoch_batches(usable, bs, gen)
-        steps = len(batches)
-        # the schedule counts an epoch as `steps_per_epoch` steps however many it takes
-        # (otcclip's `epoch_over="kept"` walks only the kept pairs): step s of this epoch
-        # sits at the schedule's step `at_start + (s + 1) * steps_per_epoch // steps`
-        at_start = scheduler.last_epoch
+        perm = usable[torch.randperm(n, generator=gen)]
         sums: dict[str, float] = {}
-        for step, idx in enumerate(batches):
+        for step in range(steps_per_epoch):
             check_stop(should_stop)
+            idx = perm[step * bs : (step + 1) * bs]
             loss, terms = defence.batch_loss(idx, epoch, gen, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.last_epoch = at_start + (step + 1) * steps_per_epoch // steps - 1
             scheduler.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, config.max_logit_scale)
@@ -236,13 +231,12 @@ def train(
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             if progress is not None:
-                progress("train", epoch * steps_per_epoch + (step + 1) * steps_per_epoch // steps, total_steps)
+                progress("train", epoch * steps_per_epoch + step + 1, total_steps)
         done = epoch + 1
         elapsed = time.perf_counter() - t0
         rec: dict[str, Any] = {
             "epoch": done,
-            **{k: v / max(1, steps) for k, v in sums.items()},
-            "steps": steps,
+            **{k: v / max(1, steps_per_epoch) for k, v in sums.items()},
             "lr": scheduler.get_last_lr()[0],
             "logit_scale": float(model.logit_scale.detach().exp()),
             "n_active": int(defence.active.sum()),

@@ -2,13 +2,10 @@
 
 The passes (:mod:`otcclip.models.training.otcclip_pass`) decide which pairs train and
 with which caption. A step trains the kept and re-matched pairs with ``L_CLIP +
-lam_inter * L_inter`` on full batches, the dropped ones (at most ``dropped_share`` of a
-batch per step) only through ``L_intra`` and, when quarantined, the unlikelihood term
-that pushes them off the captions they were poisoned with; optionally a found trigger
-inoculates clean images. An epoch walks either every pair, a dropped pair's slot refilled
-with a kept one (``epoch_over="all"``, ``fill_batches``), or only the kept pairs, the
-dropped ones riding along (``"kept"``: :meth:`OtcClip.epoch_batches`). The shared loop
-and the baselines are in :mod:`otcclip.models.training.defences`.
+lam_inter * L_inter`` on full batches (``fill_batches``), the dropped ones (at most
+``dropped_share`` of a batch per step) only through ``L_intra`` and, when quarantined, the
+unlikelihood term that pushes them off the captions they were poisoned with; optionally a found trigger inoculates clean images. The shared
+loop and the baselines are in :mod:`otcclip.models.training.defences`.
 """
 
 from __future__ import annotations
@@ -48,11 +45,8 @@ class OtcClip(OtcClipPasses):
         if restart is not None and epoch < restart:
             # detection epochs: their model only feeds the first pass and is then discarded
             return super().batch_loss(idx, epoch, gen, rng)
-        if c.epoch_over == "all":
-            b0 = idx.numel()
-            idx = self.cap_dropped(self.fill_batch(idx, gen), b0, gen)
-        else:  # epoch_batches made it: the kept pairs of a full batch, then the dropped ones
-            b0 = int(self.active[idx].sum())
+        b0 = idx.numel()
+        idx = self.cap_dropped(self.fill_batch(idx, gen), b0, gen)
         b = idx.numel()
         x = self.inoculate(idx, ctx.batch_images(idx, gen), gen)
         act = self.active[idx]
@@ -105,41 +99,6 @@ class OtcClip(OtcClipPasses):
             loss = loss + c.lam_unlearn * un
             terms["unlearn"] = float(un.detach())
         return loss, terms
-
-    def epoch_batches(self, rows: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-        """With ``config.epoch_over="kept"``, full batches of kept pairs, each joined by dropped ones.
-
-        An epoch then walks the kept pairs once, in ``K // batch_size`` steps for K kept
-        pairs, as a plain run on the cleaned data would; step s also carries dropped pairs
-        ``s * cap`` to ``(s + 1) * cap`` of a random order of them (``cap =
-        ceil(dropped_share * batch_size)``) for ``L_intra`` and the unlikelihood term, so a
-        dropped pair trains at most once an epoch and those past ``steps * cap`` sit it
-        out. With ``"all"``, or while nothing is dropped, the batches of
-        :meth:`Defence.epoch_batches`.
-
-        Parameters
-        ----------
-        rows : Tensor, shape (N',)
-        batch_size : int
-        gen : torch.Generator
-
-        Returns
-        -------
-        list of Tensor, each shape (B + D,)
-            B = ``min(batch_size, K)`` kept pairs, then D <= cap dropped pairs.
-        """
-        kept = rows[self.active[rows]]
-        if self.ctx.config.epoch_over == "all" or kept.numel() == rows.numel() or kept.numel() < 2:
-            return super().epoch_batches(rows, batch_size, gen)
-        gone = rows[~self.active[rows]]
-        kept = kept[torch.randperm(kept.numel(), generator=gen)]
-        gone = gone[torch.randperm(gone.numel(), generator=gen)]
-        bs = min(batch_size, kept.numel())
-        cap = math.ceil(self.ctx.config.dropped_share * batch_size)
-        return [
-            torch.cat([kept[s * bs : (s + 1) * bs], gone[s * cap : (s + 1) * cap]])
-            for s in range(kept.numel() // bs)
-        ]
 
     def fill_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Batch ``idx`` plus as many kept pairs from outside it as it holds dropped ones.
