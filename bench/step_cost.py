@@ -59,15 +59,17 @@ def main() -> int:
     model = bundle.model
     n = args.batch * (args.repeats + 1) * 2
     rng, np_rng = random.Random(0), np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="otcclip-step-cost-") as tmp:
-        lines = ["id,image,caption"]
-        for i in range(n):
-            Image.fromarray(np_rng.integers(0, 256, (bundle.image_size, bundle.image_size, 3), dtype=np.uint8)).save(
-                Path(tmp) / f"{i}.png")
-            lines.append(f"{i},{i}.png,{make_caption(rng.choice(CIFAR10_CLASSES), rng)}")
-        (Path(tmp) / "m.csv").write_text("\n".join(lines) + "\n")
-        rows = read_rows(Path(tmp) / "m.csv", need=("image", "caption"))
-        images = ImageSource(rows, bundle.image_size)
+    # the images are decoded into memory here; the folder is the runs' (unwritten) run_dir
+    work = tempfile.TemporaryDirectory(prefix="otcclip-step-cost-")
+    tmp = work.name
+    lines = ["id,image,caption"]
+    for i in range(n):
+        Image.fromarray(np_rng.integers(0, 256, (bundle.image_size, bundle.image_size, 3), dtype=np.uint8)).save(
+            Path(tmp) / f"{i}.png")
+        lines.append(f"{i},{i}.png,{make_caption(rng.choice(CIFAR10_CLASSES), rng)}")
+    (Path(tmp) / "m.csv").write_text("\n".join(lines) + "\n")
+    rows = read_rows(Path(tmp) / "m.csv", need=("image", "caption"))
+    images = ImageSource(rows, bundle.image_size)
     captions = rows.col("caption")
 
     def defence(cls: type[Defence], **config: object) -> Defence:
@@ -124,6 +126,7 @@ def main() -> int:
             if r:
                 times[j].append(time.perf_counter() - t0)
     results = [(name, float(np.median(t)), float(np.mean(c[1:]))) for (name, _, _), t, c in zip(runs, times, counts, strict=True)]
+    work.cleanup()
     base = results[0][1]
     print(f"# one training step, {args.model}, batch {args.batch}, {args.threads} threads, "
           f"median of {args.repeats} steps")
