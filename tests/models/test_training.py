@@ -62,12 +62,17 @@ def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("defence", "cut"),
-    # otcclip restarts after its first pass (epoch 1): cut at the restart and after it
-    [("none", 2), ("roclip", 2), ("otcclip", 1), ("otcclip", 3)],
+    ("defence", "cut", "restart_unchanged"),
+    # otcclip's first pass (epoch 1) changes nothing on the clean digits: by default it
+    # trains on from the warm-up model, with restart_unchanged it restarts; cut at the
+    # pass and after it
+    [("none", 2, False), ("roclip", 2, False), ("otcclip", 1, False), ("otcclip", 2, False),
+     ("otcclip", 1, True), ("otcclip", 3, True)],
 )
-def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defence: str, cut: int) -> None:
-    cfg = _cfg(defence=defence)
+def test_resume_equals_uninterrupted(
+    small_manifest: Path, tmp_path: Path, defence: str, cut: int, restart_unchanged: bool
+) -> None:
+    cfg = _cfg(defence=defence, restart_unchanged=restart_unchanged)
     full = train(small_manifest, tmp_path / "full", config=cfg)
 
     stop = {"now": False}
@@ -87,6 +92,7 @@ def test_resume_equals_uninterrupted(small_manifest: Path, tmp_path: Path, defen
     la = [json.loads(x)["loss"] for x in full.metrics_path.read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in resumed.metrics_path.read_text().splitlines()]
     assert la == lb
+    assert full.epochs_done == resumed.epochs_done == (4 if restart_unchanged else 3)
     if defence == "roclip":  # the caption memory bank travels with the checkpoint
         state = torch.load(tmp_path / "cut" / "checkpoints" / f"epoch_{cut:03d}" / "train_state.pt", weights_only=False)
         assert (state["defence"]["bank_ids"] >= 0).any()
@@ -98,7 +104,7 @@ def test_otcclip_restarts_from_the_initial_weights_after_its_first_pass(small_ma
     init = tmp_path / "init"
     train(small_manifest, init, config=_cfg(epochs=1, lr=1e-12, lr_warmup_steps=0))  # ~ the seed's initial weights
     res = train(small_manifest, tmp_path / "r", config=_cfg(defence="otcclip", epochs=2, checkpoint_every=1,
-                                                            keep_checkpoints=0))
+                                                            keep_checkpoints=0, restart_unchanged=True))
     assert res.epochs_done == 3
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
@@ -115,6 +121,33 @@ def test_otcclip_restarts_from_the_initial_weights_after_its_first_pass(small_ma
     kept = train(small_manifest, tmp_path / "k", config=_cfg(defence="otcclip", epochs=2, restart=False))
     assert kept.epochs_done == 2 and not any("restart" in json.loads(x) for x in kept.metrics_path.read_text().splitlines())
     assert w2.keys() == wi.keys()
+
+
+def test_otcclip_trains_on_without_a_restart_when_its_first_pass_changes_nothing(
+    small_manifest: Path, tmp_path: Path
+) -> None:
+    """On clean digits the first pass drops and re-matches no pair: the warm-up model
+    trained on the very data the run goes on with, so it is kept and its epoch counts."""
+    res = train(small_manifest, tmp_path / "r", config=_cfg(defence="otcclip", epochs=3, keep_checkpoints=0))
+    assert res.epochs_done == 3
+    lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]
+    assert lines[1]["rematch_changed"] is False and lines[1]["restart"] is False
+    assert "inter" not in lines[0] and "inter" in lines[1]  # the OTCCLIP step from the pass on
+    assert lines[1]["lr"] < lines[0]["lr"]  # the schedule went on
+    w0, w1 = (_weights(tmp_path / "r" / "checkpoints" / f"epoch_{e:03d}") for e in (1, 2))
+    init = train(small_manifest, tmp_path / "init", config=_cfg(epochs=1, lr=1e-12, lr_warmup_steps=0))
+    wi, k = _weights(init.final_checkpoint), "visual.proj"
+    # went on from the warm-up weights: further from the initial ones than one epoch
+    # takes, and closer to the warm-up's than one epoch from the initial ones lands (a
+    # restart ends about one epoch's way from both, as in the test above)
+    d0 = torch.dist(w0[k], wi[k])
+    assert torch.dist(w1[k], wi[k]) > 1.2 * d0 and torch.dist(w1[k], w0[k]) < 0.9 * d0
+    assert (tmp_path / "r" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
+    # epochs no more than the warm-up: the pass decides, and the run ends there
+    one = train(small_manifest, tmp_path / "one", config=_cfg(defence="otcclip", epochs=1))
+    assert one.epochs_done == 1 and (tmp_path / "one" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
+    assert len(one.metrics_path.read_text().splitlines()) == 1
 
 
 def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_path: Path) -> None:
@@ -148,11 +181,12 @@ def test_otcclip_drops_no_clean_pair_without_the_decision_steps_evidence(tmp_pat
     from otcclip.models.datasets import digits_manifest
 
     man = digits_manifest(tmp_path / "digits", split="train")
-    cfg = _cfg(defence="otcclip", epochs=3, batch_size=128, lr=1e-3, warmup_epochs=2, rematch_every=2,
+    cfg = _cfg(defence="otcclip", epochs=5, batch_size=128, lr=1e-3, warmup_epochs=2, rematch_every=2,
                lr_warmup_steps=50, rematch_backoff=1)
     res = train(man, tmp_path / "run", config=cfg)
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [x["rematch"]["drop"] for x in lines if "rematch" in x] == [0, 0]
+    assert lines[2]["restart"] is False and len(lines) == 5  # nothing to forget: no restart
     assert all(x["n_active"] == 1347 for x in lines)
     flagged = 0
     for p in sorted((tmp_path / "run" / "rematch").iterdir()):
@@ -165,7 +199,7 @@ def test_otcclip_drops_no_clean_pair_without_the_decision_steps_evidence(tmp_pat
 def test_otcclip_passes_thin_out_while_they_change_nothing(small_manifest: Path, tmp_path: Path) -> None:
     """After a pass that changes no verdict the interval doubles (up to rematch_backoff x K);
     after one that changes any, it is K again. rematch_backoff=1 is the fixed schedule."""
-    cfg = _cfg(defence="otcclip", epochs=8, rematch_every=1, rematch_backoff=4, checkpoint_every=4)
+    cfg = _cfg(defence="otcclip", epochs=9, rematch_every=1, rematch_backoff=4, checkpoint_every=4)
     res = train(small_manifest, tmp_path / "b", config=cfg)
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     passes = [(x["epoch"] - 1, x["rematch_changed"], x["next_rematch"]) for x in lines if "rematch" in x]
@@ -181,7 +215,7 @@ def test_otcclip_passes_thin_out_while_they_change_nothing(small_manifest: Path,
     assert any(not c for _, c, _ in passes), "no unchanged pass: the backoff was not exercised"
     # which passes ran is on disk too
     assert sorted(int(p.name[6:]) for p in (tmp_path / "b" / "rematch").iterdir()) == [e for e, _, _ in passes]
-    fixed = train(small_manifest, tmp_path / "f", config=replace(cfg, rematch_backoff=1, epochs=3))
+    fixed = train(small_manifest, tmp_path / "f", config=replace(cfg, rematch_backoff=1, epochs=4))
     fixed_lines = [json.loads(x) for x in fixed.metrics_path.read_text().splitlines()]
     assert [x["epoch"] - 1 for x in fixed_lines if "rematch" in x] == [1, 2, 3]
 
@@ -298,7 +332,7 @@ def test_otcclip_pass_with_the_collapse_detector(small_manifest: Path, tmp_path:
     from otcclip.models.config.sanitize import SanitizeConfig
 
     san = SanitizeConfig(k=8, decisions=DecisionSettings(abstain=False, detectors=("image_burst", "collapse")))
-    res = train(small_manifest, tmp_path, config=_cfg(defence="otcclip", epochs=1, sanitize=san,
+    res = train(small_manifest, tmp_path, config=_cfg(defence="otcclip", epochs=2, sanitize=san, restart=False,
                                                        drop_reasons=("image_burst", "collapse")))
     passes = sorted((tmp_path / "rematch").glob("epoch_*/decisions.parquet"))
     assert res.epochs_done == 2 and passes
@@ -311,7 +345,7 @@ def test_only_the_first_otcclip_pass_runs_the_trigger_sensitivity_detector(small
     """later_purified off: the first pass scores every pair's trigger
     sensitivity on purified views, a later pass scores none (no views computed); on,
     both passes do (the default). pass_time_s reports each pass's sections."""
-    cfg = _cfg(defence="otcclip", epochs=2, rematch_backoff=1)
+    cfg = _cfg(defence="otcclip", epochs=3, rematch_backoff=1)
     for later, run in ((False, "first"), (True, "every")):
         res = train(small_manifest, tmp_path / run, config=replace(cfg, later_purified=later))
         passes = sorted((tmp_path / run / "rematch").glob("epoch_*/decisions.parquet"))

@@ -48,7 +48,7 @@ class TrainConfig(Settings):
     model: str = setting("otc-tiny", "shipped preset or open_clip config name (trained from scratch)")
     defence: str = setting("none", "none (plain CLIP), roclip, safeclip or otcclip", choices=DEFENCES,
                            aliases=("defense",))
-    epochs: int = setting(10, "training epochs (otcclip's restart adds its warm-up epochs)", ge=1, le=10_000)
+    epochs: int = setting(10, "training epochs (otcclip adds its warm-up epochs when it restarts)", ge=1, le=10_000)
     batch_size: int = setting(128, "pairs per step", ge=2, le=65_536)
     lr: float = setting(5e-4, "AdamW learning rate", gt=0, le=10)
     weight_decay: float = setting(0.1, "AdamW weight decay (not on gains, biases, logit scale)", ge=0, le=10)
@@ -93,7 +93,11 @@ class TrainConfig(Settings):
     template_seed_z: float = setting(2.0, "otcclip: trigger-sensitivity z above which a pair seeds the template search",
                                      gt=0)
     template_pool: float = setting(0.15, "otcclip: share of the most sensitive pairs per view that also seed it", ge=0, le=1)
-    restart: bool = setting(True, "otcclip: after the first pass restart from the initial weights on what it kept")
+    restart: bool = setting(True, "otcclip: after the first pass restart from the initial weights on what it kept, "
+                                  "when the pass changed the training data (restart_unchanged: always)")
+    restart_unchanged: bool = setting(False, "otcclip: restart also when the first pass dropped and re-matched no pair; "
+                                             "off, training then goes on from the warm-up model, whose epochs count "
+                                             "towards epochs")
     fill_batches: bool = setting(True, "otcclip: refill a dropped pair's batch slot with a kept pair")
     sticky_reasons: tuple[str, ...] = setting(("image_burst", "trigger_sensitivity"),
                                               "otcclip: pairs dropped for these reasons stay dropped at later passes",

@@ -14,7 +14,8 @@ computes the loss of a batch.
 - ``otcclip`` (:mod:`~otcclip.models.training.otcclip_pass` decides,
   :mod:`~otcclip.models.training.otcclip_defence` trains): plain CLIP warm-up epochs feed
   a first pass of the engine's ``sanitize_features`` (keep / reassign / drop) and the
-  trigger-template search; the model then restarts from its initial weights and trains
+  trigger-template search; the model then restarts from its initial weights (when that
+  pass changed any pair; otherwise it trains on) and trains
   ``L_CLIP + lam_inter * L_inter + lam_intra * L_intra`` on what the passes kept, with
   later passes every K epochs (fewer while they change nothing). Dropped pairs only feed
   ``L_intra`` and, quarantined, an unlikelihood term on their poisoned captions; verdicts
@@ -108,7 +109,9 @@ class Defence:
     def restart_epoch(self) -> int | None:
         """Epoch (0-based) at which the loop restarts the model from its initial weights,
         after this defence's ``before_epoch``; None: never. The run then trains
-        ``config.epochs`` more epochs."""
+        ``config.epochs`` more epochs. The loop asks again after that epoch's
+        ``before_epoch``: None there calls the restart off, and the epochs before it
+        count towards ``config.epochs``."""
         return None
 
     def before_epoch(self, epoch: int) -> dict[str, Any]:

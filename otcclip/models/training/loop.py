@@ -169,10 +169,11 @@ def train(
     bs = min(config.batch_size, n)
     steps_per_epoch = n // bs
     # A defence that restarts (otcclip: once its first pass has found the poison) trains
-    # `restart_at` detection epochs, then `config.epochs` from the initial weights.
+    # `restart_at` detection epochs, then `config.epochs` from the initial weights. It may
+    # call the restart off at that epoch (restart_epoch() turns None): the detection
+    # epochs then count towards `config.epochs`.
     restart_at = defence.restart_epoch()
     total_epochs = config.epochs + (restart_at or 0)
-    total_steps = steps_per_epoch * total_epochs
     init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if restart_at else None
 
     def fresh_optimiser() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -193,6 +194,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         defence.load_state_dict(state["defence"])
         start_epoch = int(state["epoch"])
+        restart_at = defence.restart_epoch()
+        total_epochs = config.epochs + (restart_at or 0)
         log.info("resuming %s from epoch %d", run_dir, start_epoch)
     old = []
     if start_epoch and metrics_path.exists():
@@ -203,15 +206,25 @@ def train(
 
     meta = {"defence": config.defence, "seed": config.seed, "train_manifest": str(rows.path)}
     model.train()
-    for epoch in range(start_epoch, total_epochs):
+    epoch = start_epoch
+    while epoch < total_epochs:
         t0, c0 = time.perf_counter(), time.process_time()
         counts = defence.before_epoch(epoch)
-        if init_state is not None and epoch == restart_at:
+        if init_state is not None and epoch == restart_at and defence.restart_epoch() is None:
+            # the first pass changed nothing: the detection epochs trained on the data the
+            # run goes on with, so they count towards config.epochs
+            restart_at, total_epochs = None, max(config.epochs, epoch)
+            log.info("epoch %d: the first pass changed no pair; training goes on without a restart", epoch)
+            if epoch >= total_epochs:  # the detection epochs were all config.epochs asked for
+                break
+            counts["restart"] = False
+        elif init_state is not None and epoch == restart_at:
             # what the detection epochs learnt, the poison included, is discarded
             model.load_state_dict(init_state)
             optimizer, scheduler = fresh_optimiser()
             counts["restart"] = True
             log.info("epoch %d: restarting from the initial weights after the first pass", epoch)
+        total_steps = steps_per_epoch * total_epochs
         t_rematch = time.perf_counter() - t0
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
         rng = random.Random(config.seed * 1_000_003 + epoch)
@@ -262,5 +275,6 @@ def train(
         log.info("epoch %d/%d %s", done, total_epochs, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
         if on_epoch is not None:
             on_epoch(rec)
+        epoch += 1
     final = save_checkpoint(bundle, run_dir / "final", meta={**meta, "epoch": total_epochs})
     return TrainResult(final_checkpoint=final, metrics_path=metrics_path, epochs_done=total_epochs)

@@ -3,9 +3,11 @@
 At each pass (after the warm-up, then every K epochs, the interval doubling while passes
 change nothing: ``rematch_backoff``), ``sanitize_features`` on the current model's
 features decides keep / reassign / drop. With ``restart`` (the default) the warm-up
-epochs are plain CLIP and only serve the first pass: after it the loop starts the model
-again from its initial weights (:meth:`OtcClipPasses.restart_epoch`), so what the warm-up
-learnt from the poison is discarded. Image bursts stay dropped (quarantine); the images
+epochs are plain CLIP and serve the first pass: when it drops or re-matches pairs the loop
+starts the model again from its initial weights (:meth:`OtcClipPasses.restart_epoch`), so
+what the warm-up learnt from the poison is discarded; when it changes nothing (clean
+data, or poison it did not find) training goes on from the warm-up model, whose epochs
+then count towards ``epochs``. Image bursts stay dropped (quarantine); the images
 the trigger-sensitivity detector ranks highest seed a trigger-template search
 (:mod:`otcclip.models.triggers`), every image carrying a found trigger is dropped for good
 (or, with ``purified_rematch``, re-matched through its purified view), and the
@@ -59,6 +61,9 @@ class OtcClipPasses(Defence):
         # schedule of Defence.is_rematch_epoch, until the first pass) and the interval
         self.next_pass: int | None = None
         self.interval = ctx.config.rematch_every
+        # set by a first pass that changed no pair (config.restart_unchanged off): the
+        # warm-up model trained on exactly the data the run goes on with, so it is kept
+        self.skip_restart = False
 
     @property
     def quarantine(self) -> torch.Tensor:
@@ -87,6 +92,7 @@ class OtcClipPasses(Defence):
             ],
             "next_pass": self.next_pass,
             "interval": self.interval,
+            "skip_restart": self.skip_restart,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -104,10 +110,16 @@ class OtcClipPasses(Defence):
         ]
         self.next_pass = state["next_pass"]
         self.interval = int(state["interval"])
+        # absent from the checkpoints of versions that always restarted
+        self.skip_restart = bool(state.get("skip_restart", False))
 
     def restart_epoch(self) -> int | None:
+        """The warm-up's end (``config.warmup_epochs``) with ``config.restart``, until a
+        first pass that changed no pair sets :attr:`skip_restart` (then None): a restart
+        discards what the warm-up learnt from the poison the pass removed, and where it
+        removed nothing it would only repeat the warm-up epochs."""
         c = self.ctx.config
-        return c.warmup_epochs if c.restart and c.warmup_epochs > 0 else None
+        return c.warmup_epochs if c.restart and c.warmup_epochs > 0 and not self.skip_restart else None
 
     def is_rematch_epoch(self, epoch: int) -> bool:
         if self.next_pass is None:
@@ -190,6 +202,8 @@ class OtcClipPasses(Defence):
         tab.update(extra)
         self.write_decisions(epoch, tab)
         changed = not (torch.equal(before[0], self.active) and torch.equal(before[1], self.match))
+        if self.next_pass is None and not changed and not c.restart_unchanged:
+            self.skip_restart = True
         clock.lap("policy")
         return {
             "pass_time_s": clock.laps,
