@@ -16,7 +16,8 @@ clean training slice, each carry three attacks at once, each with its own target
 Rows (:data:`ROWS`; ``NAME:field=value`` adds TrainConfig overrides, e.g. ablations):
 
 - ``none``: plain CLIP; ``clean``: ``none`` on the clean data (the base rate); ``oracle``:
-  ``none`` on the poisoned data without its poisoned rows;
+  ``none`` on the poisoned data without its poisoned rows; ``clean/ROW``: a row (with its
+  overrides) trained on the clean data (what a defence costs where there is no poison);
 - ``roclip``, ``safeclip``: the peers (:mod:`otcclip.models.training.defences`);
 - ``otcclip``: the paper's mechanism alone: OT-based score re-assignment at every pass
   (``score_rematch``), no detectors, no trigger-template search, no restart, no unlikelihood;
@@ -347,7 +348,7 @@ def main() -> int:
         "--defences", default=",".join(("clean", "oracle", *ROWS)),
         help="rows, comma separated: " + ", ".join(("clean", "oracle", *ROWS)) + "; 'ROW:field=value' adds TrainConfig "
              "overrides by dotted path (e.g. otcclip+:template_search=false, otcclip:sanitize.decisions.margin_z=2), "
-             "values as JSON",
+             "values as JSON; 'clean/ROW[:field=value]' trains the row on the clean data",
     )
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the runs already trained under WORK (their trained.json), even where the code's "
@@ -391,13 +392,18 @@ def main() -> int:
             elif name == "oracle":
                 results.append(run_one("none (poison removed)", work / "runs" / split / "oracle", oracle_manifest(paths), paths, split, base, eval_only=args.eval_only))
             else:  # a row of ROWS, optionally with overrides: "otcclip+:restart=false"
-                row, *opts = name.split(":")
+                on_clean = name.startswith("clean/")
+                row, *opts = name.removeprefix("clean/").split(":")
                 if row not in ROWS:
                     ap.error(f"unknown row {row!r}; choose from {list(ROWS)}")
                 # each defence's own warm-up / re-match schedule (DEFAULT_SCHEDULE) unless overridden
                 over = _merge({"warmup_epochs": -1, "rematch_every": -1, **ROWS[row]}, _overrides(opts))
                 cfg = from_dict(TrainConfig, over, base=base)
-                results.append(run_one(name, work / "runs" / split / name.replace("/", "_"), paths["poisoned"], paths, split, cfg, eval_only=args.eval_only))
+                if on_clean:  # like "clean": trained once, evaluated against each split
+                    run_dir, manifest = work / "runs" / "clean" / name.removeprefix("clean/").replace("/", "_"), paths["train"]
+                else:
+                    run_dir, manifest = work / "runs" / split / name.replace("/", "_"), paths["poisoned"]
+                results.append(run_one(name, run_dir, manifest, paths, split, cfg, eval_only=args.eval_only))
     print()
     print(f"# defence bench, {dt.date.today().isoformat()}, size={'quick' if args.quick else 'full'} "
           f"({size.per_class * 10} train pairs, {size.test_per_class * 10} test, {size.model}, {size.epochs} epochs, seed {args.seed}), "
