@@ -81,6 +81,12 @@ def test_triggered_state_survives_a_checkpoint() -> None:
     for key in ("quarantine", "triggered", "trigger_view", "templates"):
         with pytest.raises(KeyError, match=key):
             _otcclip(3).load_state_dict({k: v for k, v in d.state_dict().items() if k != key})
+    # the first pass's call on the restart travels too; older checkpoints, without it, restarted
+    d.skip_restart = True
+    e.load_state_dict(d.state_dict())
+    assert e.skip_restart and e.restart_epoch() is None
+    e.load_state_dict({k: v for k, v in d.state_dict().items() if k != "skip_restart"})
+    assert not e.skip_restart and e.restart_epoch() == e.ctx.config.warmup_epochs
 
 
 def test_a_flagged_pair_whose_purified_view_still_fits_its_caption_keeps_it() -> None:

@@ -96,7 +96,8 @@ class OtcClipPasses(Defence):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; every key is required (``KeyError`` otherwise)."""
+        """Restore :meth:`state_dict`; every key is required (``KeyError`` otherwise) but
+        ``skip_restart``, which checkpoints of versions that always restarted lack."""
         super().load_state_dict(state)
         self.state = PassState(
             state["quarantine"].clone(), state["triggered"].clone(), state["trigger_view"].clone()
@@ -110,7 +111,6 @@ class OtcClipPasses(Defence):
         ]
         self.next_pass = state["next_pass"]
         self.interval = int(state["interval"])
-        # absent from the checkpoints of versions that always restarted
         self.skip_restart = bool(state.get("skip_restart", False))
 
     def restart_epoch(self) -> int | None:
