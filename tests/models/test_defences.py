@@ -20,6 +20,7 @@ from otcclip.models.training.verdicts import (
     purified_rematch,
     release_explained,
 )
+from otcclip.models.triggers import TriggerTemplate
 
 
 def _otcclip(n: int, **config: object) -> OtcClip:
@@ -87,6 +88,26 @@ def test_triggered_state_survives_a_checkpoint() -> None:
     assert e.skip_restart and e.restart_epoch() is None
     e.load_state_dict({k: v for k, v in d.state_dict().items() if k != "skip_restart"})
     assert not e.skip_restart and e.restart_epoch() == e.ctx.config.warmup_epochs
+
+
+def test_the_first_pass_skips_the_restart_only_when_nothing_is_to_be_forgotten() -> None:
+    assert _otcclip(3).restart_epoch() == 1  # planned until the first pass decides
+    d = _otcclip(3)
+    d.call_restart(changed=False)
+    assert d.skip_restart and d.restart_epoch() is None
+    d.call_restart(changed=True)
+    assert not d.skip_restart and d.restart_epoch() == 1
+    t = _otcclip(3)
+    t.templates = [TriggerTemplate("patch", torch.zeros(3, 4, 4), 5)]
+    t.call_restart(changed=False)
+    assert not t.skip_restart  # a found trigger was learnt by the warm-up model
+    g = _otcclip(3)
+    g.state = _state(3, triggered=(1,), views={1: 0})
+    g.call_restart(changed=False)
+    assert not g.skip_restart
+    a = _otcclip(3, restart_unchanged=True)
+    a.call_restart(changed=False)
+    assert not a.skip_restart and a.restart_epoch() == 1
 
 
 def test_a_flagged_pair_whose_purified_view_still_fits_its_caption_keeps_it() -> None:

@@ -62,17 +62,17 @@ def test_train_writes_run_layout(small_manifest: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("defence", "cut", "restart_unchanged"),
-    # otcclip's first pass (epoch 1) changes nothing on the clean digits: by default it
-    # trains on from the warm-up model, with restart_unchanged it restarts; cut at the
-    # pass and after it
-    [("none", 2, False), ("roclip", 2, False), ("otcclip", 1, False), ("otcclip", 2, False),
-     ("otcclip", 1, True), ("otcclip", 3, True)],
+    ("defence", "cut", "restart_unchanged", "warmup"),
+    # otcclip's first pass (after the warm-up) changes nothing on the clean digits: by
+    # default it trains on from the warm-up model, with restart_unchanged it restarts;
+    # cut inside the warm-up, at the pass and after it
+    [("none", 2, False, 1), ("roclip", 2, False, 1), ("otcclip", 1, False, 1), ("otcclip", 2, False, 1),
+     ("otcclip", 1, True, 1), ("otcclip", 3, True, 1), ("otcclip", 1, False, 2)],
 )
 def test_resume_equals_uninterrupted(
-    small_manifest: Path, tmp_path: Path, defence: str, cut: int, restart_unchanged: bool
+    small_manifest: Path, tmp_path: Path, defence: str, cut: int, restart_unchanged: bool, warmup: int
 ) -> None:
-    cfg = _cfg(defence=defence, restart_unchanged=restart_unchanged)
+    cfg = _cfg(defence=defence, restart_unchanged=restart_unchanged, warmup_epochs=warmup)
     full = train(small_manifest, tmp_path / "full", config=cfg)
 
     stop = {"now": False}
@@ -92,7 +92,7 @@ def test_resume_equals_uninterrupted(
     la = [json.loads(x)["loss"] for x in full.metrics_path.read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in resumed.metrics_path.read_text().splitlines()]
     assert la == lb
-    assert full.epochs_done == resumed.epochs_done == (4 if restart_unchanged else 3)
+    assert full.epochs_done == resumed.epochs_done == (3 + warmup if restart_unchanged else 3)
     if defence == "roclip":  # the caption memory bank travels with the checkpoint
         state = torch.load(tmp_path / "cut" / "checkpoints" / f"epoch_{cut:03d}" / "train_state.pt", weights_only=False)
         assert (state["defence"]["bank_ids"] >= 0).any()
@@ -144,10 +144,15 @@ def test_otcclip_trains_on_without_a_restart_when_its_first_pass_changes_nothing
     d0 = torch.dist(w0[k], wi[k])
     assert torch.dist(w1[k], wi[k]) > 1.2 * d0 and torch.dist(w1[k], w0[k]) < 0.9 * d0
     assert (tmp_path / "r" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
-    # epochs no more than the warm-up: the pass decides, and the run ends there
-    one = train(small_manifest, tmp_path / "one", config=_cfg(defence="otcclip", epochs=1))
-    assert one.epochs_done == 1 and (tmp_path / "one" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
-    assert len(one.metrics_path.read_text().splitlines()) == 1
+    # epochs no more than the warm-up: one epoch after the pass (as many as a restart
+    # would train), its record, checkpoint and progress complete
+    calls: list[tuple[str, int, int]] = []
+    one = train(small_manifest, tmp_path / "one", config=_cfg(defence="otcclip", epochs=1),
+                progress=lambda s, d, t: calls.append((s, d, t)))
+    assert one.epochs_done == 2 and (tmp_path / "one" / "rematch" / "epoch_001" / "decisions.parquet").is_file()
+    rec = [json.loads(x) for x in one.metrics_path.read_text().splitlines()]
+    assert len(rec) == 2 and rec[1]["restart"] is False and "rematch" in rec[1]
+    assert calls[-1] == ("train", 6, 6)  # 192 rows // 64 * 2 epochs
 
 
 def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_path: Path) -> None:

@@ -196,6 +196,8 @@ def train(
         start_epoch = int(state["epoch"])
         restart_at = defence.restart_epoch()
         total_epochs = config.epochs + (restart_at or 0)
+        if restart_at is None or start_epoch > restart_at:
+            init_state = None
         log.info("resuming %s from epoch %d", run_dir, start_epoch)
     old = []
     if start_epoch and metrics_path.exists():
@@ -213,11 +215,10 @@ def train(
         if init_state is not None and epoch == restart_at and defence.restart_epoch() is None:
             # the first pass changed nothing: the detection epochs trained on the data the
             # run goes on with, so they count towards config.epochs
-            restart_at, total_epochs = None, max(config.epochs, epoch)
-            log.info("epoch %d: the first pass changed no pair; training goes on without a restart", epoch)
-            if epoch >= total_epochs:  # the detection epochs were all config.epochs asked for
-                break
+            # (at least one epoch after the pass: never more than a restart would train)
+            restart_at, init_state, total_epochs = None, None, max(config.epochs, epoch + 1)
             counts["restart"] = False
+            log.info("epoch %d: the first pass changed no pair; training goes on without a restart", epoch)
         elif init_state is not None and epoch == restart_at:
             # what the detection epochs learnt, the poison included, is discarded
             model.load_state_dict(init_state)

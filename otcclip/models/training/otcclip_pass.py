@@ -121,6 +121,15 @@ class OtcClipPasses(Defence):
         c = self.ctx.config
         return c.warmup_epochs if c.restart and c.warmup_epochs > 0 and not self.skip_restart else None
 
+    def call_restart(self, *, changed: bool) -> None:
+        """After the first pass: skip the restart (:attr:`skip_restart`) unless the pass
+        ``changed`` a pair's verdict, found a trigger template or marked pairs triggered
+        (with ``purified_rematch`` those keep a caption, yet the warm-up learnt the
+        trigger), or ``config.restart_unchanged`` asks for it anyway."""
+        c = self.ctx.config
+        found = bool(self.templates) or bool(self.triggered.any())
+        self.skip_restart = not (changed or found or c.restart_unchanged)
+
     def is_rematch_epoch(self, epoch: int) -> bool:
         if self.next_pass is None:
             return super().is_rematch_epoch(epoch)
@@ -202,8 +211,8 @@ class OtcClipPasses(Defence):
         tab.update(extra)
         self.write_decisions(epoch, tab)
         changed = not (torch.equal(before[0], self.active) and torch.equal(before[1], self.match))
-        if self.next_pass is None and not changed and not c.restart_unchanged:
-            self.skip_restart = True
+        if self.next_pass is None:
+            self.call_restart(changed=changed)
         clock.lap("policy")
         return {
             "pass_time_s": clock.laps,
