@@ -94,8 +94,9 @@ class TrainConfig(Settings):
                                      gt=0)
     template_pool: float = setting(0.15, "otcclip: share of the most sensitive pairs per view that also seed it", ge=0, le=1)
     restart: bool = setting(True, "otcclip: after the first pass restart from the initial weights on what it kept, "
-                                  "when the pass changed the training data (restart_unchanged: always)")
-    restart_unchanged: bool = setting(False, "otcclip: restart also when the first pass dropped and re-matched no pair; "
+                                  "when the pass changed the training data or found a trigger (restart_unchanged: always)")
+    restart_unchanged: bool = setting(False, "otcclip: restart also when the first pass dropped and re-matched no pair and "
+                                             "found no trigger; "
                                              "off, training then goes on from the warm-up model, whose epochs count "
                                              "towards epochs")
     fill_batches: bool = setting(True, "otcclip: refill a dropped pair's batch slot with a kept pair")
