@@ -52,7 +52,7 @@ def main() -> int:
     from otcclip.models.training import TrainConfig
     from otcclip.models.training.data import ImageSource, read_rows
     from otcclip.models.training.defences import Context, Defence
-    from otcclip.models.training.loop import _param_groups
+    from otcclip.models.training.loop import _param_groups, adamw
     from otcclip.models.training.otcclip_defence import OtcClip
 
     bundle = create_model(args.model, device="cpu", seed=0)
@@ -108,7 +108,7 @@ def main() -> int:
                    - {args.batch})
     runs += [(f"none on a batch of {k}", defence(Defence), k) for k in sizes]
     model.train()
-    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4)
+    opt = adamw(_param_groups(model, 0.1), lr=1e-4)
     prng = random.Random(0)
     times: list[list[float]] = [[] for _ in runs]
     counts: list[list[int]] = [[] for _ in runs]

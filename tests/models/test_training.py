@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from dataclasses import replace
@@ -252,6 +253,53 @@ def test_only_final_and_the_last_epochs_are_kept_and_the_run_still_resumes(small
         assert torch.equal(a[k], b[k]), k
     every = train(small_manifest, tmp_path / "all", config=_cfg(epochs=3, keep_checkpoints=0))
     assert every.epochs_done == 3 and len(list((tmp_path / "all" / "checkpoints").iterdir())) == 3
+
+
+def _adam_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    b = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _adam_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for s in steps:
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(s))
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def test_the_trainers_adamw_is_fused_on_cpu_and_makes_the_plain_update() -> None:
+    from otcclip.models.training.loop import _param_groups, adamw
+
+    a, b = _adam_pair()
+    fused = adamw(_param_groups(a, 0.1), lr=1e-2)
+    assert all(g["fused"] for g in fused.param_groups)
+    plain = torch.optim.AdamW(_param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    _adam_steps(a, fused, range(20))
+    _adam_steps(b, plain, range(20))
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert not torch.equal(pa, dict(_adam_pair()[0].named_parameters())[name])  # it trained
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpointed_optimiser_resumes_with_the_implementation_it_was_written_with() -> None:
+    from otcclip.models.training.loop import _param_groups, adamw
+
+    # an optimiser state written before the trainer fused its AdamW
+    a, b = _adam_pair()
+    old = torch.optim.AdamW(_param_groups(a, 0.1), lr=1e-2, betas=(0.9, 0.98), eps=1e-6)
+    _adam_steps(a, old, range(5))
+    b.load_state_dict(a.state_dict())
+    resumed = adamw(_param_groups(b, 0.1), lr=1e-2)
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))  # as torch.load gives it
+    assert not any(g["fused"] for g in resumed.param_groups)
+    _adam_steps(a, old, range(5, 10))
+    _adam_steps(b, resumed, range(5, 10))
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
 
 
 def test_resume_rejects_changed_config(small_manifest: Path, tmp_path: Path) -> None:
