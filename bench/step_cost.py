@@ -30,6 +30,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,7 +135,39 @@ def main() -> int:
     print("|---|---|---|---|")
     for name, sec, count in results:
         print(f"| {name} | {count:.0f} | {sec * 1000:.0f} | {sec / base:.2f}x |")
+    print()
+    print(f"# the AdamW step alone, {args.model}'s parameters, median of {args.repeats} steps")
+    print("| implementation | ms / step | x the trainer's |")
+    print("|---|---|---|")
+    opt_times = optimiser_times(model, args.repeats, adamw, _param_groups)
+    for name, sec in opt_times.items():
+        print(f"| {name} | {sec * 1000:.1f} | {sec / opt_times[TRAINERS]:.2f}x |")
     return 0
+
+
+TRAINERS = "the trainer's (adamw)"
+
+
+def optimiser_times(model: torch.nn.Module, repeats: int, adamw: Any, groups: Any) -> dict[str, float]:
+    """Median seconds of one AdamW step on ``model``'s parameters (random gradients): the
+    trainer's :func:`~otcclip.models.training.loop.adamw` against torch's per-tensor
+    (``foreach=False``, the CPU default) and multi-tensor (``foreach=True``) implementations."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    kinds = {
+        TRAINERS: lambda: adamw(groups(model, 0.1), lr=1e-4),
+        "per tensor (foreach=False)": lambda: torch.optim.AdamW(groups(model, 0.1), lr=1e-4, foreach=False),
+        "multi-tensor (foreach=True)": lambda: torch.optim.AdamW(groups(model, 0.1), lr=1e-4, foreach=True),
+    }
+    opts = {name: make() for name, make in kinds.items()}
+    times: dict[str, list[float]] = {name: [] for name in kinds}
+    for r in range(repeats + 1):  # round-robin; the first round warms up
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 if __name__ == "__main__":
