@@ -347,17 +347,44 @@ def test_inoculation_stamps_a_found_template_and_it_survives_a_checkpoint() -> N
 
 
 def test_the_adaptive_schedule_survives_a_checkpoint() -> None:
-    d = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
+    d = _otcclip(3, epochs=30, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
     assert [e for e in range(8) if d.is_rematch_epoch(e)] == [1, 3, 5, 7]  # fixed until a pass
     assert d.schedule_next(1, changed=False) == 5 and d.schedule_next(5, changed=False) == 13
     assert d.schedule_next(13, changed=False) == 21  # capped at 4 x 2
-    e = _otcclip(3, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
+    e = _otcclip(3, epochs=30, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
     e.load_state_dict(d.state_dict())
     assert [k for k in range(30) if e.is_rematch_epoch(k)] == [21]
     assert e.schedule_next(21, changed=True) == 23  # back to K after a pass that changed
     for key in ("next_pass", "interval"):  # both are required to resume
         with pytest.raises(KeyError, match=key):
             _otcclip(3).load_state_dict({k: v for k, v in d.state_dict().items() if k != key})
+
+
+def test_no_later_pass_steers_fewer_epochs_than_the_interval() -> None:
+    """A later pass runs only with at least rematch_every epochs left to train after it,
+    counted on the run's plan: config.epochs plus the warm-up a restart repeats."""
+    restarted = _otcclip(3, epochs=10, warmup_epochs=1, rematch_every=4, rematch_backoff=4)
+    assert restarted.planned_epochs() == 11 and restarted.is_rematch_epoch(1)  # the first pass
+    restarted.call_restart(changed=True)
+    assert restarted.schedule_next(1, changed=True) == 5
+    assert [e for e in range(11) if restarted.is_rematch_epoch(e)] == [5]  # 6 epochs left
+    assert restarted.schedule_next(5, changed=False) == 13  # past the end
+    kept = _otcclip(3, epochs=10, warmup_epochs=1, rematch_every=4, rematch_backoff=4)
+    kept.call_restart(changed=False)
+    assert kept.planned_epochs() == 10
+    assert kept.schedule_next(1, changed=False) == 9
+    assert not any(kept.is_rematch_epoch(e) for e in range(10))  # 1 epoch left after epoch 9
+    longer = _otcclip(3, epochs=13, warmup_epochs=1, rematch_every=4, rematch_backoff=4)
+    longer.call_restart(changed=False)
+    longer.schedule_next(1, changed=False)
+    assert [e for e in range(13) if longer.is_rematch_epoch(e)] == [9]  # 4 left: it runs
+    every = _otcclip(3, epochs=3, warmup_epochs=1, rematch_every=1)
+    every.call_restart(changed=False)
+    every.schedule_next(1, changed=True)
+    assert every.is_rematch_epoch(2)  # K = 1: a pass before the last epoch still runs
+    short = _otcclip(3, epochs=1, warmup_epochs=2)
+    short.call_restart(changed=False)
+    assert short.planned_epochs() == 3  # epochs <= warm-up: one epoch after the pass
 
 
 def test_one_pass_per_modality_gives_each_term_as_defined() -> None:

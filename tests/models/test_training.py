@@ -187,12 +187,12 @@ def test_otcclip_drops_no_clean_pair_without_the_decision_steps_evidence(tmp_pat
     from otcclip.models.datasets import digits_manifest
 
     man = digits_manifest(tmp_path / "digits", split="train")
-    cfg = _cfg(defence="otcclip", epochs=5, batch_size=128, lr=1e-3, warmup_epochs=2, rematch_every=2,
-               lr_warmup_steps=50, rematch_backoff=1)
+    cfg = _cfg(defence="otcclip", epochs=6, batch_size=128, lr=1e-3, warmup_epochs=2, rematch_every=2,
+               lr_warmup_steps=50, rematch_backoff=1)  # passes at 2 and 4: each steers 2 epochs
     res = train(man, tmp_path / "run", config=cfg)
     lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
     assert [x["rematch"]["drop"] for x in lines if "rematch" in x] == [0, 0]
-    assert lines[2]["restart"] is False and len(lines) == 5  # nothing to forget: no restart
+    assert lines[2]["restart"] is False and len(lines) == 6  # nothing to forget: no restart
     assert all(x["n_active"] == 1347 for x in lines)
     flagged = 0
     for p in sorted((tmp_path / "run" / "rematch").iterdir()):

@@ -58,7 +58,8 @@ class TrainConfig(Settings):
     warmup_epochs: int = setting(-1, "defence warm-up epochs before the first re-match / split (-1: the defence's default)",
                                  ge=-1)
     rematch_every: int = setting(-1, "re-match (roclip, otcclip) or re-split (safeclip) every this many epochs "
-                                     "(-1: the defence's default)", ge=-1)
+                                     "(-1: the defence's default); otcclip runs no later pass with fewer epochs "
+                                     "left to train", ge=-1)
     rematch_backoff: int = setting(4, "otcclip: after a pass that changes nothing the interval doubles, up to this "
                                       "many times rematch_every", ge=1)
     lam_inter: float = setting(0.02, "otcclip: weight of the fine-grained OT loss between image and caption", ge=0)

@@ -114,6 +114,12 @@ class Defence:
         count towards ``config.epochs``."""
         return None
 
+    def planned_epochs(self) -> int:
+        """Epochs the run trains as things stand: ``config.epochs``, plus the detection
+        epochs a restart (:meth:`restart_epoch`) repeats. The loop asks at the start, on
+        resume and after the restart epoch's ``before_epoch``."""
+        return self.ctx.config.epochs + (self.restart_epoch() or 0)
+
     def before_epoch(self, epoch: int) -> dict[str, Any]:
         """Update the per-pair state before ``epoch`` (0-based); returns counts for metrics."""
         return {}

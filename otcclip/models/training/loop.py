@@ -196,9 +196,9 @@ def train(
     # A defence that restarts (otcclip: once its first pass has found the poison) trains
     # `restart_at` detection epochs, then `config.epochs` from the initial weights. It may
     # call the restart off at that epoch (restart_epoch() turns None): the detection
-    # epochs then count towards `config.epochs`.
+    # epochs then count towards `config.epochs` (defence.planned_epochs()).
     restart_at = defence.restart_epoch()
-    total_epochs = config.epochs + (restart_at or 0)
+    total_epochs = defence.planned_epochs()
     init_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if restart_at else None
 
     def fresh_optimiser() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -220,7 +220,7 @@ def train(
         defence.load_state_dict(state["defence"])
         start_epoch = int(state["epoch"])
         restart_at = defence.restart_epoch()
-        total_epochs = config.epochs + (restart_at or 0)
+        total_epochs = defence.planned_epochs()
         if restart_at is None or start_epoch > restart_at:
             init_state = None
         log.info("resuming %s from epoch %d", run_dir, start_epoch)
@@ -240,8 +240,7 @@ def train(
         if init_state is not None and epoch == restart_at and defence.restart_epoch() is None:
             # the first pass changed nothing: the detection epochs trained on the data the
             # run goes on with, so they count towards config.epochs
-            # (at least one epoch after the pass: never more than a restart would train)
-            restart_at, init_state, total_epochs = None, None, max(config.epochs, epoch + 1)
+            restart_at, init_state, total_epochs = None, None, defence.planned_epochs()
             counts["restart"] = False
             log.info("epoch %d: the first pass changed no pair; training goes on without a restart", epoch)
         elif init_state is not None and epoch == restart_at:

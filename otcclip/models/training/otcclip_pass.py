@@ -1,7 +1,7 @@
 """OTCCLIP's re-matching passes (DESIGN 2.4): the trainer's policy on the engine's decisions.
 
 At each pass (after the warm-up, then every K epochs, the interval doubling while passes
-change nothing: ``rematch_backoff``), ``sanitize_features`` on the current model's
+change nothing: ``rematch_backoff``; no later pass with fewer than K epochs left), ``sanitize_features`` on the current model's
 features decides keep / reassign / drop. With ``restart`` (the default) the warm-up
 epochs are plain CLIP and serve the first pass: when it drops or re-matches pairs the loop
 starts the model again from its initial weights (:meth:`OtcClipPasses.restart_epoch`), so
@@ -130,10 +130,22 @@ class OtcClipPasses(Defence):
         found = bool(self.templates) or bool(self.triggered.any())
         self.skip_restart = not (changed or found or c.restart_unchanged)
 
+    def planned_epochs(self) -> int:
+        """As :meth:`Defence.planned_epochs`; once :attr:`skip_restart` is set the
+        detection epochs count towards ``config.epochs``, and at least one epoch follows
+        the first pass (never more than a restart would train)."""
+        if self.skip_restart:
+            return max(self.ctx.config.epochs, self.ctx.config.warmup_epochs + 1)
+        return super().planned_epochs()
+
     def is_rematch_epoch(self, epoch: int) -> bool:
+        """The first pass at the end of the warm-up; a later one at :attr:`next_pass` if
+        at least ``config.rematch_every`` epochs are left to train after it: a pass costs
+        about an epoch of steps, and one that would steer less training than the interval
+        between passes is not run (nor any after it)."""
         if self.next_pass is None:
             return super().is_rematch_epoch(epoch)
-        return epoch == self.next_pass
+        return epoch == self.next_pass and self.planned_epochs() - epoch >= self.ctx.config.rematch_every
 
     def schedule_next(self, epoch: int, *, changed: bool) -> int:
         """Set and return the epoch of the next pass after the pass before ``epoch``.
