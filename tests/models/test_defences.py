@@ -346,6 +346,11 @@ def test_inoculation_stamps_a_found_template_and_it_survives_a_checkpoint() -> N
         assert torch.isclose(win, t.pattern.reshape(-1, 1), atol=1e-5).all(dim=0).any()
 
 
+def _next_pass(d: OtcClip, epochs: int, *, start: int = 0) -> int | None:
+    """The first epoch from ``start`` on with a pass due, as the loop meets it (None: none)."""
+    return next((e for e in range(start, epochs) if d.is_rematch_epoch(e)), None)
+
+
 def test_the_adaptive_schedule_survives_a_checkpoint() -> None:
     d = _otcclip(3, epochs=30, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
     assert [e for e in range(8) if d.is_rematch_epoch(e)] == [1, 3, 5, 7]  # fixed until a pass
@@ -353,7 +358,7 @@ def test_the_adaptive_schedule_survives_a_checkpoint() -> None:
     assert d.schedule_next(13, changed=False) == 21  # capped at 4 x 2
     e = _otcclip(3, epochs=30, warmup_epochs=1, rematch_every=2, rematch_backoff=4)
     e.load_state_dict(d.state_dict())
-    assert [k for k in range(30) if e.is_rematch_epoch(k)] == [21]
+    assert _next_pass(e, 30) == 21
     assert e.schedule_next(21, changed=True) == 23  # back to K after a pass that changed
     for key in ("next_pass", "interval"):  # both are required to resume
         with pytest.raises(KeyError, match=key):
@@ -367,17 +372,22 @@ def test_no_later_pass_steers_fewer_epochs_than_the_interval() -> None:
     assert restarted.planned_epochs() == 11 and restarted.is_rematch_epoch(1)  # the first pass
     restarted.call_restart(changed=True)
     assert restarted.schedule_next(1, changed=True) == 5
-    assert [e for e in range(11) if restarted.is_rematch_epoch(e)] == [5]  # 6 epochs left
+    assert _next_pass(restarted, 11) == 5  # 6 epochs left
     assert restarted.schedule_next(5, changed=False) == 13  # past the end
     kept = _otcclip(3, epochs=10, warmup_epochs=1, rematch_every=4, rematch_backoff=4)
     kept.call_restart(changed=False)
     assert kept.planned_epochs() == 10
     assert kept.schedule_next(1, changed=False) == 9
-    assert not any(kept.is_rematch_epoch(e) for e in range(10))  # 1 epoch left after epoch 9
+    assert _next_pass(kept, 10) is None  # 1 epoch left after epoch 9
     longer = _otcclip(3, epochs=13, warmup_epochs=1, rematch_every=4, rematch_backoff=4)
     longer.call_restart(changed=False)
     longer.schedule_next(1, changed=False)
-    assert [e for e in range(13) if longer.is_rematch_epoch(e)] == [9]  # 4 left: it runs
+    assert _next_pass(longer, 13) == 9  # 4 left: it runs
+    # a run resumed with more epochs gets the pass it put off, at its first epoch
+    extended = _otcclip(3, epochs=30, warmup_epochs=1, rematch_every=4, rematch_backoff=4)
+    extended.load_state_dict(kept.state_dict())
+    assert extended.planned_epochs() == 30 and _next_pass(extended, 30, start=10) == 10
+    assert not extended.is_rematch_epoch(8)  # before the pass it put off
     every = _otcclip(3, epochs=3, warmup_epochs=1, rematch_every=1)
     every.call_restart(changed=False)
     every.schedule_next(1, changed=True)

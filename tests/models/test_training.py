@@ -156,6 +156,23 @@ def test_otcclip_trains_on_without_a_restart_when_its_first_pass_changes_nothing
     assert calls[-1] == ("train", 6, 6)  # 192 rows // 64 * 2 epochs
 
 
+def test_otcclip_puts_off_a_late_pass_and_runs_it_when_resumed_with_more_epochs(
+    small_manifest: Path, tmp_path: Path
+) -> None:
+    """Passes at epochs 1, 3, 5 (K = 2, the interval fixed): with 4 epochs the one at 3
+    would leave 1 epoch and is put off; resumed with 8 epochs the run passes at 4 and 6."""
+    cfg = _cfg(defence="otcclip", epochs=4, rematch_every=2, rematch_backoff=1, keep_checkpoints=0)
+    res = train(small_manifest, tmp_path / "r", config=cfg)
+    lines = [json.loads(x) for x in res.metrics_path.read_text().splitlines()]
+    assert lines[1]["restart"] is False and res.epochs_done == 4  # the first pass changed nothing
+    assert [x["epoch"] for x in lines if "rematch" in x] == [2]
+    more = train(small_manifest, tmp_path / "r", config=replace(cfg, epochs=8), resume=True)
+    lines = [json.loads(x) for x in more.metrics_path.read_text().splitlines()]
+    assert more.epochs_done == 8 and [x["epoch"] for x in lines] == list(range(1, 9))
+    assert [x["epoch"] for x in lines if "rematch" in x] == [2, 5, 7]  # 0-based 1, 4, 6
+    assert sorted(p.name for p in (tmp_path / "r" / "rematch").iterdir()) == ["epoch_001", "epoch_004", "epoch_006"]
+
+
 def test_otcclip_quarantine_keeps_sticky_drops_out(small_manifest: Path, tmp_path: Path) -> None:
     """A pair dropped for a sticky reason stays dropped at every later re-match."""
     import pyarrow.parquet as pq

@@ -82,7 +82,8 @@ def adamw(groups: list[dict[str, Any]], *, lr: float) -> torch.optim.AdamW:
     instead of 20-30 ms, 4-7 % of a plain training step (``bench/step_cost.py``); the
     update is the same up to float rounding. Parameters on another device, or not floating point, get torch's
     default implementation. A resumed run keeps the implementation its checkpoint was
-    written with (the optimiser's state restores its param groups).
+    written with (the optimiser's state restores its param groups) until a restart,
+    which starts a new optimiser.
 
     Parameters
     ----------

@@ -139,13 +139,14 @@ class OtcClipPasses(Defence):
         return super().planned_epochs()
 
     def is_rematch_epoch(self, epoch: int) -> bool:
-        """The first pass at the end of the warm-up; a later one at :attr:`next_pass` if
-        at least ``config.rematch_every`` epochs are left to train after it: a pass costs
-        about an epoch of steps, and one that would steer less training than the interval
-        between passes is not run (nor any after it)."""
+        """The first pass at the end of the warm-up; a later one at the first epoch from
+        :attr:`next_pass` on that leaves at least ``config.rematch_every`` epochs to
+        train: a pass costs about an epoch of steps, and one that would steer less
+        training than the interval between passes is put off. Within a run's plan it
+        never comes; a run resumed with more ``epochs`` gets it at its first epoch."""
         if self.next_pass is None:
             return super().is_rematch_epoch(epoch)
-        return epoch == self.next_pass and self.planned_epochs() - epoch >= self.ctx.config.rematch_every
+        return epoch >= self.next_pass and self.planned_epochs() - epoch >= self.ctx.config.rematch_every
 
     def schedule_next(self, epoch: int, *, changed: bool) -> int:
         """Set and return the epoch of the next pass after the pass before ``epoch``.
