@@ -80,10 +80,10 @@ def adamw(groups: list[dict[str, Any]], *, lr: float) -> torch.optim.AdamW:
     The fused kernel updates all parameters in one call instead of about ten small ops
     per tensor: on CPU ``otc-tiny``'s step (110 tensors, 8M parameters) takes ~6 ms
     instead of 20-30 ms, 4-7 % of a plain training step (``bench/step_cost.py``); the
-    update is the same up to float rounding. Parameters on another device, or not floating point, get torch's
-    default implementation. A resumed run keeps the implementation its checkpoint was
-    written with (the optimiser's state restores its param groups) until a restart,
-    which starts a new optimiser.
+    update is the same up to float rounding. Parameters on another device, or not
+    floating point, get torch's default implementation. A resumed run keeps the
+    implementation its checkpoint was written with (the optimiser's state restores its
+    param groups) until a restart, which starts a new optimiser.
 
     Parameters
     ----------
