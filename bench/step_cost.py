@@ -30,7 +30,6 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +138,7 @@ def main() -> int:
     print(f"# the AdamW step alone, {args.model}'s parameters, median of {args.repeats} steps")
     print("| implementation | ms / step | x the trainer's |")
     print("|---|---|---|")
-    opt_times = optimiser_times(model, args.repeats, adamw, _param_groups)
+    opt_times = optimiser_times(model, args.repeats)
     for name, sec in opt_times.items():
         print(f"| {name} | {sec * 1000:.1f} | {sec / opt_times[TRAINERS]:.2f}x |")
     return 0
@@ -148,10 +147,13 @@ def main() -> int:
 TRAINERS = "the trainer's (adamw)"
 
 
-def optimiser_times(model: torch.nn.Module, repeats: int, adamw: Any, groups: Any) -> dict[str, float]:
+def optimiser_times(model: torch.nn.Module, repeats: int) -> dict[str, float]:
     """Median seconds of one AdamW step on ``model``'s parameters (random gradients): the
     trainer's :func:`~otcclip.models.training.loop.adamw` against torch's per-tensor
     (``foreach=False``, the CPU default) and multi-tensor (``foreach=True``) implementations."""
+    from otcclip.models.training.loop import _param_groups as groups
+    from otcclip.models.training.loop import adamw
+
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     kinds = {
