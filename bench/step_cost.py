@@ -18,9 +18,14 @@ batches, the rows taking turns step by step, after one warm-up round):
 Images are random noise at the model's input size and captions the bench's CIFAR-10
 templates (speed depends on neither); the model has random weights.
 
+On a CUDA device (``--device cuda``, which ``bench/gpu.sh`` runs) each step is timed to
+the device's end (``torch.cuda.synchronize``), and a last round under
+``torch.cuda.set_sync_debug_mode`` counts the times a step makes the host wait for the
+device (reading a loss back, copying a tensor without pinned memory, ...).
+
 Usage::
 
-    .venv/bin/python bench/step_cost.py [--model otc-tiny] [--batch 128] [--dropped 0.19] [--threads 2]
+    .venv/bin/python bench/step_cost.py [--model otc-tiny] [--batch 128] [--dropped 0.19] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import argparse
 import random
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +51,12 @@ def main() -> int:
                     help="share of pairs dropped (the quick bench's validation split: 580 of 3,100)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (timed to the device's end, host syncs counted)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     from otcclip.models.datasets import CIFAR10_CLASSES, make_caption
     from otcclip.models.factory import create_model
@@ -55,7 +66,7 @@ def main() -> int:
     from otcclip.models.training.loop import _param_groups, adamw
     from otcclip.models.training.otcclip_defence import OtcClip
 
-    bundle = create_model(args.model, device="cpu", seed=0)
+    bundle = create_model(args.model, device=dev, seed=0)
     model = bundle.model
     n = args.batch * (args.repeats + 1) * 2
     rng, np_rng = random.Random(0), np.random.default_rng(0)
@@ -74,10 +85,10 @@ def main() -> int:
 
     def defence(cls: type[Defence], **config: object) -> Defence:
         cfg = TrainConfig(model=args.model, defence="otcclip" if cls is OtcClip else "none",
-                          batch_size=args.batch, device="cpu", **config)  # type: ignore[arg-type]
+                          batch_size=args.batch, device=args.device, **config)  # type: ignore[arg-type]
         ctx = Context(model=model, tokenizer=bundle.tokenizer, config=cfg, images=images, captions=captions,
                       ids=rows.ids, tokens=bundle.tokenizer(captions), mean=tuple(bundle.preprocess_cfg["mean"]),
-                      std=tuple(bundle.preprocess_cfg["std"]), device=torch.device("cpu"), run_dir=Path(tmp))
+                      std=tuple(bundle.preprocess_cfg["std"]), device=dev, run_dir=Path(tmp))
         return cls(ctx)
 
     def dropped(d: Defence) -> Defence:
@@ -114,31 +125,37 @@ def main() -> int:
     counts: list[list[int]] = [[] for _ in runs]
     # round-robin over the rows, one step each per round: a drift of the machine's speed
     # touches every row alike; the first round warms up
+    def step(d: Defence, idx: torch.Tensor) -> None:
+        loss, _ = d.batch_loss(idx, d.ctx.config.warmup_epochs, gen, prng)  # past otcclip's restart
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     for r, order in enumerate(orders):
         for j, (_, d, size) in enumerate(runs):
             idx = order[:size]
             counts[j].append(step_images(d, idx))
+            sync()
             t0 = time.perf_counter()
-            loss, _ = d.batch_loss(idx, d.ctx.config.warmup_epochs, gen, prng)  # past otcclip's restart
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(d, idx)
+            sync()
             if r:
                 times[j].append(time.perf_counter() - t0)
+    syncs = [host_syncs(lambda d=d, size=size: step(d, orders[-1][:size])) if cuda else None for _, d, size in runs]
     results = [(name, float(np.median(t)), float(np.mean(c[1:]))) for (name, _, _), t, c in zip(runs, times, counts, strict=True)]
     work.cleanup()
     base = results[0][1]
-    print(f"# one training step, {args.model}, batch {args.batch}, {args.threads} threads, "
-          f"median of {args.repeats} steps")
-    print("| step | images a step | ms / step | x none |")
-    print("|---|---|---|---|")
-    for name, sec, count in results:
-        print(f"| {name} | {count:.0f} | {sec * 1000:.0f} | {sec / base:.2f}x |")
+    where = torch.cuda.get_device_name(dev) if cuda else f"{args.threads} threads"
+    print(f"# one training step, {args.model}, batch {args.batch}, {where}, median of {args.repeats} steps")
+    print("| step | images a step | ms / step | x none |" + (" host syncs / step |" if cuda else ""))
+    print("|---|---|---|---|" + ("---|" if cuda else ""))
+    for (name, sec, count), n_sync in zip(results, syncs, strict=True):
+        print(f"| {name} | {count:.0f} | {sec * 1000:.0f} | {sec / base:.2f}x |" + (f" {n_sync} |" if cuda else ""))
     print()
     print(f"# the AdamW step alone, {args.model}'s parameters, median of {args.repeats} steps")
     print("| implementation | ms / step | x the trainer's |")
     print("|---|---|---|")
-    opt_times = optimiser_times(model, args.repeats)
+    opt_times = optimiser_times(model, args.repeats, sync=sync)
     for name, sec in opt_times.items():
         print(f"| {name} | {sec * 1000:.1f} | {sec / opt_times[TRAINERS]:.2f}x |")
     return 0
@@ -147,7 +164,21 @@ def main() -> int:
 TRAINERS = "the trainer's (adamw)"
 
 
-def optimiser_times(model: torch.nn.Module, repeats: int) -> dict[str, float]:
+def host_syncs(fn: Callable[[], None]) -> int:
+    """Times ``fn`` makes the host wait for the CUDA device, as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports them (one warning each)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def optimiser_times(model: torch.nn.Module, repeats: int, *, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
     """Median seconds of one AdamW step on ``model``'s parameters (random gradients): the
     trainer's :func:`~otcclip.models.training.loop.adamw` against torch's per-tensor
     (``foreach=False``, the CPU default) and multi-tensor (``foreach=True``) implementations."""
@@ -165,8 +196,10 @@ def optimiser_times(model: torch.nn.Module, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in kinds}
     for r in range(repeats + 1):  # round-robin; the first round warms up
         for name, opt in opts.items():
+            sync()
             t0 = time.perf_counter()
             opt.step()
+            sync()
             if r:
                 times[name].append(time.perf_counter() - t0)
     return {name: float(np.median(t)) for name, t in times.items()}
