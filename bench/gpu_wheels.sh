@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for bench/gpu.sh on a GPU machine that reaches no package registry.
 #
-#   bash bench/gpu_wheels.sh [PYTHON_VERSION] [DEST]     # defaults: 3.12, .whl
+#   bash bench/gpu_wheels.sh [PYTHON_VERSION] [DEST]     # defaults: 3.12, the checkout's .whl
 #
 # Run it where pip reaches PyPI. It downloads, for CPython PYTHON_VERSION on x86-64
 # Linux, the wheels of the packages the engine needs beyond what a GPU image with
@@ -11,9 +11,11 @@
 # folder's wheels with `pip --no-index --no-deps --target`, so nothing there is fetched:
 # copy DEST to the machine beside the checkout (the folder is git-ignored).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
 pyver="${1:-3.12}"
-dest="${2:-.whl}"
+dest="${2:-}"
+if [ -n "$dest" ]; then mkdir -p "$dest" && dest="$(cd "$dest" && pwd)"; fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+dest="${dest:-$PWD/.whl}"
 needs=(open_clip_torch ftfy wcwidth POT faiss-cpu)
 
 pins=()

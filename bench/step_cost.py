@@ -21,7 +21,8 @@ templates (speed depends on neither); the model has random weights.
 On a CUDA device (``--device cuda``, which ``bench/gpu.sh`` runs) each step is timed to
 the device's end (``torch.cuda.synchronize``), and a last round under
 ``torch.cuda.set_sync_debug_mode`` counts the times a step makes the host wait for the
-device (reading a loss back, copying a tensor without pinned memory, ...).
+device that torch reports (reading a loss back, copying a tensor without pinned memory,
+...; a lower bound).
 
 Usage::
 
@@ -56,7 +57,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
 
     from otcclip.models.datasets import CIFAR10_CLASSES, make_caption
     from otcclip.models.factory import create_model
@@ -141,7 +142,7 @@ def main() -> int:
             sync()
             if r:
                 times[j].append(time.perf_counter() - t0)
-    syncs = [host_syncs(lambda d=d, size=size: step(d, orders[-1][:size])) if cuda else None for _, d, size in runs]
+    syncs = [host_syncs(lambda d=d, size=size: step(d, orders[-1][:size]), dev) if cuda else None for _, d, size in runs]
     results = [(name, float(np.median(t)), float(np.mean(c[1:]))) for (name, _, _), t, c in zip(runs, times, counts, strict=True)]
     work.cleanup()
     base = results[0][1]
@@ -164,10 +165,11 @@ def main() -> int:
 TRAINERS = "the trainer's (adamw)"
 
 
-def host_syncs(fn: Callable[[], None]) -> int:
-    """Times ``fn`` makes the host wait for the CUDA device, as
-    ``torch.cuda.set_sync_debug_mode("warn")`` reports them (one warning each)."""
-    torch.cuda.synchronize()
+def host_syncs(fn: Callable[[], None], device: torch.device) -> int:
+    """Times ``fn`` makes the host wait for the CUDA ``device``, as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports them (one warning each; torch
+    does not report every synchronising operation, so this is a lower bound)."""
+    torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
