@@ -24,8 +24,9 @@
 # A benchmark that fails or runs out of time is reported and the script goes on; it exits
 # non-zero if any did.
 #
-# A smoke test of the script on a machine without a GPU (no time limits):
-#   bash bench/gpu.sh 2000 --device cpu --model otc-tiny
+# A smoke test of the script on a machine without a GPU (no time limits), with the
+# project's venv (`make venv`):
+#   bash bench/gpu.sh 2000 --python .venv/bin/python --device cpu --model otc-tiny
 set -euo pipefail
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 abspath() {  # an existing path, absolute (resolved before the script changes directory)
