@@ -9,7 +9,7 @@
 #    with PyTorch) if its torch does; else a new venv DIR built from a package registry with
 #    requirements/lock-cpu.txt (PyPI's torch wheel carries CUDA), with faiss-gpu in place
 #    of faiss-cpu when pip can install it.
-# 2. What that Python lacks of the engine's packages (open_clip, POT, FAISS) is installed
+# 2. What that Python lacks of bench/gpu_needs.txt (open_clip, POT, FAISS) is installed
 #    into .gpu-site with `pip --target`, at the lock file's versions: from the wheels in
 #    --wheels DIR, or in .whl when that folder is there (a machine that reaches no registry:
 #    make it where pip works with `bash bench/gpu_wheels.sh` and copy it beside the
@@ -106,13 +106,13 @@ else
   sees_device "$py" --why || die "$py: its torch does not reach device '$device'"
 fi
 
-# the engine's packages this Python lacks (module:package), into .gpu-site
+# the engine's packages this Python lacks (bench/gpu_needs.txt), into .gpu-site
 missing=()
-for mp in open_clip:open_clip_torch ftfy:ftfy wcwidth:wcwidth ot:POT faiss:faiss-cpu; do
-  if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "${mp%%:*}" 2>/dev/null; then
-    missing+=("$(pin "${mp#*:}")")
+while read -r module package; do
+  if ! "$py" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' "$module" 2>/dev/null; then
+    missing+=("$(pin "$package")")
   fi
-done
+done < <(grep -v '^#' bench/gpu_needs.txt | awk 'NF')
 path="$PWD"
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "gpu.sh: installing ${missing[*]} into $site from ${wheels:-the registry}"

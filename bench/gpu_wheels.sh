@@ -6,8 +6,8 @@
 # Run it where pip reaches PyPI. It downloads, for CPython PYTHON_VERSION on x86-64
 # Linux, the wheels of the packages the engine needs beyond what a GPU image with
 # PyTorch already holds (numpy, scipy, pillow, pyarrow, scikit-learn, safetensors,
-# huggingface_hub, timm, regex, tqdm): open_clip and its ftfy/wcwidth, POT and FAISS. The
-# versions are the lock file's (requirements/lock-cpu.txt). bench/gpu.sh installs the
+# huggingface_hub, timm, regex, tqdm): those of bench/gpu_needs.txt (open_clip and its
+# ftfy/wcwidth, POT and FAISS), at the lock file's versions (requirements/lock-cpu.txt). bench/gpu.sh installs the
 # folder's wheels with `pip --no-index --no-deps --target`, so nothing there is fetched:
 # copy DEST to the machine beside the checkout (the folder is git-ignored).
 set -euo pipefail
@@ -16,7 +16,7 @@ dest="${2:-}"
 if [ -n "$dest" ]; then mkdir -p "$dest" && dest="$(cd "$dest" && pwd)"; fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 dest="${dest:-$PWD/.whl}"
-needs=(open_clip_torch ftfy wcwidth POT faiss-cpu)
+mapfile -t needs < <(grep -v '^#' bench/gpu_needs.txt | awk 'NF {print $2}')
 
 pins=()
 for name in "${needs[@]}"; do

@@ -124,14 +124,15 @@ def main() -> int:
     prng = random.Random(0)
     times: list[list[float]] = [[] for _ in runs]
     counts: list[list[int]] = [[] for _ in runs]
-    # round-robin over the rows, one step each per round: a drift of the machine's speed
-    # touches every row alike; the first round warms up
+
     def step(d: Defence, idx: torch.Tensor) -> None:
         loss, _ = d.batch_loss(idx, d.ctx.config.warmup_epochs, gen, prng)  # past otcclip's restart
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    # round-robin over the rows, one step each per round: a drift of the machine's speed
+    # touches every row alike; the first round warms up
     for r, order in enumerate(orders):
         for j, (_, d, size) in enumerate(runs):
             idx = order[:size]
