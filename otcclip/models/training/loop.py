@@ -78,9 +78,9 @@ def adamw(groups: list[dict[str, Any]], *, lr: float) -> torch.optim.AdamW:
     """AdamW with CLIP's betas (0.9, 0.98) and eps 1e-6, fused where torch has the kernel.
 
     The fused kernel updates all parameters in one call instead of about ten small ops
-    per tensor: on CPU ``otc-tiny``'s step (110 tensors, 8M parameters) takes ~6 ms
-    instead of 20-30 ms, 4-7 % of a plain training step (``bench/step_cost.py``); the
-    update is the same up to float rounding. Parameters on another device, or not
+    per tensor (``otc-tiny`` has 110 tensors), several times faster on CPU
+    (``bench/step_cost.py`` prints the three implementations side by side); the update
+    is the same up to float rounding. Parameters on another device, or not
     floating point, get torch's default implementation. A resumed run keeps the
     implementation its checkpoint was written with (the optimiser's state restores its
     param groups) until a restart, which starts a new optimiser.
